@@ -1,0 +1,155 @@
+"""Canonical tables: pyarrow schemas, bin strings and the one validator every stage calls.
+
+The definitions are documented in docs/canonical-tables.md. Core columns have fixed types; dataset-specific
+columns (static attributes, continuous values, ``<var>_binned``) are allowed beside them with string or
+float64 types.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from . import storage
+from .errors import SchemaError, bullet_list
+
+PATIENTS_CORE = pa.schema([("patient_id", pa.string()), ("split", pa.string())])
+VISITS_CORE = pa.schema([
+    ("patient_id", pa.string()),
+    ("visit_index", pa.int32()),
+    ("start_offset_days", pa.float64()),
+    ("event_type", pa.string()),
+])
+CODES_SCHEMA = pa.schema([("patient_id", pa.string()), ("visit_index", pa.int32()), ("code", pa.string())])
+
+TABLE_FILES = {"patients": "patients.parquet", "visits": "visits.parquet", "codes": "codes.parquet"}
+SPLITS = ("train", "val", "test")
+SYNTHETIC_SPLIT = "synthetic"
+
+_BIN_RE = re.compile(r"^(-?(?:inf|[0-9.]+(?:e[+-]?[0-9]+)?))-(-?(?:inf|[0-9.]+(?:e[+-]?[0-9]+)?))$")
+
+
+def format_edge(x: float) -> str:
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.6g}"
+
+
+def format_bin(lo: float, hi: float) -> str:
+    """``format_bin(24, 48) == "24-48"``; the inverse is :func:`parse_bin`."""
+    return f"{format_edge(lo)}-{format_edge(hi)}"
+
+
+def parse_bin(s: str) -> tuple[float, float]:
+    m = _BIN_RE.match(str(s))
+    if not m:
+        raise SchemaError(f"bin string {s!r} is not of the form 'lo-hi' (e.g. '24-48', '0.5-1.5', '-5-0').")
+    return float(m.group(1)), float(m.group(2))
+
+
+@dataclass
+class BinResult:
+    labels: pd.Series       # string bins, null where the value is null
+    n_clipped: int          # values outside [edges[0], edges[-1]] clipped into the end bins
+
+
+def bin_values(values: pd.Series, edges: list[float]) -> BinResult:
+    """Assign each value its half-open bin ``[lo, hi)`` (the last bin closed); clip outliers into the end bins."""
+    e = np.asarray(edges, dtype=float)
+    v = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    valid = ~np.isnan(v)
+    clipped = int(((v < e[0]) | (v > e[-1]))[valid].sum())
+    idx = np.searchsorted(e, v, side="right") - 1
+    idx = np.clip(idx, 0, len(e) - 2)
+    names = np.array([format_bin(e[i], e[i + 1]) for i in range(len(e) - 1)], dtype=object)
+    out = np.where(valid, names[idx], None)
+    return BinResult(pd.Series(out, index=values.index, dtype="object").astype("string"), clipped)
+
+
+def _check_core(df: pd.DataFrame, core: pa.Schema, table: str, where: str, problems: list[str]) -> None:
+    for field in core:
+        if field.name not in df.columns:
+            problems.append(f"{where}: {table} table lacks column {field.name!r}; found {sorted(df.columns)}.")
+
+
+def to_arrow(df: pd.DataFrame, table: str) -> pa.Table:
+    """Convert a canonical DataFrame to arrow with the core columns typed exactly and the rest normalised."""
+    core = {"patients": PATIENTS_CORE, "visits": VISITS_CORE, "codes": CODES_SCHEMA}[table]
+    fields, arrays = [], []
+    for name in df.columns:
+        col = df[name]
+        if name in core.names:
+            typ = core.field(name).type
+        elif pd.api.types.is_bool_dtype(col) or pd.api.types.is_numeric_dtype(col):
+            typ = pa.float64()
+        else:
+            typ = pa.string()
+        if typ == pa.string():
+            arr = pa.array(col.astype("object").where(col.notna(), None).tolist(), type=pa.string())
+        elif typ == pa.int32():
+            arr = pa.array(col.to_numpy(dtype=np.int64), type=pa.int64()).cast(pa.int32())
+        else:
+            vals = pd.to_numeric(col, errors="coerce").to_numpy(dtype=float)
+            arr = pa.array(vals, type=pa.float64(), from_pandas=True)
+        fields.append(pa.field(name, typ))
+        arrays.append(arr)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def validate_tables(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame, where: str = "tables") -> None:
+    """Check the canonical-table contract; raise one SchemaError listing every problem."""
+    problems: list[str] = []
+    _check_core(patients, PATIENTS_CORE, "patients", where, problems)
+    _check_core(visits, VISITS_CORE, "visits", where, problems)
+    _check_core(codes, CODES_SCHEMA, "codes", where, problems)
+    if problems:
+        raise SchemaError(f"{where} does not follow the canonical schema (docs/canonical-tables.md):\n"
+                          + bullet_list(problems))
+    if patients["patient_id"].isna().any():
+        problems.append(f"{where}: patients.patient_id has {int(patients['patient_id'].isna().sum())} nulls.")
+    dup = patients["patient_id"][patients["patient_id"].duplicated()]
+    if len(dup):
+        problems.append(f"{where}: patients.patient_id has duplicates, e.g. {dup.head(3).tolist()}.")
+    known = set(patients["patient_id"])
+    orphan = ~visits["patient_id"].isin(known)
+    if orphan.any():
+        problems.append(f"{where}: {int(orphan.sum())} visits belong to unknown patients, "
+                        f"e.g. {visits.loc[orphan, 'patient_id'].head(3).tolist()}.")
+    vkey = visits[["patient_id", "visit_index"]]
+    if vkey.duplicated().any():
+        problems.append(f"{where}: visits has duplicate (patient_id, visit_index) pairs.")
+    ckey = pd.MultiIndex.from_frame(codes[["patient_id", "visit_index"]])
+    missing = ~ckey.isin(pd.MultiIndex.from_frame(vkey))
+    if missing.any():
+        problems.append(f"{where}: {int(missing.sum())} codes point at visits that do not exist.")
+    if codes["code"].isna().any():
+        problems.append(f"{where}: codes.code has nulls.")
+    if problems:
+        raise SchemaError(f"{where} breaks the canonical-table constraints:\n" + bullet_list(problems))
+
+
+def read_tables(tables_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Read and validate a tables directory; returns (patients, visits, codes) as DataFrames."""
+    missing = [f for f in TABLE_FILES.values() if not storage.exists(storage.join(tables_dir, f))]
+    if missing:
+        raise SchemaError(f"{tables_dir}: not a tables directory, missing {missing}. "
+                          "Point at the output of the preprocess (or sample / kde-sample) stage.")
+    dfs = [storage.read_parquet(storage.join(tables_dir, TABLE_FILES[t])).to_pandas() for t in ("patients", "visits", "codes")]
+    validate_tables(*dfs, where=str(tables_dir))
+    return dfs[0], dfs[1], dfs[2]
+
+
+def write_tables(out_dir: str | Path, patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame) -> None:
+    """Write the three tables into an existing (temporary) directory, sorted for byte-identical output."""
+    patients = patients.sort_values("patient_id", kind="stable").reset_index(drop=True)
+    visits = visits.sort_values(["patient_id", "visit_index"], kind="stable").reset_index(drop=True)
+    codes = codes.sort_values(["patient_id", "visit_index", "code"], kind="stable").reset_index(drop=True)
+    validate_tables(patients, visits, codes, where=str(out_dir))
+    storage.write_parquet(storage.join(out_dir, TABLE_FILES["patients"]), to_arrow(patients, "patients"))
+    storage.write_parquet(storage.join(out_dir, TABLE_FILES["visits"]), to_arrow(visits, "visits"))
+    storage.write_parquet(storage.join(out_dir, TABLE_FILES["codes"]), to_arrow(codes, "codes"))

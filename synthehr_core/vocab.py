@@ -1,0 +1,134 @@
+"""The vocabulary: token <-> index, kinds, bin edges. Layout and order are defined in docs/canonical-tables.md."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from . import storage
+from .errors import SchemaError
+from .schema import format_bin
+
+SPECIALS = ("<start>", "<end>", "<pad>")
+KINDS = ("code", "bin", "label", "special")
+
+
+@dataclass(frozen=True)
+class Token:
+    token: str
+    kind: str
+    variable: str | None = None
+    lo: float | None = None
+    hi: float | None = None
+
+
+@dataclass
+class Vocab:
+    tokens: list[Token]
+    n_visit_tokens: int
+    n_labels: int
+    label_row: bool = True
+    _index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self._index = {t.token: i for i, t in enumerate(self.tokens)}
+        if len(self._index) != len(self.tokens):
+            raise SchemaError("vocabulary has duplicate tokens.")
+        if len(self.tokens) != self.n_visit_tokens + self.n_labels + len(SPECIALS):
+            raise SchemaError(f"vocabulary size {len(self.tokens)} != n_visit_tokens {self.n_visit_tokens} "
+                              f"+ n_labels {self.n_labels} + 3 specials.")
+        if [t.token for t in self.tokens[-3:]] != list(SPECIALS):
+            raise SchemaError(f"vocabulary must end with the specials {SPECIALS}.")
+
+    # -------------------------------------------------------------------- layout
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def start_index(self) -> int:
+        return self.n_visit_tokens + self.n_labels
+
+    @property
+    def end_index(self) -> int:
+        return self.start_index + 1
+
+    @property
+    def pad_index(self) -> int:
+        return self.start_index + 2
+
+    @property
+    def label_slice(self) -> slice:
+        return slice(self.n_visit_tokens, self.n_visit_tokens + self.n_labels)
+
+    @property
+    def first_visit_row(self) -> int:
+        """Row of the first visit in the HALO tensor: 2 with a label row, 1 for label-free datasets."""
+        return 2 if self.label_row else 1
+
+    def index(self, token: str) -> int:
+        try:
+            return self._index[token]
+        except KeyError:
+            raise KeyError(f"token {token!r} is not in the vocabulary ({self.size} tokens).") from None
+
+    def get(self, token: str, default: int | None = None) -> int | None:
+        return self._index.get(token, default)
+
+    def __contains__(self, token: str) -> bool:
+        return token in self._index
+
+    def bin_tokens(self, variable: str) -> list[tuple[int, Token]]:
+        return [(i, t) for i, t in enumerate(self.tokens) if t.variable == variable and t.lo is not None]
+
+    # -------------------------------------------------------------------- io
+    def to_json(self) -> dict:
+        return {
+            "version": 1,
+            "n_visit_tokens": self.n_visit_tokens,
+            "n_labels": self.n_labels,
+            "label_row": self.label_row,
+            "tokens": [{"token": t.token, "kind": t.kind, "variable": t.variable, "lo": t.lo, "hi": t.hi}
+                       for t in self.tokens],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "vocab.json") -> "Vocab":
+        try:
+            toks = [Token(t["token"], t["kind"], t.get("variable"), t.get("lo"), t.get("hi")) for t in d["tokens"]]
+            return cls(toks, int(d["n_visit_tokens"]), int(d["n_labels"]), bool(d.get("label_row", True)))
+        except (KeyError, TypeError) as exc:
+            raise SchemaError(f"{where}: malformed vocabulary ({exc!r}); regenerate it with `synthehr preprocess`.") from exc
+
+    def save(self, path) -> None:
+        storage.write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path) -> "Vocab":
+        return cls.from_json(storage.read_json(path), where=str(path))
+
+
+def build_vocab(event_types: Iterable[str], visit_bins: dict[str, list[float]], calendar_tokens: Iterable[str],
+                codes: Iterable[str], label_values: dict[str, list[str]], label_bins: dict[str, list[float]],
+                namespace_order: list[str] | None = None) -> Vocab:
+    """Build the deterministic vocabulary from the distinct values found in the canonical tables."""
+    toks: list[Token] = [Token(f"evt:{e}", "code", "event_type") for e in sorted(set(event_types))]
+    for var, edges in visit_bins.items():
+        toks += [Token(f"bin:{var}={format_bin(lo, hi)}", "bin", var, float(lo), float(hi))
+                 for lo, hi in zip(edges[:-1], edges[1:])]
+    toks += [Token(t, "code", "calendar") for t in calendar_tokens]
+    order = {ns: i for i, ns in enumerate(namespace_order or [])}
+
+    def key(c: str):
+        ns = c.split(":", 1)[0]
+        return (order.get(ns, len(order)), ns, c)
+
+    toks += [Token(c, "code") for c in sorted(set(codes), key=key)]
+    n_visit = len(toks)
+    labels: list[Token] = []
+    for col, values in label_values.items():
+        labels += [Token(f"label:{col}={v}", "label", col) for v in sorted(set(map(str, values)))]
+    for var, edges in label_bins.items():
+        labels += [Token(f"label:{var}={format_bin(lo, hi)}", "label", var, float(lo), float(hi))
+                   for lo, hi in zip(edges[:-1], edges[1:])]
+    specials = [Token(s, "special") for s in SPECIALS]
+    return Vocab(toks + labels + specials, n_visit, len(labels), label_row=len(labels) > 0)
