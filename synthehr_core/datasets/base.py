@@ -1,0 +1,142 @@
+"""What every dataset adapter returns, and the checked CSV reader they share.
+
+An adapter is one function ``load(raw, options, report) -> RawCohort`` in ``synthehr_core/datasets/<name>.py``.
+It reads the raw extract, validates it, and returns three tidy frames; everything else (visit order, offsets,
+gaps, binning, split, vocabulary, parquet) is done once, for every dataset, by ``synthehr_core.preprocess``.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from .. import storage
+from ..errors import DataError, SchemaError, bullet_list
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RawCohort:
+    """Adapter output.
+
+    patients: ``patient_id`` (str) plus static columns (categorical as str, continuous as float).
+    visits:   ``patient_id`` (str), ``visit_id`` (str, unique), ``start`` (float days since 1970-01-01 in the
+              dataset's own, possibly shifted, calendar), ``event_type`` (str), plus continuous columns (float).
+    codes:    ``visit_id`` (str), ``code`` (str, namespaced like ``dx:4019``).
+    """
+
+    patients: pd.DataFrame
+    visits: pd.DataFrame
+    codes: pd.DataFrame
+    source_rows: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class DropReport:
+    """Counts of rows dropped on purpose, with a reason each; written to meta.json and logged."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def drop(self, table: str, reason: str, n: int) -> None:
+        if n:
+            self.counts[f"{table}: {reason}"] += int(n)
+            log.warning("dropped %d %s rows: %s", n, table, reason)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+
+def resolve_file(raw: str, stem: str, suffixes: Iterable[str] = (".csv", ".csv.gz")) -> str:
+    """Find ``<raw>/<stem><suffix>`` for the first suffix that exists, trying upper and lower case stems."""
+    tried = []
+    for name in dict.fromkeys([stem, stem.upper(), stem.lower()]):
+        for suf in suffixes:
+            p = storage.join(raw, name + suf)
+            tried.append(Path(p).name)
+            if storage.exists(p):
+                return p
+    raise FileNotFoundError(f"{raw}: no {stem} table found (tried {', '.join(tried)}). "
+                            "Point the config's `raw` path at the directory that holds the extract.")
+
+
+def read_csv_checked(path: str, table: str, required: dict[str, str], *, sep: str = ",",
+                     normalise_case: bool = False) -> pd.DataFrame:
+    """Read a CSV with clear errors for the usual raw-data problems.
+
+    ``required`` maps column -> kind ('str', 'int', 'float', 'datetime'). Columns are read as strings first so
+    codes keep leading zeros; each required column is then converted, and a failed conversion names the column
+    and shows bad values. Non-UTF-8 bytes, empty files, missing columns and NaN in id columns are errors.
+    """
+    raw = storage.read_bytes(path)
+    if path.endswith(".gz"):
+        import gzip
+
+        try:
+            raw = gzip.decompress(raw)
+        except OSError as exc:
+            raise DataError(f"{path}: not a valid gzip file ({exc}). Re-download it or pass the .csv.") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: byte {exc.start} (line {line}) is not valid UTF-8 "
+                        f"({raw[exc.start:exc.start + 8]!r}). Re-export the file as UTF-8 "
+                        "(e.g. `iconv -f latin1 -t utf-8`).") from exc
+    if not text.strip():
+        raise DataError(f"{path}: the {table} table is empty (0 bytes of data). Check the export.")
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_values=[""])
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path}: could not parse the {table} table as CSV: {exc}") from exc
+    if normalise_case:
+        lowered = {c: c.lower() for c in df.columns}
+        if any(c != c.lower() for c in df.columns):
+            log.info("%s: normalised %d upper-case headers to lower case", path, sum(c != c.lower() for c in df.columns))
+        df = df.rename(columns=lowered)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise SchemaError(f"{path}: {table} table lacks column(s) {missing}; found {sorted(df.columns)}."
+                          + (" Headers are matched case-insensitively." if normalise_case else ""))
+    if df.empty:
+        raise DataError(f"{path}: the {table} table has a header but no rows. Check the export.")
+    problems = []
+    for col, kind in required.items():
+        s = df[col]
+        if kind == "str":
+            continue
+        if kind == "datetime":
+            conv = pd.to_datetime(s, errors="coerce", format="mixed")
+        else:
+            conv = pd.to_numeric(s, errors="coerce")
+            if kind == "int":
+                frac = conv.notna() & (conv % 1 != 0)
+                conv = conv.where(~frac)
+        bad = s.notna() & conv.isna()
+        if bad.any():
+            problems.append(f"column {col!r} should be {kind} but has {int(bad.sum())} values that are not, "
+                            f"e.g. {s[bad].head(3).tolist()}")
+        df[col] = conv
+    if problems:
+        raise SchemaError(f"{path}: wrong types in the {table} table:\n{bullet_list(problems)}")
+    return df
+
+
+def require_not_null(df: pd.DataFrame, cols: Iterable[str], path: str, table: str) -> None:
+    problems = [f"column {c!r} has {int(df[c].isna().sum())} empty values (rows {df.index[df[c].isna()][:3].tolist()})"
+                for c in cols if df[c].isna().any()]
+    if problems:
+        raise DataError(f"{path}: required fields are empty in the {table} table:\n{bullet_list(problems)}\n"
+                        "Fill or remove those rows before preprocessing.")
+
+
+def require_unique(df: pd.DataFrame, col: str, path: str, table: str) -> None:
+    dup = df[col][df[col].duplicated()]
+    if len(dup):
+        raise DataError(f"{path}: {table}.{col} must be unique but {len(dup)} ids repeat, e.g. "
+                        f"{dup.head(3).tolist()}. Remove the duplicate rows.")
