@@ -1,0 +1,210 @@
+"""Dataset configuration: one YAML file per dataset, validated before any work starts.
+
+A dataset differs from another only by this file and its small adapter (``synthehr_core/datasets/<adapter>.py``).
+Bundled configs live in ``synthehr_core/configs/<name>.yml`` and are addressed by name (``mimic3``, ``adni``,
+``qh``); any other value is read as a path (local or ``gs://``).
+
+```yaml
+name: mimic3
+adapter: mimic3
+profiles:                       # where the raw extract lives, per execution environment
+  local: {raw: "bundled:mimic3_demo"}          # bundled:<dir> = synthehr_core/sample_data/<dir>
+  kubeflow: {raw: "gs://my-bucket/mimiciii/1.4"}
+split: {train: 0.72, val: 0.08, test: 0.20, seed: 4}
+n_ctx: 48
+code_namespaces: [adm, dx, px]  # vocabulary order of code namespaces
+labels: [gender]                # categorical patient columns -> label tokens
+patient_bins: {age: {edges: [0, 30, 50, 70, 91]}}
+visit_bins: {los_days: {edges: [0, 2, 7, 30, 200]}, gap_days: {quantiles: 8}}
+kde: kde_mimic3.yml
+```
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import storage
+from .errors import ConfigError, bullet_list
+
+BUNDLED_PREFIX = "bundled:"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BinSpec(_Strict):
+    """Either explicit ``edges`` (strictly increasing) or a number of ``quantiles`` fitted on the train split."""
+
+    edges: list[float] | None = None
+    quantiles: int | None = Field(default=None, ge=2, le=100)
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.edges is None) == (self.quantiles is None):
+            raise ValueError("give exactly one of `edges` (a list of numbers) or `quantiles` (an int >= 2)")
+        if self.edges is not None:
+            if len(self.edges) < 2:
+                raise ValueError(f"`edges` needs at least 2 numbers, got {self.edges}")
+            bad = [(a, b) for a, b in zip(self.edges, self.edges[1:]) if not b > a]
+            if bad:
+                raise ValueError(f"`edges` must be strictly increasing, got {self.edges} (check {bad[0][0]} -> {bad[0][1]})")
+        return self
+
+
+class SplitSpec(_Strict):
+    train: float = Field(0.72, gt=0, lt=1)  # HALO: 20% test, then 10% of the rest for validation
+    val: float = Field(0.08, ge=0, lt=1)
+    test: float = Field(0.20, ge=0, lt=1)
+    seed: int = 4                           # HALO's random_state
+
+    @model_validator(mode="after")
+    def _sums_to_one(self):
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {self.train} + {self.val} + {self.test} = {total:g}")
+        return self
+
+
+class Profile(_Strict):
+    raw: str
+
+
+class CalendarSpec(_Strict):
+    """Calendar tokens per visit (temporal realism). Off unless a dataset's dates carry real calendar meaning."""
+
+    enabled: bool = False
+    tokens: list[str] = Field(default_factory=lambda: ["month", "weekday"])
+
+    @field_validator("tokens")
+    @classmethod
+    def _known(cls, v):
+        allowed = {"month", "weekday", "year", "hour"}
+        bad = [t for t in v if t not in allowed]
+        if bad:
+            raise ValueError(f"unknown calendar token kind(s) {bad}; allowed: {sorted(allowed)}")
+        return v
+
+
+class DatasetConfig(_Strict):
+    name: str
+    adapter: str
+    description: str = ""
+    profiles: dict[str, Profile]
+    adapter_options: dict[str, Any] = Field(default_factory=dict)
+    split: SplitSpec = SplitSpec()
+    n_ctx: int = Field(48, ge=3, le=4096)  # HALO inpatient: 48 visit rows incl. start and label rows
+    code_namespaces: list[str] = Field(default_factory=list)
+    labels: list[str] = Field(default_factory=list)
+    patient_bins: dict[str, BinSpec] = Field(default_factory=dict)
+    visit_bins: dict[str, BinSpec] = Field(default_factory=dict)
+    calendar: CalendarSpec = CalendarSpec()
+    kde: str | None = None
+    source: str = Field(default="", exclude=True)
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_exists(cls, v):
+        known = sorted(p.stem for p in Path(__file__).with_name("datasets").glob("*.py")
+                       if p.stem not in {"__init__", "base", "fixtures"})
+        if v not in known:
+            raise ValueError(f"unknown adapter {v!r}; available adapters: {known}. A new dataset needs "
+                             "synthehr_core/datasets/<adapter>.py with a load(raw, options, report) function")
+        return v
+
+    def config_hash(self) -> str:
+        """sha256 of the normalised config (independent of YAML formatting and key order)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def raw_path(self, profile: str = "local") -> str:
+        """The raw-data location of a profile, with ``bundled:`` resolved; checks that it exists."""
+        if profile not in self.profiles:
+            raise ConfigError(f"{self.source or self.name}: profile {profile!r} is not defined; "
+                              f"defined profiles: {sorted(self.profiles)}. Add it under `profiles:` or pick one of those.")
+        raw = self.profiles[profile].raw
+        if raw.startswith(BUNDLED_PREFIX):
+            raw = str(bundled_data_dir(raw[len(BUNDLED_PREFIX):]))
+        if not storage.exists(raw):
+            raise ConfigError(f"{self.source or self.name}: profiles.{profile}.raw = {raw!r} does not exist. "
+                              "Fix the path in the config, or pass --raw to point at the extract.")
+        return raw
+
+
+def bundled_data_dir(name: str) -> Path:
+    return Path(str(resources.files("synthehr_core") / "sample_data" / name))
+
+
+def bundled_config_path(name: str) -> Path:
+    return Path(str(resources.files("synthehr_core") / "configs" / f"{name}.yml"))
+
+
+def bundled_configs() -> list[str]:
+    return sorted(p.stem for p in Path(str(resources.files("synthehr_core") / "configs")).glob("*.yml")
+                  if not p.stem.startswith("kde_"))
+
+
+def _format_pydantic(exc: ValidationError, where: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (value {err['input']!r}). Remove it or check its spelling.")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required key is missing.")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg} (got {err['input']!r}).")
+    return f"{where}: invalid dataset config:\n" + bullet_list(lines)
+
+
+def validate_config(data: Any, where: str = "config") -> DatasetConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a dataset config must be a mapping of keys, got {type(data).__name__}.")
+    try:
+        return DatasetConfig(**data, source=where)
+    except ValidationError as exc:
+        raise ConfigError(_format_pydantic(exc, where)) from None
+
+
+def load_config(config: str | Path | dict | DatasetConfig) -> DatasetConfig:
+    """Load and validate a dataset config: a bundled name (``mimic3``), a YAML path, a dict, or a DatasetConfig."""
+    if isinstance(config, DatasetConfig):
+        return config
+    if isinstance(config, dict):
+        return validate_config(config)
+    text_path = str(config)
+    if text_path in bundled_configs():
+        path = str(bundled_config_path(text_path))
+    elif storage.exists(text_path):
+        path = text_path
+    else:
+        raise ConfigError(f"dataset config {text_path!r} is neither a bundled config ({bundled_configs()}) "
+                          "nor an existing file. Pass a bundled name or a path to a YAML file.")
+    try:
+        data = yaml.safe_load(storage.read_text(path))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return validate_config(data, where=path)
+
+
+def load_yaml_or_dict(config: str | Path | dict, kind: str = "config") -> dict:
+    """Helper for other config families (KDE, rules): a dict as-is, a bundled name, or a YAML path."""
+    if isinstance(config, dict):
+        return config
+    p = str(config)
+    bundled = Path(str(resources.files("synthehr_core") / "configs" / (p if p.endswith(".yml") else p + ".yml")))
+    path = str(bundled) if bundled.exists() and not Path(p).exists() else p
+    if not storage.exists(path):
+        raise ConfigError(f"{kind} {p!r} not found (looked for a file and for synthehr_core/configs/{Path(p).name}).")
+    try:
+        return yaml.safe_load(storage.read_text(path)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None

@@ -1,0 +1,219 @@
+"""Raw extract -> canonical tables, the same way for every dataset.
+
+The adapter (``synthehr_core/datasets/<adapter>.py``) reads and validates the raw files and returns a
+:class:`~synthehr_core.datasets.base.RawCohort`. This module then, for every dataset alike: drops orphans with
+a counted reason, orders visits in time (``visit_index``), derives ``start_offset_days`` and ``gap_days``,
+draws the seeded patient split, bins continuous variables, builds the deterministic vocabulary and writes the
+tables directory atomically. Same raw data + config + seed -> byte-identical parquet.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import __version__, storage
+from .config import BinSpec, DatasetConfig, load_config
+from .datasets.base import DropReport, RawCohort
+from .errors import ConfigError, SchemaError, bullet_list
+from .schema import bin_values, write_tables
+from .vocab import Vocab, build_vocab
+
+log = logging.getLogger(__name__)
+
+RAW_VISIT_COLUMNS = ("patient_id", "visit_id", "start", "event_type")
+
+
+def versions() -> dict[str, str]:
+    import pyarrow
+
+    return {"synthehr": __version__, "python": platform.python_version(), "pandas": pd.__version__,
+            "numpy": np.__version__, "pyarrow": pyarrow.__version__}
+
+
+def _check_raw_cohort(c: RawCohort, adapter: str) -> None:
+    problems = []
+    for table, cols in (("patients", ("patient_id",)), ("visits", RAW_VISIT_COLUMNS), ("codes", ("visit_id", "code"))):
+        df = getattr(c, table)
+        missing = [col for col in cols if col not in df.columns]
+        if missing:
+            problems.append(f"adapter {adapter!r} returned a {table} frame without {missing}")
+    if problems:
+        raise SchemaError("dataset adapter output does not follow datasets/base.py RawCohort:\n" + bullet_list(problems))
+
+
+def assign_split(patient_ids: pd.Series, fractions: tuple[float, float, float], seed: int) -> pd.Series:
+    """Seeded split by patient: sort ids, permute with ``seed``, cut by the fractions."""
+    ids = np.sort(patient_ids.to_numpy(dtype=object))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n = len(ids)
+    n_train = int(round(fractions[0] * n))
+    n_val = int(round(fractions[1] * n))
+    labels = np.empty(n, dtype=object)
+    labels[order[:n_train]] = "train"
+    labels[order[n_train:n_train + n_val]] = "val"
+    labels[order[n_train + n_val:]] = "test"
+    return pd.Series(labels, index=ids).reindex(patient_ids.to_numpy()).set_axis(patient_ids.index)
+
+
+def _edges(spec: BinSpec, values: pd.Series, name: str, where: str) -> list[float]:
+    if spec.edges is not None:
+        return [float(e) for e in spec.edges]
+    v = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=float)
+    if v.size == 0:
+        raise ConfigError(f"{where}: cannot fit quantile bins for {name!r}: no non-null values in the train split. "
+                          "Give explicit `edges` instead.")
+    q = np.quantile(v, np.linspace(0.0, 1.0, spec.quantiles + 1))
+    q = np.unique(np.array([float(f"{x:.6g}") for x in q]))
+    if q.size < 2:
+        q = np.array([q[0], q[0] + 1.0])
+    q[0], q[-1] = min(q[0], float(v.min())), max(q[-1], float(v.max()))
+    return q.tolist()
+
+
+def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropReport):
+    """Turn an adapter's RawCohort into canonical (patients, visits, codes, vocab, stats)."""
+    where = cfg.source or cfg.name
+    _check_raw_cohort(cohort, cfg.adapter)
+    patients = cohort.patients.copy()
+    visits = cohort.visits.copy()
+    codes = cohort.codes.copy()
+    patients["patient_id"] = patients["patient_id"].astype(str)
+    visits["patient_id"] = visits["patient_id"].astype(str)
+    visits["visit_id"] = visits["visit_id"].astype(str)
+    codes["visit_id"] = codes["visit_id"].astype(str)
+    codes["code"] = codes["code"].astype(str)
+
+    # --- orphans and duplicates: dropped, counted, logged
+    orphan = ~visits["patient_id"].isin(set(patients["patient_id"]))
+    report.drop("visits", "patient_id not in the patients table", int(orphan.sum()))
+    visits = visits[~orphan]
+    bad_start = visits["start"].isna()
+    report.drop("visits", "no start time", int(bad_start.sum()))
+    visits = visits[~bad_start]
+    unknown = ~codes["visit_id"].isin(set(visits["visit_id"]))
+    report.drop("codes", "visit not in the visits table (or dropped above)", int(unknown.sum()))
+    codes = codes[~unknown]
+    dup = codes.duplicated(["visit_id", "code"])
+    report.drop("codes", "same code repeated within one visit", int(dup.sum()))
+    codes = codes[~dup]
+    no_visits = ~patients["patient_id"].isin(set(visits["patient_id"]))
+    report.drop("patients", "no visits", int(no_visits.sum()))
+    patients = patients[~no_visits]
+
+    # --- visit order, offsets and gaps
+    visits = visits.sort_values(["patient_id", "start", "visit_id"], kind="stable").reset_index(drop=True)
+    g = visits.groupby("patient_id", sort=False)
+    visits["visit_index"] = g.cumcount().astype("int32")
+    first = g["start"].transform("min")
+    visits["start_offset_days"] = (visits["start"] - first).astype(float)
+    visits["gap_days"] = g["start"].diff().astype(float)
+
+    # --- split
+    patients = patients.sort_values("patient_id", kind="stable").reset_index(drop=True)
+    patients.insert(1, "split", assign_split(patients["patient_id"], (cfg.split.train, cfg.split.val, cfg.split.test), seed).to_numpy())
+
+    # --- labels (categorical) and bins
+    problems = []
+    for col in cfg.labels:
+        if col not in patients.columns:
+            problems.append(f"labels: {col!r} is not a patient column; patient columns: {sorted(patients.columns)}")
+    for col in cfg.patient_bins:
+        if col not in patients.columns:
+            problems.append(f"patient_bins: {col!r} is not a patient column; patient columns: {sorted(patients.columns)}")
+    for col in cfg.visit_bins:
+        if col not in visits.columns:
+            problems.append(f"visit_bins: {col!r} is not a visit column; visit columns: {sorted(visits.columns)}")
+    if problems:
+        raise ConfigError(f"{where}: config does not match the data of adapter {cfg.adapter!r}:\n" + bullet_list(problems))
+    label_values: dict[str, list[str]] = {}
+    for col in cfg.labels:
+        missing = patients[col].isna()
+        if missing.any():
+            log.warning("%d patients have no %s; labelled 'unknown'", int(missing.sum()), col)
+        patients[col] = patients[col].astype("object").where(~missing, "unknown").astype(str)
+        label_values[col] = sorted(patients[col].unique())
+    train_ids = set(patients.loc[patients["split"] == "train", "patient_id"])
+    stats: dict[str, Any] = {"clipped": {}}
+    patient_edges, visit_edges = {}, {}
+    for col, spec in cfg.patient_bins.items():
+        edges = _edges(spec, patients.loc[patients["patient_id"].isin(train_ids), col], col, where)
+        res = bin_values(patients[col], edges)
+        patients[f"{col}_binned"] = res.labels
+        patient_edges[col] = edges
+        stats["clipped"][f"patients.{col}"] = res.n_clipped
+    for col, spec in cfg.visit_bins.items():
+        edges = _edges(spec, visits.loc[visits["patient_id"].isin(train_ids), col], col, where)
+        res = bin_values(visits[col], edges)
+        visits[f"{col}_binned"] = res.labels
+        visit_edges[col] = edges
+        stats["clipped"][f"visits.{col}"] = res.n_clipped
+
+    # --- codes keyed by (patient, visit_index)
+    key = visits[["visit_id", "patient_id", "visit_index"]]
+    codes = codes.merge(key, on="visit_id", how="inner")[["patient_id", "visit_index", "code"]]
+    vocab = build_vocab(visits["event_type"].astype(str).unique(), visit_edges, [], codes["code"].unique(),
+                        label_values, patient_edges, cfg.code_namespaces)
+    visits = visits.drop(columns=["visit_id", "start"])
+    core = ["patient_id", "visit_index", "start_offset_days", "event_type"]
+    visits = visits[core + [c for c in visits.columns if c not in core]]
+    visits["event_type"] = visits["event_type"].astype(str)
+    n_long = int((visits.groupby("patient_id").size() > cfg.n_ctx - vocab.first_visit_row).sum())
+    stats["patients_longer_than_n_ctx"] = n_long
+    if n_long:
+        log.warning("%d patients have more visits than n_ctx=%d allows; training keeps their first visits",
+                    n_long, cfg.n_ctx)
+    return patients, visits, codes, vocab, stats
+
+
+def preprocess(config: str | Path | dict | DatasetConfig, out_dir: str | Path, profile: str = "local",
+               seed: int | None = None, raw: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run a dataset's adapter and write the canonical tables directory.
+
+    Args:
+        config: bundled config name (``mimic3``, ``adni``, ``qh``), YAML path, dict or DatasetConfig.
+        out_dir: output tables directory (local or gs://); must be empty unless ``overwrite``.
+        profile: which ``profiles.<name>.raw`` to read when ``raw`` is not given.
+        seed: split seed; defaults to the config's ``split.seed``.
+        raw: raw-data directory overriding the profile.
+    Returns:
+        A summary dict (also written to ``meta.json``).
+    """
+    t0 = time.perf_counter()
+    cfg = load_config(config)
+    raw_dir = raw if raw is not None else cfg.raw_path(profile)
+    if raw is not None and not storage.exists(raw):
+        raise ConfigError(f"raw data directory {raw!r} does not exist. Check --raw / the importer URI.")
+    seed = cfg.split.seed if seed is None else int(seed)
+    adapter = importlib.import_module(f"synthehr_core.datasets.{cfg.adapter}")
+    report = DropReport()
+    log.info("reading %s with adapter %s", raw_dir, cfg.adapter)
+    cohort = adapter.load(raw_dir, dict(cfg.adapter_options), report)
+    patients, visits, codes, vocab, stats = canonicalize(cohort, cfg, seed, report)
+    split_sizes = {s: int((patients["split"] == s).sum()) for s in ("train", "val", "test")}
+    meta = {
+        "dataset": cfg.name, "adapter": cfg.adapter, "profile": profile if raw is None else "explicit",
+        "seed": seed, "config_hash": cfg.config_hash(), "versions": versions(),
+        "n_patients": int(len(patients)), "n_visits": int(len(visits)), "n_codes": int(len(codes)),
+        "vocab_size": vocab.size, "n_visit_tokens": vocab.n_visit_tokens, "n_labels": vocab.n_labels,
+        "split_sizes": split_sizes, "source_rows": dict(cohort.source_rows), "dropped": report.as_dict(),
+        "labels": list(cfg.labels), "patient_binned": list(cfg.patient_bins), "visit_binned": list(cfg.visit_bins),
+        "kde": cfg.kde, "n_ctx": cfg.n_ctx, **stats,
+    }
+    with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_tables(tmp, patients, visits, codes)
+        vocab.save(storage.join(tmp, "vocab.json"))
+        storage.write_json(storage.join(tmp, "meta.json"), meta)
+    log.info("wrote %s: %d patients, %d visits, %d codes, vocab %d (%.1fs)", out_dir, len(patients), len(visits),
+             len(codes), vocab.size, time.perf_counter() - t0)
+    return meta
+
+
+def load_tables_vocab(tables_dir) -> Vocab:
+    return Vocab.load(storage.join(tables_dir, "vocab.json"))
