@@ -1,0 +1,70 @@
+# synthehr: `make demo` and `make test` work from a fresh clone (they create .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST ?= $(PY) -m pytest
+PYTEST_ARGS ?= -q
+SYNTHEHR := $(VENV)/bin/synthehr
+BASE_IMAGE ?= python:3.11-slim-bookworm
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast compile check-compiled images lint-docker lint format bench clean help
+
+## help: list the targets
+help:
+	@grep -E '^## ' Makefile | sed 's/^## /  /'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[pipelines,dev]'
+	touch $(STAMP)
+
+## install: create .venv with torch 2.13.0 (CPU) and synthehr in editable mode
+install: $(STAMP)
+
+## demo: run the whole MIMIC-III pipeline locally on the bundled demo data (no GPU, no Docker)
+demo: $(STAMP)
+	$(SYNTHEHR) run --local --dataset mimic3
+
+## test: install if needed and run the whole test suite
+test: $(STAMP)
+	$(PYTEST) $(PYTEST_ARGS)
+
+## test-fast: skip the slow end-to-end and image tests
+test-fast: $(STAMP)
+	$(PYTEST) $(PYTEST_ARGS) -m "not slow and not images"
+
+## compile: compile every pipeline to pipelines/compiled/*.yaml (commit the result)
+compile: $(STAMP)
+	$(SYNTHEHR) compile --out pipelines/compiled
+
+## check-compiled: fail if the committed pipeline YAML is stale
+check-compiled: compile
+	@git diff --exit-code -- pipelines/compiled || (echo "compiled pipelines are stale: run \`make compile\` and commit" && exit 1)
+
+## images: build every stage image with the docker SDK (BASE_IMAGE=... to override the Python base)
+images: $(STAMP)
+	$(PY) -m synthehr_build.images build --base-image $(BASE_IMAGE)
+
+## lint-docker: hadolint every Dockerfile
+lint-docker: $(STAMP)
+	$(VENV)/bin/hadolint --config images/.hadolint.yaml images/*/Dockerfile
+
+## lint: ruff check (format fixes)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check synthehr_core components pipelines tests bench
+
+## format: ruff autofix (lint checks)
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix synthehr_core components pipelines tests bench
+
+## bench: run every benchmark (prints tables; minutes)
+bench: $(STAMP)
+	for b in bench/preprocess.py bench/sample.py bench/train.py bench/kde.py bench/evaluate.py; do $(PY) $$b || exit 1; done
+
+## clean: remove run outputs and caches (keeps .venv)
+clean:
+	rm -rf runs local_outputs .pytest_cache build dist *.egg-info
