@@ -77,6 +77,35 @@ def _edges(spec: BinSpec, values: pd.Series, name: str, where: str) -> list[floa
     return q.tolist()
 
 
+WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+HOUR_BANDS = ("00-05", "06-11", "12-17", "18-23")
+
+
+def add_calendar_columns(visits: pd.DataFrame, kinds: list[str]) -> list[str]:
+    """Add ``cal_<kind>`` visit columns from ``start`` (days since 1970-01-01); return the calendar tokens.
+
+    Tokens are ``cal:month=01..12``, ``cal:weekday=Mon..Sun``, ``cal:hour=00-05|06-11|12-17|18-23`` and
+    ``cal:year=<yyyy>`` (the years seen), so the model learns calendar position jointly with the codes.
+    """
+    ts = pd.Timestamp("1970-01-01") + pd.to_timedelta(visits["start"].to_numpy(dtype=float), unit="D")
+    ts = pd.DatetimeIndex(ts)
+    tokens: list[str] = []
+    for kind in kinds:
+        if kind == "month":
+            visits["cal_month"] = [f"{m:02d}" for m in ts.month]
+            tokens += [f"cal:month={m:02d}" for m in range(1, 13)]
+        elif kind == "weekday":
+            visits["cal_weekday"] = np.asarray(WEEKDAYS, dtype=object)[ts.weekday]
+            tokens += [f"cal:weekday={d}" for d in WEEKDAYS]
+        elif kind == "hour":
+            visits["cal_hour"] = np.asarray(HOUR_BANDS, dtype=object)[ts.hour // 6]
+            tokens += [f"cal:hour={h}" for h in HOUR_BANDS]
+        elif kind == "year":
+            visits["cal_year"] = ts.year.astype(str)
+            tokens += [f"cal:year={y}" for y in sorted(set(visits["cal_year"]))]
+    return tokens
+
+
 def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropReport):
     """Turn an adapter's RawCohort into canonical (patients, visits, codes, vocab, stats)."""
     where = cfg.source or cfg.name
@@ -155,10 +184,12 @@ def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropR
         visit_edges[col] = edges
         stats["clipped"][f"visits.{col}"] = res.n_clipped
 
+    calendar_tokens = add_calendar_columns(visits, cfg.calendar.tokens) if cfg.calendar.enabled else []
+
     # --- codes keyed by (patient, visit_index)
     key = visits[["visit_id", "patient_id", "visit_index"]]
     codes = codes.merge(key, on="visit_id", how="inner")[["patient_id", "visit_index", "code"]]
-    vocab = build_vocab(visits["event_type"].astype(str).unique(), visit_edges, [], codes["code"].unique(),
+    vocab = build_vocab(visits["event_type"].astype(str).unique(), visit_edges, calendar_tokens, codes["code"].unique(),
                         label_values, patient_edges, cfg.code_namespaces)
     visits = visits.drop(columns=["visit_id", "start"])
     core = ["patient_id", "visit_index", "start_offset_days", "event_type"]

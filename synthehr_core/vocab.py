@@ -115,7 +115,8 @@ def build_vocab(event_types: Iterable[str], visit_bins: dict[str, list[float]], 
     for var, edges in visit_bins.items():
         toks += [Token(f"bin:{var}={format_bin(lo, hi)}", "bin", var, float(lo), float(hi))
                  for lo, hi in zip(edges[:-1], edges[1:])]
-    toks += [Token(t, "code", "calendar") for t in calendar_tokens]
+    # calendar tokens "cal:<kind>=<value>" come from the visit column "cal_<kind>"
+    toks += [Token(t, "code", "cal_" + t[4:].split("=", 1)[0]) for t in calendar_tokens]
     order = {ns: i for i, ns in enumerate(namespace_order or [])}
 
     def key(c: str):
