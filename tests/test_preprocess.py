@@ -181,3 +181,20 @@ class TestConfigValidation:
         v = pd.read_parquet(tmp_path / "q" / "visits.parquet")
         assert 3 <= v["los_days_binned"].nunique() <= 4
         assert meta["clipped"]["visits.los_days"] >= 0
+
+
+class TestCalendar:
+    def test_calendar_tokens_follow_dates(self, tmp_path):
+        meta = preprocess(_cfg(calendar={"enabled": True, "tokens": ["month", "weekday", "hour"]}), tmp_path / "c")
+        v = pd.read_parquet(tmp_path / "c" / "visits.parquet")
+        vocab = Vocab.load(tmp_path / "c" / "vocab.json")
+        adm = pd.read_csv(DEMO / "ADMISSIONS.csv.gz", parse_dates=["admittime"])
+        # visit of hadm 142345 (subject 10006) was admitted 2164-10-23 21:09, a Thursday... in shifted time
+        t = adm.loc[adm["hadm_id"] == 142345, "admittime"].iloc[0]
+        row = v[(v["patient_id"] == "10006") & (v["visit_index"] == 0)].iloc[0]
+        assert row["cal_month"] == f"{t.month:02d}"
+        assert row["cal_weekday"] == t.strftime("%a")
+        assert row["cal_hour"] == "18-23"
+        assert f"cal:weekday={row['cal_weekday']}" in vocab
+        assert [t.variable for t in vocab.tokens if t.token.startswith("cal:month")] == ["cal_month"] * 12
+        assert meta["vocab_size"] == vocab.size
