@@ -1,0 +1,232 @@
+"""HALO: a hierarchical autoregressive model of longitudinal EHRs (Theodorou et al., Nature Comms 2023).
+
+A patient is a sequence of multi-hot rows (start, labels, visits; docs/canonical-tables.md). Two levels:
+1. a GPT-2 style, pre-LayerNorm transformer over *rows* gives a history state h_t for every row t;
+2. a MADE-style masked MLP over ``[h_t, x_{t+1}]`` gives p(code j of row t+1 | history, codes < j of row t+1),
+   so a visit is itself generated code by code in vocabulary order.
+
+Differences from the reference code (HI:model.py), all mathematically neutral: ``nn.Linear`` instead of
+Conv1D (weights transposed), ``nn.LayerNorm`` instead of the custom one, causal attention by SDPA instead of a
+-1e10 buffer, the head's triangular mask applied to the weight in forward instead of a D x D int buffer (Opacus
+refuses trainable modules with buffers), and logits + BCEWithLogits instead of probabilities + BCELoss (AMP).
+HALO-Coarse (``coarse=True``; HI:baselines/haloCoarse) replaces the fine head by a decoder tied to the visit
+embedding, so codes within a visit are independent given the history.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+KV = tuple[torch.Tensor, torch.Tensor]  # one layer's cached (key, value), each (B, n_head, S, head_dim)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config: "HaloConfig"):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.n_head = config.n_head
+
+    def forward(self, x: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        B, T, E = x.shape  # batch, new rows, embedding
+        q, k, v = self.c_attn(x).split(E, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, E // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, S, hd)
+        S = k.size(2)
+        if S == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:  # one new row attends to the whole cache
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # SDPA's is_causal aligns top-left; new rows sit at the bottom-right of the (T, S) score matrix
+            keep = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        y = y.transpose(1, 2).contiguous().view(B, T, E)  # (B, T, E)
+        return self.c_proj(y), (k, v)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config: "HaloConfig"):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's tanh GELU, as HI
+
+
+class Block(nn.Module):
+
+    def __init__(self, config: "HaloConfig"):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        a, present = self.attn(self.ln_1(x), past)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), present
+
+
+class MaskedLinear(nn.Module):
+    """Square linear layer whose output unit o sees inputs 0..o only (lower triangle, diagonal included).
+
+    The mask is ``torch.tril`` of the weight in forward, never a buffer, so Opacus accepts the module; it owns
+    exactly ``weight`` (out, in) and ``bias``. Its per-sample gradient is the stock linear one, masked.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, dim))
+        self.bias = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # PyTorch's default nn.Linear init, which HI's head gets (its mask multiplies the weight later)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(self.weight.size(1))
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, torch.tril(self.weight), self.bias)
+
+
+PRESETS = {  # name -> (n_embd, n_layer, n_head)
+    "tiny": (32, 2, 2),      # arbitrary; CPU tests and laptop pipeline runs
+    "small": (256, 4, 4),    # arbitrary; quick real-data runs
+    "paper": (768, 12, 12),  # HALO paper / HI:config.py
+}
+
+
+@dataclass(frozen=True)
+class HaloConfig:
+    n_visit_tokens: int                 # from vocab.json written by preprocess
+    n_labels: int                       # from vocab.json
+    n_ctx: int = 48                     # rows incl. start and label rows; HI:config.py
+    n_embd: int = 768                   # HI:config.py
+    n_layer: int = 12                   # HI:config.py
+    n_head: int = 12                    # HI:config.py
+    layer_norm_epsilon: float = 1e-5    # HI:config.py
+    coarse: bool = False                # HALO-Coarse ablation; HI:baselines/haloCoarse
+    pos_loss_weight: float | None = None  # weight on positive targets; None in HI:config.py / KI:config.py
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_visit_tokens + self.n_labels + 3  # + start, end, pad
+
+    @classmethod
+    def preset(cls, name: str, n_visit_tokens: int, n_labels: int, **overrides) -> "HaloConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"model preset {name!r} is unknown; choose one of {sorted(PRESETS)}.")
+        E, L, H = PRESETS[name]
+        return cls(n_visit_tokens, n_labels, **{"n_embd": E, "n_layer": L, "n_head": H, **overrides})
+
+    @classmethod
+    def tiny(cls, n_visit_tokens: int, n_labels: int, **overrides) -> "HaloConfig":
+        return cls.preset("tiny", n_visit_tokens, n_labels, **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config.json") -> "HaloConfig":
+        """Build from a dict (e.g. config.json), ignoring keys that are not config fields (``model_type``)."""
+        names = {f.name for f in fields(cls)}
+        missing = [n for n in ("n_visit_tokens", "n_labels") if n not in d]
+        if missing:
+            raise ConfigError(f"{where}: lacks {missing}; found keys {sorted(d)}. Re-run the train stage.")
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if cfg.n_embd % cfg.n_head:
+            raise ConfigError(f"{where}: n_embd={cfg.n_embd} is not a multiple of n_head={cfg.n_head}.")
+        return cfg
+
+
+class HALO(nn.Module):
+
+    def __init__(self, config: HaloConfig):
+        super().__init__()
+        self.config = config
+        V, E = config.vocab_size, config.n_embd
+        self.transformer = nn.ModuleDict(dict(
+            wve=nn.Linear(V, E, bias=False),     # visit embedding: the sum of the row's code embeddings
+            wpe=nn.Embedding(config.n_ctx, E),   # HI allocates n_positions=56 > n_ctx; the slack is never read
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(E, eps=config.layer_norm_epsilon),
+        ))
+        if not config.coarse:
+            self.fine_1 = MaskedLinear(E + V)
+            self.fine_2 = MaskedLinear(E + V)
+        # HI inits its Conv1D projections N(0, 0.02) with zero bias; the visit embedding and the fine head keep
+        # PyTorch's default Linear init and the position table nn.Embedding's default N(0, 1).
+        for block in self.transformer.h:
+            block.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def history(self, x: torch.Tensor, past_key_values: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
+        """Transformer states for rows x: ``h (B, T, E)``, and the new per-layer KV cache.
+
+        With ``past_key_values`` from earlier rows, x holds only the new rows (positions continue after them).
+        """
+        B, T, V = x.shape  # batch, rows, vocab
+        past_len = 0 if past_key_values is None else past_key_values[0][0].size(2)
+        assert past_len + T <= self.config.n_ctx, f"{past_len + T} rows exceed n_ctx={self.config.n_ctx}"
+        pos = torch.arange(past_len, past_len + T, device=x.device)
+        h = self.transformer.wve(x) + self.transformer.wpe(pos)  # (B, T, E)
+        presents = []
+        for i, block in enumerate(self.transformer.h):
+            h, kv = block(h, None if past_key_values is None else past_key_values[i])
+            presents.append(kv)
+        return self.transformer.ln_f(h), presents
+
+    def head(self, h: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """Logits of the next row given history states ``h (..., E)`` and its (partial) multi-hot ``row (..., V)``.
+
+        Logit j depends on h and on row[..., :j] only, so the sampler may pass a row filled up to any column.
+        """
+        if self.config.coarse:
+            return h @ self.transformer.wve.weight  # (..., V): decoder tied to the visit embedding
+        z = torch.cat([h, row], dim=-1)  # (..., E + V)
+        z = self.fine_2(F.relu(self.fine_1(z)))  # (..., E + V)
+        E = self.config.n_embd
+        return z[..., E - 1:E - 1 + self.config.vocab_size]  # output E-1+j sees h and row[:j]: p(code j | ...)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced logits for rows 1..T-1: ``(B, T-1, V)``; and the loss when mask or loss_weight is given.
+
+        Args:
+            x: ``(B, T, V)`` multi-hot batch from ``collate_halo``.
+            mask: ``(B, T, 1)`` row mask before the shift; the loss weight is ``mask[:, 1:]``.
+            loss_weight: replaces ``mask[:, 1:]`` as the per-element BCE weight, broadcastable to ``(B, T-1, V)``
+                (ConSequence passes ``mask[:, 1:] * not_fired`` to leave rule-fixed entries out of the loss).
+        The loss is the weighted BCE averaged over all ``B*(T-1)*V`` elements, masked ones included: HI's scale.
+        """
+        h, _ = self.history(x[:, :-1])  # (B, T-1, E)
+        targets = x[:, 1:]  # (B, T-1, V)
+        logits = self.head(h, targets)  # (B, T-1, V)
+        if mask is None and loss_weight is None:
+            return logits, None
+        weight = loss_weight if loss_weight is not None else mask[:, 1:]
+        pos_weight = None
+        if self.config.pos_loss_weight is not None:
+            pos_weight = torch.tensor(self.config.pos_loss_weight, device=x.device, dtype=logits.dtype)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(),
+                                                  weight=weight.float().expand_as(targets), pos_weight=pos_weight)
+        return logits, loss
