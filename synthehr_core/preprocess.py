@@ -191,6 +191,7 @@ def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropR
     codes = codes.merge(key, on="visit_id", how="inner")[["patient_id", "visit_index", "code"]]
     vocab = build_vocab(visits["event_type"].astype(str).unique(), visit_edges, calendar_tokens, codes["code"].unique(),
                         label_values, patient_edges, cfg.code_namespaces)
+    visits["start_day"] = visits["start"].astype(float)  # absolute calendar position, for temporal metrics
     visits = visits.drop(columns=["visit_id", "start"])
     core = ["patient_id", "visit_index", "start_offset_days", "event_type"]
     visits = visits[core + [c for c in visits.columns if c not in core]]
