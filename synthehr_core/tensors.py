@@ -33,18 +33,22 @@ class VocabRoles:
     label_cat: tuple[str, ...]      # categorical patient columns -> label:<col>=<value>
     label_bin: tuple[str, ...]      # patient-level binned variables -> column <var>_binned, label:<var>=<bin>
     visit_bin: tuple[str, ...]      # visit-level binned variables -> column <var>_binned, bin:<var>=<bin>
+    visit_col: tuple[tuple[str, str], ...]  # (visit column, token prefix), e.g. ("cal_month", "cal:month=")
 
 
 def vocab_roles(vocab: Vocab) -> VocabRoles:
     label_cat: dict[str, None] = {}
     label_bin: dict[str, None] = {}
     visit_bin: dict[str, None] = {}
+    visit_col: dict[str, str] = {}
     for t in vocab.tokens:
         if t.kind == "label":
             (label_bin if t.lo is not None else label_cat)[t.variable] = None
         elif t.kind == "bin":
             visit_bin[t.variable] = None
-    return VocabRoles(tuple(label_cat), tuple(label_bin), tuple(visit_bin))
+        elif t.kind == "code" and t.variable not in (None, "event_type") and "=" in t.token:
+            visit_col[t.variable] = t.token.split("=", 1)[0] + "="  # calendar tokens from cal_<kind> columns
+    return VocabRoles(tuple(label_cat), tuple(label_bin), tuple(visit_bin), tuple(visit_col.items()))
 
 
 def _token_value(token: str) -> str:
@@ -101,7 +105,7 @@ class EHRParquetDataset(Dataset):
                         self.tables_dir, self.n_truncated, max_visits, self.n_ctx, max_visits, self.n_truncated_visits)
         visits = visits[~too_many].reset_index(drop=True)
 
-        # (row id, token) pairs for every visit row: event type, visit bins, then codes (incl. cal:*)
+        # (row id, token) pairs for every visit row: event type, visit bins, calendar columns, then codes
         vkey = pd.MultiIndex.from_frame(visits[["patient_id", "visit_index"]])
         parts_row, parts_tok = [], []
         vrow = np.arange(len(visits))
@@ -110,6 +114,9 @@ class EHRParquetDataset(Dataset):
         for var in roles.visit_bin:
             col = visits[f"{var}_binned"].astype("object")
             cand.append(col.map(lambda s, var=var: f"bin:{var}={s}" if isinstance(s, str) else None))
+        for col_name, prefix in roles.visit_col:
+            col = visits[col_name].astype("object")
+            cand.append(col.map(lambda s, p=prefix: f"{p}{s}" if isinstance(s, str) else None))
         for series in cand:
             idx = _lookup(self.vocab, series)
             unknown += int(((idx < 0) & series.notna().to_numpy()).sum())
@@ -179,6 +186,9 @@ class EHRParquetDataset(Dataset):
         for var in roles.visit_bin:
             if f"{var}_binned" not in visits.columns:
                 problems.append(f"visits lacks binned column {var + '_binned'!r}")
+        for col, _ in roles.visit_col:
+            if col not in visits.columns:
+                problems.append(f"visits lacks calendar column {col!r}")
         if problems:
             raise SchemaError(f"{self.tables_dir}: the vocabulary names columns the tables do not have: "
                               + "; ".join(problems) + ". Use the vocab.json written with these tables.")
@@ -241,7 +251,8 @@ def decode_rows(patients_rows: list[list[list[int]]], vocab: Vocab, seed: int, s
 
     ``patients_rows[n]`` lists the token indices of rows 1, 2, ... of patient n (row 0, <start>, excluded).
     As in the reference decoder: labels come from the label row; visits are read until the row holding <end>
-    (kept), rows without visit tokens are skipped, and patients left with no visit are dropped and counted.
+    (kept), rows without visit tokens are skipped; ``evt:``/``bin:``/``cal:`` tokens become visit columns (the
+    first in vocabulary order wins when a row holds two of one variable), and patients left with no visit are dropped and counted.
     Patient ids are ``syn-<seed>-<start + n>``. Continuous columns and ``start_offset_days`` stay null for the
     KDE stage to fill.
     """
@@ -249,6 +260,7 @@ def decode_rows(patients_rows: list[list[list[int]]], vocab: Vocab, seed: int, s
     toks = vocab.tokens
     fvr = vocab.first_visit_row
     nv = vocab.n_visit_tokens
+    col_vars = {c for c, _ in roles.visit_col}
     prow, vrow, crow = [], [], []
     counts = {"n_sampled": len(patients_rows), "n_dropped_no_visits": 0, "n_empty_rows_skipped": 0,
               "n_label_conflicts": 0, "n_no_end": 0}
@@ -286,6 +298,8 @@ def decode_rows(patients_rows: list[list[list[int]]], vocab: Vocab, seed: int, s
                 tok = toks[t]
                 if tok.kind == "bin":
                     vrec.setdefault(f"{tok.variable}_binned", _token_value(tok.token))
+                elif tok.variable in col_vars:
+                    vrec.setdefault(tok.variable, _token_value(tok.token))
                 elif tok.token.startswith("evt:"):
                     if vrec["event_type"] is None:
                         vrec["event_type"] = tok.token[4:]
@@ -297,7 +311,7 @@ def decode_rows(patients_rows: list[list[list[int]]], vocab: Vocab, seed: int, s
     for var in roles.label_bin:
         patients[var] = np.nan
     visits = pd.DataFrame(vrow, columns=["patient_id", "visit_index", "event_type"]
-                          + [f"{v}_binned" for v in roles.visit_bin])
+                          + [f"{v}_binned" for v in roles.visit_bin] + sorted(col_vars))
     visits.insert(2, "start_offset_days", np.nan)
     for var in roles.visit_bin:
         visits[var] = np.nan

@@ -144,3 +144,19 @@ class TestToy:
         assert patients["patient_id"].tolist() == ["syn-0-0"]
         assert visits["visit_index"].tolist() == [0, 1]
         assert counts["n_dropped_no_visits"] == 1 and counts["n_empty_rows_skipped"] == 2
+
+
+def test_calendar_columns_become_visit_tokens_and_back(tmp_path):
+    patients = pd.DataFrame({"patient_id": ["A"], "split": ["train"]})
+    visits = pd.DataFrame({"patient_id": ["A", "A"], "visit_index": np.int32([0, 1]), "start_offset_days": [0.0, 3.0],
+                           "event_type": ["ED", "ED"], "cal_month": ["02", "01"]})
+    codes = pd.DataFrame({"patient_id": ["A"], "visit_index": np.int32([1]), "code": ["dx:1"]})
+    vocab = build_vocab(["ED"], {}, ["cal:month=01", "cal:month=02"], ["dx:1"], {}, {}, ["dx"])
+    d = _write(tmp_path, patients, visits, codes, vocab)
+    ds = EHRParquetDataset(d, n_ctx=4)
+    X, _ = collate_halo([ds[0]], vocab, 4)
+    assert _row_tokens(X, vocab, 0, 1) == ["evt:ED", "cal:month=02"]
+    assert _row_tokens(X, vocab, 0, 2) == ["evt:ED", "cal:month=01", "dx:1", "<end>"]
+    rows = [[X[0, r].nonzero().flatten().tolist() for r in range(1, 4)]]
+    _, v2, c2, _ = decode_rows(rows, vocab, seed=1)
+    assert v2["cal_month"].tolist() == ["02", "01"] and c2["code"].tolist() == ["dx:1"]
