@@ -313,6 +313,7 @@ def decode_rows(patients_rows: list[list[list[int]]], vocab: Vocab, seed: int, s
     visits = pd.DataFrame(vrow, columns=["patient_id", "visit_index", "event_type"]
                           + [f"{v}_binned" for v in roles.visit_bin] + sorted(col_vars))
     visits.insert(2, "start_offset_days", np.nan)
+    visits.insert(4, "start_day", np.nan)  # anchored later by time reconstruction
     for var in roles.visit_bin:
         visits[var] = np.nan
     visits["visit_index"] = visits["visit_index"].astype("int32")

@@ -1,0 +1,312 @@
+"""Exact, batched, seeded sampling from a HALO (or ConSequence) checkpoint.
+
+The sampler draws rows one at a time, each row code by code in vocabulary order, exactly from the model's
+factorisation p(row_t | rows < t) = prod_j p(x_tj | rows < t, x_t,<j). Compared with the reference (HI:model.py
+``sample``), it is faster without approximating anything:
+
+* a KV cache, so each step runs only the new row through the transformer (HI recomputes the whole prefix);
+* "skip-zeros" code sampling with a **cursor per patient**: draw every remaining column at once, commit the
+  patient's own first drawn 1 (the zeros before it were drawn under the right, all-zero prefix), move that
+  patient's cursor past it and repeat. Head passes per row = max over patients of (codes + 1); HI's batch-shared
+  cursor commits the smallest first-1 column across the whole batch, so it needs one pass per distinct column;
+* patients that sampled <end> leave the batch (HI keeps sampling them until everyone has ended).
+
+``sample_reference`` is the plain reference algorithm, kept for the exactness tests and ``bench/sample.py``.
+Probabilities and Bernoulli draws are fp32; one ``torch.Generator`` per cohort seed, so the same model, seed and
+batch size give the same cohort.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__, storage
+from .errors import ConfigError, DataError
+from .models import load_model
+from .schema import write_tables
+from .tensors import decode_rows, vocab_roles
+from .vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+
+class RowRules(Protocol):
+    """ConSequence enforcement hook: overwrite a freshly sampled row given the rows before it."""
+
+    def apply_row(self, past: torch.Tensor, row: torch.Tensor, row_index: int) -> torch.Tensor:
+        """``past (B, t, V)`` rows 0..t-1, ``row (B, V)`` row t -> the corrected row ``(B, V)``."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------- label prefixes
+def labels_from_probs(label_probs: pd.DataFrame, vocab: Vocab, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Draw ``n`` whole label vectors ``(n, n_labels)`` from the empirical joint distribution of train labels.
+
+    ``label_probs`` has columns ``labels`` ('|'-joined label tokens, '' for none) and ``probability``.
+    """
+    missing = {"labels", "probability"} - set(label_probs.columns)
+    if missing:
+        raise DataError(f"label_probs lacks columns {sorted(missing)}; found {sorted(label_probs.columns)}. "
+                        "It is written by the train stage as label_probs.parquet.")
+    prob = torch.tensor(label_probs["probability"].to_numpy(dtype=np.float64))
+    if len(prob) == 0 or not torch.isfinite(prob).all() or (prob < 0).any() or prob.sum() <= 0:
+        raise DataError(f"label_probs.probability must be finite, non-negative and not all zero; got "
+                        f"{label_probs['probability'].head(5).tolist()}.")
+    table = torch.zeros(len(label_probs), vocab.n_labels)
+    for i, joined in enumerate(label_probs["labels"].fillna("").astype(str)):
+        for tok in filter(None, joined.split("|")):
+            j = vocab.get(tok)
+            if j is None or vocab.tokens[j].kind != "label":
+                raise DataError(f"label_probs row {i}: {tok!r} is not a label token of this vocabulary.")
+            table[i, j - vocab.n_visit_tokens] = 1.0
+    pick = torch.multinomial(prob, n, replacement=True, generator=generator)
+    return table[pick]
+
+
+def labels_from_condition(condition: dict, vocab: Vocab, label_probs: pd.DataFrame | None) -> pd.DataFrame:
+    """Restrict the label distribution to vectors matching ``{variable: value}`` (e.g. ``{"sex": "F"}``).
+
+    With ``label_probs`` the other labels keep their empirical conditional mix; without it every label variable
+    must be given.
+    """
+    roles = vocab_roles(vocab)
+    known = set(roles.label_cat) | set(roles.label_bin)
+    wanted = []
+    for var, value in condition.items():
+        tok = f"label:{var}={value}"
+        if var not in known or tok not in vocab:
+            raise ConfigError(f"condition {var}={value!r}: {tok!r} is not a label token; label variables are "
+                              f"{sorted(known)} (values as in vocab.json).")
+        wanted.append(tok)
+    if label_probs is None:
+        if set(condition) != known:
+            raise ConfigError(f"condition {condition} fixes {sorted(condition)} but the model also has labels "
+                              f"{sorted(known - set(condition))}; give them all, or use a checkpoint with "
+                              "label_probs.parquet to draw the rest.")
+        return pd.DataFrame({"labels": ["|".join(wanted)], "probability": [1.0]})
+    rows = label_probs["labels"].fillna("").astype(str).str.split("|")
+    keep = rows.map(lambda toks: set(wanted) <= set(toks))
+    if not keep.any() or label_probs.loc[keep, "probability"].sum() <= 0:
+        raise ConfigError(f"condition {condition} matches no label vector seen in training (label_probs.parquet).")
+    return label_probs[keep].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------- fast sampler
+def _select_cache(kv: list, idx: torch.Tensor) -> list:
+    return [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in kv]
+
+
+@torch.no_grad()
+def _sample_row(model, h: torch.Tensor, V: int, temperature: float, g: torch.Generator) -> torch.Tensor:
+    """Exact skip-zeros draw of one row for every patient, each with its own cursor. ``h (B, E)`` -> ``(B, V)``."""
+    B = h.size(0)
+    row = torch.zeros(B, V, device=h.device, dtype=h.dtype)
+    cursor = torch.zeros(B, dtype=torch.long, device=h.device)
+    live = torch.arange(B, device=h.device)
+    cols = torch.arange(V, device=h.device)
+    while live.numel():
+        logits = model.head(h[live], row[live]).float() / temperature  # (n, V)
+        draw = torch.rand(logits.shape, generator=g, device=h.device) < torch.sigmoid(logits)
+        draw &= cols[None, :] >= cursor[live, None]  # committed columns stay as they are
+        has = draw.any(dim=1)
+        first = draw.to(torch.int8).argmax(dim=1)  # the patient's first drawn 1 at or after its cursor
+        live, first = live[has], first[has]
+        row[live, first] = 1.0
+        cursor[live] = first + 1
+    return row
+
+
+@torch.no_grad()
+def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 256, temperature: float = 1.0,
+           labels: torch.Tensor | None = None, label_probs: pd.DataFrame | None = None, rules: RowRules | None = None,
+           device: str | torch.device | None = None, progress: bool = True) -> list[list[list[int]]]:
+    """Sample ``n_patients`` patients; returns, per patient, the token indices of rows 1, 2, ... (``decode_rows`` input).
+
+    Args:
+        model: a HALO model (eval mode is set here).
+        vocab: the checkpoint's vocabulary.
+        n_patients: number of patients (before ``decode_rows`` drops those with no visit).
+        seed: cohort seed; one ``torch.Generator`` drives every draw, so model + seed + batch size fix the output.
+        batch_size: patients sampled together (memory ~ batch_size * n_ctx * (layers * 2 * n_embd + V)).
+        temperature: logits are divided by it before the sigmoid (1.0 = the model's distribution).
+        labels: ``(n_patients, n_labels)`` multi-hot label rows to condition on (row 1 is fixed, not sampled).
+        label_probs: draw the label rows from this empirical joint distribution instead (``labels`` wins).
+        rules: an object with ``apply_row(past, row, row_index)``, called on every sampled row (ConSequence).
+        device: where to run; defaults to the model's device.
+        progress: show a tqdm bar over batches.
+    """
+    if n_patients < 0 or batch_size < 1:
+        raise ConfigError(f"n_patients must be >= 0 and batch_size >= 1; got {n_patients} and {batch_size}.")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0; got {temperature}. Use 1.0 for the model's distribution.")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(device).eval()
+    cfg = model.config
+    V, T, fvr = vocab.size, cfg.n_ctx, vocab.first_visit_row
+    if (cfg.n_visit_tokens, cfg.n_labels) != (vocab.n_visit_tokens, vocab.n_labels):
+        raise ConfigError(f"model sizes ({cfg.n_visit_tokens}, {cfg.n_labels}) do not match the vocabulary "
+                          f"({vocab.n_visit_tokens}, {vocab.n_labels}); use the checkpoint's own vocab.json.")
+    g = torch.Generator(device=device).manual_seed(int(seed))
+    if labels is None and label_probs is not None and vocab.label_row:
+        labels = labels_from_probs(label_probs, vocab, n_patients, torch.Generator().manual_seed(int(seed)))
+    if labels is not None:
+        if not vocab.label_row:
+            raise ConfigError("labels were given but this vocabulary has no label row (label_row: false).")
+        labels = torch.as_tensor(labels, dtype=torch.float32)
+        if labels.shape != (n_patients, vocab.n_labels):
+            raise ConfigError(f"labels must have shape (n_patients, n_labels) = ({n_patients}, {vocab.n_labels}); "
+                              f"got {tuple(labels.shape)}.")
+    out: list[list[list[int]]] = []
+    starts = range(0, n_patients, batch_size)
+    for b0 in tqdm(starts, desc="sample", unit="batch", disable=not progress or len(starts) < 2):
+        B = min(batch_size, n_patients - b0)
+        X = torch.zeros(B, T, V, device=device)  # (B, T, V) rows sampled so far
+        X[:, 0, vocab.start_index] = 1.0
+        first = 1
+        if labels is not None:
+            X[:, 1, vocab.label_slice] = labels[b0:b0 + B].to(device)
+            first = 2
+        h, kv = model.history(X[:, :first])
+        h = h[:, -1]  # (B, E) state that predicts row `first`
+        act = torch.arange(B, device=device)  # batch rows still being sampled
+        last_row = torch.full((B,), T - 1, dtype=torch.long)
+        for t in range(first, T):
+            row = _sample_row(model, h, V, temperature, g)  # (n_act, V)
+            if rules is not None:
+                row = rules.apply_row(X[act, :t], row, t)
+            X[act, t] = row
+            if t == T - 1:
+                break
+            ended = (row[:, vocab.end_index] > 0) & (t >= fvr)  # <end> only counts on a visit row
+            if ended.any():
+                last_row[act[ended].cpu()] = t
+                keep = (~ended).nonzero().flatten()
+                if keep.numel() == 0:
+                    break
+                act, row = act[keep], row[keep]
+                kv = _select_cache(kv, keep)
+            h, kv = model.history(row[:, None, :], kv)  # only the new row goes through the transformer
+            h = h[:, -1]
+        Xc = X.cpu()
+        for b in range(B):
+            out.append([Xc[b, r].nonzero().flatten().tolist() for r in range(1, int(last_row[b]) + 1)])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reference
+@torch.no_grad()
+def sample_reference(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 256,
+                     temperature: float = 1.0) -> list[list[list[int]]]:
+    """HI's algorithm, for comparison only: full-prefix recompute per row, one cursor shared by the batch,
+    finished patients keep being sampled until the whole batch has ended. Same output format as ``sample``."""
+    model.eval()
+    cfg = model.config
+    device = next(model.parameters()).device
+    V, T, fvr = vocab.size, cfg.n_ctx, vocab.first_visit_row
+    g = torch.Generator(device=device).manual_seed(int(seed))
+    cols = torch.arange(V, device=device)
+    out = []
+    for b0 in range(0, n_patients, batch_size):
+        B = min(batch_size, n_patients - b0)
+        X = torch.zeros(B, T, V, device=device)
+        X[:, 0, vocab.start_index] = 1.0
+        n_rows = T
+        for t in range(1, T):
+            h, _ = model.history(X[:, :t])
+            h = h[:, -1]
+            row = torch.zeros(B, V, device=device)
+            i = 0
+            while i < V:
+                p = torch.sigmoid(model.head(h, row).float() / temperature)
+                draw = (torch.rand(p.shape, generator=g, device=device) < p) & (cols[None, :] >= i)
+                anyc = draw.any(dim=0).nonzero()
+                if anyc.numel() == 0:
+                    break
+                c = int(anyc[0])
+                row[:, c] = draw[:, c].float()
+                i = c + 1
+            X[:, t] = row
+            if t >= fvr and bool((X[:, fvr:t + 1, vocab.end_index] > 0).any(dim=1).all()):
+                n_rows = t + 1
+                break
+        Xc = X[:, :n_rows].cpu()
+        for b in range(B):
+            rows = []
+            for r in range(1, n_rows):
+                rows.append(Xc[b, r].nonzero().flatten().tolist())
+                if r >= fvr and vocab.end_index in rows[-1]:
+                    break
+            out.append(rows)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- stage API
+def _load_rules(model_dir, vocab: Vocab, n_ctx: int):
+    """The checkpoint's ConSequence rules as a ``RowRules`` object, or None when it has no rules.json."""
+    path = storage.join(model_dir, "rules.json")
+    if not storage.exists(path):
+        return None
+    from . import rules as rules_mod  # written by the rules owner; imported only when a checkpoint has rules
+
+    loader = getattr(rules_mod, "load_row_rules", None)
+    if loader is None:
+        raise ConfigError(f"{path} exists but synthehr_core.rules has no load_row_rules(path, vocab, n_ctx); "
+                          "update synthehr_core or remove rules.json to sample without rules.")
+    return loader(path, vocab, n_ctx)
+
+
+def sample_to_dir(model_dir, out_dir, seed: int, n_patients: int, batch_size: int = 256, temperature: float = 1.0,
+                  condition: str | dict | None = None, device: str | None = None, overwrite: bool = False) -> dict:
+    """Sample a cohort shard from a checkpoint directory and write a canonical tables directory.
+
+    Args:
+        model_dir: train-stage output (model.pt, config.json, vocab.json[, rules.json, label_probs.parquet]).
+        out_dir: output tables directory (binned columns only; continuous values and times stay null).
+        seed: shard seed (shards differ only by seed).
+        n_patients: patients to sample; those with no visit are dropped and counted.
+        batch_size: patients sampled together.
+        temperature: 1.0 samples the model's distribution.
+        condition: None = the model samples the label row; ``"label_probs"`` = draw label rows from the training
+            label mix; a dict ``{variable: value}`` = only label rows matching it.
+        device: torch device; defaults to CPU.
+    Returns:
+        a JSON-able summary (also written to ``meta.json``).
+    """
+    model, vocab, info = load_model(model_dir, device)
+    label_probs = None
+    lp_path = storage.join(model_dir, "label_probs.parquet")
+    if storage.exists(lp_path):
+        label_probs = storage.read_parquet(lp_path).to_pandas()
+    if condition is None:
+        use_probs = None
+    elif condition == "label_probs":
+        if label_probs is None:
+            raise ConfigError(f"condition='label_probs' but {lp_path} does not exist; train with a label row, "
+                              "or pass condition=None to let the model sample labels.")
+        use_probs = label_probs
+    elif isinstance(condition, dict):
+        use_probs = labels_from_condition(condition, vocab, label_probs)
+    else:
+        raise ConfigError(f"condition must be None, 'label_probs' or a dict like {{'sex': 'F'}}; got {condition!r}.")
+    rules = _load_rules(model_dir, vocab, model.config.n_ctx)
+    rows = sample(model, vocab, n_patients, seed, batch_size, temperature, label_probs=use_probs, rules=rules,
+                  device=device)
+    patients, visits, codes, counts = decode_rows(rows, vocab, seed)
+    meta = {"stage": "sample", "seed": int(seed), "n_patients_requested": int(n_patients), **counts,
+            "n_visits": len(visits), "n_codes": len(codes), "batch_size": int(batch_size),
+            "temperature": float(temperature), "condition": condition, "model_type": info.get("model_type", "halo"),
+            "rules": rules is not None, "model_dir": str(model_dir),
+            "versions": {"synthehr": __version__, "torch": torch.__version__, "python": platform.python_version()}}
+    with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_tables(tmp, patients, visits, codes)
+        vocab.save(storage.join(tmp, "vocab.json"))
+        storage.write_json(storage.join(tmp, "meta.json"), meta)
+    log.info("sampled %d patients (%d dropped with no visit) -> %s", counts["n_patients"],
+             counts["n_dropped_no_visits"], out_dir)
+    return meta

@@ -1,0 +1,198 @@
+"""The fast sampler is exact: it matches the model's enumerated distribution and the reference sampler."""
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from synthehr_core import storage
+from synthehr_core.errors import ConfigError
+from synthehr_core.models import HALO, HaloConfig, write_checkpoint
+from synthehr_core.sampling import labels_from_probs, sample, sample_reference, sample_to_dir
+from synthehr_core.schema import read_tables
+from synthehr_core.vocab import build_vocab
+
+
+def _vocab(n_codes=4, labels=False):
+    return build_vocab([], {}, [], [f"dx:{i}" for i in range(n_codes)],
+                       {"sex": ["F", "M"]} if labels else {}, {}, ["dx"])
+
+
+def _sharp_model(vocab, n_ctx, seed=0):
+    """A tiny untrained model whose head depends strongly on the earlier codes of the row (so mistakes show)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        m = HALO(HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=n_ctx))
+        with torch.no_grad():
+            m.fine_1.weight.mul_(4.0)
+            m.fine_2.weight.mul_(4.0)
+            m.fine_2.bias.normal_(0.0, 1.0)
+            m.fine_1.weight[:, m.config.n_embd:] *= 4.0  # the current row's codes matter
+    return m.eval()
+
+
+def _patterns(V):
+    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=V)))  # (2^V, V)
+
+
+def _log_prob(model, h, rows):
+    """log p(row | h) under the model's factorisation, for rows (N, V) and states h (N, E)."""
+    logits = model.head(h, rows)
+    return -torch.nn.functional.binary_cross_entropy_with_logits(logits, rows, reduction="none").sum(-1)
+
+
+def _key(row_tokens, V):
+    return sum(1 << (V - 1 - t) for t in row_tokens)  # same order as _patterns
+
+
+def _chi2_p(counts, expected):
+    counts = np.asarray(counts, float)
+    expected = np.asarray(expected, float)
+    expected = expected * counts.sum() / expected.sum()  # probabilities -> expected counts
+    small = expected < 5
+    if small.any():  # pool sparse categories
+        counts = np.append(counts[~small], counts[small].sum())
+        expected = np.append(expected[~small], expected[small].sum())
+    assert len(counts) > 10, "too few categories for a meaningful test"
+    return stats.chisquare(counts, expected * counts.sum() / expected.sum()).pvalue
+
+
+class TestExactness:
+    N = 12000
+
+    def test_first_visit_matches_enumerated_distribution(self):
+        vocab = _vocab(4)  # V = 4 codes + 3 specials = 7 -> 128 possible rows
+        V = vocab.size
+        m = _sharp_model(vocab, n_ctx=3)
+        pats = _patterns(V)
+        with torch.no_grad():
+            h, _ = m.history(torch.eye(V)[vocab.start_index][None, None, :])
+            p_exact = _log_prob(m, h[0, -1].expand(len(pats), -1), pats).exp().numpy()
+            assert abs(p_exact.sum() - 1) < 1e-5
+            rows = sample(m, vocab, self.N, seed=11, batch_size=3000, progress=False)
+            # the naive sampler (all codes drawn at once from the empty prefix) must be detectably different
+            p0 = torch.sigmoid(m.head(h[0, -1], torch.zeros(V)))
+            p_naive = torch.prod(torch.where(pats > 0, p0, 1 - p0), dim=1).numpy()
+        counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(pats))
+        assert _chi2_p(counts, p_exact) > 1e-3
+        assert self.N * np.sum((p_naive - p_exact) ** 2 / p_exact) > 300  # power: naive would fail
+
+    def test_second_visit_matches_enumeration_through_kv_cache_and_end(self):
+        vocab = _vocab(4)
+        V = vocab.size
+        m = _sharp_model(vocab, n_ctx=3, seed=1)
+        pats = _patterns(V)
+        P = len(pats)
+        start = torch.eye(V)[vocab.start_index]
+        with torch.no_grad():
+            x = torch.stack([start.expand(P, V), pats], dim=1)  # (P, 2, V): every possible first visit
+            h, _ = m.history(x)
+            p1 = _log_prob(m, h[:, 0], pats).exp()  # (P,)
+            h2 = h[:, 1].repeat_interleave(P, 0)  # (P*P, E)
+            p2 = _log_prob(m, h2, pats.repeat(P, 1)).exp().view(P, P)  # p(row2 | row1)
+        alive = pats[:, vocab.end_index] == 0
+        p_row2 = (p1[alive, None] * p2[alive]).sum(0).numpy()
+        p_stop = p1[~alive].sum().item()
+        rows = sample(m, vocab, self.N, seed=5, batch_size=2500, progress=False)
+        counts = np.zeros(P + 1)
+        for r in rows:
+            if len(r) == 1:
+                counts[P] += 1
+            else:
+                counts[_key(r[1], V)] += 1
+        assert _chi2_p(counts, np.append(p_row2, p_stop)) > 1e-3
+
+    def test_fast_and_reference_samplers_agree(self):
+        vocab = _vocab(3, labels=True)  # label row + visits
+        m = _sharp_model(vocab, n_ctx=6, seed=2)
+        with torch.no_grad():
+            m.fine_2.bias[m.config.n_embd - 1 + vocab.end_index] += 3.0  # end is likely: few visits each
+        fast = sample(m, vocab, 6000, seed=3, batch_size=500, progress=False)
+        ref = sample_reference(m, vocab, 6000, seed=4, batch_size=500)
+        V = vocab.size
+        for feature in (lambda r: len(r), lambda r: _key(r[0], V), lambda r: _key(r[1], V) if len(r) > 1 else -1,
+                        lambda r: sum(len(x) for x in r)):
+            a, b = [feature(r) for r in fast], [feature(r) for r in ref]
+            cats = sorted(set(a) | set(b))
+            table = np.array([[a.count(c) for c in cats], [b.count(c) for c in cats]])
+            table = table[:, table.sum(0) >= 10]
+            assert stats.chi2_contingency(table).pvalue > 1e-3
+        assert 1.5 < np.mean([len(r) for r in fast]) < 5  # the test exercises several visit rows
+
+
+class TestBehaviour:
+    def test_same_seed_and_batch_is_identical_other_seed_differs(self):
+        vocab = _vocab(6, labels=True)
+        m = _sharp_model(vocab, n_ctx=8)
+        a = sample(m, vocab, 50, seed=7, batch_size=16, progress=False)
+        b = sample(m, vocab, 50, seed=7, batch_size=16, progress=False)
+        c = sample(m, vocab, 50, seed=8, batch_size=16, progress=False)
+        assert a == b and a != c
+
+    def test_fixed_labels_and_label_probs(self):
+        vocab = _vocab(3, labels=True)
+        m = _sharp_model(vocab, n_ctx=4)
+        F, M = vocab.index("label:sex=F"), vocab.index("label:sex=M")
+        labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(5, 1)
+        rows = sample(m, vocab, 10, seed=0, labels=labels, progress=False)
+        assert [r[0] for r in rows] == [[F], [M]] * 5
+        lp = pd.DataFrame({"labels": ["label:sex=F", "label:sex=M"], "probability": [0.8, 0.2]})
+        drawn = labels_from_probs(lp, vocab, 4000, torch.Generator().manual_seed(0))
+        assert abs(drawn[:, 0].mean().item() - 0.8) < 0.03
+        with pytest.raises(ConfigError, match="shape"):
+            sample(m, vocab, 3, seed=0, labels=labels, progress=False)
+
+    def test_rules_hook_overwrites_rows(self):
+        vocab = _vocab(4)
+        m = _sharp_model(vocab, n_ctx=5)
+        banned = vocab.index("dx:0")
+        seen = []
+
+        class Ban:
+            def apply_row(self, past, row, row_index):
+                seen.append((tuple(past.shape), row_index))
+                assert past.shape[1] == row_index and row.shape[1] == vocab.size
+                row = row.clone()
+                row[:, banned] = 0.0
+                return row
+
+        rows = sample(m, vocab, 200, seed=1, batch_size=64, rules=Ban(), progress=False)
+        assert all(banned not in r for p in rows for r in p)
+        assert seen and {t for _, t in seen} >= {1, 2}
+        free = sample(m, vocab, 200, seed=1, batch_size=64, progress=False)
+        assert any(banned in r for p in free for r in p)
+
+    def test_bad_temperature(self):
+        vocab = _vocab(3)
+        with pytest.raises(ConfigError, match="temperature"):
+            sample(_sharp_model(vocab, 4), vocab, 2, seed=0, temperature=0.0)
+
+
+def test_sample_to_dir_writes_canonical_tables(tmp_path):
+    from synthehr_core.toy import make_toy_tables, toy_vocab
+
+    p, _, c = make_toy_tables(30, seed=0)
+    vocab = toy_vocab(c, p)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = HALO(HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=6))
+    with storage.atomic_dir(tmp_path / "ckpt") as tmp:
+        write_checkpoint(tmp, m, vocab)
+        storage.write_parquet(storage.join(tmp, "label_probs.parquet"), __import__("pyarrow").Table.from_pandas(
+            pd.DataFrame({"labels": ["label:sex=F|label:age=18-40", "label:sex=M|label:age=60-80"],
+                          "probability": [0.5, 0.5]})))
+    meta = sample_to_dir(tmp_path / "ckpt", tmp_path / "s1", seed=3, n_patients=40, batch_size=16)
+    sample_to_dir(tmp_path / "ckpt", tmp_path / "s2", seed=3, n_patients=40, batch_size=16)
+    for f in ("patients.parquet", "visits.parquet", "codes.parquet"):
+        assert (tmp_path / "s1" / f).read_bytes() == (tmp_path / "s2" / f).read_bytes()
+    patients, visits, codes = read_tables(tmp_path / "s1")
+    assert meta["n_patients"] == len(patients) == 40 - meta["n_dropped_no_visits"]
+    assert patients["patient_id"].str.startswith("syn-3-").all() and (patients["split"] == "synthetic").all()
+    assert visits["start_offset_days"].isna().all()
+    sample_to_dir(tmp_path / "ckpt", tmp_path / "s3", seed=3, n_patients=20, condition={"sex": "M"})
+    p3, _, _ = read_tables(tmp_path / "s3")
+    assert set(p3["sex"]) == {"M"} and set(p3["age_binned"]) == {"60-80"}
+    with pytest.raises(ConfigError, match="label token"):
+        sample_to_dir(tmp_path / "ckpt", tmp_path / "s4", seed=3, n_patients=2, condition={"sex": "X"})
