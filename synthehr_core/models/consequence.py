@@ -1,0 +1,208 @@
+"""ConSequence: HALO with hard temporal rules (Theodorou et al., AAAI 2024; KI:ruleModels/consequenceModel.py).
+
+The network is HALO unchanged (same parameters, same ``model.pt``). Rules (``synthehr_core.rules``) act outside
+it, as hard overrides:
+
+* training: on the teacher-forced batch, every entry of the target rows ``X[:, 1:]`` where a rule fires is left
+  out of the loss (its probability is the rule's value, so its BCE is 0 and it has no gradient);
+* sampling: after each row is drawn, the rule groups are applied to it in order and it is overwritten.
+
+KI compiles each rule group into dense ``2V x V`` antecedent matrices and an ``n_ctx x n_ctx`` aggregation
+matrix (377 MB per group at V=6869). Here a group is index lists: for rule r, the columns that must be present
+or absent in the current row and in the aggregated past, padded with an always-1 / always-0 column, so the
+check is a gather and an ``all``. The past is aggregated as KI intends (its relative-offset branch never assigns
+the matrix): a running OR for ``"all"``, shifted rows for offsets, fixed rows for absolute indices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..rules import Rule
+from ..vocab import Vocab
+from .halo import HALO, HaloConfig
+
+
+@dataclass
+class RuleGroup:
+    """Rules that read the same past and never read or write each other's outputs (KI's grouping)."""
+    past_visits: str | tuple[int, ...]
+    cur_pos: torch.Tensor    # (R, Kcp) long, padded with ONE
+    cur_neg: torch.Tensor    # (R, Kcn) long, padded with ZERO
+    past_pos: torch.Tensor   # (R, Kpp) long
+    past_neg: torch.Tensor   # (R, Kpn) long
+    output: torch.Tensor     # (R,) long, unique within the group
+    value: torch.Tensor      # (R,) float
+
+    def to(self, device) -> "RuleGroup":
+        return RuleGroup(self.past_visits, *(t.to(device) for t in (self.cur_pos, self.cur_neg, self.past_pos,
+                                                                    self.past_neg, self.output, self.value)))
+
+    def fires(self, cur: torch.Tensor, past: torch.Tensor | None) -> torch.Tensor:
+        """``cur``/``past``: (..., V + 2) with the ONE/ZERO columns appended; returns (..., R) bool."""
+        ok = cur[..., self.cur_pos].bool().all(-1) & ~cur[..., self.cur_neg].bool().any(-1)  # (..., R)
+        if past is not None:
+            ok &= past[..., self.past_pos].bool().all(-1) & ~past[..., self.past_neg].bool().any(-1)
+        return ok
+
+
+def _pad(lists: list[list[int]], fill: int) -> torch.Tensor:
+    k = max(1, max((len(x) for x in lists), default=0))
+    return torch.tensor([x + [fill] * (k - len(x)) for x in lists], dtype=torch.long)
+
+
+class CompiledRules:
+    """Rules as ordered index-based groups; ``fired`` for training, ``apply_row`` for the sampler."""
+
+    def __init__(self, rules: list[Rule], vocab: Vocab, max_passes: int = 8):
+        self.vocab, self.rules, self.max_passes = vocab, list(rules), max_passes
+        V = vocab.size
+        self.ONE, self.ZERO = V, V + 1
+        # the decoder's view of a row: label tokens on the label row, visit tokens on visit rows
+        self._visit_cols = torch.zeros(V, dtype=torch.bool)
+        self._visit_cols[:vocab.n_visit_tokens] = True
+        self._label_cols = torch.zeros(V, dtype=torch.bool)
+        self._label_cols[vocab.label_slice] = True
+        self.groups: list[RuleGroup] = []
+        for chunk in _group(rules, vocab):
+            ix = lambda toks: [vocab.index(t) for t in toks]  # noqa: E731
+            self.groups.append(RuleGroup(
+                chunk[0].past_visits,
+                _pad([ix(r.cur_pos) for r in chunk], self.ONE), _pad([ix(r.cur_neg) for r in chunk], self.ZERO),
+                _pad([ix(r.past_pos) for r in chunk], self.ONE), _pad([ix(r.past_neg) for r in chunk], self.ZERO),
+                torch.tensor([vocab.index(r.output) for r in chunk], dtype=torch.long),
+                torch.tensor([float(r.value) for r in chunk])))
+        self._device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def _on(self, device: torch.device) -> None:
+        if device != self._device:
+            self.groups = [g.to(device) for g in self.groups]
+            self._visit_cols, self._label_cols = self._visit_cols.to(device), self._label_cols.to(device)
+            self._device = device
+
+    def _view(self, X: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """Zero what the decoder ignores: rows (B, T, V) starting at HALO row ``first_row``."""
+        T = X.size(1)
+        rows = torch.arange(first_row, first_row + T, device=X.device)
+        fvr = self.vocab.first_visit_row
+        keep = (rows[:, None] >= fvr) & self._visit_cols[None, :]  # (T, V)
+        if self.vocab.label_row:
+            keep |= (rows[:, None] == 1) & self._label_cols[None, :]
+        return X * keep
+
+    @staticmethod
+    def _aug(x: torch.Tensor) -> torch.Tensor:
+        one = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+        return torch.cat([x, one, torch.zeros_like(one)], dim=-1)  # (..., V + 2)
+
+    # ------------------------------------------------------------------------------------------ training
+    @torch.no_grad()
+    def fired(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where rules fire on the teacher-forced targets ``X[:, 1:]``: ``(fired (B, T-1, V) bool, values)``.
+
+        ``values`` holds each fired entry's forced value (a later group overrides an earlier one, as in KI) and
+        0 elsewhere. The past of target row t is rows 0..t-1 of the ground truth.
+        """
+        self._on(X.device)
+        B, T, V = X.shape  # batch, rows, vocab
+        cur = self._aug(X[:, 1:])  # (B, T-1, V+2): target rows 1..T-1
+        pv = self._view(X)  # (B, T, V)
+        fired = torch.zeros(B, T - 1, V, dtype=torch.bool, device=X.device)
+        values = torch.zeros(B, T - 1, V, dtype=X.dtype, device=X.device)
+        for g in self.groups:
+            past = None
+            if g.past_visits == "all":
+                past = torch.cummax(pv, dim=1).values[:, :-1]  # row t-1 holds the OR of rows 0..t-1
+            elif g.past_visits:
+                past = torch.zeros(B, T - 1, V, dtype=X.dtype, device=X.device)
+                for k in g.past_visits:
+                    if k < 0:  # target row t reads row t + k, i.e. targets from row -k on
+                        if -k <= T - 1:
+                            past[:, -k - 1:] = torch.maximum(past[:, -k - 1:], pv[:, :T + k])
+                    elif k < T - 1:  # absolute row k is in the past of targets k+1.. (index k onwards)
+                        past[:, k:] = torch.maximum(past[:, k:], pv[:, k:k + 1])
+            f = g.fires(cur, None if past is None else self._aug(past))  # (B, T-1, R)
+            fired[..., g.output] |= f
+            values[..., g.output] = torch.where(f, g.value, values[..., g.output])
+        return fired, values
+
+    # ------------------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def apply_row(self, past: torch.Tensor, row: torch.Tensor, row_index: int) -> torch.Tensor:
+        """Overwrite a freshly sampled row ``(B, V)`` given the earlier rows ``past (B, t, V)``; t = row_index.
+
+        Groups run in order, and the pass repeats until nothing changes (bounded by ``max_passes``), so a rule
+        whose current antecedent is set by a later group still gets its turn.
+        """
+        self._on(row.device)
+        t = row_index
+        pv = self._view(past)  # (B, t, V)
+        aggs: dict = {}
+        for g in self.groups:
+            key = g.past_visits
+            if key in aggs or not key:
+                continue
+            if key == "all":
+                agg = pv.amax(dim=1)
+            else:
+                rows = [t + k if k < 0 else k for k in key]
+                rows = [r for r in rows if 0 <= r < t]
+                agg = pv[:, rows].amax(dim=1) if rows else torch.zeros_like(row)
+            aggs[key] = self._aug(agg)
+        row = row.clone()
+        for _ in range(self.max_passes):
+            before = row.clone()
+            for g in self.groups:
+                f = g.fires(self._aug(row), aggs.get(g.past_visits) if g.past_visits else None)  # (B, R)
+                row[:, g.output] = torch.where(f, g.value.to(row.dtype), row[:, g.output])
+            if torch.equal(row, before):
+                break
+        return row
+
+    def fix_probs(self, logits: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """Model probabilities with fired entries set to the rule value (for perplexity, as KI reports it)."""
+        fired, values = self.fired(X)
+        return torch.where(fired, values, torch.sigmoid(logits.float()))
+
+
+def _group(rules: list[Rule], vocab: Vocab) -> list[list[Rule]]:
+    """Split the ordered rule list into groups (KI): a new group starts when ``past_visits`` changes, or when a
+    rule's current antecedent or output touches an output already claimed in the group."""
+    groups: list[list[Rule]] = []
+    claimed: set[str] = set()
+    for r in rules:
+        touches = r.output in claimed or any(t in claimed for t in (*r.cur_pos, *r.cur_neg))
+        if not groups or r.past_visits != groups[-1][0].past_visits or touches:
+            groups.append([])
+            claimed = set()
+        groups[-1].append(r)
+        claimed.add(r.output)
+    return groups
+
+
+def compile_rules(rules: list[Rule], vocab: Vocab) -> CompiledRules:
+    return CompiledRules(rules, vocab)
+
+
+class ConSequence(HALO):
+    """HALO whose loss leaves rule-fixed entries out. Attach rules with ``attach_rules`` (not saved in model.pt)."""
+
+    def __init__(self, config: HaloConfig, rules: CompiledRules | None = None):
+        super().__init__(config)
+        self.rules = rules  # plain attribute: no buffers, so Opacus and strict state_dict loading are unaffected
+
+    def attach_rules(self, rules: CompiledRules | None) -> "ConSequence":
+        self.rules = rules
+        return self
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.rules is not None and (mask is not None or loss_weight is not None):
+            fired, _ = self.rules.fired(x)  # (B, T-1, V)
+            base = loss_weight if loss_weight is not None else mask[:, 1:]
+            loss_weight = base * (~fired).to(x.dtype)  # fired entries: probability fixed, no loss, no gradient
+        return super().forward(x, mask=mask, loss_weight=loss_weight)

@@ -1,0 +1,563 @@
+"""ConSequence rules: the rule format, mining on the training split, and a sparse violation checker.
+
+A rule (ConSequence, Theodorou et al. AAAI 2024, §4.1 of docs halo-consequence.md) says: *where the antecedent
+holds, token ``output`` takes ``value``*. The antecedent has a temporal part, read from an aggregate of earlier
+HALO rows, and a current part, read from the row being generated:
+
+=============== ======================================================================================
+``past_visits`` ``"all"`` (OR over every earlier row), relative offsets (``[-1]`` = the previous row), absolute
+                rows (``[1]`` = the label row), or ``[]`` (no temporal part)
+``past_pos``    tokens that must be present in the aggregated past
+``past_neg``    tokens that must be absent from the aggregated past
+``cur_pos``     tokens that must be present in the current row
+``cur_neg``     tokens that must be absent from the current row
+=============== ======================================================================================
+
+Rows follow the HALO layout (docs/canonical-tables.md): row 0 = <start>, row 1 = labels (when the vocabulary has
+a label row), visit ``i`` = row ``vocab.first_visit_row + i``. The past is read the way the decoder reads a
+sampled patient: label tokens from the label row, visit tokens from visit rows.
+
+Mined families (KI:utils/find_rules.py; thresholds are parameters, defaults are the reference's):
+
+* ``label_exclusion``   ``[1]: +label l  =>  code c = 0``      c never occurs in a patient carrying l
+* ``prerequisite``      ``all: -pc       =>  code c = 0``      every visit with c has pc in an earlier visit
+* ``persistence``       ``[-1]: +c       =>  code c = 1``      c in the previous visit => c now
+* ``label_exclusivity`` ``[]: cur +l     =>  label l2 = 0``    one value of a label column excludes the others
+* ``within_visit``      ``[]: cur +a     =>  code b = 1``      a always comes with b
+
+Mining reads the **training split only** (the reference mined on all data, leaking the test set). Rules are closed
+under the within-visit pairs: ``a => b`` together with a past-only rule forcing ``b = 0`` adds the same rule for
+``a`` (the reference's "bonus" label exclusions), so overwriting in order (``models/consequence.py``) cannot
+leave a violated rule behind. Everything here is numpy / pandas / scipy.sparse: the evaluate image has no torch.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from . import storage
+from .errors import ConfigError, SchemaError, bullet_list
+from .schema import read_tables
+from .vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("label_exclusion", "prerequisite", "persistence", "label_exclusivity", "within_visit")
+STATIC_FAMILIES = ("label_exclusivity", "within_visit")  # no temporal part (KI's "static" rules)
+RULES_FILE = "rules.json"
+
+
+# ---------------------------------------------------------------------------------------------- the rule
+@dataclass(frozen=True)
+class Rule:
+    """One ConSequence rule, tokens by name. See the module docstring for the semantics."""
+    family: str
+    past_visits: str | tuple[int, ...]
+    past_pos: tuple[str, ...]
+    past_neg: tuple[str, ...]
+    cur_pos: tuple[str, ...]
+    cur_neg: tuple[str, ...]
+    output: str
+    value: int
+    support: int = 0          # training rows where the antecedent held
+    confidence: float = 1.0   # share of those rows where ``output == value``
+    origin: str = "mined"     # "mined", "closure" (implied by a pair rule) or "static" (from the vocabulary)
+
+    @property
+    def antecedent(self) -> tuple:
+        return (self.past_visits, self.past_pos, self.past_neg, self.cur_pos, self.cur_neg)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["past_visits"] = self.past_visits if isinstance(self.past_visits, str) else list(self.past_visits)
+        for k in ("past_pos", "past_neg", "cur_pos", "cur_neg"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = RULES_FILE) -> "Rule":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SchemaError(f"{where}: rule has unknown keys {unknown}; expected {sorted(names)}.")
+        pv = d.get("past_visits", [])
+        if pv == -1 or pv == "all":  # KI encodes "all earlier rows" as the scalar -1
+            pv = "all"
+        elif isinstance(pv, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in pv):
+            pv = tuple(pv)
+        else:
+            raise SchemaError(f"{where}: past_visits={pv!r} must be 'all', a list of negative offsets "
+                              "(e.g. [-1]) or a list of absolute rows (e.g. [1] = the label row).")
+        try:
+            return cls(family=str(d["family"]), past_visits=pv,
+                       past_pos=tuple(d.get("past_pos", ())), past_neg=tuple(d.get("past_neg", ())),
+                       cur_pos=tuple(d.get("cur_pos", ())), cur_neg=tuple(d.get("cur_neg", ())),
+                       output=str(d["output"]), value=int(d["value"]), support=int(d.get("support", 0)),
+                       confidence=float(d.get("confidence", 1.0)), origin=str(d.get("origin", "mined")))
+        except KeyError as exc:
+            raise SchemaError(f"{where}: rule lacks key {exc.args[0]!r}; got {d}.") from None
+
+
+def validate_rules(rules: list[Rule], vocab: Vocab, where: str = RULES_FILE) -> list[Rule]:
+    """Check every rule against the vocabulary; raise one SchemaError listing every problem."""
+    problems: list[str] = []
+    for i, r in enumerate(rules):
+        tag = f"rule {i} ({r.family} -> {r.output})"
+        if r.value not in (0, 1):
+            problems.append(f"{tag}: value={r.value!r}; hard rules take 0 or 1.")
+        for tok in (*r.past_pos, *r.past_neg, *r.cur_pos, *r.cur_neg, r.output):
+            if tok not in vocab:
+                problems.append(f"{tag}: token {tok!r} is not in the vocabulary.")
+        pv = r.past_visits
+        if pv != "all":
+            if not isinstance(pv, tuple):
+                problems.append(f"{tag}: past_visits={pv!r} is neither 'all' nor a tuple of ints.")
+            elif pv and not (all(x < 0 for x in pv) or all(x >= 0 for x in pv)):
+                problems.append(f"{tag}: past_visits={list(pv)} mixes relative (<0) and absolute (>=0) rows.")
+            elif not pv and (r.past_pos or r.past_neg):
+                problems.append(f"{tag}: has past tokens but past_visits=[]; give the rows to read.")
+        if not (r.past_pos or r.past_neg or r.cur_pos or r.cur_neg):
+            problems.append(f"{tag}: has an empty antecedent; a rule must read at least one token.")
+    if problems:
+        raise SchemaError(f"{where}: {len(problems)} invalid rules (is it from another vocabulary?):\n"
+                          + bullet_list(problems[:20]))
+    return rules
+
+
+def save_rules(path: str | Path, rules: list[Rule], **meta: Any) -> None:
+    """Write ``rules.json``: readable JSON, one object per rule with support and confidence."""
+    storage.write_json(path, {"version": 1, **meta, "n_rules": len(rules), "rules": [r.to_json() for r in rules]})
+
+
+def load_rules(path: str | Path) -> list[Rule]:
+    d = storage.read_json(path)
+    if not isinstance(d, dict) or "rules" not in d:
+        raise SchemaError(f"{path}: not a rules file (no 'rules' list). Write it with mine_rules_to_dir.")
+    return [Rule.from_json(r, where=str(path)) for r in d["rules"]]
+
+
+def load_row_rules(path: str | Path, vocab: Vocab, n_ctx: int | None = None):
+    """``rules.json`` compiled for the sampler (an object with ``apply_row``). Imports torch, lazily."""
+    from .models.consequence import compile_rules
+
+    return compile_rules(validate_rules(load_rules(path), vocab, str(path)), vocab)
+
+
+# ---------------------------------------------------------------------------------------------- thresholds
+@dataclass(frozen=True)
+class Thresholds:
+    label_min_prevalence: int = 500        # KI:utils/find_rules.py (visits with the code)
+    pair_min_prevalence: int = 10          # KI:utils/find_rules.py
+    persistence_min_prevalence: int = 10   # KI:utils/find_rules.py
+    persistence_min_repeats: int = 5       # KI:utils/find_rules.py (repeats must be strictly greater)
+    prerequisite_min_prevalence: int = 10  # KI:utils/find_rules.py
+    min_confidence: float = 1.0            # KI mines exceptionless rules only
+    families: tuple[str, ...] = FAMILIES   # which families to mine
+    close_under_pairs: bool = True         # KI's "bonus" label exclusions, generalised; keeps overrides consistent
+
+    @classmethod
+    def make(cls, **kw: Any) -> "Thresholds":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kw) - names)
+        if unknown:
+            raise ConfigError(f"unknown rule-mining thresholds {unknown}; known: {sorted(names)}.")
+        if "families" in kw:
+            kw["families"] = tuple(kw["families"])
+        t = cls(**kw)
+        problems = []
+        for f in fields(cls):
+            v = getattr(t, f.name)
+            if f.name == "min_confidence":
+                if not 0.0 < v <= 1.0:
+                    problems.append(f"min_confidence must be in (0, 1]; got {v!r}.")
+            elif f.name == "families":
+                bad = [x for x in v if x not in FAMILIES]
+                if bad:
+                    problems.append(f"families has unknown names {bad}; choose from {list(FAMILIES)}.")
+            elif f.type == "int" and (not isinstance(v, int) or v < 0):
+                problems.append(f"{f.name} must be an int >= 0; got {v!r}.")
+        if problems:
+            raise ConfigError("invalid rule-mining thresholds:\n" + bullet_list(problems))
+        return t
+
+
+# ---------------------------------------------------------------------------------------------- rows
+@dataclass
+class _Rows:
+    """Every (patient, HALO row) of a cohort as a sparse multi-hot matrix, sorted by (patient, row)."""
+    X: sp.csr_matrix           # (N, V) int8
+    patient: np.ndarray        # (N,) patient ordinal
+    pos: np.ndarray            # (N,) HALO row index (1 = label row, first_visit_row + visit_index)
+    patient_ids: np.ndarray    # (P,)
+    is_visit: np.ndarray       # (N,) bool
+    _csc: sp.csc_matrix | None = field(default=None, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def csc(self) -> sp.csc_matrix:
+        if self._csc is None:
+            self._csc = self.X.tocsc()
+        return self._csc
+
+    def rows_with(self, col: int) -> np.ndarray:
+        c = self.csc
+        return c.indices[c.indptr[col]:c.indptr[col + 1]]
+
+    def cur(self, col: int) -> np.ndarray:
+        key = ("cur", col)
+        if key not in self._cache:
+            out = np.zeros(len(self.pos), dtype=bool)
+            out[self.rows_with(col)] = True
+            self._cache[key] = out
+        return self._cache[key]
+
+    def past(self, spec: str | tuple[int, ...], col: int) -> np.ndarray:
+        """Is ``col`` in the aggregated past of each row (``"all"`` earlier rows, offsets or absolute rows)?"""
+        key = ("past", spec, col)
+        if key in self._cache:
+            return self._cache[key]
+        r = self.rows_with(col)
+        out = np.zeros(len(self.pos), dtype=bool)
+        if spec == "all":
+            first = np.full(len(self.patient_ids), np.iinfo(np.int64).max)
+            np.minimum.at(first, self.patient[r], self.pos[r])
+            out = first[self.patient] < self.pos
+        elif spec and spec[0] < 0:  # relative offsets: mark the rows k after each row holding col
+            key_all = self.patient * self._stride + self.pos
+            for k in spec:
+                target = self.patient[r] * self._stride + self.pos[r] - k
+                i = np.searchsorted(key_all, target)
+                i = np.minimum(i, len(key_all) - 1)
+                out[i[key_all[i] == target]] = True
+        else:  # absolute rows: the patient had col in row v, and this row comes after v
+            for v in spec:
+                has = np.zeros(len(self.patient_ids), dtype=bool)
+                has[self.patient[r[self.pos[r] == v]]] = True
+                out |= has[self.patient] & (self.pos > v)
+        self._cache[key] = out
+        return out
+
+    @property
+    def _stride(self) -> int:
+        return int(self.pos.max(initial=0)) + 64
+
+    def fired(self, past_visits, past_pos, past_neg, cur_pos, cur_neg) -> np.ndarray:
+        """Rows where the antecedent holds (indices are vocabulary columns)."""
+        ok = np.ones(len(self.pos), dtype=bool)
+        for c in past_pos:
+            ok &= self.past(past_visits, c)
+        for c in past_neg:
+            ok &= ~self.past(past_visits, c)
+        for c in cur_pos:
+            ok &= self.cur(c)
+        for c in cur_neg:
+            ok &= ~self.cur(c)
+        return ok
+
+
+def _token_series(prefix: str, values: pd.Series) -> pd.Series:
+    return values.astype("object").map(lambda s: f"{prefix}{s}" if isinstance(s, str) else None)
+
+
+def build_rows(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame, vocab: Vocab) -> _Rows:
+    """(patient, row) multi-hot CSR matrix of a cohort, with tokens as the HALO tensors hold them.
+
+    Label row: ``label:<col>=<value>`` of every patient column whose tokens the vocabulary has (categorical and
+    ``<var>_binned``). Visit rows: ``evt:<event_type>``, ``bin:<var>=<bin>`` of ``<var>_binned`` columns,
+    ``<prefix><value>`` of calendar columns, and the codes. Tokens the vocabulary lacks are ignored.
+    """
+    patients = patients.sort_values("patient_id", kind="stable").reset_index(drop=True)
+    pids = patients["patient_id"].astype(str).to_numpy()
+    pid_pos = pd.Series(np.arange(len(pids)), index=pids)
+    visits = visits[visits["patient_id"].astype(str).isin(pid_pos.index)]
+    label_vars, bin_vars, col_vars = {}, {}, {}
+    for t in vocab.tokens:
+        if t.kind == "label":
+            label_vars[t.variable] = t.lo is not None
+        elif t.kind == "bin":
+            bin_vars[t.variable] = None
+        elif t.kind == "code" and t.variable not in (None, "event_type") and "=" in t.token:
+            col_vars[t.variable] = t.token.split("=", 1)[0] + "="
+
+    ent_p, ent_pos, ent_tok = [], [], []
+
+    def add(p: np.ndarray, pos: np.ndarray, toks: pd.Series) -> None:
+        idx = toks.map(lambda s: vocab.get(s, -1) if isinstance(s, str) else -1).to_numpy(dtype=np.int64)
+        keep = idx >= 0
+        ent_p.append(p[keep]), ent_pos.append(pos[keep]), ent_tok.append(idx[keep])
+
+    n_rows_p, n_rows_pos = [], []
+    if vocab.label_row:
+        pp = np.arange(len(pids))
+        n_rows_p.append(pp), n_rows_pos.append(np.ones(len(pp), dtype=np.int64))
+        for var, binned in label_vars.items():
+            col = f"{var}_binned" if binned else var
+            if col in patients.columns:
+                add(pp, np.ones(len(pp), dtype=np.int64), _token_series(f"label:{var}=", patients[col]))
+    vp = pid_pos.loc[visits["patient_id"].astype(str)].to_numpy()
+    vpos = visits["visit_index"].to_numpy(dtype=np.int64) + vocab.first_visit_row
+    n_rows_p.append(vp), n_rows_pos.append(vpos)
+    add(vp, vpos, _token_series("evt:", visits["event_type"]))
+    for var in bin_vars:
+        if f"{var}_binned" in visits.columns:
+            add(vp, vpos, _token_series(f"bin:{var}=", visits[f"{var}_binned"]))
+    for col, prefix in col_vars.items():
+        if col in visits.columns:
+            add(vp, vpos, _token_series(prefix, visits[col]))
+    codes = codes[codes["patient_id"].astype(str).isin(pid_pos.index)]
+    add(pid_pos.loc[codes["patient_id"].astype(str)].to_numpy(),
+        codes["visit_index"].to_numpy(dtype=np.int64) + vocab.first_visit_row, codes["code"])
+
+    row_p = np.concatenate(n_rows_p)
+    row_pos = np.concatenate(n_rows_pos)
+    order = np.lexsort((row_pos, row_p))
+    row_p, row_pos = row_p[order], row_pos[order]
+    stride = int(row_pos.max(initial=0)) + 64
+    row_key = row_p * stride + row_pos
+    if len(row_key) > 1 and (np.diff(row_key) == 0).any():
+        raise SchemaError("visits has duplicate (patient_id, visit_index) pairs; fix the tables first.")
+    ep, epos, etok = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (ent_p, ent_pos, ent_tok))
+    ekey = ep * stride + epos
+    r = np.searchsorted(row_key, ekey)
+    r = np.minimum(r, max(len(row_key) - 1, 0))
+    keep = (row_key[r] == ekey) if len(row_key) else np.zeros(len(ekey), bool)  # codes of unknown visits drop
+    X = sp.csr_matrix((np.ones(int(keep.sum()), dtype=np.int8), (r[keep], etok[keep])),
+                      shape=(len(row_key), vocab.size))
+    X.sum_duplicates()
+    X.data[:] = 1
+    return _Rows(X=X, patient=row_p, pos=row_pos, patient_ids=pids, is_visit=row_pos >= vocab.first_visit_row)
+
+
+# ---------------------------------------------------------------------------------------------- checking
+def _indexed(rule: Rule, vocab: Vocab) -> tuple:
+    ix = lambda toks: tuple(vocab.index(t) for t in toks)  # noqa: E731
+    return (rule.past_visits, ix(rule.past_pos), ix(rule.past_neg), ix(rule.cur_pos), ix(rule.cur_neg))
+
+
+def _rule_outcomes(rules: list[Rule], rows: _Rows, vocab: Vocab) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per rule: rows fired and rows violated; and per patient whether any rule is violated.
+
+    Rules sharing an antecedent (e.g. every exclusion of one label) are evaluated together: the antecedent once,
+    then the output columns as one sparse slice of the fired rows.
+    """
+    n_fired = np.zeros(len(rules), dtype=np.int64)
+    n_viol = np.zeros(len(rules), dtype=np.int64)
+    bad_patient = np.zeros(len(rows.patient_ids), dtype=bool)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rules):
+        groups.setdefault(_indexed(r, vocab), []).append(i)
+    for ante, members in groups.items():
+        fired = np.flatnonzero(rows.fired(*ante))
+        if not len(fired):
+            continue
+        outs = np.array([vocab.index(rules[i].output) for i in members])
+        vals = np.array([rules[i].value for i in members])
+        sub = rows.X[fired][:, outs]  # (n_fired, n_members) sparse
+        ones = np.asarray(sub.sum(axis=0)).ravel()
+        n_fired[members] = len(fired)
+        n_viol[members] = np.where(vals == 1, len(fired) - ones, ones)
+        if n_viol[members].any():
+            z = sub[:, vals == 0]
+            o = sub[:, vals == 1]
+            row_bad = np.asarray(z.sum(axis=1)).ravel() > 0
+            row_bad |= np.asarray(o.sum(axis=1)).ravel() < o.shape[1]
+            bad_patient[rows.patient[fired[row_bad]]] = True
+    return n_fired, n_viol, bad_patient
+
+
+def check_violations(rules: list[Rule], patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame,
+                     vocab: Vocab) -> dict:
+    """Count rule violations in a cohort (real or synthetic), as ConSequence's metrics (KI:evaluate_rule*.py).
+
+    A violation is one (patient, row, rule) where the antecedent held and ``output != value``. Returns totals,
+    counts per family, static vs temporal totals, and ``percent_valid``: the share of patients with none.
+    """
+    validate_rules(rules, vocab)
+    rows = build_rows(patients, visits, codes, vocab)
+    n_fired, n_viol, bad = _rule_outcomes(rules, rows, vocab)
+    fam = np.array([r.family for r in rules], dtype=object)
+    by_family = {f: int(n_viol[fam == f].sum()) for f in dict.fromkeys([*FAMILIES, *fam.tolist()])}
+    fired_family = {f: int(n_fired[fam == f].sum()) for f in by_family}
+    static = np.isin(fam, STATIC_FAMILIES)
+    worst = np.argsort(-n_viol, kind="stable")[:10]
+    n_p = len(rows.patient_ids)
+    return {
+        "n_rules": len(rules), "n_patients": n_p, "n_rows": int(rows.X.shape[0]),
+        "total_violations": int(n_viol.sum()),
+        "violations_by_family": by_family, "fired_by_family": fired_family,
+        "static_violations": int(n_viol[static].sum()), "temporal_violations": int(n_viol[~static].sum()),
+        "n_patients_valid": int(n_p - bad.sum()),
+        "percent_valid": float(100.0 * (n_p - bad.sum()) / n_p) if n_p else 100.0,
+        "rules_violated": int((n_viol > 0).sum()),
+        "top_violated": [{"rule": int(i), "family": rules[i].family, "output": rules[i].output,
+                          "violations": int(n_viol[i])} for i in worst if n_viol[i] > 0],
+    }
+
+
+def check_violations_dir(tables_dir: str | Path, rules_path: str | Path, split: str | None = None,
+                         vocab: Vocab | None = None) -> dict:
+    """``check_violations`` on a tables directory (optionally one split) with a ``rules.json``."""
+    patients, visits, codes = read_tables(tables_dir)
+    if split is not None:
+        patients = patients[patients["split"] == split]
+    vocab = vocab or Vocab.load(storage.join(tables_dir, "vocab.json"))
+    return check_violations(load_rules(rules_path), patients, visits, codes, vocab)
+
+
+# ---------------------------------------------------------------------------------------------- mining
+def _stat_rules(specs: list[tuple], rows: _Rows, vocab: Vocab, th: Thresholds) -> list[Rule]:
+    """Turn candidate (family, past_visits, past_pos, past_neg, cur_pos, cur_neg, output, value, origin) tuples
+    into rules with support and confidence measured on ``rows``; drop those below ``min_confidence``."""
+    tok = lambda ids: tuple(vocab.tokens[i].token for i in ids)  # noqa: E731
+    cands = [Rule(f, pv, tok(pp), tok(pn), tok(cp), tok(cn), vocab.tokens[o].token, v, origin=og)
+             for (f, pv, pp, pn, cp, cn, o, v, og) in specs]
+    if not cands:
+        return []
+    n_fired, n_viol, _ = _rule_outcomes(cands, rows, vocab)
+    out = []
+    for r, nf, nv in zip(cands, n_fired, n_viol):
+        conf = 1.0 - nv / nf if nf else 1.0
+        if conf + 1e-12 >= th.min_confidence:
+            out.append(Rule(**{**asdict(r), "support": int(nf), "confidence": round(float(conf), 6)}))
+    return out
+
+
+def mine_rules(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame, vocab: Vocab,
+               thresholds: Thresholds | None = None, split: str | None = "train") -> list[Rule]:
+    """Mine ConSequence rules from the ``split`` patients (the training split; None = everyone).
+
+    Counts are visits (prevalence = visits holding the code), as in KI. Only clinical codes (kind ``code``
+    without a variable: not ``evt:``/``cal:``) are mined as antecedents and outputs of code rules.
+    """
+    th = thresholds or Thresholds()
+    if split is not None:
+        if split not in set(patients["split"].dropna()):
+            raise ConfigError(f"no patient has split={split!r}; found {sorted(patients['split'].dropna().unique())}. "
+                              "Mine on the training split of the preprocess output.")
+        patients = patients[patients["split"] == split]
+    rows = build_rows(patients, visits, codes, vocab)
+    cand = np.array([i for i, t in enumerate(vocab.tokens) if t.kind == "code" and t.variable is None], dtype=np.int64)
+    Rv = rows.X[rows.is_visit][:, cand].astype(np.int64).tocsc()  # (n_visits, n_cand)
+    prev = np.asarray(Rv.sum(axis=0)).ravel()
+    slack = lambda n: (1.0 - th.min_confidence) * n + 1e-9  # noqa: E731  violations a rule may have
+    specs: dict[str, list[tuple]] = {f: [] for f in FAMILIES}
+
+    if "label_exclusion" in th.families and vocab.n_labels and vocab.label_row:
+        lab = rows.X[~rows.is_visit][:, vocab.label_slice]               # (P, n_labels), patients in order
+        lab_of_visit = lab[rows.patient[rows.is_visit]].astype(np.int64)  # (n_visits, n_labels)
+        n_l = np.asarray(lab_of_visit.sum(axis=0)).ravel()
+        LC = (lab_of_visit.T @ Rv).toarray()                              # (n_labels, n_cand) visits with both
+        for li, ci in zip(*np.nonzero((LC <= slack(n_l)[:, None]) & (n_l[:, None] > 0)
+                                      & (prev[None, :] >= max(th.label_min_prevalence, 1)))):
+            specs["label_exclusion"].append(("label_exclusion", (1,), (vocab.n_visit_tokens + li,), (), (), (),
+                                             cand[ci], 0, "mined"))
+
+    if "within_visit" in th.families:
+        co = (Rv.T @ Rv).tocoo()                                          # (n_cand, n_cand) co-occurring visits
+        a, b, n = co.row, co.col, co.data
+        ok = (a != b) & (prev[a] >= max(th.pair_min_prevalence, 1)) & (prev[a] - n <= slack(prev[a]))
+        for ai, bi in sorted(zip(a[ok], b[ok])):
+            specs["within_visit"].append(("within_visit", (), (), (), (cand[ai],), (), cand[bi], 1, "mined"))
+
+    if "persistence" in th.families:
+        has_prev = np.zeros(len(rows.pos), dtype=bool)
+        same = (rows.patient[1:] == rows.patient[:-1]) & (rows.pos[1:] == rows.pos[:-1] + 1)
+        has_prev[1:] = same & rows.is_visit[:-1] & rows.is_visit[1:]
+        cur_i = np.flatnonzero(has_prev)
+        Rc = rows.X[cur_i][:, cand]
+        Rp = rows.X[cur_i - 1][:, cand]
+        repeats = np.asarray(Rc.multiply(Rp).sum(axis=0)).ravel()
+        fired = np.asarray(Rp.sum(axis=0)).ravel()
+        ok = (prev >= th.persistence_min_prevalence) & (repeats > th.persistence_min_repeats) \
+            & (fired - repeats <= slack(fired)) & (fired > 0)
+        for ci in np.flatnonzero(ok):
+            specs["persistence"].append(("persistence", (-1,), (cand[ci],), (), (), (), cand[ci], 1, "mined"))
+
+    if "prerequisite" in th.families:
+        past = _past_all(rows, cand)                                      # (n_visits, n_cand): in an earlier visit
+        A = (Rv.T @ past).tocoo()                                         # A[c, pc]: visits with c after pc
+        c, pc, n = A.row, A.col, A.data
+        ok = (c != pc) & (prev[c] >= max(th.prerequisite_min_prevalence, 1)) & (prev[c] - n <= slack(prev[c]))
+        for ci, pi in sorted(zip(c[ok], pc[ok])):
+            specs["prerequisite"].append(("prerequisite", "all", (), (cand[pi],), (), (), cand[ci], 0, "mined"))
+
+    if "label_exclusivity" in th.families and vocab.label_row:
+        by_var: dict[str, list[int]] = {}
+        for i in range(vocab.label_slice.start, vocab.label_slice.stop):
+            by_var.setdefault(vocab.tokens[i].variable, []).append(i)
+        for ids in by_var.values():
+            for l1 in ids:
+                for l2 in ids:
+                    if l1 != l2:
+                        specs["label_exclusivity"].append(("label_exclusivity", (), (), (), (l1,), (), l2, 0, "static"))
+
+    if th.close_under_pairs and specs["within_visit"]:
+        _close(specs)
+    rules: list[Rule] = []
+    for f in FAMILIES:
+        rules += _stat_rules(specs[f], rows, vocab, th)
+    log.info("mined %d rules from %d patients: %s", len(rules), len(rows.patient_ids),
+             {f: sum(r.family == f for r in rules) for f in FAMILIES})
+    return rules
+
+
+def _past_all(rows: _Rows, cand: np.ndarray) -> sp.csr_matrix:
+    """``(n_visit_rows, n_cand)``: candidate code c appeared in an earlier visit row of the same patient."""
+    vis = np.flatnonzero(rows.is_visit)
+    coo = rows.X[vis][:, cand].tocoo()
+    first = pd.DataFrame({"p": rows.patient[vis][coo.row], "c": coo.col, "pos": rows.pos[vis][coo.row]})
+    first = first.groupby(["p", "c"], sort=False)["pos"].min().reset_index()
+    vrows = pd.DataFrame({"p": rows.patient[vis], "r": np.arange(len(vis)), "rpos": rows.pos[vis]})
+    m = vrows.merge(first, on="p")
+    m = m[m["pos"] < m["rpos"]]
+    return sp.csr_matrix((np.ones(len(m), dtype=np.int64), (m["r"].to_numpy(), m["c"].to_numpy())),
+                         shape=(len(vis), len(cand)))
+
+
+def _close(specs: dict[str, list[tuple]]) -> None:
+    """Add ``antecedent => a = 0`` for every past-only rule ``antecedent => b = 0`` and pair ``a => b``.
+
+    Without it, a sampled ``a`` re-creates ``b`` after ``b`` was excluded and one of the two rules ends violated.
+    Iterated to a fixed point, so chains of pairs are covered too.
+    """
+    implies: dict[int, set[int]] = {}
+    for s in specs["within_visit"]:
+        implies.setdefault(s[6], set()).add(s[4][0])  # b -> {a : a => b}
+    for fam in ("label_exclusion", "prerequisite"):
+        seen = {(s[1], s[2], s[3], s[6]) for s in specs[fam]}
+        todo = list(specs[fam])
+        while todo:
+            s = todo.pop()
+            if s[4] or s[5] or s[7] != 0:
+                continue
+            for a in sorted(implies.get(s[6], ())):
+                key = (s[1], s[2], s[3], a)
+                if key not in seen:
+                    seen.add(key)
+                    new = (fam, s[1], s[2], s[3], (), (), a, 0, "closure")
+                    specs[fam].append(new)
+                    todo.append(new)
+
+
+def mine_rules_to_dir(tables_dir: str | Path, out_dir: str | Path, split: str = "train", **thresholds: Any) -> dict:
+    """The rules stage: mine ``rules.json`` from a tables directory's training split into ``out_dir``."""
+    th = Thresholds.make(**thresholds)
+    vocab = Vocab.load(storage.join(tables_dir, "vocab.json"))
+    patients, visits, codes = read_tables(tables_dir)
+    rules = mine_rules(patients, visits, codes, vocab, th, split=split)
+    n_train = int((patients["split"] == split).sum())
+    by_family = {f: sum(r.family == f for r in rules) for f in FAMILIES}
+    th_json = {**asdict(th), "families": list(th.families)}
+    with storage.atomic_dir(out_dir, overwrite=True) as tmp:
+        save_rules(storage.join(tmp, RULES_FILE), rules, split=split, thresholds=th_json,
+                   vocab_size=vocab.size, n_patients=n_train)
+        info = {"n_rules": len(rules), "by_family": by_family, "split": split, "n_patients": n_train,
+                "thresholds": th_json, "tables_dir": str(tables_dir)}
+        storage.write_json(storage.join(tmp, "meta.json"), info)
+    return info
