@@ -1,0 +1,389 @@
+"""The train stage: HALO / ConSequence on a tables directory, with explicit, bit-exact resume.
+
+Loop as HI:train_model.py and KI:train_consequence.py (Adam, constant lr 1e-4, validation every N steps, keep the
+best) plus early stopping with patience (KI), and what the references lack:
+
+* **resume is explicit** (``resume_from=``); a non-empty ``out_dir`` without it is an error, never a silent resume;
+* a step checkpoint holds model, optimizer, step, epoch and batch position, best validation loss and weights,
+  the patience counter, the history, and RNG state; the data order of epoch e is a pure function of
+  ``(seed, e)``, so resuming from any step checkpoint reaches bit-identical weights on CPU;
+* the model is built under a forked, seeded RNG (no global seeding).
+
+``make_optimizer`` / ``train_step`` are the seams for AMP, DP-SGD (Opacus) and DDP: the loss is a per-sample
+constant-normalised mean (HALO's scale) and the model has no buffers.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__, storage
+from .errors import ConfigError
+from .models import model_class, write_checkpoint
+from .models.halo import HaloConfig
+from .tensors import EHRParquetDataset, collate_halo
+from .vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "checkpoints"
+KILL_ENV = "SYNTHEHR_TRAIN_KILL_AFTER_STEP"  # fault injection for the resume test: SIGKILL after this step
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    epochs: int = 50                  # HI:train_model.py
+    batch_size: int = 48              # HI:train_model.py (KI: 32)
+    lr: float = 1e-4                  # HI and KI, constant
+    max_steps: int | None = None      # stop after this many optimiser steps (None = epochs decide)
+    eval_every: int | None = 500      # HI: full validation every 500 iterations; None = at each epoch end
+    patience: int | None = None       # KI:train_consequence.py uses 5 (evaluations); None = no early stopping
+    ckpt_every: int | None = None     # step checkpoint period; None = at every evaluation
+    keep_checkpoints: int | None = 2  # newest step checkpoints kept (None = all); arbitrary
+    seed: int = 0                     # model init and data order
+
+    def validate(self) -> "TrainArgs":
+        problems = []
+        for name in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be an int >= 1; got {getattr(self, name)!r}.")
+        for name in ("max_steps", "eval_every", "patience", "ckpt_every", "keep_checkpoints"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                problems.append(f"{name} must be None or an int >= 1; got {v!r}.")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            problems.append(f"lr must be > 0; got {self.lr!r}.")
+        if problems:
+            raise ConfigError("invalid training arguments:\n" + "\n".join(f"  - {p}" for p in problems))
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_model(model_type: str, config: HaloConfig, seed: int, rules=None) -> torch.nn.Module:
+    """Build the model with its weights drawn from ``seed`` only (forked RNG: the caller's state is untouched)."""
+    cls = model_class(model_type)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    if rules is not None:
+        model.attach_rules(rules)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=lr)  # HI/KI: Adam, no weight decay, no schedule
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, mask: torch.Tensor
+               ) -> torch.Tensor:
+    """One optimiser step on a batch; returns the detached loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    _, loss = model(X, mask)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Patient order of one epoch: a pure function of (seed, epoch), so any step can be resumed."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=g)
+
+
+def _batch(ds: EHRParquetDataset, idx, vocab: Vocab, n_ctx: int, device: torch.device):
+    X, mask = collate_halo([ds[int(i)] for i in idx], vocab, n_ctx)
+    return X.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ds: EHRParquetDataset, vocab: Vocab, n_ctx: int, batch_size: int,
+             device: torch.device) -> float:
+    """Mean loss over a dataset (batch losses weighted by batch size), in a fixed order."""
+    model.eval()
+    total, n = 0.0, 0
+    for b0 in range(0, len(ds), batch_size):
+        idx = range(b0, min(b0 + batch_size, len(ds)))
+        X, mask = _batch(ds, idx, vocab, n_ctx, device)
+        _, loss = model(X, mask)
+        total += float(loss) * len(idx)
+        n += len(idx)
+    return total / max(n, 1)
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _ckpt_name(step: int) -> str:
+    return f"step_{step:08d}.pt"
+
+
+def _list_ckpts(work_dir) -> list[str]:
+    d = storage.join(work_dir, CKPT_DIR)
+    if not storage.exists(d):
+        return []
+    return [n for n in storage.listdir(d) if n.startswith("step_") and n.endswith(".pt")]
+
+
+def _save(path: str, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.write_bytes(path, buf.getvalue())
+
+
+def _load(path: str) -> dict:
+    return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+
+
+def resolve_resume(resume_from: str | Path) -> str:
+    """A step checkpoint file, or a run/checkpoint directory (its newest step checkpoint)."""
+    p = str(resume_from)
+    if p.endswith(".pt"):
+        if not storage.exists(p):
+            raise FileNotFoundError(f"resume_from={p}: no such checkpoint. List {CKPT_DIR}/ of the run for "
+                                    "the step_*.pt files, or pass the run directory to take the newest.")
+        return p
+    base = p.rstrip("/")
+    if base.endswith("/" + CKPT_DIR) or base == CKPT_DIR:
+        base = base[:-len(CKPT_DIR)].rstrip("/") or "."
+    names = _list_ckpts(base)
+    if not names:
+        raise FileNotFoundError(f"resume_from={p}: holds no {CKPT_DIR}/step_*.pt checkpoint. Start without "
+                                "resume_from in an empty out_dir.")
+    return storage.join(base, CKPT_DIR, names[-1])
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParquetDataset | None, vocab: Vocab,
+          work_dir: str | Path, args: TrainArgs, run_hash: str = "", resume_from: str | Path | None = None,
+          device: str | torch.device | None = None, progress: bool = True) -> dict:
+    """Train ``model`` in place; step checkpoints go to ``work_dir/checkpoints``.
+
+    Returns ``{"best_state", "history", "step", "epoch", "best_val", "best_step", "stopped_early"}``; the model
+    ends holding its *last* weights, ``best_state`` the best by validation loss (the last when there is no val set).
+    """
+    args = args.validate()
+    device = pick_device(device)
+    model.to(device)
+    n_ctx = model.config.n_ctx
+    optimizer = make_optimizer(model, args.lr)
+    step, epoch, batch_pos = 0, 0, 0
+    best_val, best_step, bad_evals, best_state = float("inf"), -1, 0, None
+    history: list[dict] = []
+    done = stopped_early = False
+    if resume_from is not None:
+        path = resolve_resume(resume_from)
+        ck = _load(path)
+        if run_hash and ck.get("run_hash") != run_hash:
+            raise ConfigError(f"resume_from={path} was written by a different run (hash {ck.get('run_hash')} != "
+                              f"{run_hash}): model, data, lr, batch size or seed differ. Resume with the same "
+                              "arguments, or start fresh in an empty out_dir.")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        step, epoch, batch_pos = int(ck["step"]), int(ck["epoch"]), int(ck["batch_pos"])
+        best_val, best_step, bad_evals = float(ck["best_val"]), int(ck["best_step"]), int(ck["bad_evals"])
+        best_state = ck.get("best_model")
+        history = list(ck["history"])
+        done, stopped_early = bool(ck["done"]), bool(ck["stopped_early"])
+        torch.set_rng_state(ck["torch_rng"])  # nothing in HALO draws from it today; dropout would
+        if device.type == "cuda" and "cuda_rng" in ck:
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, step, epoch, batch_pos)
+
+    n = len(train_ds)
+    per_epoch = -(-n // args.batch_size)
+    total = per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, per_epoch * args.epochs)
+    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    last_eval_step = max((h["step"] for h in history if h["split"] == "val"), default=-1)
+
+    def do_eval() -> None:
+        nonlocal best_val, best_step, bad_evals, best_state, last_eval_step
+        val = evaluate(model, val_ds, vocab, n_ctx, args.batch_size, device)
+        history.append({"step": step, "epoch": epoch, "split": "val", "loss": val})
+        last_eval_step = step
+        if val < best_val:
+            best_val, best_step, bad_evals, best_state = val, step, 0, _cpu_state(model)
+        else:
+            bad_evals += 1
+
+    def checkpoint() -> None:
+        state = {"model": _cpu_state(model), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                 "batch_pos": batch_pos, "best_val": best_val, "best_step": best_step, "bad_evals": bad_evals,
+                 "best_model": best_state, "history": history, "done": done, "stopped_early": stopped_early,
+                 "run_hash": run_hash, "data_order": {"seed": args.seed, "epoch": epoch, "batch_pos": batch_pos},
+                 "torch_rng": torch.get_rng_state()}
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        _save(storage.join(work_dir, CKPT_DIR, _ckpt_name(step)), state)
+        if args.keep_checkpoints and not storage.is_gcs(work_dir):
+            for old in _list_ckpts(work_dir)[:-args.keep_checkpoints]:
+                Path(work_dir, CKPT_DIR, old).unlink(missing_ok=True)
+
+    bar = tqdm(total=total, initial=min(step, total), desc="train", unit="step", disable=not progress)
+    while not done and epoch < args.epochs:
+        order = epoch_order(n, args.seed, epoch)
+        while batch_pos < per_epoch:
+            idx = order[batch_pos * args.batch_size:(batch_pos + 1) * args.batch_size]
+            X, mask = _batch(train_ds, idx, vocab, n_ctx, device)
+            loss = float(train_step(model, optimizer, X, mask))
+            step += 1
+            batch_pos += 1
+            history.append({"step": step, "epoch": epoch, "split": "train", "loss": loss})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}", best_val=f"{best_val:.4g}")
+            epoch_end = batch_pos == per_epoch
+            due = (step % args.eval_every == 0) if args.eval_every else epoch_end
+            if val_ds is not None and len(val_ds) and due:
+                do_eval()
+                if args.patience is not None and bad_evals >= args.patience:
+                    stopped_early = done = True
+                    log.info("early stop at step %d: no val improvement in %d evaluations (best %.5g at %d)",
+                             step, bad_evals, best_val, best_step)
+            if args.max_steps is not None and step >= args.max_steps:
+                done = True
+            if epoch_end:
+                epoch, batch_pos = epoch + 1, 0
+                done = done or epoch >= args.epochs
+            if done and val_ds is not None and len(val_ds) and last_eval_step != step:
+                do_eval()  # the final weights always get a validation score
+            if done or (step % args.ckpt_every == 0 if args.ckpt_every else due):
+                checkpoint()
+            if kill_at and step == kill_at:
+                log.warning("%s=%d: killing this process (fault injection)", KILL_ENV, kill_at)
+                os.kill(os.getpid(), signal.SIGKILL)
+            if done or epoch_end:
+                break
+    bar.close()
+    if best_state is None:  # no validation set: the last weights are the result
+        best_state, best_step = _cpu_state(model), step
+    return {"best_state": best_state, "history": history, "step": step, "epoch": epoch, "best_val": best_val,
+            "best_step": best_step, "stopped_early": stopped_early}
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def label_probs(ds: EHRParquetDataset, vocab: Vocab) -> pd.DataFrame:
+    """Empirical joint distribution of whole label vectors: ``labels`` ('|'-joined tokens), ``probability``."""
+    keys = ["|".join(vocab.tokens[t].token for t in ds[i][0]) for i in range(len(ds))]
+    counts = pd.Series(keys, dtype="object").value_counts()
+    df = pd.DataFrame({"labels": counts.index.astype(str), "probability": counts.to_numpy() / max(len(keys), 1)})
+    return df.sort_values(["probability", "labels"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dir_is_empty(path) -> bool:
+    if storage.is_gcs(path):
+        return not storage.exists(path)
+    p = Path(path)
+    return not p.exists() or not any(p.iterdir())
+
+
+def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = "halo", preset: str = "tiny",
+                 epochs: int = 50, batch_size: int = 48, lr: float = 1e-4, rules_dir: str | Path | None = None,
+                 seed: int = 0, resume_from: str | Path | None = None, max_steps: int | None = None,
+                 eval_every: int | None = 500, patience: int | None = None, ckpt_every: int | None = None,
+                 keep_checkpoints: int | None = 2, n_ctx: int | None = None,
+                 device: str | torch.device | None = None, progress: bool = True, **model_overrides: Any) -> dict:
+    """The train stage: fit HALO or ConSequence on the train split, validate on val, write a checkpoint dir.
+
+    Args:
+        tables_dir: preprocess output (tables + vocab.json); ``train`` patients train, ``val`` patients validate.
+        out_dir: checkpoint directory; must be empty unless ``resume_from`` is given. Holds ``model.pt`` (best
+            weights), ``config.json``, ``vocab.json``, ``rules.json`` (ConSequence), ``history.parquet``,
+            ``label_probs.parquet``, ``meta.json`` (written last) and ``checkpoints/step_*.pt``.
+        model_type: ``"halo"`` or ``"consequence"`` (needs ``rules_dir``).
+        preset: model size from ``HaloConfig.preset`` (``"tiny"`` runs on a laptop CPU in seconds).
+        rules_dir: rules-stage output holding ``rules.json``.
+        seed: model init and data order.
+        resume_from: a ``step_*.pt`` checkpoint, or a run directory (its newest checkpoint).
+        n_ctx: rows per patient; default from the tables' ``meta.json`` (``n_ctx``), else 48.
+        model_overrides: extra ``HaloConfig`` fields (e.g. ``n_embd=64``, ``coarse=True``).
+    """
+    from .rules import RULES_FILE, load_rules, validate_rules
+
+    args = TrainArgs(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, eval_every=eval_every,
+                     patience=patience, ckpt_every=ckpt_every, keep_checkpoints=keep_checkpoints, seed=seed).validate()
+    if resume_from is None and not _dir_is_empty(out_dir):
+        raise FileExistsError(f"{out_dir} is not empty: pass resume_from={storage.join(out_dir, CKPT_DIR)} to "
+                              "continue that run, or choose an empty out_dir.")
+    model_class(model_type)
+    vocab = Vocab.load(storage.join(tables_dir, "vocab.json"))
+    meta_path = storage.join(tables_dir, "meta.json")
+    tables_meta = storage.read_json(meta_path) if storage.exists(meta_path) else {}
+    n_ctx = int(n_ctx or tables_meta.get("n_ctx") or 48)  # HI:config.py n_ctx
+    config = HaloConfig.preset(preset, vocab.n_visit_tokens, vocab.n_labels, n_ctx=n_ctx, **model_overrides)
+    rules, compiled = None, None
+    if model_type == "consequence":
+        if rules_dir is None:
+            raise ConfigError("model_type='consequence' needs rules_dir: run the rules stage "
+                              "(synthehr_core.rules.mine_rules_to_dir) and pass its output directory.")
+        rules_path = storage.join(rules_dir, RULES_FILE)
+        rules = validate_rules(load_rules(rules_path), vocab, rules_path)
+        from .models.consequence import compile_rules
+        compiled = compile_rules(rules, vocab)
+    train_ds = EHRParquetDataset(tables_dir, "train", n_ctx, vocab)
+    try:
+        val_ds = EHRParquetDataset(tables_dir, "val", n_ctx, vocab)
+    except ConfigError:
+        val_ds = None
+        log.warning("%s has no val split: keeping the last weights, no early stopping.", tables_dir)
+    train_args = {k: v for k, v in asdict(args).items()}
+    hashed = {"config": config.to_dict(), "model_type": model_type, "lr": lr, "batch_size": batch_size,
+              "seed": seed, "n_train": len(train_ds), "rules": [r.to_json() for r in rules] if rules else None}
+    run_hash = _hash(hashed)
+    model = make_model(model_type, config, seed, compiled)
+    dev = pick_device(device)
+    t0 = time.perf_counter()
+    res = train(model, train_ds, val_ds, vocab, out_dir, args, run_hash=run_hash, resume_from=resume_from,
+                device=dev, progress=progress)
+    seconds = time.perf_counter() - t0
+
+    model.load_state_dict(res["best_state"])
+    extra = {"training": train_args, "seed": seed, "preset": preset, "config_hash": run_hash,
+             "tables_dir": str(tables_dir),
+             "versions": {"synthehr": __version__, "torch": torch.__version__, "python": platform.python_version()}}
+    write_checkpoint(out_dir, model, vocab, model_type, extra_config=extra)
+    if rules is not None:
+        from .rules import save_rules
+        save_rules(storage.join(out_dir, RULES_FILE), rules, source=str(rules_dir))
+    hist = pd.DataFrame(res["history"], columns=["step", "epoch", "split", "loss"])
+    storage.write_parquet(storage.join(out_dir, "history.parquet"), pa.Table.from_pandas(
+        hist.astype({"step": "int64", "epoch": "int64", "split": "object", "loss": "float64"}), preserve_index=False))
+    storage.write_parquet(storage.join(out_dir, "label_probs.parquet"),
+                          pa.Table.from_pandas(label_probs(train_ds, vocab), preserve_index=False))
+    train_losses = hist.loc[hist["split"] == "train", "loss"]
+    info = {"model_type": model_type, "preset": preset, "seed": seed, "config_hash": run_hash,
+            "steps": res["step"], "epochs_run": res["epoch"], "best_step": res["best_step"],
+            "best_val_loss": None if not np.isfinite(res["best_val"]) else res["best_val"],
+            "first_train_loss": float(train_losses.iloc[0]) if len(train_losses) else None,
+            "final_train_loss": float(train_losses.iloc[-1]) if len(train_losses) else None,
+            "stopped_early": res["stopped_early"], "n_train": len(train_ds),
+            "n_val": len(val_ds) if val_ds is not None else 0, "n_rules": len(rules) if rules else 0,
+            "device": str(dev), "seconds": round(seconds, 3), "resumed_from": str(resume_from) if resume_from else None}
+    storage.write_json(storage.join(out_dir, "meta.json"), info)  # written last: the directory is complete
+    return info
