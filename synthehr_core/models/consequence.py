@@ -170,17 +170,21 @@ class CompiledRules:
 
 
 def _group(rules: list[Rule], vocab: Vocab) -> list[list[Rule]]:
-    """Split the ordered rule list into groups (KI): a new group starts when ``past_visits`` changes, or when a
-    rule's current antecedent or output touches an output already claimed in the group."""
+    """Split the ordered rule list into groups. As KI, a new group starts when ``past_visits`` changes, or when a
+    rule's current antecedent or output touches an output already claimed in the group; unlike KI, also when its
+    output is a current antecedent of a rule already in the group (that rule would have read the stale value)."""
     groups: list[list[Rule]] = []
     claimed: set[str] = set()
+    read: set[str] = set()
     for r in rules:
-        touches = r.output in claimed or any(t in claimed for t in (*r.cur_pos, *r.cur_neg))
+        cur = (*r.cur_pos, *r.cur_neg)
+        touches = r.output in claimed or r.output in read or any(t in claimed for t in cur)
         if not groups or r.past_visits != groups[-1][0].past_visits or touches:
             groups.append([])
-            claimed = set()
+            claimed, read = set(), set()
         groups[-1].append(r)
         claimed.add(r.output)
+        read.update(cur)
     return groups
 
 

@@ -1,0 +1,162 @@
+"""ConSequence enforcement: torch rule evaluation agrees with the sparse checker, overrides leave no violation."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from synthehr_core.models import load_model
+from synthehr_core.models.consequence import CompiledRules, ConSequence, compile_rules
+from synthehr_core.models.halo import HALO, HaloConfig
+from synthehr_core.rules import Rule, Thresholds, check_violations, load_rules, mine_rules, mine_rules_to_dir
+from synthehr_core.sampling import sample
+from synthehr_core.schema import read_tables, write_tables
+from synthehr_core.tensors import EHRParquetDataset, collate_halo, decode_rows
+from synthehr_core.toy import make_toy_tables, toy_vocab, write_toy_tables
+from synthehr_core.train import train_to_dir
+
+TOY_TH = Thresholds.make(label_min_prevalence=20)
+N_CTX = 8  # toy patients have at most 6 visits: start + labels + 6 rows
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    """Toy tables whose test split breaks the planted rules, with the rules mined on train."""
+    p, v, c = make_toy_tables(300, seed=1)
+    vocab = toy_vocab(c, p)
+    rules = mine_rules(p, v, c, vocab, TOY_TH)
+    test_ids = p.loc[p["split"] == "test", "patient_id"]
+    males = v[v["patient_id"].isin(p.loc[(p["split"] == "test") & (p["sex"] == "M"), "patient_id"])]
+    add = males[["patient_id", "visit_index"]].iloc[::2].assign(code="dx:V4581")  # label exclusion
+    c = c[~((c["code"] == "dx:25000") & c["patient_id"].isin(test_ids[::2]))]      # within-visit pair
+    c = c[~((c["code"] == "dx:4280") & c["patient_id"].isin(test_ids[1::3]) & (c["visit_index"] > 0))]  # persistence
+    c = pd.concat([c, add], ignore_index=True)
+    d = tmp_path_factory.mktemp("broken")
+    write_tables(d, p, v, c)
+    vocab.save(d / "vocab.json")
+    return d, vocab, rules
+
+
+def _masked_counts(cr: CompiledRules, X: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
+    fired, values = cr.fired(X)
+    inside = fired & mask[:, 1:].bool().expand_as(fired)
+    return int(inside.sum()), int((inside & (X[:, 1:] != values)).sum())
+
+
+class TestAgreesWithChecker:
+    @pytest.mark.parametrize("split", ["train", "test"])
+    def test_fired_and_violations_per_rule(self, broken, split):
+        d, vocab, rules = broken
+        p, v, c = read_tables(d)
+        ds = EHRParquetDataset(d, split, N_CTX, vocab)
+        X, mask = collate_halo([ds[i] for i in range(len(ds))], vocab, N_CTX)
+        total = 0
+        for r in rules:
+            m = check_violations([r], p[p["split"] == split], v, c, vocab)
+            assert _masked_counts(compile_rules([r], vocab), X, mask) == \
+                (m["fired_by_family"][r.family], m["total_violations"]), r
+            total += m["total_violations"]
+        assert (total > 0) == (split == "test")  # the test split was broken on purpose, train holds
+
+    def test_relative_offset_and_absolute_row_aggregation(self, broken):
+        *_, vocab, _ = broken
+        V = vocab.size
+        X = torch.zeros(1, 6, V)
+        c, lab = vocab.index("dx:4280"), vocab.index("label:sex=M")
+        X[0, 1, lab] = 1.0
+        X[0, 2, c] = 1.0  # c in visit 0 only
+        persist = compile_rules([Rule("persistence", (-1,), ("dx:4280",), (), (), (), "dx:4280", 1)], vocab)
+        fired, values = persist.fired(X)
+        assert fired[0, :, c].tolist() == [False, False, True, False, False]  # target row 3 only (not 4, 5)
+        assert values[0, 2, c] == 1.0
+        excl = compile_rules([Rule("label_exclusion", (1,), ("label:sex=M",), (), (), (), "dx:4280", 0)], vocab)
+        assert excl.fired(X)[0][0, :, c].tolist() == [False, True, True, True, True]  # rows 2.. read row 1
+        row = torch.ones(1, V)
+        assert persist.apply_row(X[:, :3], torch.zeros(1, V), 3)[0, c] == 1.0
+        assert persist.apply_row(X[:, :4], torch.zeros(1, V), 4)[0, c] == 0.0
+        assert excl.apply_row(X[:, :3], row, 3)[0, c] == 0.0
+        assert excl.apply_row(X[:, :1], row, 1)[0, c] == 1.0  # row 1 has no label row in its past
+
+
+class TestOverrides:
+    def test_chained_groups_are_consistent_in_either_order(self, broken):
+        *_, vocab, _ = broken
+        a, b, z = "dx:2724", "dx:5849", "dx:5990"
+        ab = Rule("within_visit", (), (), (), (a,), (), b, 1)
+        bz = Rule("within_visit", (), (), (), (b,), (), z, 1)
+        for order in ([ab, bz], [bz, ab]):
+            cr = compile_rules(order, vocab)
+            assert len(cr.groups) == 2  # bz reads ab's output (or ab writes bz's antecedent): separate groups
+            row = torch.zeros(2, vocab.size)
+            row[0, vocab.index(a)] = 1.0
+            out = cr.apply_row(torch.zeros(2, 2, vocab.size), row, 2)
+            assert out[0, [vocab.index(a), vocab.index(b), vocab.index(z)]].tolist() == [1.0, 1.0, 1.0]
+            assert out[1].sum() == 0
+
+    def test_random_rows_have_zero_violations_after_apply_row(self, broken):
+        d, vocab, rules = broken
+        cr = compile_rules(rules, vocab)
+        g = torch.Generator().manual_seed(0)
+        B, V = 256, vocab.size
+        outs = {}
+        for enforce in (False, True):
+            X = torch.zeros(B, N_CTX, V)
+            X[:, 0, vocab.start_index] = 1.0
+            g.manual_seed(0)
+            for t in range(1, N_CTX):
+                row = (torch.rand(B, V, generator=g) < 0.2).float()
+                row[:, vocab.end_index] *= (torch.rand(B, generator=g) < 0.3).float()
+                X[:, t] = cr.apply_row(X[:, :t], row, t) if enforce else row
+            rows = [[X[b, r].nonzero().flatten().tolist() for r in range(1, N_CTX)] for b in range(B)]
+            p, v, c, _ = decode_rows(rows, vocab, seed=0)
+            outs[enforce] = check_violations(rules, p, v, c, vocab)
+        assert outs[False]["total_violations"] > 100
+        assert outs[True]["total_violations"] == 0 and outs[True]["percent_valid"] == 100.0
+        assert outs[True]["fired_by_family"]["persistence"] > 0 and outs[True]["fired_by_family"]["within_visit"] > 0
+
+
+class TestLoss:
+    def test_fired_entries_are_left_out_of_the_loss(self, broken):
+        d, vocab, rules = broken
+        ds = EHRParquetDataset(d, "train", N_CTX, vocab)
+        X, mask = collate_halo([ds[i] for i in range(32)], vocab, N_CTX)
+        cfg = HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=N_CTX)
+        torch.manual_seed(0)
+        halo = HALO(cfg)
+        cons = ConSequence(cfg, compile_rules(rules, vocab))
+        cons.load_state_dict(halo.state_dict())
+        logits, loss_c = cons(X, mask)
+        _, loss_h = halo(X, mask)
+        fired, _ = cons.rules.fired(X)
+        assert int((fired & mask[:, 1:].bool()).sum()) > 100
+        weight = mask[:, 1:] * (~fired).float()
+        manual = F.binary_cross_entropy_with_logits(logits, X[:, 1:], weight=weight)  # mean over all B*(T-1)*V
+        assert torch.allclose(loss_c, manual) and not torch.allclose(loss_c, loss_h)
+        # no gradient reaches a fired entry: the loss is flat in its logit
+        lg = logits.detach().requires_grad_(True)
+        F.binary_cross_entropy_with_logits(lg, X[:, 1:], weight=weight).backward()
+        assert (lg.grad[fired] == 0).all() and (lg.grad[~fired & mask[:, 1:].bool().expand_as(fired)] != 0).any()
+        inside = fired & mask[:, 1:].bool().expand_as(fired)
+        probs = cons.rules.fix_probs(logits, X)  # train data obeys its rules: fixed probabilities are the targets
+        assert torch.equal(probs[inside], X[:, 1:][inside])
+        assert torch.equal(probs[~fired], torch.sigmoid(logits)[~fired])
+
+
+def test_consequence_samples_obey_the_rules_and_halo_samples_do_not(tmp_path):
+    """(f) one trained checkpoint, sampled with and without its rules."""
+    write_toy_tables(tmp_path / "t", 200, seed=0)
+    mine_rules_to_dir(tmp_path / "t", tmp_path / "r", label_min_prevalence=20)
+    train_to_dir(tmp_path / "t", tmp_path / "m", model_type="consequence", rules_dir=tmp_path / "r", epochs=2,
+                 batch_size=16, lr=1e-3, eval_every=None, n_ctx=N_CTX, progress=False)
+    model, vocab, info = load_model(tmp_path / "m")
+    rules = load_rules(tmp_path / "m" / "rules.json")
+    assert info["model_type"] == "consequence" and len(rules) > 0
+    res = {}
+    for name, rr in (("halo", None), ("consequence", compile_rules(rules, vocab))):
+        rows = sample(model, vocab, 300, seed=3, batch_size=100, rules=rr, progress=False)
+        p, v, c, _ = decode_rows(rows, vocab, seed=3)
+        res[name] = check_violations(rules, p, v, c, vocab)
+    assert res["halo"]["total_violations"] > 0 and res["halo"]["percent_valid"] < 100.0
+    assert res["consequence"]["total_violations"] == 0 and res["consequence"]["percent_valid"] == 100.0
+    assert res["consequence"]["n_patients"] > 200
