@@ -261,13 +261,13 @@ def validate_kde_config(config: Mapping, where: str = "KDE_CONFIG") -> dict:
             col = spec.get("column", name)
             if not isinstance(col, str):
                 problems.append(f"{at}.column = {col!r} must be a column name (default: the variable name).")
-            v["variables"] = [col]
+            v["column"] = col
             if method == "kde_range":
                 if "grid_params" not in spec:
                     problems.append(f"{at}: kde_range needs grid_params, e.g. {{method: fine_bins, step: 0.5}}.")
                     v["grid_params"] = {}
                 else:
-                    v["grid_params"] = {col: _check_grid(spec["grid_params"], f"{at}.grid_params", problems)}
+                    v["grid_params"] = _check_grid(spec["grid_params"], f"{at}.grid_params", problems)
                 v["bandwidth"] = _check_bandwidth(spec.get("bandwidth"), 1, f"{at}.bandwidth", problems)
         out_vars[str(name)] = v
     time_cfg = _check_time(config.get("time"), f"{where}: time", problems)
@@ -307,6 +307,15 @@ def _check_time(t: Any, at: str, problems: list[str]) -> dict | None:
         except (TypeError, KeyError, ValueError):
             problems.append(f"{at}.anchor_date = {ad!r} must be {{min: YYYY-MM-DD, max: YYYY-MM-DD}} with min <= max.")
     return out
+
+
+def variable_columns(vcfg: dict) -> list[str]:
+    """The column(s) a normalised variable config fills: its ``variables`` (kde_joint) or ``[column]``."""
+    return list(vcfg["variables"]) if vcfg["method"] == "kde_joint" else [vcfg["column"]]
+
+
+def _variable_grids(vcfg: dict) -> dict:
+    return dict(vcfg["grid_params"]) if vcfg["method"] == "kde_joint" else {vcfg["column"]: vcfg["grid_params"]}
 
 
 def config_hash(cfg: dict) -> str:
@@ -588,7 +597,7 @@ def fit_kde_grid(name: str, vcfg: dict, patients: pd.DataFrame, visits: pd.DataF
     """Fit one configured variable on real data (already restricted to the training split) and return its grid."""
     at = f"variable_config.{name}"
     src = patients if vcfg["data_source"] == "patients" else visits
-    strat, vars_, method = vcfg["stratify_by"], vcfg["variables"], vcfg["method"]
+    strat, vars_, method = vcfg["stratify_by"], variable_columns(vcfg), vcfg["method"]
     src = _with_patient_columns(src, patients, strat + list(vcfg["filter"]))
     need = set(strat) | set(vcfg["filter"]) | set(vars_)
     missing = sorted(c for c in need if c not in src.columns)
@@ -608,7 +617,7 @@ def fit_kde_grid(name: str, vcfg: dict, patients: pd.DataFrame, visits: pd.DataF
         kinds = ["values"]
     else:
         for var in vars_:
-            gp = dict(vcfg["grid_params"][var])
+            gp = dict(_variable_grids(vcfg)[var])
             if gp["method"] == "fine_bins":
                 gp.setdefault("column", f"{var}_binned")
             bins = src[gp["column"]] if gp["method"] == "fine_bins" and gp["column"] in src.columns else None
@@ -622,7 +631,7 @@ def fit_kde_grid(name: str, vcfg: dict, patients: pd.DataFrame, visits: pd.DataF
         cols = strat[:lvl]
         if cols:
             sub = keys[cols].dropna()
-            groups = sub.groupby(cols, sort=True).groups.items()
+            groups = sub.groupby(cols if len(cols) > 1 else cols[0], sort=True).groups.items()
         else:
             groups = [((), df.index)]
         for key, idx in groups:
@@ -899,7 +908,7 @@ def sample_from_kde_grid(grid: KDEGrid | str, synthetic: pd.DataFrame, variable:
         first[g], last[g] = pos, pos + len(c) - 1
         pos += len(c)
 
-    out = synthetic.copy()
+    out = synthetic.copy(deep=False)           # copy-on-write: the caller's frame is never modified
     report = {"grid": grid.name, "n_rows": int(n), "n_filled": 0, "n_backoff": 0, "n_uniform_fallback": 0,
               "rows_by_level": {}}
     if pos == 0:
