@@ -149,10 +149,13 @@ def privacy(train: Cohort, test: Cohort, synth: Cohort, privacy_sample: int, see
         m[f"privacy.dcr_{k}.mean"], m[f"privacy.dcr_{k}.median"] = float(d.mean()), float(np.median(d))
         m[f"privacy.dcr_{k}.zero_frac"] = float((d == 0).mean())
 
-    # membership inference (distance attack): member if DCR below the median of all DCRs
+    # membership inference (distance attack): member if DCR below the median of all DCRs. Distances are small
+    # integers, so many tie at the median; ties are split at random (seeded) so exactly half are guessed members
+    # (HALO's strict "< median" guesses nobody when over half the distances are 0, e.g. for a copied cohort).
     d = np.r_[d_tr, d_te]
     y = np.r_[np.ones(len(d_tr)), np.zeros(len(d_te))]
-    guess = d < np.median(d)
+    guess = np.zeros(len(d), bool)
+    guess[np.lexsort((rng.random(len(d)), d))[: len(d) // 2]] = True
     tp = float((guess & (y == 1)).sum())
     m["privacy.mia.accuracy"] = float((guess == (y == 1)).mean())
     m["privacy.mia.precision"] = tp / guess.sum() if guess.sum() else 0.0
