@@ -487,13 +487,17 @@ def _kde_cdf_1d(x: np.ndarray, h: float, at: np.ndarray) -> np.ndarray:
     cnt = np.bincount(((xi - lo) / delta).astype(np.int64), minlength=k).astype(float)[:k]
     cum = np.concatenate([[0.0], np.cumsum(cnt)])
     reach = int(math.ceil(KERNEL_REACH * h / delta)) + 1
-    j = ((at - lo) / delta).astype(np.int64)
-    win = j[:, None] + np.arange(-reach, reach + 1)[None, :]                 # (m, 2*reach+1)
-    valid = (win >= 0) & (win < k)
-    winc = np.clip(win, 0, k - 1)
-    centers = lo + (winc + 0.5) * delta
-    part = np.where(valid, cnt[winc] * ndtr((at[:, None] - centers) / h), 0.0).sum(axis=1)
-    return below + cum[np.clip(j - reach, 0, k)] + part
+    offsets = np.arange(-reach, reach + 1)[None, :]
+    out = np.empty(len(at))
+    for c0 in range(0, len(at), 4096):                                        # bounded memory for huge grids
+        t = at[c0:c0 + 4096]
+        j = ((t - lo) / delta).astype(np.int64)
+        win = j[:, None] + offsets                                            # (chunk, 2*reach+1)
+        valid = (win >= 0) & (win < k)
+        winc = np.clip(win, 0, k - 1)
+        part = np.where(valid, cnt[winc] * ndtr((t[:, None] - (lo + (winc + 0.5) * delta)) / h), 0.0).sum(axis=1)
+        out[c0:c0 + 4096] = below + cum[np.clip(j - reach, 0, k)] + part
+    return out
 
 
 def _axis_masses(v: np.ndarray, axis: Axis, h: float) -> np.ndarray:
@@ -505,6 +509,13 @@ def _axis_masses(v: np.ndarray, axis: Axis, h: float) -> np.ndarray:
 
 def _joint_masses(v: np.ndarray, axes: list[Axis], hs: list[float]) -> np.ndarray:
     """Mass of a product-Gaussian KDE on each cell of the product grid, shape (m1, m2)."""
+    near = np.ones(len(v), dtype=bool)          # points beyond 8 bandwidths of the grid add no mass anywhere
+    for d in range(2):
+        a, b = _mass_edges(axes[d])
+        near &= (v[:, d] >= a.min() - KERNEL_REACH * hs[d]) & (v[:, d] <= b.max() + KERNEL_REACH * hs[d])
+    v = v[near]
+    if not len(v):
+        return np.zeros((len(axes[0].start), len(axes[1].start)))
     mats, codes = [], []
     for d in range(2):
         a, b = _mass_edges(axes[d])
@@ -589,12 +600,17 @@ def _fit_task(kind_args: tuple) -> tuple | None:
 
 
 def _n_jobs(num_cores: int) -> int:
-    return os.cpu_count() or 1 if num_cores == -1 else num_cores
+    return (os.cpu_count() or 1) if num_cores == -1 else num_cores
 
 
-def fit_kde_grid(name: str, vcfg: dict, patients: pd.DataFrame, visits: pd.DataFrame,
-                 bandwidth_floor: float = DEFAULT_BANDWIDTH_FLOOR, num_cores: int = 1) -> KDEGrid:
-    """Fit one configured variable on real data (already restricted to the training split) and return its grid."""
+def fit_kde_grid(name: str, vcfg: dict, patients: pd.DataFrame | None, visits: pd.DataFrame | None,
+                 bandwidth_floor: float = DEFAULT_BANDWIDTH_FLOOR, num_cores: int = 1,
+                 min_parallel_rows: int = 200_000) -> KDEGrid:
+    """Fit one configured variable on real data (already restricted to the training split) and return its grid.
+
+    Strata are fitted in ``num_cores`` processes (-1 = all) when they hold at least ``min_parallel_rows`` rows in
+    total; below that, process start-up costs more than it saves and the work runs serially. Output is identical.
+    """
     at = f"variable_config.{name}"
     src = patients if vcfg["data_source"] == "patients" else visits
     strat, vars_, method = vcfg["stratify_by"], variable_columns(vcfg), vcfg["method"]
@@ -647,7 +663,7 @@ def fit_kde_grid(name: str, vcfg: dict, patients: pd.DataFrame, visits: pd.DataF
                 tasks.append((method, rows[vars_].to_numpy(dtype=float), axes, vcfg.get("bandwidth"), bandwidth_floor))
     n_work = sum(len(t[1]) for t in tasks)
     jobs = min(_n_jobs(num_cores), len(tasks))
-    if method != "value_counts" and jobs > 1 and n_work >= 200_000:
+    if method != "value_counts" and jobs > 1 and n_work >= min_parallel_rows:
         from joblib import Parallel, delayed
 
         results = Parallel(n_jobs=jobs, backend="loky")(delayed(_fit_task)(t) for t in tasks)

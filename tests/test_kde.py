@@ -233,6 +233,14 @@ class TestFitting:
         g0 = _one("x", spec, None, v, bandwidth_floor=0.0)
         assert g0.table["range_probability"].max() > 0.99                 # what the floor prevents
 
+    def test_parallel_fit_equals_serial(self, toy):
+        p, v, _ = toy
+        spec = {"method": "kde_range", "data_source": "visits", "stratify_by": ["sex"],
+                "grid_params": {"method": "fine_bins", "step": 0.5}}
+        serial = _one("los_days", spec, p, v, num_cores=1)
+        parallel = _one("los_days", spec, p, v, num_cores=2, min_parallel_rows=0)
+        pd.testing.assert_frame_equal(serial.table, parallel.table)
+
     def test_too_few_rows_is_a_data_error(self, toy):
         p, v, _ = toy
         with pytest.raises(DataError, match=r"fewer than min_count = 10; a grid cannot be released"):
@@ -334,6 +342,11 @@ class TestSampling:
                                            None, rng=4)
         r_free = np.corrcoef(free["los_hours"], free["los_triage_hours"])[0, 1]
         assert abs(r_free - r_real) < 0.05, (r_real, r_free)
+
+    def test_empty_synthetic_table(self, grids):
+        out, rep = kde.sample_from_kde_grid(grids["gap_days"], pd.DataFrame({"gap_days_binned": pd.Series([], dtype="string")}),
+                                            "gap_days", rng=0)
+        assert len(out) == 0 and rep["n_filled"] == 0
 
     def test_filter_restricts_which_rows_are_filled(self):
         real = pd.DataFrame({"patient_id": [f"{i}" for i in range(400)], "event_type": ["ED", "Inpatient"] * 200,
