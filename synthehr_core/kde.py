@@ -80,8 +80,13 @@ def load_kde_config(config: Mapping | str | os.PathLike, where: str | None = Non
     if isinstance(config, Mapping):
         return validate_kde_config(config, where or "KDE_CONFIG")
     text_path = str(config)
-    bundled = Path(__file__).parent / "configs" / f"{text_path}.yml"
-    if not storage.exists(text_path) and bundled.exists():
+    if not storage.exists(text_path):             # a bundled name: "kde_qh" or "kde_qh.yml"
+        name = Path(text_path).name
+        bundled = Path(__file__).parent / "configs" / (name if name.endswith((".yml", ".yaml")) else f"{name}.yml")
+        if not bundled.exists():
+            known = sorted(p.stem for p in (Path(__file__).parent / "configs").glob("kde_*.yml"))
+            raise ConfigError(f"KDE config {text_path!r}: no such file and no bundled config of that name; "
+                              f"bundled: {known}. Pass a path, a bundled name or a dict.")
         text_path = str(bundled)
     import yaml
 
@@ -820,8 +825,8 @@ def sample_from_kde_grid(grid: KDEGrid | str, synthetic: pd.DataFrame, variable:
     inverse CDF over all rows at once. ``variable`` names the grid's first column (a check; None accepts any).
     ``top_edges`` maps a variable to its last bin edge (closed there). ``patients`` supplies patient-level
     stratification columns when sampling visits. Rows excluded by the grid's filter are left unchanged.
-    Report: rows filled, back-offs (rows using a coarser stratum than their own), uniform fallbacks (bin with no
-    real mass anywhere; a model-vs-data disagreement), rows per level.
+    Report: rows filled, back-offs (rows using a coarser fitted stratum than their own), uniform fallbacks (bin with
+    no real mass anywhere; a model-vs-data disagreement), rows per level (-1 = uniform fallback).
     """
     if not isinstance(grid, KDEGrid):
         grid = read_kde_grid(str(grid))
@@ -958,7 +963,7 @@ def sample_from_kde_grid(grid: KDEGrid | str, synthetic: pd.DataFrame, variable:
             out[var] = newcol
     lvl_rows = level_used[lg]
     report["n_filled"] = int(len(lg))
-    report["n_backoff"] = int(np.count_nonzero(lvl_rows < len(strat)))
+    report["n_backoff"] = int(np.count_nonzero((lvl_rows >= 0) & (lvl_rows < len(strat))))
     report["n_uniform_fallback"] = int(np.count_nonzero(uniform[lg]))
     report["rows_by_level"] = {int(k): int(v) for k, v in zip(*np.unique(lvl_rows, return_counts=True))}
     return out, report

@@ -284,6 +284,19 @@ class TestSampling:
         ks = ks_2samp(out[name].dropna(), real[name].dropna())
         assert ks.pvalue > 0.01, ks
 
+    @pytest.mark.parametrize("grid_params", [
+        {"method": "custom", "cut_points": [0, 0.7, 1.9, 3.3, 7.1, 12.5, 31, 200]},
+        {"method": "arange", "min": 0, "max": 200, "step": 0.7},
+    ], ids=["custom", "arange"])
+    def test_cells_straddling_bin_edges_are_clipped_to_the_bin(self, toy, grid_params):
+        p, v, _ = toy
+        g = _one("los_days", {"method": "kde_range", "data_source": "visits", "grid_params": grid_params}, p, v)
+        out, rep = kde.sample_from_kde_grid(g, v.assign(los_days=np.nan), "los_days", rng=2)
+        _assert_inside_bins(out["los_days"], out["los_days_binned"])
+        assert rep["n_uniform_fallback"] == 0
+        if grid_params["method"] == "arange":        # the coarse custom grid is uniform inside wide cells by design
+            assert ks_2samp(out["los_days"], v["los_days"]).pvalue > 0.01
+
     def test_fine_grid_recovers_an_unbinned_marginal(self, toy, grids):
         p, v, _ = toy
         syn = v.drop(columns=["los_days_binned"]).assign(los_days=np.nan)
@@ -312,11 +325,22 @@ class TestSampling:
         assert rep["rows_by_level"] == {0: 2, 1: 1, 2: 1}   # (y, v) -> (y,); z and null -> unstratified
         assert out["val"].notna().all()
 
+    def test_stratum_without_mass_in_the_bin_backs_off(self):
+        rng = np.random.default_rng(1)
+        real = pd.DataFrame({"patient_id": [f"{i}" for i in range(400)], "a": ["x", "y"] * 200,
+                             "val": np.where(np.arange(400) % 2 == 0, rng.uniform(0, 4, 400), rng.uniform(10, 20, 400))})
+        g = _one("val", {"method": "kde_range", "data_source": "visits", "stratify_by": ["a"], "bandwidth": [0.1],
+                         "grid_params": {"method": "arange", "min": 0, "max": 30, "step": 0.1}}, None, real)
+        syn = pd.DataFrame({"patient_id": ["s"] * 3, "a": ["x", "x", "y"], "val_binned": ["10-20", "0-4", "10-20"]})
+        out, rep = kde.sample_from_kde_grid(g, syn, "val", rng=0)
+        assert rep["rows_by_level"] == {0: 1, 1: 2} and rep["n_backoff"] == 1 and rep["n_uniform_fallback"] == 0
+        _assert_inside_bins(out["val"], out["val_binned"])
+
     def test_bin_without_real_mass_falls_back_to_uniform_and_is_counted(self, toy, grids):
         p, v, _ = toy
         syn = v.head(50).assign(los_days_binned="300-400")
         out, rep = kde.sample_from_kde_grid(grids["los_days"], syn, "los_days", rng=0, patients=p)
-        assert rep["n_uniform_fallback"] == 50
+        assert rep["n_uniform_fallback"] == 50 and rep["n_backoff"] == 0 and rep["rows_by_level"] == {-1: 50}
         assert out["los_days"].between(300, 400).all()
 
     def test_joint_keeps_correlation_and_bins(self):
