@@ -187,7 +187,9 @@ class HALO(nn.Module):
         B, T, V = x.shape  # batch, rows, vocab
         past_len = 0 if past_key_values is None else past_key_values[0][0].size(2)
         assert past_len + T <= self.config.n_ctx, f"{past_len + T} rows exceed n_ctx={self.config.n_ctx}"
-        pos = torch.arange(past_len, past_len + T, device=x.device)
+        # (B, T), not (T,): the position lookup must carry the batch dimension, or Opacus' per-sample gradient of
+        # wpe treats rows as samples (privacy.py); the values are the same either way
+        pos = torch.arange(past_len, past_len + T, device=x.device).expand(B, T)
         h = self.transformer.wve(x) + self.transformer.wpe(pos)  # (B, T, E)
         presents = []
         for i, block in enumerate(self.transformer.h):
