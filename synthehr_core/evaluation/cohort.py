@@ -72,16 +72,17 @@ class Cohort:
         self.space = space
         self.patients = patients.sort_values("patient_id", kind="stable").reset_index(drop=True)
         pidx = pd.Index(self.patients["patient_id"])
-        visits = visits[visits["patient_id"].isin(pidx)]
         vp = pidx.get_indexer(visits["patient_id"])
+        visits, vp = visits[vp >= 0], vp[vp >= 0]
         vi = visits["visit_index"].to_numpy(dtype=np.int64)
         order = np.lexsort((vi, vp))
         self.visits = visits.iloc[order].reset_index(drop=True)
         self.visit_patient = vp[order].astype(np.int64)                       # (n_visits,)
         stride = int(vi.max()) + 1 if len(vi) else 1
         vkey = self.visit_patient * stride + vi[order]                          # sorted
-        codes = codes[codes["patient_id"].isin(pidx)]
-        ckey = pidx.get_indexer(codes["patient_id"]).astype(np.int64) * stride + codes["visit_index"].to_numpy(np.int64)
+        cp = pidx.get_indexer(codes["patient_id"]).astype(np.int64)
+        codes, cp = codes[cp >= 0], cp[cp >= 0]
+        ckey = cp * stride + codes["visit_index"].to_numpy(np.int64)
         row = np.searchsorted(vkey, ckey)
         col = space.codes.get_indexer(codes["code"])
         X = sp.csr_matrix((np.ones(len(row), np.float32), (row, col)), shape=(len(vkey), space.n_codes))

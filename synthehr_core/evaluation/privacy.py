@@ -56,9 +56,9 @@ def record_hashes(c: Cohort) -> np.ndarray:
         visit_h = _mix(visit_h + _mix(c.visit_position.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)))
         rec = _group_sum(visit_h, c.visit_patient, c.n_patients)
         rec = rec + _mix(c.n_visits_per_patient.astype(np.uint64) * np.uint64(0x632BE59BD9B4E019))
-        if c.space.label_columns:
-            lab = c.label_strings.fillna("<NA>").astype(str).agg("|".join, axis=1)
-            rec = rec + _mix(pd.util.hash_array(lab.to_numpy(dtype=object)))
+        for j, col in enumerate(c.space.label_columns):                        # a loop over columns
+            h = pd.util.hash_array(c.label_strings[col].fillna("<NA>").to_numpy(dtype=object))
+            rec = rec + _mix(h + np.uint64(j + 1))
     return _mix(rec)
 
 
@@ -90,25 +90,37 @@ def aligned_matrix(c: Cohort, n_positions: int) -> sp.csr_matrix:
 def nearest(A: sp.csr_matrix, B: sp.csr_matrix, nv_a: np.ndarray | None = None, nv_b: np.ndarray | None = None,
             exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Hamming distance from each row of A to its closest row of B (plus 1 where visit counts differ), and
-    which row. ``exclude_self`` (A is B) skips the diagonal."""
+    which row. ``exclude_self`` (A is B) skips the diagonal.
+
+    Everything but ``|a|`` is folded into one product, so each chunk is one matmul and one argmax:
+    with ``a' = [a, e(nv_a)/2, -1/2]`` and ``b' = [b, e(nv_b), |b|]`` (``e`` one-hot of the visit count),
+    ``d(a, b) = |a| + 1 - 2 a'·b'``.
+    """
     na = np.asarray(A.sum(axis=1), dtype=np.float32).ravel()
     nb = np.asarray(B.sum(axis=1), dtype=np.float32).ravel()
+    extra_a, extra_b, const = [], [], 0.0
+    if nv_a is not None:
+        width = int(max(nv_a.max(initial=0), nv_b.max(initial=0))) + 1
+        extra_a.append(sp.csr_matrix((np.full(len(nv_a), 0.5, np.float32), (np.arange(len(nv_a)), nv_a)),
+                                     shape=(len(nv_a), width)))
+        extra_b.append(sp.csr_matrix((np.ones(len(nv_b), np.float32), (np.arange(len(nv_b)), nv_b)),
+                                     shape=(len(nv_b), width)))
+        const = 1.0
+    A = sp.hstack([A, *extra_a, sp.csr_matrix(np.full((A.shape[0], 1), -0.5, np.float32))], format="csr")
+    B = sp.hstack([B, *extra_b, sp.csr_matrix(nb[:, None])], format="csr").astype(np.float32)
     dense = B.shape[0] * B.shape[1] <= DENSE_LIMIT
     Bt = B.T.toarray() if dense else B.T.tocsc()
     step = max(1, CHUNK_CELLS // max(B.shape[0], 1))
-    dmin = np.empty(A.shape[0], np.float32)
+    best = np.empty(A.shape[0], np.float32)
     arg = np.empty(A.shape[0], np.int64)
     for s in range(0, A.shape[0], step):
         e = min(s + step, A.shape[0])
-        G = A[s:e].toarray() @ Bt if dense else (A[s:e] @ Bt).toarray()
-        D = na[s:e, None] + nb[None, :] - 2 * G
-        if nv_a is not None:
-            D += nv_a[s:e, None] != nv_b[None, :]
+        G = A[s:e].toarray() @ Bt if dense else (A[s:e] @ Bt).toarray()       # (chunk, n_B)
         if exclude_self:
-            D[np.arange(e - s), np.arange(s, e)] = np.inf
-        arg[s:e] = D.argmin(axis=1)
-        dmin[s:e] = D[np.arange(e - s), arg[s:e]]
-    return np.maximum(dmin, 0), arg
+            G[np.arange(e - s), np.arange(s, e)] = -np.inf
+        arg[s:e] = G.argmax(axis=1)
+        best[s:e] = G[np.arange(e - s), arg[s:e]]
+    return np.maximum(na + const - 2 * best, 0), arg
 
 
 def _sample(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
