@@ -499,6 +499,7 @@ def mine_rules(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame
 
     if th.close_under_pairs and specs["within_visit"]:
         _close(specs)
+    _order_pairs(specs["within_visit"])
     rules: list[Rule] = []
     for f in FAMILIES:
         rules += _stat_rules(specs[f], rows, vocab, th)
@@ -518,6 +519,23 @@ def _past_all(rows: _Rows, cand: np.ndarray) -> sp.csr_matrix:
     m = m[m["pos"] < m["rpos"]]
     return sp.csr_matrix((np.ones(len(m), dtype=np.int64), (m["r"].to_numpy(), m["c"].to_numpy())),
                          shape=(len(vis), len(cand)))
+
+
+def _order_pairs(pairs: list[tuple]) -> None:
+    """Sort pair rules so ``a => b`` comes before any rule that reads ``b`` (by depth of the antecedent in the
+    implication graph; cycles are capped), so one in-order pass of overrides is already consistent."""
+    level: dict[int, int] = {}
+    cap = 64
+    for _ in range(cap):
+        changed = False
+        for s in pairs:
+            a, b = s[4][0], s[6]
+            lb = min(level.get(a, 0) + 1, cap)
+            if lb > level.get(b, 0):
+                level[b], changed = lb, True
+        if not changed:
+            break
+    pairs.sort(key=lambda s: (level.get(s[4][0], 0), s[4][0], s[6]))
 
 
 def _close(specs: dict[str, list[tuple]]) -> None:

@@ -26,25 +26,31 @@ from .halo import HALO, HaloConfig
 
 @dataclass
 class RuleGroup:
-    """Rules that read the same past and never read or write each other's outputs (KI's grouping)."""
+    """Rules that read the same past and never read each other's outputs; rules sharing an output share its value
+    (the output is forced where any of them fires)."""
     past_visits: str | tuple[int, ...]
     cur_pos: torch.Tensor    # (R, Kcp) long, padded with ONE
     cur_neg: torch.Tensor    # (R, Kcn) long, padded with ZERO
     past_pos: torch.Tensor   # (R, Kpp) long
     past_neg: torch.Tensor   # (R, Kpn) long
-    output: torch.Tensor     # (R,) long, unique within the group
-    value: torch.Tensor      # (R,) float
+    out_pos: torch.Tensor    # (R,) long: rule -> position in ``output``
+    output: torch.Tensor     # (U,) long, distinct vocabulary columns written by the group
+    value: torch.Tensor      # (U,) float
 
     def to(self, device) -> "RuleGroup":
         return RuleGroup(self.past_visits, *(t.to(device) for t in (self.cur_pos, self.cur_neg, self.past_pos,
-                                                                    self.past_neg, self.output, self.value)))
+                                                                    self.past_neg, self.out_pos, self.output,
+                                                                    self.value)))
 
     def fires(self, cur: torch.Tensor, past: torch.Tensor | None) -> torch.Tensor:
-        """``cur``/``past``: (..., V + 2) with the ONE/ZERO columns appended; returns (..., R) bool."""
+        """``cur``/``past``: (..., V + 2) with the ONE/ZERO columns appended; returns (..., U) bool per output."""
         ok = cur[..., self.cur_pos].bool().all(-1) & ~cur[..., self.cur_neg].bool().any(-1)  # (..., R)
         if past is not None:
             ok &= past[..., self.past_pos].bool().all(-1) & ~past[..., self.past_neg].bool().any(-1)
-        return ok
+        if self.out_pos.numel() == self.output.numel():  # one rule per output: out_pos is the identity
+            return ok
+        hits = torch.zeros(*ok.shape[:-1], self.output.numel(), device=ok.device)
+        return hits.index_add_(-1, self.out_pos, ok.float()) > 0  # (..., U)
 
 
 def _pad(lists: list[list[int]], fill: int) -> torch.Tensor:
@@ -67,13 +73,30 @@ class CompiledRules:
         self.groups: list[RuleGroup] = []
         for chunk in _group(rules, vocab):
             ix = lambda toks: [vocab.index(t) for t in toks]  # noqa: E731
+            outs = list(dict.fromkeys(vocab.index(r.output) for r in chunk))
+            value = {vocab.index(r.output): float(r.value) for r in chunk}
             self.groups.append(RuleGroup(
                 chunk[0].past_visits,
                 _pad([ix(r.cur_pos) for r in chunk], self.ONE), _pad([ix(r.cur_neg) for r in chunk], self.ZERO),
                 _pad([ix(r.past_pos) for r in chunk], self.ONE), _pad([ix(r.past_neg) for r in chunk], self.ZERO),
-                torch.tensor([vocab.index(r.output) for r in chunk], dtype=torch.long),
-                torch.tensor([float(r.value) for r in chunk])))
+                torch.tensor([outs.index(vocab.index(r.output)) for r in chunk], dtype=torch.long),
+                torch.tensor(outs, dtype=torch.long), torch.tensor([value[o] for o in outs])))
         self._device = torch.device("cpu")
+        # Per row kind, the groups that can matter and whether one pass can be stale. On visit rows, groups whose
+        # every rule needs a label in the current row are skipped (labels there are dropped by the decoder). A
+        # second pass is needed only if some group writes a column that it or an earlier group reads.
+        chunks = _group(rules, vocab)
+        label_only = [all(any(vocab.tokens[vocab.index(t)].kind == "label" for t in r.cur_pos) for r in c)
+                      for c in chunks]
+        self._plan = {}
+        for is_label_row in (False, True):
+            keep = [i for i in range(len(chunks)) if is_label_row or not label_only[i]]
+            read: set[str] = set()
+            feedback = False
+            for i in keep:
+                read.update(t for r in chunks[i] for t in (*r.cur_pos, *r.cur_neg))
+                feedback |= any(r.output in read for r in chunks[i])
+            self._plan[is_label_row] = (keep, feedback)
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -153,15 +176,18 @@ class CompiledRules:
                 rows = [r for r in rows if 0 <= r < t]
                 agg = pv[:, rows].amax(dim=1) if rows else torch.zeros_like(row)
             aggs[key] = self._aug(agg)
-        row = row.clone()
-        for _ in range(self.max_passes):
-            before = row.clone()
-            for g in self.groups:
-                f = g.fires(self._aug(row), aggs.get(g.past_visits) if g.past_visits else None)  # (B, R)
-                row[:, g.output] = torch.where(f, g.value.to(row.dtype), row[:, g.output])
-            if torch.equal(row, before):
+        label_row = self.vocab.label_row and t == 1
+        keep, feedback = self._plan[label_row]
+        groups = [self.groups[i] for i in keep]
+        aug = self._aug(row)  # (B, V+2), overwritten in place; outputs never touch the ONE/ZERO columns
+        for _ in range(self.max_passes if feedback else 1):
+            before = aug.clone() if feedback else None
+            for g in groups:
+                f = g.fires(aug, aggs.get(g.past_visits) if g.past_visits else None)  # (B, R)
+                aug[:, g.output] = torch.where(f, g.value.to(aug.dtype), aug[:, g.output])
+            if feedback and torch.equal(aug, before):
                 break
-        return row
+        return aug[:, :-2]
 
     def fix_probs(self, logits: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         """Model probabilities with fired entries set to the rule value (for perplexity, as KI reports it)."""
@@ -170,20 +196,24 @@ class CompiledRules:
 
 
 def _group(rules: list[Rule], vocab: Vocab) -> list[list[Rule]]:
-    """Split the ordered rule list into groups. As KI, a new group starts when ``past_visits`` changes, or when a
-    rule's current antecedent or output touches an output already claimed in the group; unlike KI, also when its
-    output is a current antecedent of a rule already in the group (that rule would have read the stale value)."""
+    """Split the ordered rule list into groups evaluated one after another (KI's rule neurons).
+
+    A new group starts when ``past_visits`` changes, when a rule's current antecedent reads an output claimed
+    in the group, when its output is read by a rule already in the group (that rule would see a stale value),
+    or when its output is claimed with the other value (the later rule must win). KI also splits rules that
+    merely share an output; with equal values they can share a group (the output is forced if any fires).
+    """
     groups: list[list[Rule]] = []
-    claimed: set[str] = set()
+    claimed: dict[str, int] = {}
     read: set[str] = set()
     for r in rules:
         cur = (*r.cur_pos, *r.cur_neg)
-        touches = r.output in claimed or r.output in read or any(t in claimed for t in cur)
-        if not groups or r.past_visits != groups[-1][0].past_visits or touches:
+        clash = claimed.get(r.output, r.value) != r.value or r.output in read or any(t in claimed for t in cur)
+        if not groups or r.past_visits != groups[-1][0].past_visits or clash:
             groups.append([])
-            claimed, read = set(), set()
+            claimed, read = {}, set()
         groups[-1].append(r)
-        claimed.add(r.output)
+        claimed[r.output] = r.value
         read.update(cur)
     return groups
 
