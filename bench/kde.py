@@ -24,8 +24,8 @@ import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from synthehr_core import kde  # noqa: E402
-from synthehr_core.schema import bin_values  # noqa: E402
+from synthehr_core import kde
+from synthehr_core.schema import bin_values
 
 LOS_H_EDGES = [0, 1, 2, 4, 6, 8, 12, 24, 48, 72, 168, 336, 672, 1344, 4000]
 TRI_H_EDGES = [0, 0.25, 0.5, 1, 2, 4, 8, 24]
@@ -104,19 +104,24 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="sampling timings are the median of this many runs")
     args = ap.parse_args()
 
+    source = "bench/kde.py qh_like_tables (stand-in: synthehr_core.datasets.qh not available)"
+    patients, visits = None, None
     try:
-        from synthehr_core.datasets import qh  # noqa: F401  (another engineer's simulator)
-        source = "synthehr_core.datasets.qh.simulate"
+        from synthehr_core.datasets import qh  # another engineer's simulator, when it exists
+    except ImportError:
+        qh = None
+    if qh is not None and hasattr(qh, "simulate"):
         sim = qh.simulate(max(1, args.n_visits // 3), seed=args.seed)
-        patients, visits = sim[0], sim[1]
-    except Exception:  # not written yet, or a different shape: use the seeded stand-in above
-        source = "bench/kde.py qh_like_tables (stand-in)"
+        if isinstance(sim, tuple) and {"los_hours", "triage_category"} <= set(sim[1].columns):
+            patients, visits, source = sim[0], sim[1], "synthehr_core.datasets.qh.simulate"
+    if visits is None:
         patients, visits = qh_like_tables(args.n_visits, args.seed)
     cfg = kde.load_kde_config("kde_qh")
     rows = []
-    gen_s, summary = time_generate_grids(patients, visits, cfg)
-    rows.append(("time_generate_grids (kde_qh, all variables)", f"{len(visits):,} visits", f"{gen_s:.2f} s", "",
-                 f"cores={os.cpu_count()}"))
+    for cores in (1, -1):
+        gen_s, summary = time_generate_grids(patients, visits, {**cfg, "num_cores": cores})
+        rows.append((f"time_generate_grids (kde_qh, num_cores={cores})", f"{len(visits):,} visits", f"{gen_s:.2f} s",
+                     f"{len(visits) / gen_s / 1e6:.2f} M rows/s", f"machine cores={os.cpu_count()}"))
 
     # sampling: the inpatient-style univariate grid and the ED joint grid, on N synthetic rows drawn from the real
     syn_rng = np.random.default_rng(args.seed + 1)

@@ -28,13 +28,15 @@ This module must not import torch or kfp: the KDE image has neither.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,7 +45,7 @@ from scipy.special import ndtr
 
 from . import storage
 from .errors import ConfigError, DataError, bullet_list
-from .schema import format_bin, parse_bin, read_tables, write_tables
+from .schema import parse_bin, read_tables, write_tables
 
 log = logging.getLogger(__name__)
 
@@ -172,16 +174,15 @@ def _check_grid(gp: Any, at: str, problems: list[str]) -> dict:
             if not isinstance(ppb, int) or isinstance(ppb, bool) or ppb < 1:
                 problems.append(f"{at}.points_per_bin = {ppb!r} must be an integer >= 1.")
         f = g.get("filter")
-        if f is not None:
-            if not isinstance(f, Mapping) or set(f) != {"threshold", "modulo"} or not _is_num(f.get("threshold")) \
-                    or not _is_num(f.get("modulo")) or f["modulo"] <= 0:
-                problems.append(f"{at}.filter = {f!r} must be {{threshold: NUMBER, modulo: POSITIVE_NUMBER}} "
-                                "(beyond threshold keep only grid points that are multiples of modulo).")
+        if f is not None and (not isinstance(f, Mapping) or set(f) != {"threshold", "modulo"}
+                              or not _is_num(f.get("threshold")) or not _is_num(f.get("modulo")) or f["modulo"] <= 0):
+            problems.append(f"{at}.filter = {f!r} must be {{threshold: NUMBER, modulo: POSITIVE_NUMBER}} "
+                            "(beyond threshold keep only grid points that are multiples of modulo).")
     elif gm == "custom":
         cp = g.get("cut_points")
         if not isinstance(cp, list) or len(cp) < 2 or not all(_is_num(c) for c in cp):
             problems.append(f"{at}.cut_points = {cp!r} must be a list of at least 2 numbers.")
-        elif any(b <= a for a, b in zip(cp[:-1], cp[1:])):
+        elif any(b <= a for a, b in itertools.pairwise(cp)):
             problems.append(f"{at}.cut_points = {cp!r} must be strictly increasing; sort them and drop duplicates.")
     return g
 
@@ -488,10 +489,10 @@ def _kde_cdf_1d(x: np.ndarray, h: float, at: np.ndarray) -> np.ndarray:
     below = float(np.count_nonzero(x < lo))
     xi = x[(x >= lo) & (x <= hi)]
     delta = max(h / 16.0, (hi - lo) / 4_000_000)
-    k = int(math.ceil((hi - lo) / delta)) + 1
+    k = math.ceil((hi - lo) / delta) + 1
     cnt = np.bincount(((xi - lo) / delta).astype(np.int64), minlength=k).astype(float)[:k]
     cum = np.concatenate([[0.0], np.cumsum(cnt)])
-    reach = int(math.ceil(KERNEL_REACH * h / delta)) + 1
+    reach = math.ceil(KERNEL_REACH * h / delta) + 1
     offsets = np.arange(-reach, reach + 1)[None, :]
     out = np.empty(len(at))
     for c0 in range(0, len(at), 4096):                                        # bounded memory for huge grids
@@ -610,7 +611,7 @@ def _n_jobs(num_cores: int) -> int:
 
 def fit_kde_grid(name: str, vcfg: dict, patients: pd.DataFrame | None, visits: pd.DataFrame | None,
                  bandwidth_floor: float = DEFAULT_BANDWIDTH_FLOOR, num_cores: int = 1,
-                 min_parallel_rows: int = 200_000) -> KDEGrid:
+                 min_parallel_rows: int = 1_000_000) -> KDEGrid:
     """Fit one configured variable on real data (already restricted to the training split) and return its grid.
 
     Strata are fitted in ``num_cores`` processes (-1 = all) when they hold at least ``min_parallel_rows`` rows in
@@ -625,13 +626,15 @@ def fit_kde_grid(name: str, vcfg: dict, patients: pd.DataFrame | None, visits: p
     if missing:
         raise DataError(f"{at}: columns {missing} are not in the {vcfg['data_source']} table (nor in patients); "
                         f"found {sorted(src.columns)}. Fix the column names in the KDE config.")
-    df = src.loc[_filter_mask(src, vcfg["filter"])]
+    keep = _filter_mask(src, vcfg["filter"])
     if method != "value_counts":
-        df = df.loc[df[vars_].notna().all(axis=1)]
+        keep &= src[vars_].notna().all(axis=1).to_numpy()
+    df = src.loc[keep, list(dict.fromkeys(strat + vars_))].reset_index(drop=True)   # positional index from here
     if len(df) < vcfg["min_count"]:
         raise DataError(f"{at}: only {len(df)} real rows after the filter {vcfg['filter']}, fewer than min_count = "
                         f"{vcfg['min_count']}; a grid cannot be released. Loosen the filter or lower min_count.")
     keys = pd.DataFrame({c: _as_key(df[c]) for c in strat}, index=df.index)
+    X = df[vars_].to_numpy(dtype=float) if method != "value_counts" else None
 
     axes: list[Axis] = []
     if method == "value_counts":
@@ -654,18 +657,18 @@ def fit_kde_grid(name: str, vcfg: dict, patients: pd.DataFrame | None, visits: p
             sub = keys[cols].dropna()
             groups = sub.groupby(cols if len(cols) > 1 else cols[0], sort=True).groups.items()
         else:
-            groups = [((), df.index)]
+            groups = [((), np.arange(len(df)))]
         for key, idx in groups:
             key = key if isinstance(key, tuple) else (key,)
             if len(idx) < vcfg["min_count"]:
                 n_small += 1
                 continue
-            rows = df.loc[idx]
-            meta.append((lvl, key, len(rows)))
+            idx = np.asarray(idx)
+            meta.append((lvl, key, len(idx)))
             if method == "value_counts":
-                tasks.append(("value_counts", rows[vars_[0]], None, None, None))
+                tasks.append(("value_counts", df[vars_[0]].iloc[idx], None, None, None))
             else:
-                tasks.append((method, rows[vars_].to_numpy(dtype=float), axes, vcfg.get("bandwidth"), bandwidth_floor))
+                tasks.append((method, X[idx], axes, vcfg.get("bandwidth"), bandwidth_floor))
     n_work = sum(len(t[1]) for t in tasks)
     jobs = min(_n_jobs(num_cores), len(tasks))
     if method != "value_counts" and jobs > 1 and n_work >= min_parallel_rows:
@@ -962,7 +965,7 @@ def sample_from_kde_grid(grid: KDEGrid | str, synthetic: pd.DataFrame, variable:
             newcol[target] = val
             out[var] = newcol
     lvl_rows = level_used[lg]
-    report["n_filled"] = int(len(lg))
+    report["n_filled"] = len(lg)
     report["n_backoff"] = int(np.count_nonzero((lvl_rows >= 0) & (lvl_rows < len(strat))))
     report["n_uniform_fallback"] = int(np.count_nonzero(uniform[lg]))
     report["rows_by_level"] = {int(k): int(v) for k, v in zip(*np.unique(lvl_rows, return_counts=True))}
@@ -1028,7 +1031,7 @@ def reconstruct_times(patients: pd.DataFrame, visits: pd.DataFrame, tcfg: dict,
             unresolved = rest[~can_los]
             gap[unresolved] = prev_los[unresolved]
             report.update(n_gap_resampled=int(can_gap.sum()), n_los_resampled=int(can_los.sum()),
-                          n_unresolved=int(len(unresolved)))
+                          n_unresolved=len(unresolved))
             v[tcfg["los"]] = los / UNIT_DAYS[tcfg["los_unit"]]
         out_gap = gap / gs
         out_gap[first] = v[tcfg["gap"]].to_numpy(dtype=float)[first]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -79,7 +80,7 @@ class TestConfig:
         path.write_text(yaml.safe_dump(TOY_CFG))
         assert kde.load_kde_config(str(path)) == kde.load_kde_config(TOY_CFG)
 
-    BAD = [  # (path into the config, bad value, text the message must contain)
+    BAD: ClassVar[list] = [  # (path into the config, bad value, text the message must contain)
         (("num_cores",), 0, "num_cores = 0 must be -1 (all cores) or an integer >= 1"),
         (("min_count",), 0, "min_count = 0 must be an integer >= 1"),
         (("bandwidth_floor",), -1, "bandwidth_floor = -1 must be a number >= 0"),
@@ -354,7 +355,7 @@ class TestSampling:
         assert g.prob_column == "range_probability"
         syn = real.sample(n=20_000, replace=True, random_state=1).reset_index(drop=True)
         syn[["los_hours", "los_triage_hours"]] = np.nan
-        out, rep = kde.sample_from_kde_grid(g, syn, "los_hours", rng=3)
+        out, _ = kde.sample_from_kde_grid(g, syn, "los_hours", rng=3)
         for c in ("los_hours", "los_triage_hours"):
             _assert_inside_bins(out[c], out[f"{c}_binned"])
             assert ks_2samp(out[c], real[c]).pvalue > 0.01
@@ -485,4 +486,4 @@ class TestStage:
 
     def test_module_imports_neither_torch_nor_kfp(self):
         code = "import sys, synthehr_core.kde; sys.exit(int('torch' in sys.modules or 'kfp' in sys.modules))"
-        assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+        assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
