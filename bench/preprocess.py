@@ -1,0 +1,101 @@
+"""Benchmark the preprocess stage on the simulated Queensland-Health-style extract (``qh`` config).
+
+    python -m bench.preprocess                       # 100k and 1M patients
+    python -m bench.preprocess --sizes 100000 --profile
+
+For each size the simulator's ``encounters.csv`` is written first (setup, not timed); then one fresh
+subprocess per size runs the full ``synthehr_core.preprocess.preprocess`` (adapter + canonical tables + parquet)
+and reports wall time and peak RSS (``getrusage`` maximum resident set, so nothing from setup or the other
+size leaks in). Goal (issue 2): 1M patients (~5M visits) in under 2 minutes and under 4 GB on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup_raw(n_patients: int, seed: int, where: Path) -> dict:
+    """Simulate ``n_patients`` and write ``encounters.csv`` under ``where``; returns setup facts."""
+    from synthehr_core.datasets.qh import simulate, write_encounters
+
+    t0 = time.perf_counter()
+    df = simulate(n_patients, seed)
+    t_sim = time.perf_counter() - t0
+    path = write_encounters(df, where / "encounters.csv")
+    return {"rows": len(df), "simulate_s": t_sim, "csv_mb": Path(path).stat().st_size / 2**20}
+
+
+def worker(raw: str, out: str, profile: bool) -> None:
+    """Run in a fresh process: time the adapter alone, then the full preprocess; print one JSON line."""
+    import resource
+
+    sys.path.insert(0, str(ROOT))
+    from synthehr_core.datasets import qh
+    from synthehr_core.datasets.base import DropReport
+    from synthehr_core.preprocess import preprocess
+
+    t0 = time.perf_counter()
+    cohort = qh.load(raw, {"ed_los_clip_hours": 168}, DropReport())
+    t_adapter = time.perf_counter() - t0
+    del cohort
+    if profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+    t0 = time.perf_counter()
+    meta = preprocess("qh", out, raw=raw, overwrite=True)
+    t_total = time.perf_counter() - t0
+    if profile:
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(30)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps({"adapter_s": t_adapter, "preprocess_s": t_total, "peak_rss_mb": peak_mb,
+                      "n_patients": meta["n_patients"], "n_visits": meta["n_visits"], "n_codes": meta["n_codes"]}))
+
+
+def time_preprocess(n_patients: int, seed: int = 0, profile: bool = False) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
+        raw = Path(tmp, "raw")
+        raw.mkdir()
+        facts = setup_raw(n_patients, seed, raw)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(raw), str(Path(tmp, "tables"))]
+        if profile:
+            cmd.append("--profile")
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if r.returncode != 0:
+            raise RuntimeError(f"preprocess worker failed for {n_patients} patients:\n{r.stderr[-3000:]}")
+        if profile:
+            print(r.stderr, file=sys.stderr)
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+    return {**facts, **res}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.preprocess", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of preprocess (slower)")
+    ap.add_argument("--worker", nargs=2, metavar=("RAW", "OUT"), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        worker(*a.worker, profile=a.profile)
+        return
+    rows = [(n, time_preprocess(n, a.seed, a.profile)) for n in a.sizes]
+    print(f"{'patients':>10} {'visits':>10} {'codes':>10} {'csv MB':>7} {'adapter s':>9} {'preprocess s':>12} "
+          f"{'visits/s':>10} {'peak RSS MB':>11}")
+    for n, r in rows:
+        print(f"{n:>10,} {r['n_visits']:>10,} {r['n_codes']:>10,} {r['csv_mb']:>7.0f} {r['adapter_s']:>9.1f} "
+              f"{r['preprocess_s']:>12.1f} {r['n_visits'] / r['preprocess_s']:>10,.0f} {r['peak_rss_mb']:>11,.0f}")
+
+
+if __name__ == "__main__":
+    main()
