@@ -1,0 +1,180 @@
+"""DP-SGD: exact per-sample gradients through HALO's masked head, Poisson batches, accounting and its resume."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+from synthehr_core.errors import ConfigError
+from synthehr_core.models.halo import HALO, HaloConfig, MaskedLinear
+from synthehr_core.privacy import (DPConfig, PrivateTraining, code_patient_counts, masked_linear_grad_sample,
+                                   min_code_count_vocab, poisson_batch, register_grad_samplers)
+from synthehr_core.vocab import Vocab
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared 2-core box
+    yield
+    torch.set_num_threads(n)
+
+
+def _batch(B: int, cfg: HaloConfig, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    X = (torch.rand(B, cfg.n_ctx, cfg.vocab_size, generator=g) < 0.25).float()
+    mask = torch.ones(B, cfg.n_ctx, 1)
+    for b in range(B):  # ragged patients: padding rows are masked out, as collate_halo does
+        mask[b, 2 + b % (cfg.n_ctx - 2):] = 0
+    mask[:, 0] = 0
+    return X, mask
+
+
+def _one_at_a_time(model: nn.Module, X: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Reference: the gradient of each patient's own loss, one forward/backward per patient."""
+    out: dict[str, list[torch.Tensor]] = {n: [] for n, _ in model.named_parameters()}
+    for b in range(len(X)):
+        model.zero_grad()
+        _, loss = model(X[b:b + 1], mask[b:b + 1])
+        loss.backward()
+        for n, p in model.named_parameters():
+            out[n].append(p.grad.detach().clone())
+    return {n: torch.stack(g) for n, g in out.items()}
+
+
+def _opacus_per_sample(model: nn.Module, X: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    from opacus.grad_sample import GradSampleModule
+
+    register_grad_samplers()
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    try:
+        _, loss = gsm(X, mask)  # batch-mean loss: Opacus rescales backprops by the batch size
+        loss.backward()
+        return {n: p.grad_sample.detach().clone() for n, p in model.named_parameters()}
+    finally:
+        gsm._close()
+
+
+class TestPerSampleGradients:
+
+    def test_masked_linear_sampler_equals_autograd_per_sample(self):
+        torch.manual_seed(0)
+        layer = MaskedLinear(7)
+        x = torch.randn(5, 3, 7)
+        per = {"weight": [], "bias": []}
+        for b in range(5):
+            layer.zero_grad()
+            (layer(x[b:b + 1]) ** 2).sum().backward()
+            per["weight"].append(layer.weight.grad.clone())
+            per["bias"].append(layer.bias.grad.clone())
+        backprops = 2 * layer(x).detach()  # d/dy of sum(y^2)
+        got = masked_linear_grad_sample(layer, [x], backprops)
+        torch.testing.assert_close(got[layer.weight], torch.stack(per["weight"]))
+        torch.testing.assert_close(got[layer.bias], torch.stack(per["bias"]))
+        assert got[layer.weight].triu(1).abs().sum() == 0  # never-read entries carry no gradient (no norm inflation)
+
+    @pytest.mark.parametrize("n_labels", [3, 0])
+    def test_whole_halo_opacus_per_sample_equals_one_at_a_time(self, n_labels):
+        cfg = HaloConfig.tiny(9, n_labels, n_ctx=6, n_embd=8, n_head=2)
+        torch.manual_seed(1)
+        model = HALO(cfg)
+        X, mask = _batch(5, cfg, seed=2)
+        ref = _one_at_a_time(model, X, mask)
+        got = _opacus_per_sample(model, X, mask)
+        assert got.keys() == ref.keys()
+        for n in ref:
+            assert got[n].shape == ref[n].shape, n  # batch dimension first, for wpe too
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+    def test_stock_linear_rule_would_be_wrong_for_the_masked_head(self):
+        """Why the custom sampler exists: the unmasked outer product differs (larger norm) from the true gradient."""
+        from opacus.grad_sample.linear import compute_linear_grad_sample
+
+        torch.manual_seed(0)
+        layer = MaskedLinear(6)
+        x, gy = torch.randn(4, 2, 6), torch.randn(4, 2, 6)
+        stock = compute_linear_grad_sample(layer, [x], gy)[layer.weight]
+        ours = masked_linear_grad_sample(layer, [x], gy)[layer.weight]
+        assert (stock.flatten(1).norm(dim=1) > ours.flatten(1).norm(dim=1)).all()
+
+
+class TestPrivateTrainingUnits:
+
+    def test_poisson_batches_are_seeded_and_have_rate_q(self):
+        a, b = poisson_batch(1000, 0.05, seed=3, step=7), poisson_batch(1000, 0.05, seed=3, step=7)
+        assert torch.equal(a, b)
+        assert not torch.equal(a, poisson_batch(1000, 0.05, seed=3, step=8))
+        sizes = torch.tensor([len(poisson_batch(1000, 0.05, 0, s)) for s in range(200)], dtype=torch.float)
+        assert abs(sizes.mean().item() - 50) < 3  # Binomial(1000, 0.05): mean 50, sd of the mean ~0.5
+
+    def test_bad_options_are_collected_and_named(self):
+        with pytest.raises(ConfigError) as e:
+            DPConfig(target_epsilon=-1, delta=0.5, max_grad_norm=0, physical_batch_size=0,
+                     accountant="gdp").validate(n_train=10)
+        msg = str(e.value)
+        for name in ("dp_target_epsilon", "dp_delta", "dp_max_grad_norm", "dp_physical_batch_size", "dp_accountant"):
+            assert name in msg
+        with pytest.raises(ConfigError, match="not both"):
+            DPConfig(target_epsilon=1.0, noise_multiplier=1.0).validate()
+        with pytest.raises(ConfigError, match="1/n_train"):
+            DPConfig(target_epsilon=1.0, delta=0.01).validate(n_train=200)
+
+    def test_coarse_and_fp16_are_refused(self):
+        model = HALO(HaloConfig.tiny(5, 2, n_ctx=4, n_embd=8, n_head=2, coarse=True))
+        opt = torch.optim.Adam(model.parameters())
+        with pytest.raises(ConfigError, match="coarse"):
+            PrivateTraining(model, opt, n_train=50, batch_size=5, steps=3, config=DPConfig(noise_multiplier=1.0), seed=0)
+        model = HALO(HaloConfig.tiny(5, 2, n_ctx=4, n_embd=8, n_head=2))
+        with pytest.raises(ConfigError, match="bf16"):
+            PrivateTraining(model, torch.optim.Adam(model.parameters()), n_train=50, batch_size=5, steps=3,
+                            config=DPConfig(noise_multiplier=1.0), seed=0, precision="fp16")
+
+    def test_clipped_noiseless_step_and_empty_batch(self):
+        """sigma -> 0: the update direction is the mean of per-sample gradients clipped to C; an empty Poisson
+        batch still steps (noise only) and is accounted."""
+        import contextlib
+
+        cfg = HaloConfig.tiny(9, 3, n_ctx=6, n_embd=8, n_head=2)
+        torch.manual_seed(0)
+        model = HALO(cfg)
+        X, mask = _batch(6, cfg, seed=4)
+        ref = _one_at_a_time(model, X, mask)
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in ref.values()], 1).norm(dim=1)
+        C = float(norms.min()) / 2  # every sample is clipped
+        expected = {n: (g * (C / (norms + 1e-6)).view(-1, *[1] * (g.dim() - 1))).sum(0) / 6 for n, g in ref.items()}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+        dp = PrivateTraining(model, sgd, n_train=6, batch_size=6, steps=2,
+                             config=DPConfig(noise_multiplier=1e-12, max_grad_norm=C, physical_batch_size=4,
+                                             delta=1e-3), seed=0)
+        data = [(X[i], mask[i]) for i in range(6)]
+        collate = lambda items: (torch.stack([a for a, _ in items]) if items else torch.zeros(0, *X.shape[1:]),
+                                 torch.stack([m for _, m in items]) if items else torch.zeros(0, *mask.shape[1:]))
+        total, n = dp.step(0, torch.arange(6), data, collate, contextlib.nullcontext)  # 2 physical batches (4 + 2)
+        assert n == 6
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(before[name] - p.detach(), expected[name], rtol=1e-4, atol=1e-7)
+        total, n = dp.step(1, torch.arange(0), data, collate, contextlib.nullcontext)
+        assert n == 0 and dp.steps_accounted == 2
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        dp.close()
+
+
+class TestMinCodeCount:
+
+    def test_rare_codes_leave_the_vocabulary(self, tmp_path):
+        from synthehr_core.toy import write_toy_tables
+
+        write_toy_tables(tmp_path / "t", 60, seed=0)
+        vocab = Vocab.load(tmp_path / "t" / "vocab.json")
+        counts = code_patient_counts(tmp_path / "t", split="train")
+        k = int(counts.median()) + 1
+        small, dropped = min_code_count_vocab(vocab, counts, k)
+        assert dropped and set(dropped) == {c for c in counts.index if counts[c] < k and c in vocab}
+        assert small.size == vocab.size - len(dropped) and small.n_labels == vocab.n_labels
+        assert all(t not in small for t in dropped)
+        assert min_code_count_vocab(vocab, counts, 0) == (vocab, [])
+        with pytest.raises(ConfigError, match="min_code_count"):
+            min_code_count_vocab(vocab, counts, -1)
