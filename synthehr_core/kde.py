@@ -64,7 +64,8 @@ GRID_KEYS = {
     "fine_bins": {"method", "column", "points_per_bin", "step", "filter"},
     "custom": {"method", "cut_points"},
 }
-TIME_KEYS = {"gap", "gap_unit", "offset", "offset_unit", "los", "los_unit", "allow_overlap", "anchor_age", "anchor_date"}
+TIME_KEYS = {"gap", "gap_unit", "offset", "offset_unit", "los", "los_unit", "allow_overlap", "anchor_age", "anchor_date",
+             "monotone"}
 UNIT_DAYS = {"days": 1.0, "hours": 1.0 / 24.0, "months": 365.25 / 12.0, "years": 365.25}
 DEFAULT_MIN_COUNT = 10          # privacy guard; arbitrary, tune per data-use agreement
 DEFAULT_BANDWIDTH_FLOOR = 1.0   # bandwidth >= this x median cell width; arbitrary, tune
@@ -295,7 +296,11 @@ def _check_time(t: Any, at: str, problems: list[str]) -> dict | None:
     out = {"gap": t.get("gap"), "gap_unit": t.get("gap_unit", "days"), "offset": t.get("offset"),
            "offset_unit": t.get("offset_unit", "days"), "los": t.get("los"), "los_unit": t.get("los_unit", "days"),
            "allow_overlap": t.get("allow_overlap", False), "anchor_age": t.get("anchor_age"),
-           "anchor_date": t.get("anchor_date")}
+           "anchor_date": t.get("anchor_date"), "monotone": t.get("monotone", [])}
+    mono = out["monotone"]
+    if not isinstance(mono, list) or not all(isinstance(c, str) for c in mono):
+        problems.append(f"{at}.monotone = {mono!r} must be a list of visit columns that never decrease within a "
+                        "patient (e.g. [age] for a visit-level age).")
     if (out["gap"] is None) == (out["offset"] is None):
         problems.append(f"{at}: give exactly one of gap (column of gaps from the previous visit start) or offset "
                         f"(column of time since the first visit); got gap={out['gap']!r}, offset={out['offset']!r}.")
@@ -973,6 +978,25 @@ def sample_from_kde_grid(grid: KDEGrid | str, synthetic: pd.DataFrame, variable:
 
 
 # ============================================================================================ time
+def _make_monotone(v: pd.DataFrame, col: str, pid: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Make ``col`` non-decreasing within each patient (``v`` sorted by patient, visit) while keeping bins.
+
+    Values of a patient's visits that share a bin are sorted into visit order (they stay inside the bin); decreases
+    left between different bins are raised to the running maximum. Returns (values, n_reordered, n_raised).
+    """
+    off = v[col].to_numpy(dtype=float)
+    bins = v[f"{col}_binned"].astype("string").fillna("").to_numpy(dtype=object) if f"{col}_binned" in v else \
+        np.full(len(v), "", dtype=object)
+    order_slots = np.lexsort((v["visit_index"].to_numpy(), bins, pid))
+    order_vals = np.lexsort((np.nan_to_num(off, nan=np.inf), bins, pid))
+    new = off.copy()
+    new[order_slots] = off[order_vals]
+    n_fixed = int(np.count_nonzero(~np.isclose(new, off, equal_nan=True)))
+    mono = pd.Series(new).groupby(pid, sort=False).cummax().to_numpy()
+    raised = ~np.isnan(new) & (mono > new)
+    return np.where(raised, mono, new), n_fixed, int(raised.sum())
+
+
 def reconstruct_times(patients: pd.DataFrame, visits: pd.DataFrame, tcfg: dict,
                       rng: np.random.Generator | int = 0) -> tuple[pd.DataFrame, dict]:
     """Fill ``start_offset_days`` (and ``age_at_visit`` / ``start_date`` when anchored) from sampled gaps and LOS.
@@ -981,9 +1005,17 @@ def reconstruct_times(patients: pd.DataFrame, visits: pd.DataFrame, tcfg: dict,
     than the previous visit's LOS is resampled inside its bin above that LOS; if the bin cannot hold it, the previous
     LOS is resampled inside its own bin below the gap; if neither fits, the gap is set to the previous LOS (counted
     as unresolved). Offset mode (e.g. ``months_since_baseline``): within a patient, values of visits sharing a bin
-    are sorted into visit order; remaining decreases are raised to the previous value (counted).
+    are sorted into visit order; remaining decreases are raised to the previous value (counted). Columns in
+    ``monotone`` (e.g. a visit-level ``age``) get the same treatment.
     """
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    need = [(c, "visits", visits) for c in (tcfg.get("gap"), tcfg.get("offset"), tcfg.get("los"),
+                                            *(tcfg.get("monotone") or [])) if c]
+    need += [(tcfg["anchor_age"], "patients", patients)] if tcfg.get("anchor_age") else []
+    missing = [f"{table}.{c}" for c, table, df in need if c not in df.columns]
+    if missing:
+        raise DataError(f"time reconstruction: columns {missing} are missing; visits has {sorted(visits.columns)}. "
+                        "Fill them with a KDE variable first, or fix the names in the config's time section.")
     v = visits.sort_values(["patient_id", "visit_index"], kind="stable").reset_index(drop=True)
     pid = v["patient_id"].to_numpy()
     first = np.ones(len(v), dtype=bool)
@@ -1039,25 +1071,15 @@ def reconstruct_times(patients: pd.DataFrame, visits: pd.DataFrame, tcfg: dict,
         v["start_offset_days"] = pd.Series(gap).groupby(pid, sort=False).cumsum().to_numpy()
     else:
         col, scale = tcfg["offset"], UNIT_DAYS[tcfg["offset_unit"]]
-        off = v[col].to_numpy(dtype=float)
-        bins = v[f"{col}_binned"].astype("string").fillna("").to_numpy(dtype=object) if f"{col}_binned" in v else \
-            np.full(len(v), "", dtype=object)
-        # sort values among a patient's visits that share a bin (stays inside the bin, restores visit order)
-        order_slots = np.lexsort((v["visit_index"].to_numpy(), bins, pid))
-        order_vals = np.lexsort((np.nan_to_num(off, nan=np.inf), bins, pid))
-        new = off.copy()
-        new[order_slots] = off[order_vals]
-        report["n_order_fixed"] = int(np.count_nonzero(~np.isclose(new, off, equal_nan=True)))
-        ser = pd.Series(new).groupby(pid, sort=False)
-        mono = ser.cummax().to_numpy()
-        raised = ~np.isnan(new) & (mono > new)
-        report["n_unresolved"] = int(raised.sum())
-        new = np.where(raised, mono, new)
+        new, report["n_order_fixed"], report["n_unresolved"] = _make_monotone(v, col, pid)
         v[col] = new
         base = pd.Series(new).groupby(pid, sort=False).transform("first").to_numpy()
         v["start_offset_days"] = (new - base) * scale
         v.loc[first, "start_offset_days"] = 0.0
-    if tcfg.get("anchor_age") and tcfg["anchor_age"] in patients.columns:
+    for col in tcfg.get("monotone") or []:
+        v[col], n_fixed, n_raised = _make_monotone(v, col, pid)
+        report[f"n_order_fixed_{col}"], report[f"n_raised_{col}"] = n_fixed, n_raised
+    if tcfg.get("anchor_age"):
         age = patients.set_index("patient_id")[tcfg["anchor_age"]].reindex(pid).to_numpy(dtype=float)
         v["age_at_visit"] = age + v["start_offset_days"].to_numpy() / 365.25
     if tcfg.get("anchor_date"):

@@ -431,6 +431,22 @@ class TestTime:
         assert rep["n_gap_resampled"] == 0
         assert np.allclose(out["start_offset_days"], v.sort_values(["patient_id", "visit_index"])["start_offset_days"])
 
+    def test_missing_time_column_is_a_data_error(self, toy):
+        p, v, _ = toy
+        tcfg = {**kde.validate_kde_config(TOY_CFG)["time"], "los": "los_hours"}
+        with pytest.raises(DataError, match=r"columns \['visits.los_hours'\] are missing"):
+            kde.reconstruct_times(p, v, tcfg, rng=0)
+
+    def test_monotone_visit_age(self):
+        v = pd.DataFrame({"patient_id": ["a"] * 3 + ["b"] * 2, "visit_index": np.array([0, 1, 2, 0, 1], dtype="int32"),
+                          "gap_days": [np.nan, 10.0, 10.0, np.nan, 5.0], "age": [34.0, 31.0, 52.0, 70.0, 60.0],
+                          "age_binned": ["30-40", "30-40", "50-60", "70-80", "60-70"]})
+        tcfg = kde.validate_kde_config({**TOY_CFG, "time": {"gap": "gap_days", "monotone": ["age"]}})["time"]
+        out, rep = kde.reconstruct_times(pd.DataFrame({"patient_id": ["a", "b"]}), v, tcfg, rng=0)
+        assert out["age"].tolist() == [31.0, 34.0, 52.0, 70.0, 70.0]   # reordered within a bin, then raised
+        assert rep["n_order_fixed_age"] == 2 and rep["n_raised_age"] == 1
+        assert out["start_offset_days"].tolist() == [0.0, 10.0, 20.0, 0.0, 5.0]
+
     def test_offset_mode_is_monotone_within_bins(self):
         rng = np.random.default_rng(0)
         pid = np.repeat([f"{i}" for i in range(300)], 4)
@@ -463,6 +479,9 @@ class TestStage:
         meta = kde.generate_kde_grids_to_dir(str(real), TOY_CFG, str(tmp_path / "grids"))
         p, v, c = read_tables(real)
         assert meta["n_patients"] == (p["split"] == "train").sum()
+        los = kde.read_kde_grid(str(tmp_path / "grids" / "grid_los_days_kde.parquet")).table
+        n_train_visits = v["patient_id"].isin(p.loc[p["split"] == "train", "patient_id"]).sum()
+        assert los.loc[los["_level"] == 0, "_n"].iloc[0] == n_train_visits < len(v)
         assert (tmp_path / "grids" / "grid_gap_days_kde.parquet").exists()
         assert (tmp_path / "grids" / "kde_config.json").exists()
 
