@@ -1137,5 +1137,8 @@ def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, o
                 "backoff_counts": {k: r["n_backoff"] for k, r in reports.items()},
                 "disagreement_counts": {k: r["n_uniform_fallback"] for k, r in reports.items()},
                 "time": time_report}
+        shard_meta = storage.join(shard_dir, "meta.json")
+        if storage.exists(shard_meta):
+            meta["upstream"] = storage.read_json(shard_meta)     # the sample stage's provenance, kept verbatim
         storage.write_json(storage.join(str(tmp), "meta.json"), meta)
     return meta
