@@ -304,6 +304,17 @@ class TestSampling:
         out, _ = kde.sample_from_kde_grid(grids["los_days"], syn, "los_days", rng=1, patients=p)
         assert ks_2samp(out["los_days"], v["los_days"]).pvalue > 0.01
 
+    def test_guide_table_search_equals_binary_search(self):
+        rng = np.random.default_rng(0)
+        sizes = rng.integers(1, 300, 50)
+        cum = np.concatenate([g + np.cumsum(w := rng.random(m) ** 4) / w.sum() for g, m in enumerate(sizes)])
+        last = np.cumsum(sizes) - 1
+        first = last - sizes + 1
+        group = rng.integers(0, 50, 200_000)
+        u = np.concatenate([rng.random(199_990), np.nextafter(1.0, 0.0) * np.ones(5), np.zeros(5)])
+        expected = np.clip(np.searchsorted(cum, group + u, side="right"), first[group], last[group])
+        assert np.array_equal(kde.inverse_cdf(cum, first, last, group, u), expected)
+
     def test_deterministic_given_the_seed(self, toy, grids):
         p, v, _ = toy
         a, _ = kde.sample_from_kde_grid(grids["los_days"], v, "los_days", rng=5, patients=p)
