@@ -936,7 +936,7 @@ def sample_from_kde_grid(grid: KDEGrid | str, synthetic: pd.DataFrame, variable:
         if null_bin:
             skip_group[g] = True
             vals_by_group.append(None)
-            first[g] = last[g] = pos - 1 if pos else 0
+            first[g], last[g] = 0, -1                 # no cells: never drawn from
             continue
         topd = np.array([top[i] and hi[i] == top_edges.get(vars_[i]) for i in range(d)])
         found = None
@@ -949,11 +949,9 @@ def sample_from_kde_grid(grid: KDEGrid | str, synthetic: pd.DataFrame, variable:
                 found = (lvl, s, e, w, cell[3][keep] if cell[3] is not None else None)
                 break
         if found is None:                      # bin never seen in the real data: uniform inside the bin
-            uniform[g] = True
-            lo_f = np.where(np.isnan(lo), 0.0, lo)
-            hi_f = np.where(np.isnan(hi), 0.0, hi)
-            hi_f = np.where(np.isinf(hi_f), lo_f, hi_f)
-            lo_f = np.where(np.isinf(lo_f), hi_f, lo_f)
+            uniform[g] = True                  # (an unbinned dimension of a joint grid is left null)
+            hi_f = np.where(np.isinf(hi), lo, hi)
+            lo_f = np.where(np.isinf(lo), hi_f, lo)
             found = (-1, lo_f[None, :], hi_f[None, :], np.ones(1), None)
         lvl, s, e, w, vals = found
         level_used[g] = lvl
