@@ -169,3 +169,17 @@ def test_consequence_samples_obey_the_rules_and_halo_samples_do_not(tmp_path):
     assert res["halo"]["total_violations"] > 0 and res["halo"]["percent_valid"] < 100.0
     assert res["consequence"]["total_violations"] == 0 and res["consequence"]["percent_valid"] == 100.0
     assert res["consequence"]["n_patients"] > 200
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_and_sampling_with_rules(tmp_path):
+    write_toy_tables(tmp_path / "t", 200, seed=0)
+    mine_rules_to_dir(tmp_path / "t", tmp_path / "r", label_min_prevalence=20)
+    info = train_to_dir(tmp_path / "t", tmp_path / "m", model_type="consequence", rules_dir=tmp_path / "r",
+                        epochs=2, batch_size=16, lr=1e-3, eval_every=None, n_ctx=N_CTX, device="cuda", progress=False)
+    assert info["device"].startswith("cuda")
+    model, vocab, _ = load_model(tmp_path / "m", device="cuda")
+    rules = load_rules(tmp_path / "m" / "rules.json")
+    rows = sample(model, vocab, 300, seed=3, batch_size=100, rules=compile_rules(rules, vocab), progress=False)
+    p, v, c, _ = decode_rows(rows, vocab, seed=3)
+    assert check_violations(rules, p, v, c, vocab)["total_violations"] == 0

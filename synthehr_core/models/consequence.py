@@ -136,19 +136,22 @@ class CompiledRules:
         pv = self._view(X)  # (B, T, V)
         fired = torch.zeros(B, T - 1, V, dtype=torch.bool, device=X.device)
         values = torch.zeros(B, T - 1, V, dtype=X.dtype, device=X.device)
+        aggs: dict = {}  # past_visits -> (B, T-1, V+2) aggregated past of every target row
         for g in self.groups:
-            past = None
-            if g.past_visits == "all":
-                past = torch.cummax(pv, dim=1).values[:, :-1]  # row t-1 holds the OR of rows 0..t-1
-            elif g.past_visits:
-                past = torch.zeros(B, T - 1, V, dtype=X.dtype, device=X.device)
-                for k in g.past_visits:
-                    if k < 0:  # target row t reads row t + k, i.e. targets from row -k on
-                        if -k <= T - 1:
-                            past[:, -k - 1:] = torch.maximum(past[:, -k - 1:], pv[:, :T + k])
-                    elif k < T - 1:  # absolute row k is in the past of targets k+1.. (index k onwards)
-                        past[:, k:] = torch.maximum(past[:, k:], pv[:, k:k + 1])
-            f = g.fires(cur, None if past is None else self._aug(past))  # (B, T-1, R)
+            key = g.past_visits
+            if key and key not in aggs:
+                if key == "all":
+                    past = torch.cummax(pv, dim=1).values[:, :-1]  # row t-1 holds the OR of rows 0..t-1
+                else:
+                    past = torch.zeros(B, T - 1, V, dtype=X.dtype, device=X.device)
+                    for k in key:
+                        if k < 0:  # target row t reads row t + k, i.e. targets from row -k on
+                            if -k <= T - 1:
+                                past[:, -k - 1:] = torch.maximum(past[:, -k - 1:], pv[:, :T + k])
+                        elif k < T - 1:  # absolute row k is in the past of targets k+1.. (index k onwards)
+                            past[:, k:] = torch.maximum(past[:, k:], pv[:, k:k + 1])
+                aggs[key] = self._aug(past)
+            f = g.fires(cur, aggs[key] if key else None)  # (B, T-1, U)
             fired[..., g.output] |= f
             values[..., g.output] = torch.where(f, g.value, values[..., g.output])
         return fired, values
@@ -158,8 +161,8 @@ class CompiledRules:
     def apply_row(self, past: torch.Tensor, row: torch.Tensor, row_index: int) -> torch.Tensor:
         """Overwrite a freshly sampled row ``(B, V)`` given the earlier rows ``past (B, t, V)``; t = row_index.
 
-        Groups run in order, and the pass repeats until nothing changes (bounded by ``max_passes``), so a rule
-        whose current antecedent is set by a later group still gets its turn.
+        Groups run in order. When a group writes a column that it or an earlier group reads (a cycle such as
+        ``a => b``, ``b => a``), the pass repeats until nothing changes (at most ``max_passes``).
         """
         self._on(row.device)
         t = row_index
