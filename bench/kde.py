@@ -117,6 +117,7 @@ def main() -> None:
     if visits is None:
         patients, visits = qh_like_tables(args.n_visits, args.seed)
     cfg = kde.load_kde_config("kde_qh")
+    load0 = os.getloadavg()
     rows = []
     for cores in (1, -1):
         gen_s, summary = time_generate_grids(patients, visits, {**cfg, "num_cores": cores})
@@ -156,7 +157,8 @@ def main() -> None:
             rows.append((f"time_sample_{label} (naive per-row loop)", f"{n:,} rows",
                          f"{dn:.1f} s (extrapolated from {len(sub):,})", f"{n / dn / 1e6:.3f} M values/s",
                          f"speed-up {dn / dt:.0f}x"))
-    print(f"data: {source}; numpy {np.__version__}, pandas {pd.__version__}")
+    print(f"data: {source}; numpy {np.__version__}, pandas {pd.__version__}; "
+          f"load average before/after: {load0[0]:.1f}/{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'benchmark':<46} {'size':>16} {'time':>32} {'throughput':>20}  note")
     for r in rows:
         print(f"{r[0]:<46} {r[1]:>16} {r[2]:>32} {r[3]:>20}  {r[4]}")
