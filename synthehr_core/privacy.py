@@ -43,6 +43,13 @@ from .vocab import Token, Vocab
 log = logging.getLogger(__name__)
 
 ACCOUNTANTS = ("rdp", "prv")
+# RDP orders searched when converting to (epsilon, delta): Opacus' defaults (1.1 .. 63) plus larger orders, which
+# are the optimal ones for few steps or a large epsilon (Opacus warns "optimal order is the largest alpha").
+RDP_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 192, 256, 384, 512]
+
+
+def _epsilon_kwargs(accountant: str) -> dict:
+    return {"alphas": RDP_ALPHAS} if accountant == "rdp" else {}
 
 
 # ---------------------------------------------------------------------------------------------- grad sampler
@@ -167,7 +174,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 
     try:
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                          steps=steps, accountant=accountant, epsilon_tolerance=0.01))
+                                          steps=steps, accountant=accountant, epsilon_tolerance=0.01,
+                                          **_epsilon_kwargs(accountant)))
     except ValueError as exc:
         raise ConfigError(f"dp_target_epsilon={target_epsilon} cannot be reached with delta={delta:g}, sample rate "
                           f"{sample_rate:.4g} and {steps} steps ({exc}). Raise the epsilon, or train fewer steps / "
@@ -272,7 +280,7 @@ class PrivateTraining:
         """Epsilon spent so far at ``config.delta`` (0 before the first step)."""
         if not self.accountant.history:
             return 0.0
-        return float(self.accountant.get_epsilon(delta=self.config.delta))
+        return float(self.accountant.get_epsilon(delta=self.config.delta, **_epsilon_kwargs(self.config.accountant)))
 
     @property
     def steps_accounted(self) -> int:
