@@ -14,6 +14,7 @@ constant-normalised mean (HALO's scale) and the model has no buffers.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -35,8 +36,12 @@ from tqdm.auto import tqdm
 from . import __version__, storage
 from .errors import ConfigError
 from .models import model_class, write_checkpoint
+from .distributed import SINGLE, DistContext
+from .distributed import setup as setup_distributed
 from .models.halo import HaloConfig
-from .tensors import EHRParquetDataset, collate_halo
+from .precision import autocast, grad_scaler, validate_precision
+from .privacy import DPConfig, PrivateTraining
+from .tensors import EHRParquetDataset, HaloCollate, collate_halo
 from .vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -95,14 +100,25 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=lr)  # HI/KI: Adam, no weight decay, no schedule
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, mask: torch.Tensor
-               ) -> torch.Tensor:
-    """One optimiser step on a batch; returns the detached loss."""
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, mask: torch.Tensor,
+               amp=None, scaler: torch.amp.GradScaler | None = None, loss_weight: float = 1.0) -> torch.Tensor:
+    """One optimiser step on a batch; returns the detached loss.
+
+    ``amp`` makes the autocast context (precision.py), ``scaler`` is the fp16 GradScaler, ``loss_weight`` scales
+    the loss for the backward only (a rank's share of an uneven global batch under DDP, distributed.py).
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    _, loss = model(X, mask)
-    loss.backward()
-    optimizer.step()
+    with amp() if amp is not None else contextlib.nullcontext():
+        _, loss = model(X, mask)
+    scaled = loss * loss_weight if loss_weight != 1.0 else loss
+    if scaler is not None:
+        scaler.scale(scaled).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        scaled.backward()
+        optimizer.step()
     return loss.detach()
 
 
@@ -179,17 +195,25 @@ def resolve_resume(resume_from: str | Path) -> str:
 # ---------------------------------------------------------------------------------------------- the loop
 def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParquetDataset | None, vocab: Vocab,
           work_dir: str | Path, args: TrainArgs, run_hash: str = "", resume_from: str | Path | None = None,
-          device: str | torch.device | None = None, progress: bool = True) -> dict:
+          device: str | torch.device | None = None, progress: bool = True, precision: str = "fp32",
+          dp: DPConfig | None = None, dist: DistContext | None = None) -> dict:
     """Train ``model`` in place; step checkpoints go to ``work_dir/checkpoints``.
 
-    Returns ``{"best_state", "history", "step", "epoch", "best_val", "best_step", "stopped_early"}``; the model
-    ends holding its *last* weights, ``best_state`` the best by validation loss (the last when there is no val set).
+    Returns ``{"best_state", "history", "step", "epoch", "best_val", "best_step", "stopped_early", "privacy"}``;
+    the model ends holding its *last* weights, ``best_state`` the best by validation loss (the last when there is
+    no val set). ``precision``: "fp32" | "bf16" | "fp16" (precision.py); ``dp``: DP-SGD options (privacy.py);
+    ``dist``: this process's rank under torchrun (distributed.py; rank 0 alone writes checkpoints).
     """
     args = args.validate()
     device = pick_device(device)
     model.to(device)
     n_ctx = model.config.n_ctx
+    precision = validate_precision(precision, device)
+    dist = dist or SINGLE
+    amp = lambda: autocast(precision, device)  # noqa: E731
+    scaler = grad_scaler(precision, device)
     optimizer = make_optimizer(model, args.lr)
+    ck: dict = {}
     step, epoch, batch_pos = 0, 0, 0
     best_val, best_step, bad_evals, best_state = float("inf"), -1, 0, None
     history: list[dict] = []
@@ -217,6 +241,20 @@ def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParque
     per_epoch = -(-n // args.batch_size)
     total = per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, per_epoch * args.epochs)
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    private = None
+    if dp is not None and dp.enabled:  # DP-SGD: the noise is calibrated for the `total` planned steps
+        private = PrivateTraining(model, optimizer, n_train=n, batch_size=args.batch_size, steps=total, config=dp,
+                                  seed=args.seed, device=device, precision=precision, rank=dist.rank,
+                                  world_size=dist.world_size)
+        if resume_from is not None:
+            private.load_state_dict(ck.get("privacy"), where=str(resume_from))
+    elif ck.get("privacy"):
+        raise ConfigError(f"resume_from={resume_from} is a DP-SGD run: resume it with the same dp_* options, "
+                          "or its privacy accounting would be lost.")
+    if "scaler" in ck:
+        scaler.load_state_dict(ck["scaler"])
+    step_model = dist.wrap(model) if private is None else model  # DDP; Opacus wraps the model itself under DP
+    collate = HaloCollate(vocab, n_ctx)
     last_eval_step = max((h["step"] for h in history if h["split"] == "val"), default=-1)
 
     def do_eval() -> None:
@@ -237,23 +275,37 @@ def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParque
                  "torch_rng": torch.get_rng_state()}
         if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        if scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
+        if private is not None:
+            state["privacy"] = private.state_dict()  # accountant history: a resumed run keeps counting
         _save(storage.join(work_dir, CKPT_DIR, _ckpt_name(step)), state)
         if args.keep_checkpoints and not storage.is_gcs(work_dir):
             for old in _list_ckpts(work_dir)[:-args.keep_checkpoints]:
                 Path(work_dir, CKPT_DIR, old).unlink(missing_ok=True)
 
-    bar = tqdm(total=total, initial=min(step, total), desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=total, initial=min(step, total), desc="train", unit="step", disable=not progress or not dist.is_main)
     while not done and epoch < args.epochs:
         order = epoch_order(n, args.seed, epoch)
         while batch_pos < per_epoch:
-            idx = order[batch_pos * args.batch_size:(batch_pos + 1) * args.batch_size]
-            X, mask = _batch(train_ds, idx, vocab, n_ctx, device)
-            loss = float(train_step(model, optimizer, X, mask))
+            if private is not None:  # a Poisson batch of expected size batch_size, this rank's share
+                total_loss, n_loss = dist.sum(*private.step(step, private.batch_indices(step), train_ds, collate, amp))
+                loss = total_loss / n_loss if n_loss else float("nan")  # nan: an empty Poisson batch
+            else:
+                idx = order[batch_pos * args.batch_size:(batch_pos + 1) * args.batch_size]
+                local = dist.shard(idx)  # the whole batch unless under torchrun
+                X, mask = _batch(train_ds, local, vocab, n_ctx, device)
+                loss = float(train_step(step_model, optimizer, X, mask, amp, scaler,
+                                        dist.loss_weight(len(local), len(idx))))
+                if dist.enabled:  # the global-batch mean, as one process would log it
+                    total_loss, n_loss = dist.sum(loss * len(local) if len(local) else 0.0, len(local))
+                    loss = total_loss / n_loss
             step += 1
             batch_pos += 1
             history.append({"step": step, "epoch": epoch, "split": "train", "loss": loss})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}", best_val=f"{best_val:.4g}")
+            bar.set_postfix(loss=f"{loss:.4g}", best_val=f"{best_val:.4g}",
+                            **({"eps": f"{private.epsilon():.3g}"} if private is not None and step % 50 == 0 else {}))
             epoch_end = batch_pos == per_epoch
             due = (step % args.eval_every == 0) if args.eval_every else epoch_end
             if val_ds is not None and len(val_ds) and due:
@@ -269,7 +321,7 @@ def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParque
                 done = done or epoch >= args.epochs
             if done and val_ds is not None and len(val_ds) and last_eval_step != step:
                 do_eval()  # the final weights always get a validation score
-            if done or (step % args.ckpt_every == 0 if args.ckpt_every else due):
+            if dist.is_main and (done or (step % args.ckpt_every == 0 if args.ckpt_every else due)):
                 checkpoint()
             if kill_at and step == kill_at:
                 log.warning("%s=%d: killing this process (fault injection)", KILL_ENV, kill_at)
@@ -277,10 +329,15 @@ def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParque
             if done or epoch_end:
                 break
     bar.close()
+    privacy = None
+    if private is not None:
+        private.close()
+        privacy = private.metrics()
+        log.info("DP-SGD: epsilon %.4g at delta %g after %d steps", privacy["dp_epsilon"], dp.delta, step)
     if best_state is None:  # no validation set: the last weights are the result
         best_state, best_step = _cpu_state(model), step
     return {"best_state": best_state, "history": history, "step": step, "epoch": epoch, "best_val": best_val,
-            "best_step": best_step, "stopped_early": stopped_early}
+            "best_step": best_step, "stopped_early": stopped_early, "privacy": privacy}
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -308,7 +365,10 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
                  seed: int = 0, resume_from: str | Path | None = None, max_steps: int | None = None,
                  eval_every: int | None = 500, patience: int | None = None, ckpt_every: int | None = None,
                  keep_checkpoints: int | None = 2, n_ctx: int | None = None,
-                 device: str | torch.device | None = None, progress: bool = True, **model_overrides: Any) -> dict:
+                 device: str | torch.device | None = None, progress: bool = True, precision: str = "fp32",
+                 dp_target_epsilon: float = 0.0, dp_delta: float = 1e-5, dp_noise_multiplier: float | None = None,
+                 dp_max_grad_norm: float = 1.0, dp_physical_batch_size: int | None = None,
+                 dp_accountant: str = "rdp", distributed: bool = False, **model_overrides: Any) -> dict:
     """The train stage: fit HALO or ConSequence on the train split, validate on val, write a checkpoint dir.
 
     Args:
@@ -322,12 +382,22 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
         seed: model init and data order.
         resume_from: a ``step_*.pt`` checkpoint, or a run directory (its newest checkpoint).
         n_ctx: rows per patient; default from the tables' ``meta.json`` (``n_ctx``), else 48.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA, with loss scaling); see precision.py.
+        dp_target_epsilon: DP-SGD privacy budget; 0 = no differential privacy (privacy.py, docs/privacy.md).
+        dp_delta: DP delta; must be < 1 / n_train.
+        dp_noise_multiplier: fixed noise multiplier instead of a target epsilon (epsilon is then reported).
+        dp_max_grad_norm: per-patient gradient clipping norm.
+        dp_physical_batch_size: largest batch put through the model at once (BatchMemoryManager).
+        dp_accountant: ``"rdp"`` or ``"prv"``.
+        distributed: join the torchrun process group (distributed.py); rank 0 alone writes ``out_dir``.
         model_overrides: extra ``HaloConfig`` fields (e.g. ``n_embd=64``, ``coarse=True``).
     """
     from .rules import RULES_FILE, load_rules, validate_rules
 
     args = TrainArgs(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, eval_every=eval_every,
                      patience=patience, ckpt_every=ckpt_every, keep_checkpoints=keep_checkpoints, seed=seed).validate()
+    dp = DPConfig(dp_target_epsilon, dp_delta, dp_noise_multiplier, dp_max_grad_norm, dp_physical_batch_size,
+                  dp_accountant).validate()
     if resume_from is None and not _dir_is_empty(out_dir):
         raise FileExistsError(f"{out_dir} is not empty: pass resume_from={storage.join(out_dir, CKPT_DIR)} to "
                               "continue that run, or choose an empty out_dir.")
@@ -355,13 +425,21 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
     train_args = {k: v for k, v in asdict(args).items()}
     hashed = {"config": config.to_dict(), "model_type": model_type, "lr": lr, "batch_size": batch_size,
               "seed": seed, "n_train": len(train_ds), "rules": [r.to_json() for r in rules] if rules else None}
+    if dp.enabled:
+        hashed["dp"] = dp.to_dict()
+    if precision != "fp32":
+        hashed["precision"] = precision
     run_hash = _hash(hashed)
     model = make_model(model_type, config, seed, compiled)
-    dev = pick_device(device)
+    dist = setup_distributed() if distributed else SINGLE
+    dev = pick_device(device if device is not None or not dist.enabled else dist.device())
     t0 = time.perf_counter()
     res = train(model, train_ds, val_ds, vocab, out_dir, args, run_hash=run_hash, resume_from=resume_from,
-                device=dev, progress=progress)
+                device=dev, progress=progress, precision=precision, dp=dp, dist=dist)
     seconds = time.perf_counter() - t0
+    if not dist.is_main:  # rank 0 writes the checkpoint directory; the others wait for it
+        dist.barrier()
+        return {"rank": dist.rank, "steps": res["step"], "seconds": round(seconds, 3)}
 
     model.load_state_dict(res["best_state"])
     extra = {"training": train_args, "seed": seed, "preset": preset, "config_hash": run_hash,
@@ -384,6 +462,8 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
             "final_train_loss": float(train_losses.iloc[-1]) if len(train_losses) else None,
             "stopped_early": res["stopped_early"], "n_train": len(train_ds),
             "n_val": len(val_ds) if val_ds is not None else 0, "n_rules": len(rules) if rules else 0,
-            "device": str(dev), "seconds": round(seconds, 3), "resumed_from": str(resume_from) if resume_from else None}
+            "device": str(dev), "seconds": round(seconds, 3), "resumed_from": str(resume_from) if resume_from else None,
+            "precision": precision, "world_size": dist.world_size, **(res["privacy"] or {})}
     storage.write_json(storage.join(out_dir, "meta.json"), info)  # written last: the directory is complete
+    dist.barrier()
     return info
