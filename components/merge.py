@@ -1,0 +1,26 @@
+"""merge: fan-in of the per-seed shards into one synthetic cohort."""
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from components._images import MERGE_IMAGE
+
+
+@dsl.component(base_image=MERGE_IMAGE, install_kfp_package=False)
+def merge(shards: Input[List[Dataset]], cohort: Output[Dataset]) -> int:
+    """Concatenate the shards in seed order (from each shard's meta.json) and re-key patient ids.
+
+    Args:
+        shards: Shard tables directories collected from the sampling loop (any order).
+        cohort: The merged synthetic cohort tables directory.
+
+    Returns:
+        Number of synthetic patients in the cohort.
+    """
+    from synthehr_core.merge import merge_shards
+
+    meta = merge_shards([s.path for s in shards], cohort.path, overwrite=True)
+    cohort.metadata.update({k: meta[k] for k in ("seeds", "n_shards", "n_patients", "n_visits", "n_codes",
+                                                 "versions")})
+    return meta["n_patients"]

@@ -1,0 +1,47 @@
+"""train: fit HALO or ConSequence on the train split (validation on val) and write a checkpoint directory."""
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+from components._images import TRAIN_IMAGE
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, preset: str, epochs: int,
+          batch_size: int, lr: float, seed: int, dp_target_epsilon: float, model: Output[Model],
+          metrics: Output[Metrics], loss_curve: Output[HTML]):
+    """Train the generative model; ConSequence enforces the mined rules, HALO ignores them.
+
+    Args:
+        tables: Canonical tables directory from preprocess.
+        ruleset: rules-stage output; read only when model_type is "consequence".
+        model_type: "halo" or "consequence" (validated by the library).
+        preset: Model size: "tiny" (CPU, seconds), "small" or "paper" (HALO paper size).
+        epochs: Passes over the train split (early stopping on val may end sooner).
+        batch_size: Patients per optimiser step.
+        lr: Adam learning rate.
+        seed: Model init and data order.
+        dp_target_epsilon: DP-SGD privacy budget epsilon; 0 = no differential privacy.
+        model: Checkpoint directory (model.pt, config.json, vocab.json, history.parquet, label_probs.parquet).
+        metrics: Losses, steps and timing.
+        loss_curve: Train/val loss per step.
+    """
+    import inspect
+
+    from synthehr_core.stage_reports import loss_curve_html
+    from synthehr_core.train import train_to_dir
+
+    dp = {"dp_target_epsilon": dp_target_epsilon} if dp_target_epsilon else {}
+    if dp and "dp_target_epsilon" not in inspect.signature(train_to_dir).parameters:
+        raise ValueError(f"dp_target_epsilon={dp_target_epsilon}: this synthehr build has no DP-SGD training; "
+                         "pass dp_target_epsilon=0 (no differential privacy) or use an image with DP support.")
+    info = train_to_dir(tables.path, model.path, model_type=model_type, preset=preset, epochs=epochs,
+                        batch_size=batch_size, lr=lr, seed=seed, progress=False,
+                        rules_dir=ruleset.path if model_type == "consequence" else None, **dp)
+    model.metadata.update({k: info.get(k) for k in ("model_type", "preset", "seed", "config_hash", "steps",
+                                                    "n_train", "n_rules")})
+    model.metadata["dp_target_epsilon"] = dp_target_epsilon
+    for k in ("first_train_loss", "final_train_loss", "best_val_loss", "steps", "epochs_run", "seconds", "dp_epsilon"):
+        if info.get(k) is not None:
+            metrics.log_metric(k, float(info[k]))
+    with open(loss_curve.path, "w") as f:
+        f.write(loss_curve_html(model.path))

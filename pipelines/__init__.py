@@ -1,0 +1,1 @@
+"""synthehr pipelines: one shared DAG (``builder.build_pipeline``) per dataset; compiled YAML under ``compiled/``."""
