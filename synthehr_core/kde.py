@@ -20,8 +20,8 @@ the model's bin and the real data).
 Privacy. The grids are computed from real patient data and are released with the synthetic cohort pipeline; they are
 **outside any differential-privacy guarantee** (DP-SGD, if used, covers the model only). Two guards limit what a grid
 reveals: strata with fewer than ``min_count`` real rows (default 10) are not fitted on their own, and every bandwidth is
-at least ``bandwidth_floor`` times the median cell width of its grid, so no cell can hold a single real value's mass
-alone. ``value_counts`` grids are exact frequencies of categorical values and rely on ``min_count`` only. See docs/kde.md.
+at least ``bandwidth_floor`` times the median width of the grid cells that hold the real values, so no cell can
+hold a single real value's mass alone. ``value_counts`` grids are exact frequencies of categorical values and rely on ``min_count`` only. See docs/kde.md.
 
 This module must not import torch or kfp: the KDE image has neither.
 """
@@ -68,7 +68,7 @@ TIME_KEYS = {"gap", "gap_unit", "offset", "offset_unit", "los", "los_unit", "all
              "monotone"}
 UNIT_DAYS = {"days": 1.0, "hours": 1.0 / 24.0, "months": 365.25 / 12.0, "years": 365.25}
 DEFAULT_MIN_COUNT = 10          # privacy guard; arbitrary, tune per data-use agreement
-DEFAULT_BANDWIDTH_FLOOR = 1.0   # bandwidth >= this x median cell width; arbitrary, tune
+DEFAULT_BANDWIDTH_FLOOR = 1.0   # bandwidth >= this x median width of cells holding data; arbitrary, tune
 KERNEL_REACH = 8.0              # Gaussian mass beyond 8 bandwidths is < 1e-15
 GRID_FILE = "grid_{}_kde.parquet"
 META_KEY = b"synthehr_kde"
@@ -212,7 +212,7 @@ def validate_kde_config(config: Mapping, where: str = "KDE_CONFIG") -> dict:
         problems.append(f"{where}: min_count = {mc!r} must be an integer >= 1 (strata with fewer real rows are merged).")
     bf = config.get("bandwidth_floor", DEFAULT_BANDWIDTH_FLOOR)
     if not _is_num(bf) or bf < 0:
-        problems.append(f"{where}: bandwidth_floor = {bf!r} must be a number >= 0 (multiple of the median cell width).")
+        problems.append(f"{where}: bandwidth_floor = {bf!r} must be a number >= 0 (multiple of the median width of the cells holding real values).")
     vc = config.get("variable_config")
     out_vars: dict[str, dict] = {}
     if not isinstance(vc, Mapping) or not vc:
@@ -468,10 +468,14 @@ def _mass_edges(axis: Axis, step_hint: float | None = None) -> tuple[np.ndarray,
     return p - half, p + half
 
 
-def _median_width(axis: Axis) -> float:
+def _median_width(axis: Axis, x: np.ndarray) -> float:
+    """Median width of the cells holding the real values ``x`` (cells without data do not count)."""
     lo, hi = _mass_edges(axis)
-    w = hi - lo
-    return float(np.median(w)) if len(w) else 1.0
+    if not len(lo):
+        return 1.0
+    order = np.argsort(lo, kind="stable")
+    i = np.clip(np.searchsorted(lo[order], x, side="right") - 1, 0, len(lo) - 1)
+    return float(np.median((hi - lo)[order][i])) if len(x) else float(np.median(hi - lo))
 
 
 def silverman(x: np.ndarray) -> float:
@@ -599,7 +603,7 @@ def _fit_task(kind_args: tuple) -> tuple | None:
     hs = []
     for d, axis in enumerate(axes):
         h = bws[d] if bws is not None else silverman(x[:, d])
-        hs.append(max(h, floor * _median_width(axis), 1e-9))
+        hs.append(max(h, floor * _median_width(axis, x[:, d]), 1e-9))
     if method == "kde_range":
         m = _axis_masses(x[:, 0], axes[0], hs[0])
     else:

@@ -517,3 +517,29 @@ class TestStage:
     def test_module_imports_neither_torch_nor_kfp(self):
         code = "import sys, synthehr_core.kde; sys.exit(int('torch' in sys.modules or 'kfp' in sys.modules))"
         assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+    def test_bundled_qh_config_end_to_end_on_a_qh_shaped_table(self):
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.spec_from_file_location("bench_kde", Path(__file__).parents[1] / "bench" / "kde.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)                  # by path: bench/__init__.py imports torch
+        patients, visits = bench.qh_like_tables(30_000, seed=0)
+        cfg = kde.load_kde_config("kde_qh")
+        grids = {n: kde.fit_kde_grid(n, c, patients, visits) for n, c in cfg["variable_config"].items()}
+        syn_v = visits.assign(los_hours=np.nan, los_triage_hours=np.nan, age=np.nan, gap_days=np.nan, event_day=None)
+        for name, g in grids.items():
+            syn_v, rep = kde.sample_from_kde_grid(g, syn_v, None, rng=1, patients=patients)
+            assert rep["n_uniform_fallback"] == 0, name
+        ed = syn_v["event_type"] == "ED"
+        assert syn_v["los_hours"].notna().all() and syn_v.loc[ed, "los_triage_hours"].notna().all()
+        assert syn_v.loc[~ed, "los_triage_hours"].isna().all()
+        for c in ("los_hours", "los_triage_hours", "age", "gap_days"):
+            _assert_inside_bins(syn_v[c], syn_v[f"{c}_binned"])
+        out, rep = kde.reconstruct_times(patients, syn_v, cfg["time"], rng=2)
+        assert out["start_date"].notna().all() and rep["n_raised_age"] >= 0
+        assert (out.groupby("patient_id")["age"].diff().dropna() >= 0).all()
+        real_r = visits.loc[visits["event_type"] == "ED", ["los_hours", "los_triage_hours"]].corr().iloc[0, 1]
+        syn_r = out.loc[out["event_type"] == "ED", ["los_hours", "los_triage_hours"]].corr().iloc[0, 1]
+        assert abs(real_r - syn_r) < 0.05
