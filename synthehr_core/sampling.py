@@ -102,22 +102,54 @@ def _select_cache(kv: list, idx: torch.Tensor) -> list:
     return [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in kv]
 
 
+class _IncrementalHead:
+    """HALO's fine head, evaluated incrementally while one row is filled in (same math as ``model.head``).
+
+    The first masked layer is linear in ``[h, row]``: its pre-activation starts at ``W1[:, :E] h + b1`` and
+    committing code c adds column ``W1[:, E + c]``. The second layer only needs the V output units that are
+    logits. A pass then costs one (V x D) product per patient instead of two (D x D) ones.
+    """
+
+    def __init__(self, model):
+        E, V = model.config.n_embd, model.config.vocab_size
+        w1 = model.fine_1.masked_weight()
+        self.w1_h, self.b1 = w1[:, :E], model.fine_1.bias  # (D, E), (D,)
+        self.w1_row = w1[:, E:].t().contiguous()  # (V, D): what committing each code adds
+        self.w2 = model.fine_2.masked_weight()[E - 1:E - 1 + V]  # (V, D): the logit units only
+        self.b2 = model.fine_2.bias[E - 1:E - 1 + V]
+
+    def start(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b1, h, self.w1_h.t())  # (B, D) pre-activation with an empty row
+
+    def logits(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b2, torch.relu(pre), self.w2.t())  # (B, V)
+
+    def commit(self, pre: torch.Tensor, idx: torch.Tensor, code: torch.Tensor) -> None:
+        pre[idx] += self.w1_row[code]
+
+
 @torch.no_grad()
 def _sample_row(model, h: torch.Tensor, V: int, temperature: float, g: torch.Generator) -> torch.Tensor:
     """Exact skip-zeros draw of one row for every patient, each with its own cursor. ``h (B, E)`` -> ``(B, V)``."""
     B = h.size(0)
     row = torch.zeros(B, V, device=h.device, dtype=h.dtype)
+    if getattr(model.config, "coarse", False):  # codes independent given the history: one draw is exact
+        p = torch.sigmoid(model.head(h, row).float() / temperature)
+        return (torch.rand(p.shape, generator=g, device=h.device) < p).to(row.dtype)
+    head = _IncrementalHead(model)
+    pre = head.start(h)  # (B, D)
     cursor = torch.zeros(B, dtype=torch.long, device=h.device)
     live = torch.arange(B, device=h.device)
     cols = torch.arange(V, device=h.device)
     while live.numel():
-        logits = model.head(h[live], row[live]).float() / temperature  # (n, V)
+        logits = head.logits(pre[live]).float() / temperature  # (n, V)
         draw = torch.rand(logits.shape, generator=g, device=h.device) < torch.sigmoid(logits)
         draw &= cols[None, :] >= cursor[live, None]  # committed columns stay as they are
         has = draw.any(dim=1)
         first = draw.to(torch.int8).argmax(dim=1)  # the patient's first drawn 1 at or after its cursor
         live, first = live[has], first[has]
         row[live, first] = 1.0
+        head.commit(pre, live, first)
         cursor[live] = first + 1
     return row
 

@@ -129,3 +129,15 @@ def test_checkpoint_roundtrip(tmp_path):
         assert torch.equal(m.eval()(x)[0], m2(x)[0])
     with pytest.raises(ConfigError, match="missing"):
         load_model(tmp_path)
+
+
+def test_masked_linear_inference_cache_follows_weight_updates():
+    lin = MaskedLinear(5)
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        a = lin(x)
+        lin.weight.add_(1.0)  # in-place update (optimizer step, load_state_dict) must invalidate the cache
+        b = lin(x)
+    torch.testing.assert_close(b, F.linear(x, torch.tril(lin.weight), lin.bias))
+    assert not torch.allclose(a, b)
+    assert [n for n, _ in lin.named_buffers()] == [] and "_tril" not in lin.state_dict()

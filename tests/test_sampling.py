@@ -122,6 +122,41 @@ class TestExactness:
         assert 1.5 < np.mean([len(r) for r in fast]) < 5  # the test exercises several visit rows
 
 
+def test_incremental_head_equals_model_head():
+    from synthehr_core.sampling import _IncrementalHead
+
+    vocab = _vocab(6, labels=True)
+    m = _sharp_model(vocab, n_ctx=4)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, m.config.n_embd, generator=g)
+    row = torch.zeros(4, vocab.size)
+    with torch.no_grad():
+        inc = _IncrementalHead(m)
+        pre = inc.start(h)
+        for code in ([1, 0, 3, 2], [4, 2, 5, 5]):
+            idx = torch.arange(4)
+            row[idx, torch.tensor(code)] = 1.0
+            inc.commit(pre, idx, torch.tensor(code))
+            torch.testing.assert_close(inc.logits(pre), m.head(h, row), rtol=1e-5, atol=1e-5)
+
+
+def test_coarse_model_first_visit_is_exact():
+    vocab = _vocab(4)
+    V = vocab.size
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        m = HALO(HaloConfig.tiny(vocab.n_visit_tokens, 0, n_ctx=3, coarse=True)).eval()
+        with torch.no_grad():
+            m.transformer.wve.weight.mul_(4.0)
+    pats = _patterns(V)
+    with torch.no_grad():
+        h, _ = m.history(torch.eye(V)[vocab.start_index][None, None, :])
+        p_exact = _log_prob(m, h[0, -1].expand(len(pats), -1), pats).exp().numpy()
+    rows = sample(m, vocab, 8000, seed=2, batch_size=2000, progress=False)
+    counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(pats))
+    assert _chi2_p(counts, p_exact) > 1e-3
+
+
 class TestBehaviour:
     def test_same_seed_and_batch_is_identical_other_seed_differs(self):
         vocab = _vocab(6, labels=True)

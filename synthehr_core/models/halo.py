@@ -98,8 +98,18 @@ class MaskedLinear(nn.Module):
         bound = 1.0 / math.sqrt(self.weight.size(1))
         nn.init.uniform_(self.bias, -bound, bound)
 
+    def masked_weight(self) -> torch.Tensor:
+        """``tril(weight)``; under no_grad it is computed once per weight version (sampling calls the head
+        hundreds of times per row) and kept as a plain attribute, not a buffer."""
+        if torch.is_grad_enabled():
+            return torch.tril(self.weight)
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+        if self.__dict__.get("_tril_key") != key:
+            self.__dict__["_tril"], self.__dict__["_tril_key"] = torch.tril(self.weight.detach()), key
+        return self.__dict__["_tril"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, torch.tril(self.weight), self.bias)
+        return F.linear(x, self.masked_weight(), self.bias)
 
 
 PRESETS = {  # name -> (n_embd, n_layer, n_head)
