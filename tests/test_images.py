@@ -1,0 +1,235 @@
+"""The built stage images, run for real on the Docker engine (`-m images`).
+
+Every container runs offline (`network_mode="none"`). Needs an engine and the images of `make images`; without an
+engine the tests skip, unless SYNTHEHR_REQUIRE_DOCKER=1 (CI), where a missing engine is a failure.
+Start an engine here with `SYNTHEHR_DOCKER_KEEP=1 source scripts/ci-docker.sh`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from components import _images
+from synthehr_build.images import STAGES
+
+pytestmark = pytest.mark.images
+
+REPO = Path(__file__).resolve().parents[1]
+TORCH_STAGES = {"train", "sample"}
+STAGE_UID = 10001  # the non-root user of images/base/Dockerfile
+
+
+@pytest.fixture(scope="session")
+def engine():
+    docker = pytest.importorskip("docker")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:  # DockerException or a socket error: no engine answers
+        msg = (f"no Docker engine answers at DOCKER_HOST={os.environ.get('DOCKER_HOST', '(unset)')} ({exc}); "
+               "start one with `SYNTHEHR_DOCKER_KEEP=1 source scripts/ci-docker.sh` and build with `make images`")
+        if os.environ.get("SYNTHEHR_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"SYNTHEHR_REQUIRE_DOCKER=1 but {msg}")
+        pytest.skip(msg)
+    missing = [_images.image(s) for s in STAGES if not client.images.list(name=_images.image(s))]
+    if missing:
+        pytest.fail(f"stage images {missing} are not built: run `make images` "
+                    "(CI: `make images BASE_IMAGE=local/python:3.11-bookworm`)")
+    return client
+
+
+def run(client, stage: str, command=None, mounts: dict[str, str] | None = None, timeout: int = 300) -> str:
+    """Run one stage image offline to completion; return its output, or fail with the output and exit code."""
+    container = client.containers.run(_images.image(stage), command, detach=True, network_mode="none",
+                                      volumes={h: {"bind": c, "mode": "rw"} for h, c in (mounts or {}).items()})
+    try:
+        code = container.wait(timeout=timeout)["StatusCode"]
+        out = container.logs().decode()
+    finally:
+        container.remove(force=True)
+    assert code == 0, f"{stage}: {command} exited {code}:\n{out[-4000:]}"
+    return out
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_image_is_labelled_and_pinned(engine, stage):
+    image = engine.images.get(_images.image(stage))
+    cfg = image.attrs["Config"]
+    assert cfg["Labels"]["io.synthehr.stage"] == stage
+    assert cfg["Labels"]["io.synthehr.flavor"] == ("torch" if stage in TORCH_STAGES else "light")
+    assert f"SYNTHEHR_STAGE={stage}" in cfg["Env"]
+    assert cfg["User"] == f"{STAGE_UID}:{STAGE_UID}"
+    assert not any(t.endswith(":latest") for t in image.tags), image.tags
+
+
+PROBE = r"""
+import importlib.util, json, os, sys
+import kfp, synthehr_core
+import components._images
+print(json.dumps({"uid": os.getuid(), "python": sys.version.split()[0], "kfp": kfp.__version__,
+                  "synthehr": synthehr_core.__version__,
+                  "torch": importlib.util.find_spec("torch") is not None,
+                  "wheelhouse": os.path.exists("/wheels") or os.path.exists("/tmp/dist"),
+                  "credentials": [p for p in ("/root/.docker", "/root/.config/gcloud", "/home/synthehr/.config/gcloud")
+                                  if os.path.exists(p)] + [k for k in os.environ if "TOKEN" in k or "SECRET" in k]}))
+"""
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_image_contents(engine, stage):
+    """Non-root, Python 3.11, kfp 2.17.3 and synthehr inside; torch only in train/sample; no wheelhouse or credentials."""
+    info = json.loads(run(engine, stage, ["python", "-c", PROBE]).strip().splitlines()[-1])
+    assert info["uid"] == STAGE_UID
+    assert info["python"].startswith("3.11.")
+    assert info["kfp"] == "2.17.3"
+    assert info["synthehr"] == _images.TAG
+    assert info["torch"] is (stage in TORCH_STAGES)
+    assert not info["wheelhouse"] and not info["credentials"], info
+
+
+def test_torch_images_carry_the_cpu_torch_and_it_computes(engine):
+    out = run(engine, "train", ["python", "-c", "import torch, opacus; x = torch.ones(2, 3) @ torch.ones(3, 1);"
+                                                "print(torch.__version__, opacus.__version__, float(x.sum()))"])
+    assert out.split() == ["2.13.0+cpu", "1.6.0", "6.0"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_help_entrypoint(engine, stage):
+    """`docker run IMAGE --help` documents the stage (the entrypoint hands options to the stage CLI)."""
+    out = run(engine, stage, ["--help"])
+    assert "usage" in out.lower() and stage in out, out[-2000:]
+
+
+# --- every stage's component, in its own image, offline, on tiny fixtures --------------------------------------------
+# The driver calls the KFP component's python_func with kfp.dsl artifacts on /data paths (what the KFP executor does,
+# minus executor_input), so it checks that each image holds everything its component imports.
+DRIVER = r"""
+import importlib, json, os, sys
+from kfp import dsl
+spec = json.loads(sys.argv[1])
+fn = getattr(importlib.import_module("components." + spec["module"]), spec["module"]).python_func
+kwargs = dict(spec.get("params", {}))
+for name, (cls, uri) in spec.get("inputs", {}).items():
+    if uri == "@mimic3_demo":
+        import synthehr_core
+        uri = os.path.join(os.path.dirname(synthehr_core.__file__), "sample_data", "mimic3_demo")
+    make = lambda u: getattr(dsl, cls)(name=name, uri=u, metadata={})
+    kwargs[name] = [make(u) for u in uri] if isinstance(uri, list) else make(uri)
+outputs = {}
+for name, (cls, uri) in spec.get("outputs", {}).items():
+    os.makedirs(os.path.dirname(uri), exist_ok=True)
+    kwargs[name] = outputs[name] = getattr(dsl, cls)(name=name, uri=uri, metadata={})
+ret = fn(**kwargs)
+print("DRIVER " + json.dumps({"return": ret, "metadata": {k: a.metadata for k, a in outputs.items()}}, default=str))
+"""
+
+D = "/data"
+CHAIN = [  # (stage, module, spec); each stage reads what the ones before it wrote under /data
+    ("preprocess", "preprocess", {"inputs": {"raw": ["Dataset", "@mimic3_demo"]},
+                                  "params": {"dataset_config": "mimic3", "split_seed": 0},
+                                  "outputs": {"tables": ["Dataset", f"{D}/tables"]}}),
+    ("rules", "rules", {"inputs": {"tables": ["Dataset", f"{D}/tables"]},
+                        "params": {"label_min_prevalence": 5, "pair_min_prevalence": 3,
+                                   "persistence_min_prevalence": 3, "prerequisite_min_prevalence": 3},
+                        "outputs": {"ruleset": ["Artifact", f"{D}/rules"]}}),
+    ("train", "train", {"inputs": {"tables": ["Dataset", f"{D}/tables"], "ruleset": ["Artifact", f"{D}/rules"]},
+                        "params": {"model_type": "halo", "preset": "tiny", "epochs": 2, "batch_size": 16, "lr": 1e-3,
+                                   "seed": 0, "dp_target_epsilon": 0.0},
+                        "outputs": {"model": ["Model", f"{D}/model"], "metrics": ["Metrics", f"{D}/train/metrics"],
+                                    "loss_curve": ["HTML", f"{D}/train/loss.html"]}}),
+    ("kde-grids", "kde_grids", {"inputs": {"tables": ["Dataset", f"{D}/tables"]},
+                                "params": {"kde_config": "kde_mimic3.yml"},
+                                "outputs": {"grids": ["Artifact", f"{D}/grids"]}}),
+    ("sample", "sample", {"inputs": {"model": ["Model", f"{D}/model"]},
+                          "params": {"seed": 3, "n_patients_per_seed": 20, "batch_size": 20, "temperature": 1.0,
+                                     "condition": "", "device": "cpu"},
+                          "outputs": {"shard": ["Dataset", f"{D}/shard3"]}}),
+    ("kde-sample", "kde_sample", {"inputs": {"shard": ["Dataset", f"{D}/shard3"], "grids": ["Artifact", f"{D}/grids"]},
+                                  "params": {"seed": 3},
+                                  "outputs": {"restored": ["Dataset", f"{D}/restored3"]}}),
+    ("merge", "merge", {"inputs": {"shards": ["Dataset", [f"{D}/restored3"]]},
+                        "outputs": {"cohort": ["Dataset", f"{D}/cohort"]}}),
+    ("evaluate", "evaluate", {"inputs": {"real": ["Dataset", f"{D}/tables"], "cohort": ["Dataset", f"{D}/cohort"],
+                                         "ruleset": ["Artifact", f"{D}/rules"]},
+                              "params": {"seed": 0},
+                              "outputs": {"metrics": ["Metrics", f"{D}/eval/metrics"],
+                                          "report": ["HTML", f"{D}/eval/report.html"],
+                                          "summary": ["Markdown", f"{D}/eval/summary.md"],
+                                          "details": ["Artifact", f"{D}/eval/details"]}}),
+]
+
+
+@pytest.fixture(scope="module")
+def chain_dir(tmp_path_factory):
+    data = tmp_path_factory.mktemp("stage-chain")
+    data.chmod(0o777)  # the stage user (uid 10001) writes here
+    (data / "driver.py").write_text(DRIVER)
+    return data
+
+
+@pytest.mark.parametrize("stage,module,spec", CHAIN, ids=[c[0] for c in CHAIN])
+def test_stage_component_runs_in_its_image(engine, chain_dir, stage, module, spec):
+    """The chain preprocess (bundled MIMIC-III demo) -> rules -> train (tiny) -> kde-grids -> sample -> kde-sample
+    -> merge -> evaluate, each stage in its own image; tests run in file order, each on the previous outputs."""
+    for _, (_, uri) in spec.get("inputs", {}).items():
+        for u in uri if isinstance(uri, list) else [uri]:
+            if u.startswith(D) and not (chain_dir / u[len(D) + 1:]).exists():
+                pytest.fail(f"{stage}: upstream output {u} is missing (an earlier stage of the chain failed)")
+    t0 = time.monotonic()
+    out = run(engine, stage, ["python", f"{D}/driver.py", json.dumps({"module": module, **spec})],
+              mounts={str(chain_dir): D})
+    result = json.loads(out.split("DRIVER ", 1)[1])
+    print(f"{stage}: {time.monotonic() - t0:.1f} s")
+    for name, (_, uri) in spec["outputs"].items():
+        host = chain_dir / uri[len(D) + 1:]
+        assert host.exists() or result["metadata"][name], f"{stage}: output {name} ({uri}) was not written"
+    if stage == "preprocess":
+        assert result["metadata"]["tables"]["n_patients"] > 0
+        assert (chain_dir / "tables" / "vocab.json").is_file()
+    if stage == "sample":
+        assert result["return"] == result["metadata"]["shard"]["n_patients"] > 0
+    if stage == "merge":
+        assert result["return"] > 0 and result["metadata"]["cohort"]["seeds"] == [3]
+    if stage == "evaluate":
+        assert result["metadata"]["metrics"] and (chain_dir / "eval" / "summary.md").stat().st_size > 0
+
+
+# --- the whole pipeline, every task in its own stage image ---------------------------------------------------------
+
+@pytest.mark.slow
+def test_whole_pipeline_in_stage_images_with_docker_runner(engine, tmp_path, capsys):
+    """pipelines.builder's mimic3 pipeline under kfp.local.DockerRunner, offline: every task (notify included) runs in
+    the image components/_images names, on the bundled demo, with the local tiny-model settings."""
+    from kfp import local
+
+    from pipelines.builder import LOCAL_OVERRIDES, build_pipeline
+
+    root = tmp_path / "pipeline_root"
+    raw = root / "raw" / "mimic3_demo"  # under the pipeline root: DockerRunner mounts only that
+    shutil.copytree(REPO / "synthehr_core" / "sample_data" / "mimic3_demo", raw)
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)  # the stage user (uid 10001) reads and writes here
+
+    local.init(runner=local.DockerRunner(network_mode="none"), pipeline_root=str(root), raise_on_error=True)
+    pipeline = build_pipeline("mimic3")
+    t0 = time.monotonic()
+    pipeline(raw_uri=str(raw), **{**LOCAL_OVERRIDES, "sample_seeds": [0, 1]})
+    seconds = time.monotonic() - t0
+    log = capsys.readouterr()
+    used = {line.split("'")[1] for line in (log.out + log.err).splitlines() if line.startswith("Found image '")}
+    assert used == {_images.image(s) for s in STAGES}, f"tasks ran in {sorted(used)}"
+    print(f"DockerRunner pipeline: {seconds:.1f} s in {sorted(used)}")
+
+    runs = [p for p in root.iterdir() if p.name.startswith("synthehr-mimic3")]
+    assert len(runs) == 1, list(root.iterdir())
+    run_dir = runs[0]
+    tasks = {p.name for p in run_dir.rglob("*") if p.is_dir()}
+    for task in ("preprocess", "rules", "train", "kde-grids", "merge", "evaluate"):
+        assert task in tasks, f"no output dir for task {task} under {run_dir}: {sorted(tasks)[:40]}"
+    summaries = list(run_dir.rglob("summary"))
+    assert summaries and summaries[0].stat().st_size > 0
