@@ -886,20 +886,22 @@ def sample_from_kde_grid(grid: KDEGrid | str, synthetic: pd.DataFrame, variable:
         raise DataError(f"grid {grid.name!r}: synthetic table lacks stratification columns {missing}; "
                         f"found {sorted(syn.columns)}. Sample with a model trained on the same dataset config.")
     skip = set(vars_) | {f"{v}_binned" for v in vars_}
-    rows = np.flatnonzero(_filter_mask(syn, spec["filter"], skip=skip))
+    mask = _filter_mask(syn, spec["filter"], skip=skip)
+    rows = np.flatnonzero(mask)
     n = len(rows)
+    sel = (lambda col: col) if n == len(syn) else (lambda col: col.iloc[rows])   # skip the copy when all rows
     d = len(vars_)
 
     # one integer code per row for (stratum, bin per dim), then one group per distinct code
     code_cols, decoders = [], []
     for c in strat:
-        cc, uniq = pd.factorize(_as_key(syn[c].iloc[rows]), use_na_sentinel=True)
+        cc, uniq = pd.factorize(_as_key(sel(syn[c])), use_na_sentinel=True)
         code_cols.append(cc.astype(np.int64))
         decoders.append(("s", np.asarray(uniq, dtype=object)))
     binned = [f"{v}_binned" in syn.columns and k != "values" for v, k in zip(vars_, kinds)]
     for v, has in zip(vars_, binned):
         if has:
-            cc, lo, hi = _bin_edges(syn[f"{v}_binned"].iloc[rows])
+            cc, lo, hi = _bin_edges(sel(syn[f"{v}_binned"]))
             code_cols.append(cc)
             decoders.append(("b", lo, hi))
     key = np.zeros(n, dtype=np.int64)
@@ -996,17 +998,18 @@ def sample_from_kde_grid(grid: KDEGrid | str, synthetic: pd.DataFrame, variable:
     else:
         t = rng.random((len(lg), d))
         for dim, var in enumerate(vars_):
-            s, e = S[idx, dim], E[idx, dim]
+            s, e = np.ascontiguousarray(S[:, dim])[idx], np.ascontiguousarray(E[:, dim])[idx]
             val = s + t[:, dim] * (e - s)
             val = np.minimum(val, np.where(e > s, np.nextafter(e, -np.inf), e))   # half-open cells stay half-open
             newcol = out[var].to_numpy(dtype=float, copy=True) if var in out.columns else np.full(len(out), np.nan)
             newcol[target] = val
             out[var] = newcol
-    lvl_rows = level_used[lg]
+    per_group = np.bincount(lg, minlength=len(gkeys))                 # counts per group, then per level: O(groups)
+    per_level = np.bincount(level_used + 1, weights=per_group, minlength=len(strat) + 2).astype(np.int64)
     report["n_filled"] = len(lg)
-    report["n_backoff"] = int(np.count_nonzero((lvl_rows >= 0) & (lvl_rows < len(strat))))
-    report["n_uniform_fallback"] = int(np.count_nonzero(uniform[lg]))
-    report["rows_by_level"] = {int(k): int(v) for k, v in zip(*np.unique(lvl_rows, return_counts=True))}
+    report["n_backoff"] = int(per_level[1:len(strat) + 1].sum())
+    report["n_uniform_fallback"] = int(per_group[uniform].sum())
+    report["rows_by_level"] = {lvl - 1: int(c) for lvl, c in enumerate(per_level) if c}
     return out, report
 
 
