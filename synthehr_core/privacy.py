@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
 
-import numpy as np
 import pandas as pd
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .errors import ConfigError
 from .models.halo import MaskedLinear
@@ -96,7 +95,7 @@ class DPConfig:
     def enabled(self) -> bool:
         return self.target_epsilon > 0 or self.noise_multiplier is not None
 
-    def validate(self, n_train: int | None = None) -> "DPConfig":
+    def validate(self, n_train: int | None = None) -> DPConfig:
         problems = []
         num = (int, float)
         if not isinstance(self.target_epsilon, num) or not math.isfinite(self.target_epsilon) or self.target_epsilon < 0:

@@ -2,15 +2,23 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from synthehr_core.errors import ConfigError
 from synthehr_core.models.halo import HALO, HaloConfig, MaskedLinear
-from synthehr_core.privacy import (DPConfig, PrivateTraining, code_patient_counts, masked_linear_grad_sample,
-                                   min_code_count_vocab, poisson_batch, register_grad_samplers)
+from synthehr_core.privacy import (
+    DPConfig,
+    PrivateTraining,
+    code_patient_counts,
+    masked_linear_grad_sample,
+    min_code_count_vocab,
+    poisson_batch,
+    register_grad_samplers,
+)
 from synthehr_core.vocab import Vocab
 
 
@@ -178,3 +186,65 @@ class TestMinCodeCount:
         assert min_code_count_vocab(vocab, counts, 0) == (vocab, [])
         with pytest.raises(ConfigError, match="min_code_count"):
             min_code_count_vocab(vocab, counts, -1)
+
+
+@pytest.fixture(scope="module")
+def mimic_demo(tmp_path_factory):
+    from synthehr_core.preprocess import preprocess
+
+    d = tmp_path_factory.mktemp("mimic") / "t"
+    preprocess("mimic3", d)  # the bundled MIMIC-III demo: 72 train / 8 val patients, vocab 780
+    return d
+
+
+def _ckpt(path) -> dict:
+    return torch.load(io.BytesIO(open(path, "rb").read()), map_location="cpu", weights_only=True)
+
+
+class TestDPTraining:
+    """train_to_dir with DP-SGD on the MIMIC-III demo tables."""
+    RUN = dict(preset="tiny", n_embd=16, batch_size=8, eval_every=None, progress=False, seed=0)
+
+    def test_demo_run_reaches_the_target_epsilon(self, mimic_demo, tmp_path):
+        from synthehr_core.train import CKPT_DIR, train_to_dir
+
+        info = train_to_dir(mimic_demo, tmp_path / "dp", epochs=2, dp_target_epsilon=3.0, dp_delta=1e-3,
+                            dp_max_grad_norm=1.0, dp_physical_batch_size=4, **self.RUN)
+        assert info["dp_steps"] == info["steps"] == 18  # 2 epochs of ceil(72 / 8) Poisson steps, q = 8/72
+        assert abs(info["dp_epsilon"] - 3.0) / 3.0 < 0.10 and info["dp_epsilon"] <= 3.0 + 0.01
+        meta = json.loads((tmp_path / "dp" / "meta.json").read_text())
+        assert meta["dp_epsilon"] == pytest.approx(info["dp_epsilon"])
+        last = _ckpt(sorted((tmp_path / "dp" / CKPT_DIR).iterdir())[-1])
+        assert last["privacy"]["noise_multiplier"] == pytest.approx(info["dp_noise_multiplier"])
+        assert sum(h[2] for h in last["privacy"]["accountant"]["history"]) == 18
+        state = _ckpt(tmp_path / "dp" / "model.pt")
+        assert all(torch.isfinite(v).all() for v in state.values())
+        assert "_module." not in "".join(state)  # the plain model's keys, loadable by load_model
+
+    def test_resumed_run_continues_its_privacy_accounting(self, mimic_demo, tmp_path):
+        from synthehr_core.train import CKPT_DIR, train_to_dir
+
+        dp = dict(dp_noise_multiplier=1.1, dp_delta=1e-3)
+        full = train_to_dir(mimic_demo, tmp_path / "full", max_steps=6, ckpt_every=3, keep_checkpoints=None,
+                            **dp, **self.RUN)
+        mid = tmp_path / "full" / CKPT_DIR / "step_00000003.pt"
+        assert sum(h[2] for h in _ckpt(mid)["privacy"]["accountant"]["history"]) == 3
+        resumed = train_to_dir(mimic_demo, tmp_path / "resumed", max_steps=6, resume_from=mid, **dp, **self.RUN)
+        assert resumed["dp_steps"] == 6  # 3 restored + 3 new, not 3
+        assert resumed["dp_epsilon"] == pytest.approx(full["dp_epsilon"], rel=1e-9)
+        assert resumed["dp_epsilon"] > _eps(1.1, 8 / 72, 3, 1e-3)
+        a, b = _ckpt(tmp_path / "full" / "model.pt"), _ckpt(tmp_path / "resumed" / "model.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a)  # batches and noise are functions of (seed, step)
+        for other in ({}, dict(dp_noise_multiplier=2.0, dp_delta=1e-3)):  # dropping or changing the DP options
+            with pytest.raises(ConfigError, match="dp_"):
+                train_to_dir(mimic_demo, tmp_path / "other", max_steps=6, resume_from=mid, **other, **self.RUN)
+
+
+def _eps(sigma: float, q: float, steps: int, delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    from synthehr_core.privacy import RDP_ALPHAS
+
+    acc = RDPAccountant()
+    acc.history = [(sigma, q, steps)]
+    return acc.get_epsilon(delta=delta, alphas=RDP_ALPHAS)
