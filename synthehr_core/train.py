@@ -34,10 +34,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__, storage
-from .errors import ConfigError
-from .models import model_class, write_checkpoint
 from .distributed import SINGLE, DistContext
 from .distributed import setup as setup_distributed
+from .errors import ConfigError
+from .models import model_class, write_checkpoint
 from .models.halo import HaloConfig
 from .precision import autocast, grad_scaler, validate_precision
 from .privacy import DPConfig, PrivateTraining
@@ -210,7 +210,7 @@ def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParque
     n_ctx = model.config.n_ctx
     precision = validate_precision(precision, device)
     dist = dist or SINGLE
-    amp = lambda: autocast(precision, device)  # noqa: E731
+    amp = lambda: autocast(precision, device)
     scaler = grad_scaler(precision, device)
     optimizer = make_optimizer(model, args.lr)
     ck: dict = {}
@@ -223,8 +223,8 @@ def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParque
         ck = _load(path)
         if run_hash and ck.get("run_hash") != run_hash:
             raise ConfigError(f"resume_from={path} was written by a different run (hash {ck.get('run_hash')} != "
-                              f"{run_hash}): model, data, lr, batch size or seed differ. Resume with the same "
-                              "arguments, or start fresh in an empty out_dir.")
+                              f"{run_hash}): model, data, lr, batch size, seed, precision or dp_* options "
+                              "differ. Resume with the same arguments, or start fresh in an empty out_dir.")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         step, epoch, batch_pos = int(ck["step"]), int(ck["epoch"]), int(ck["batch_pos"])
