@@ -615,7 +615,10 @@ def _fit_task(kind_args: tuple) -> tuple | None:
 
 
 def _n_jobs(num_cores: int) -> int:
-    return (os.cpu_count() or 1) if num_cores == -1 else num_cores
+    """-1 = the cores this process may run on (respects taskset / container CPU sets), else ``num_cores``."""
+    if num_cores != -1:
+        return num_cores
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def fit_kde_grid(name: str, vcfg: dict, patients: pd.DataFrame | None, visits: pd.DataFrame | None,
