@@ -1,0 +1,319 @@
+"""`synthehr`: compile, run locally or submit the Kubeflow pipelines, or run one stage without Kubeflow.
+
+The pipeline commands (compile, run, submit) import the repository's `components` and `pipelines` packages and
+kfp lazily, so the stage commands work in an image or on a cluster node that has only synthehr_core.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    name="synthehr",
+    no_args_is_help=True,
+    add_completion=False,
+    help="""Synthetic EHR cohorts: raw extract -> tables -> HALO/ConSequence -> sampled shards -> KDE values -> merge.
+
+\b
+Pipelines (need the `pipelines` extra: kfp, kfp-kubernetes):
+  synthehr compile                                    # every pipeline -> pipelines/compiled/*.yaml
+  synthehr run --local --dataset mimic3               # the whole DAG here with kfp.local (no Docker, no GPU)
+  synthehr submit --dataset mimic3 --host URL -p raw_uri=gs://bucket/mimic3 -p preset=paper
+\b
+One stage at a time, without Kubeflow (HPC, debugging); each reads and writes directories:
+  synthehr preprocess --config mimic3 --out work/tables
+  synthehr rules --tables work/tables --out work/rules
+  synthehr train --tables work/tables --out work/model --model-type halo --preset small
+  synthehr kde-grids --tables work/tables --kde-config kde_mimic3.yml --out work/grids
+  synthehr sample --model work/model --seed 3 --n-patients 1000 --out work/shard-3
+  synthehr kde-sample --shard work/shard-3 --grids work/grids --seed 3 --out work/restored-3
+  synthehr merge work/restored-* --out work/cohort
+  synthehr evaluate --real work/tables --synthetic work/cohort --rules work/rules --out work/eval
+\b
+A Slurm array over seeds (one shard per task, then one merge job):
+  sbatch --array=0-15 --gres=gpu:1 --wrap 'synthehr sample --model work/model \\
+      --seed $SLURM_ARRAY_TASK_ID --n-patients 1000 --out work/shard-$SLURM_ARRAY_TASK_ID && \\
+    synthehr kde-sample --shard work/shard-$SLURM_ARRAY_TASK_ID --grids work/grids \\
+      --seed $SLURM_ARRAY_TASK_ID --out work/restored-$SLURM_ARRAY_TASK_ID'
+  sbatch --dependency=afterok:<array job id> --wrap 'synthehr merge work/restored-* --out work/cohort'
+""",
+)
+
+DEFAULT_COMPILED = Path("pipelines/compiled")
+LOCAL_WARNING = r".*(non-Python base image|have no effect in the current local runner).*"
+
+
+def _echo_json(obj: dict) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _kfp_imports():
+    """Import kfp and the repo's pipelines, with advice instead of a traceback when they are missing."""
+    try:
+        import kfp  # noqa: F401
+        from pipelines import builder
+    except ModuleNotFoundError as exc:
+        name = exc.name or str(exc)
+        if name.startswith("kfp"):
+            hint = "install the pipelines extra: pip install -e '.[pipelines]' (kfp==2.17.3, kfp-kubernetes)."
+        else:
+            hint = ("run from the repository root (the `components` and `pipelines` packages live there) or "
+                    "pip install -e . from it.")
+        raise typer.BadParameter(f"cannot import {name!r}: {hint}") from exc
+    return builder
+
+
+def parse_params(pairs: List[str], defaults: dict | None = None) -> dict:
+    """``["epochs=3", "sample_seeds=[0,1]", "model_type=halo"]`` -> typed dict (JSON values, else strings)."""
+    out = dict(defaults or {})
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"-p {pair!r}: expected key=value, e.g. -p epochs=3 or -p sample_seeds=[0,1].")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _check_params(fn, params: dict) -> None:
+    known = set(fn.component_spec.inputs or {})
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise typer.BadParameter(f"unknown pipeline parameters {unknown}; this pipeline has {sorted(known)}.")
+
+
+# ------------------------------------------------------------------------------------------- pipelines
+@app.command("compile")
+def compile_cmd(out: Path = typer.Option(DEFAULT_COMPILED, "--out", help="folder for the YAML files")):
+    """Compile every pipeline (mimic3, adni, qh, mimic3_conditional) to OUT/<name>.yaml."""
+    builder = _kfp_imports()
+    from kfp import compiler
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, fn in builder.all_pipelines().items():
+        path = out / f"{name}.yaml"
+        compiler.Compiler().compile(fn, str(path))
+        typer.echo(f"wrote {path}")
+
+
+def _find_output(run_dir: Path, task: str, name: str) -> Optional[Path]:
+    hits = sorted(run_dir.glob(f"**/{task}/{name}"))
+    return hits[-1] if hits else None
+
+
+@app.command("run")
+def run_cmd(
+    dataset: str = typer.Option("mimic3", "--dataset", "-d", help="mimic3, adni or qh"),
+    local: bool = typer.Option(True, "--local/--no-local", help="run here with kfp.local (the only mode so far)"),
+    params: List[str] = typer.Option([], "--param", "-p", help="pipeline parameter key=value (repeatable)"),
+    conditional: bool = typer.Option(False, help="use the label-conditioned variant (adds -p condition=...)"),
+    pipeline_root: Path = typer.Option(Path("runs"), help="where kfp.local writes every task's outputs"),
+    raw: Optional[str] = typer.Option(None, help="raw extract directory; default: the dataset's bundled sample"),
+):
+    """Run a whole pipeline locally (kfp.local SubprocessRunner, this venv, CPU).
+
+    Local runs start from pipelines.builder.LOCAL_OVERRIDES (tiny model, few epochs, 2 small shards); -p wins over
+    them. Example: synthehr run --local --dataset mimic3 -p epochs=20 -p model_type=consequence
+    """
+    if not local:
+        raise typer.BadParameter("only --local runs are supported here; use `synthehr submit` for a cluster.")
+    builder = _kfp_imports()
+    from kfp import local as kfp_local
+
+    from .config import load_config
+
+    fn = builder.build_pipeline(dataset, conditional=conditional)
+    raw_dir = raw or load_config(dataset).raw_path("local")
+    args = parse_params(params, {**builder.LOCAL_OVERRIDES, "raw_uri": str(Path(raw_dir).resolve())})
+    _check_params(fn, args)
+    root = pipeline_root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    before = set(root.iterdir())
+    warnings.filterwarnings("ignore", message=LOCAL_WARNING, category=RuntimeWarning)
+    warnings.filterwarnings("ignore", message=LOCAL_WARNING, category=UserWarning)
+    kfp_local.init(runner=kfp_local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    typer.echo(f"running {builder.pipeline_name(dataset, conditional)} with {json.dumps(args)}")
+    t0 = time.perf_counter()
+    fn(**args)
+    wall = time.perf_counter() - t0
+    new = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
+    run_dir = new[-1] if new else root
+    cohort = _find_output(run_dir, "merge", "cohort")
+    report = _find_output(run_dir, "evaluate", "report")
+    summary = _find_output(run_dir, "evaluate", "summary")
+    typer.echo(f"\nrun folder:      {run_dir}\nmerged cohort:   {cohort}\nreport (HTML):   {report}\n"
+               f"summary (MD):    {summary}\nwall time:       {wall:.1f} s")
+
+
+@app.command("submit")
+def submit_cmd(
+    dataset: str = typer.Option("mimic3", "--dataset", "-d", help="mimic3, adni or qh"),
+    params: List[str] = typer.Option([], "--param", "-p", help="pipeline parameter key=value (repeatable)"),
+    conditional: bool = typer.Option(False, help="submit the label-conditioned variant"),
+    host: Optional[str] = typer.Option(None, envvar="KFP_HOST", help="KFP API endpoint [env KFP_HOST]"),
+    namespace: Optional[str] = typer.Option(None, envvar="KFP_NAMESPACE", help="profile namespace [env KFP_NAMESPACE]"),
+    token: Optional[str] = typer.Option(None, envvar="KFP_TOKEN", help="bearer token [env KFP_TOKEN]"),
+    experiment: str = typer.Option("synthehr", help="experiment the run goes into"),
+    run_name: Optional[str] = typer.Option(None, help="default: <pipeline>-<UTC timestamp>"),
+    version: Optional[str] = typer.Option(None, help="pipeline version name; default: package version + timestamp"),
+    package: Optional[Path] = typer.Option(None, help="compiled YAML to upload; default: pipelines/compiled/<name>.yaml"),
+):
+    """Upload the compiled pipeline (a new version of it) to a KFP cluster and start a run with -p overrides."""
+    builder = _kfp_imports()
+    import kfp
+
+    from . import __version__
+
+    stem = f"{dataset}_conditional" if conditional else dataset
+    package = package or DEFAULT_COMPILED / f"{stem}.yaml"
+    if not package.exists():
+        raise typer.BadParameter(f"{package} does not exist: run `synthehr compile` (or make compile) first.")
+    fn = builder.build_pipeline(dataset, conditional=conditional)
+    args = parse_params(params)
+    _check_params(fn, args)
+    name = builder.pipeline_name(dataset, conditional)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    client = kfp.Client(host=host, namespace=namespace, existing_token=token)
+    version = version or f"{__version__}-{stamp}"
+    pipeline_id = client.get_pipeline_id(name)
+    if pipeline_id is None:   # a new pipeline comes with its first version
+        pipeline_id = client.upload_pipeline(str(package), pipeline_name=name, namespace=namespace).pipeline_id
+        version_id = client.list_pipeline_versions(pipeline_id).pipeline_versions[0].pipeline_version_id
+    else:
+        version_id = client.upload_pipeline_version(str(package), pipeline_version_name=version,
+                                                    pipeline_id=pipeline_id).pipeline_version_id
+    exp = client.create_experiment(experiment, namespace=namespace)
+    run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=run_name or f"{name}-{stamp}",
+                              params=args, pipeline_id=pipeline_id, version_id=version_id)
+    typer.echo(f"submitted run {run.run_id} of {name} (version {version_id}) to {host or 'in-cluster KFP'}")
+
+
+# ---------------------------------------------------------------------------------------------- stages
+@app.command()
+def preprocess(config: str = typer.Option(..., help="bundled config name (mimic3, adni, qh) or YAML path"),
+               out: str = typer.Option(..., help="output tables directory (local or gs://)"),
+               raw: Optional[str] = typer.Option(None, help="raw extract directory; default: the profile's"),
+               profile: str = typer.Option("local", help="config profile giving the raw location (local/hpc/kubeflow)"),
+               seed: Optional[int] = typer.Option(None, help="split seed; default: the config's split.seed"),
+               overwrite: bool = False):
+    """Raw extract -> canonical tables directory."""
+    from .preprocess import preprocess as run
+
+    meta = run(config, out, profile=profile, seed=seed, raw=raw, overwrite=overwrite)
+    _echo_json({k: meta[k] for k in ("dataset", "n_patients", "n_visits", "n_codes", "vocab_size", "split_sizes")})
+
+
+@app.command()
+def rules(tables: str = typer.Option(..., help="tables directory from preprocess"),
+          out: str = typer.Option(..., help="output directory for rules.json"),
+          threshold: List[str] = typer.Option([], "--threshold", "-t",
+                                              help="key=value, e.g. -t label_min_prevalence=5 (see rules.Thresholds)")):
+    """Mine ConSequence rules from the train split."""
+    from .rules import mine_rules_to_dir
+
+    info = mine_rules_to_dir(tables, out, **parse_params(threshold))
+    _echo_json({k: info[k] for k in ("n_rules", "by_family", "n_patients")})
+
+
+@app.command()
+def train(tables: str = typer.Option(..., help="tables directory from preprocess"),
+          out: str = typer.Option(..., help="empty checkpoint directory"),
+          model_type: str = typer.Option("halo", help="halo or consequence"),
+          preset: str = typer.Option("tiny", help="tiny, small or paper"),
+          epochs: int = 50, batch_size: int = 48, lr: float = 1e-4, seed: int = 0,
+          rules_dir: Optional[str] = typer.Option(None, "--rules", help="rules directory (consequence)"),
+          resume_from: Optional[str] = typer.Option(None, help="checkpoint or run directory to resume"),
+          dp_target_epsilon: float = typer.Option(0.0, help="DP-SGD epsilon; 0 = no differential privacy"),
+          device: Optional[str] = typer.Option(None, help="cpu, cuda, ...; default: cuda if available")):
+    """Train HALO or ConSequence and write a checkpoint directory."""
+    import inspect
+
+    from .train import train_to_dir
+
+    dp = {"dp_target_epsilon": dp_target_epsilon} if dp_target_epsilon else {}
+    if dp and "dp_target_epsilon" not in inspect.signature(train_to_dir).parameters:
+        raise typer.BadParameter("--dp-target-epsilon: this synthehr build has no DP-SGD training; pass 0.")
+    info = train_to_dir(tables, out, model_type=model_type, preset=preset, epochs=epochs, batch_size=batch_size,
+                        lr=lr, rules_dir=rules_dir, seed=seed, resume_from=resume_from, device=device, **dp)
+    _echo_json(info)
+
+
+@app.command("kde-grids")
+def kde_grids(tables: str = typer.Option(..., help="tables directory from preprocess"),
+              kde_config: str = typer.Option(..., help="bundled KDE config (kde_mimic3.yml) or YAML path"),
+              out: str = typer.Option(..., help="output grids directory"), overwrite: bool = False):
+    """Fit the KDE grids of continuous values and times on the train split."""
+    from .kde import generate_kde_grids_to_dir
+
+    meta = generate_kde_grids_to_dir(tables, kde_config, out, overwrite=overwrite)
+    _echo_json({k: meta[k] for k in ("config_hash", "n_patients", "n_visits")})
+
+
+@app.command()
+def sample(model: str = typer.Option(..., help="checkpoint directory from train"),
+           out: str = typer.Option(..., help="output shard directory"),
+           seed: int = typer.Option(..., help="shard seed (one shard per seed)"),
+           n_patients: int = typer.Option(1000, help="patients in this shard"),
+           batch_size: int = 256, temperature: float = 1.0,
+           condition: str = typer.Option("", help='"", "label_probs" or JSON like \'{"gender": "F"}\''),
+           device: Optional[str] = typer.Option(None, help="cpu (default, reproducible) or cuda"),
+           overwrite: bool = False):
+    """Sample one cohort shard from a checkpoint."""
+    from .sampling import sample_to_dir
+
+    cond = json.loads(condition) if condition.strip().startswith("{") else (condition.strip() or None)
+    meta = sample_to_dir(model, out, seed=seed, n_patients=n_patients, batch_size=batch_size,
+                         temperature=temperature, condition=cond, device=device, overwrite=overwrite)
+    _echo_json({k: meta[k] for k in ("seed", "n_patients", "n_visits", "n_codes", "n_dropped_no_visits")})
+
+
+@app.command("kde-sample")
+def kde_sample(shard: str = typer.Option(..., help="shard directory from sample"),
+               grids: str = typer.Option(..., help="grids directory from kde-grids"),
+               out: str = typer.Option(..., help="output shard directory"),
+               seed: int = typer.Option(..., help="RNG seed; use the shard's own seed"), overwrite: bool = False):
+    """Fill a shard's continuous values and visit times from the KDE grids."""
+    from .kde import sample_kde_to_dir
+
+    meta = sample_kde_to_dir(shard, grids, out, seed=seed, overwrite=overwrite)
+    _echo_json({k: meta[k] for k in ("seed", "n_patients", "n_visits", "backoff_counts")})
+
+
+@app.command()
+def merge(shards: List[str] = typer.Argument(..., help="shard directories (any order; sorted by their seed)"),
+          out: str = typer.Option(..., help="output cohort directory"), overwrite: bool = False):
+    """Merge shards into one cohort, ordered by seed, with unique patient ids."""
+    from .merge import merge_shards
+
+    meta = merge_shards(shards, out, overwrite=overwrite)
+    _echo_json({k: meta[k] for k in ("seeds", "n_patients", "n_visits", "n_codes")})
+
+
+@app.command()
+def evaluate(real: str = typer.Option(..., help="real tables directory from preprocess"),
+             synthetic: str = typer.Option(..., help="synthetic cohort directory from merge"),
+             out: str = typer.Option(..., help="output directory (metrics.json, report.html, summary.md)"),
+             rules_dir: Optional[str] = typer.Option(None, "--rules", help="rules directory (rule violations)"),
+             seed: int = 0, overwrite: bool = False):
+    """Fidelity, rule violations, privacy and utility of a synthetic cohort."""
+    from . import storage
+    from .evaluation import evaluate_to_dir
+
+    rules_path = storage.join(rules_dir, "rules.json") if rules_dir else None
+    res = evaluate_to_dir(real, synthetic, out, rules_path=rules_path, seed=seed, overwrite=overwrite)
+    typer.echo(f"{len(res['metrics'])} metrics, flags {res['flags']} -> {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
