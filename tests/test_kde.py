@@ -543,3 +543,20 @@ class TestStage:
         real_r = visits.loc[visits["event_type"] == "ED", ["los_hours", "los_triage_hours"]].corr().iloc[0, 1]
         syn_r = out.loc[out["event_type"] == "ED", ["los_hours", "los_triage_hours"]].corr().iloc[0, 1]
         assert abs(real_r - syn_r) < 0.05
+
+    def test_bundled_mimic3_config_on_the_demo_tables(self, tmp_path):
+        from synthehr_core.preprocess import preprocess
+
+        preprocess("mimic3", tmp_path / "tables", overwrite=True)   # its meta names the KDE config: kde_mimic3.yml
+        kde_name = storage.read_json(tmp_path / "tables" / "meta.json")["kde"]
+        meta = kde.generate_kde_grids_to_dir(str(tmp_path / "tables"), kde_name, str(tmp_path / "grids"))
+        assert set(meta["grids"]) == {"age", "los_days", "gap_days"}
+        p, v, c = read_tables(tmp_path / "tables")
+        with storage.atomic_dir(tmp_path / "shard") as tmp:
+            from synthehr_core.schema import write_tables
+            write_tables(tmp, p.assign(split="synthetic", age=np.nan),
+                         v.assign(los_days=np.nan, gap_days=np.nan, start_offset_days=np.nan), c)
+        kde.sample_kde_to_dir(str(tmp_path / "shard"), str(tmp_path / "grids"), str(tmp_path / "out"), seed=0)
+        sp, sv, _ = read_tables(tmp_path / "out")
+        _assert_inside_bins(sv["los_days"], sv["los_days_binned"])
+        assert sp["age"].between(0, 90).all() and sv["start_offset_days"].notna().all()
