@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from synthehr_core.models.halo import HALO, HaloConfig  # noqa: E402
-from synthehr_core.train import make_optimizer, train_step  # noqa: E402
+from synthehr_core.models.halo import HALO, HaloConfig
+from synthehr_core.train import make_optimizer, train_step
 
 
 # ---------------------------------------------------------------------------------------------- reference style
@@ -87,7 +87,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
+def _median_time(fn, repeats: int, device: torch.device | None = None) -> float:
+    device = device or torch.device("cpu")
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -120,7 +121,7 @@ def time_train_step(preset: str, n_visit: int, n_labels: int, n_ctx: int, batch:
     times: list[list[float]] = [[], []]
     for _ in range(repeats):
         for i, (m, o) in enumerate(zip(models, opts)):
-            times[i].append(_median_time(lambda: [train_step(m, o, X, mask) for _ in range(steps)], 1, device))
+            times[i].append(_median_time(lambda m=m, o=o: [train_step(m, o, X, mask) for _ in range(steps)], 1, device))
     rows = []
     for i, name in enumerate(("ours (tril in forward, BCEWithLogits)", "reference (int mask buffer, BCELoss)")):
         rows.append({"model": name, "steps/s": steps / statistics.median(times[i]), "best": steps / min(times[i]),
@@ -147,7 +148,7 @@ def time_sample(n_patients: int, batch: int, preset: str, train_steps: int, repe
     train_to_dir(tmp / "tables", tmp / "model", model_type="consequence", rules_dir=tmp / "rules", preset=preset,
                  max_steps=train_steps, epochs=10_000, batch_size=16, lr=1e-3, eval_every=None, seed=seed,
                  device=device, progress=False)
-    model, vocab, cfg = load_model(tmp / "model", device)
+    model, vocab, _ = load_model(tmp / "model", device)
     rules = load_row_rules(tmp / "model" / "rules.json", vocab, model.config.n_ctx)
     out = {"n_rules": info["n_rules"], "by_family": info["by_family"], "groups": len(rules.groups),
            "vocab": vocab.size}
@@ -156,14 +157,14 @@ def time_sample(n_patients: int, batch: int, preset: str, train_steps: int, repe
     for _ in range(repeats):  # interleaved, so load drift on a shared machine hits both
         for name, rr in (("halo", None), ("consequence", timed)):
             res = []
-            times[name].append(_median_time(lambda: res.append(sample(
+            times[name].append(_median_time(lambda res=res, rr=rr: res.append(sample(
                 model, vocab, n_patients, seed=seed, batch_size=batch, rules=rr, device=device, progress=False)),
                 1, device))
             out[name + " rows"] = sum(len(p) for p in res[-1])
             out[name + " tokens"] = sum(len(r) for p in res[-1] for r in p)
-    for name in times:
-        out[name] = statistics.median(times[name])
-        out[name + " best"] = min(times[name])
+    for name, ts in times.items():
+        out[name] = statistics.median(ts)
+        out[name + " best"] = min(ts)
     out["overhead best %"] = 100.0 * (out["consequence best"] / out["halo best"] - 1.0)
     out["apply_row"] = timed.seconds / repeats
     out["rows"] = timed.calls / repeats

@@ -81,7 +81,7 @@ class Rule:
         return d
 
     @classmethod
-    def from_json(cls, d: dict, where: str = RULES_FILE) -> "Rule":
+    def from_json(cls, d: dict, where: str = RULES_FILE) -> Rule:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -162,7 +162,7 @@ class Thresholds:
     close_under_pairs: bool = True         # KI's "bonus" label exclusions, generalised; keeps overrides consistent
 
     @classmethod
-    def make(cls, **kw: Any) -> "Thresholds":
+    def make(cls, **kw: Any) -> Thresholds:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kw) - names)
         if unknown:
@@ -336,7 +336,7 @@ def build_rows(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame
 
 # ---------------------------------------------------------------------------------------------- checking
 def _indexed(rule: Rule, vocab: Vocab) -> tuple:
-    ix = lambda toks: tuple(vocab.index(t) for t in toks)  # noqa: E731
+    ix = lambda toks: tuple(vocab.index(t) for t in toks)
     return (rule.past_visits, ix(rule.past_pos), ix(rule.past_neg), ix(rule.cur_pos), ix(rule.cur_neg))
 
 
@@ -414,7 +414,7 @@ def check_violations_dir(tables_dir: str | Path, rules_path: str | Path, split: 
 def _stat_rules(specs: list[tuple], rows: _Rows, vocab: Vocab, th: Thresholds) -> list[Rule]:
     """Turn candidate (family, past_visits, past_pos, past_neg, cur_pos, cur_neg, output, value, origin) tuples
     into rules with support and confidence measured on ``rows``; drop those below ``min_confidence``."""
-    tok = lambda ids: tuple(vocab.tokens[i].token for i in ids)  # noqa: E731
+    tok = lambda ids: tuple(vocab.tokens[i].token for i in ids)
     cands = [Rule(f, pv, tok(pp), tok(pn), tok(cp), tok(cn), vocab.tokens[o].token, v, origin=og)
              for (f, pv, pp, pn, cp, cn, o, v, og) in specs]
     if not cands:
@@ -445,7 +445,7 @@ def mine_rules(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame
     cand = np.array([i for i, t in enumerate(vocab.tokens) if t.kind == "code" and t.variable is None], dtype=np.int64)
     Rv = rows.X[rows.is_visit][:, cand].astype(np.int64).tocsc()  # (n_visits, n_cand)
     prev = np.asarray(Rv.sum(axis=0)).ravel()
-    slack = lambda n: (1.0 - th.min_confidence) * n + 1e-9  # noqa: E731  violations a rule may have
+    slack = lambda n: (1.0 - th.min_confidence) * n + 1e-9
     specs: dict[str, list[tuple]] = {f: [] for f in FAMILIES}
 
     if "label_exclusion" in th.families and vocab.n_labels and vocab.label_row:

@@ -104,7 +104,7 @@ class TestOverrides:
             assert out[1].sum() == 0
 
     def test_random_rows_have_zero_violations_after_apply_row(self, broken):
-        d, vocab, rules = broken
+        _, vocab, rules = broken
         cr = compile_rules(rules, vocab)
         g = torch.Generator().manual_seed(0)
         B, V = 256, vocab.size

@@ -37,7 +37,7 @@ class RuleGroup:
     output: torch.Tensor     # (U,) long, distinct vocabulary columns written by the group
     value: torch.Tensor      # (U,) float
 
-    def to(self, device) -> "RuleGroup":
+    def to(self, device) -> RuleGroup:
         return RuleGroup(self.past_visits, *(t.to(device) for t in (self.cur_pos, self.cur_neg, self.past_pos,
                                                                     self.past_neg, self.out_pos, self.output,
                                                                     self.value)))
@@ -72,7 +72,7 @@ class CompiledRules:
         self._label_cols[vocab.label_slice] = True
         self.groups: list[RuleGroup] = []
         for chunk in _group(rules, vocab):
-            ix = lambda toks: [vocab.index(t) for t in toks]  # noqa: E731
+            ix = lambda toks: [vocab.index(t) for t in toks]
             outs = list(dict.fromkeys(vocab.index(r.output) for r in chunk))
             value = {vocab.index(r.output): float(r.value) for r in chunk}
             self.groups.append(RuleGroup(
@@ -232,7 +232,7 @@ class ConSequence(HALO):
         super().__init__(config)
         self.rules = rules  # plain attribute: no buffers, so Opacus and strict state_dict loading are unaffected
 
-    def attach_rules(self, rules: CompiledRules | None) -> "ConSequence":
+    def attach_rules(self, rules: CompiledRules | None) -> ConSequence:
         self.rules = rules
         return self
 
