@@ -9,8 +9,16 @@ import torch.nn.functional as F
 from synthehr_core.models import load_model
 from synthehr_core.models.consequence import CompiledRules, ConSequence, compile_rules
 from synthehr_core.models.halo import HALO, HaloConfig
-from synthehr_core.rules import Rule, Thresholds, check_violations, load_rules, mine_rules, mine_rules_to_dir
-from synthehr_core.sampling import sample
+from synthehr_core.rules import (
+    Rule,
+    Thresholds,
+    check_violations,
+    check_violations_dir,
+    load_rules,
+    mine_rules,
+    mine_rules_to_dir,
+)
+from synthehr_core.sampling import sample, sample_to_dir
 from synthehr_core.schema import read_tables, write_tables
 from synthehr_core.tensors import EHRParquetDataset, collate_halo, decode_rows
 from synthehr_core.toy import make_toy_tables, toy_vocab, write_toy_tables
@@ -169,6 +177,10 @@ def test_consequence_samples_obey_the_rules_and_halo_samples_do_not(tmp_path):
     assert res["halo"]["total_violations"] > 0 and res["halo"]["percent_valid"] < 100.0
     assert res["consequence"]["total_violations"] == 0 and res["consequence"]["percent_valid"] == 100.0
     assert res["consequence"]["n_patients"] > 200
+    # the sample stage finds rules.json in the checkpoint (rules.load_row_rules) and applies it
+    sample_to_dir(tmp_path / "m", tmp_path / "s", seed=4, n_patients=200, batch_size=100)
+    staged = check_violations_dir(tmp_path / "s", tmp_path / "m" / "rules.json")
+    assert staged["total_violations"] == 0 and staged["n_patients"] > 100
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
