@@ -17,30 +17,37 @@ app = typer.Typer(
     name="synthehr",
     no_args_is_help=True,
     add_completion=False,
-    help="""Synthetic EHR cohorts: raw extract -> tables -> HALO/ConSequence -> sampled shards -> KDE values -> merge.
+    help="""Synthetic EHR cohorts as a Kubeflow pipeline: raw extract -> tables -> HALO/ConSequence ->
+sampled shards -> KDE values -> merge -> evaluation.
 
 \b
-Pipelines (need the `pipelines` extra: kfp, kfp-kubernetes):
-  synthehr compile                                    # every pipeline -> pipelines/compiled/*.yaml
-  synthehr run --local --dataset mimic3               # the whole DAG here with kfp.local (no Docker, no GPU)
-  synthehr submit --dataset mimic3 --host URL -p raw_uri=gs://bucket/mimic3 -p preset=paper
+Pipelines (need the "pipelines" extra: kfp, kfp-kubernetes):
+  synthehr compile                       # -> pipelines/compiled/*.yaml
+  synthehr run --local -d mimic3         # whole DAG here, kfp.local, CPU
+  synthehr submit -d mimic3 --host URL -p raw_uri=gs://b/mimic3 -p epochs=50
 \b
-One stage at a time, without Kubeflow (HPC, debugging); each reads and writes directories:
-  synthehr preprocess --config mimic3 --out work/tables
-  synthehr rules --tables work/tables --out work/rules
-  synthehr train --tables work/tables --out work/model --model-type halo --preset small
-  synthehr kde-grids --tables work/tables --kde-config kde_mimic3.yml --out work/grids
-  synthehr sample --model work/model --seed 3 --n-patients 1000 --out work/shard-3
-  synthehr kde-sample --shard work/shard-3 --grids work/grids --seed 3 --out work/restored-3
-  synthehr merge work/restored-* --out work/cohort
-  synthehr evaluate --real work/tables --synthetic work/cohort --rules work/rules --out work/eval
+One stage at a time, without Kubeflow (HPC, debugging):
+  synthehr preprocess --config mimic3 --out w/tables
+  synthehr rules --tables w/tables --out w/rules
+  synthehr train --tables w/tables --out w/model --preset small
+  synthehr kde-grids --tables w/tables --kde-config kde_mimic3.yml \\
+      --out w/grids
+  synthehr sample --model w/model --seed 3 --out w/shard-3
+  synthehr kde-sample --shard w/shard-3 --grids w/grids --seed 3 \\
+      --out w/kde-3
+  synthehr merge w/kde-* --out w/cohort
+  synthehr evaluate --real w/tables --synthetic w/cohort \\
+      --rules w/rules --out w/eval
 \b
-A Slurm array over seeds (one shard per task, then one merge job):
-  sbatch --array=0-15 --gres=gpu:1 --wrap 'synthehr sample --model work/model \\
-      --seed $SLURM_ARRAY_TASK_ID --n-patients 1000 --out work/shard-$SLURM_ARRAY_TASK_ID && \\
-    synthehr kde-sample --shard work/shard-$SLURM_ARRAY_TASK_ID --grids work/grids \\
-      --seed $SLURM_ARRAY_TASK_ID --out work/restored-$SLURM_ARRAY_TASK_ID'
-  sbatch --dependency=afterok:<array job id> --wrap 'synthehr merge work/restored-* --out work/cohort'
+Slurm array over seeds, then one merge job (sample.sh):
+  #SBATCH --array=0-15 --gres=gpu:1
+  S=$SLURM_ARRAY_TASK_ID
+  synthehr sample --model w/model --seed $S --out w/shard-$S
+  synthehr kde-sample --shard w/shard-$S --grids w/grids --seed $S \\
+      --out w/kde-$S
+\b
+  jid=$(sbatch --parsable sample.sh)
+  sbatch --dependency=afterok:$jid --wrap 'synthehr merge w/kde-* --out w/cohort'
 """,
 )
 

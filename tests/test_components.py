@@ -1,0 +1,251 @@
+"""Component tests: each stage's ``.python_func`` on real artifacts in a temp dir (toy cohort, tiny model).
+
+The stages run in DAG order once per module (fixtures below); each test then checks one stage's outputs and the
+metadata it records. merge_shards and the image names are tested directly.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from kfp import dsl
+
+from components import _images
+from components.evaluate import evaluate
+from components.kde_grids import kde_grids
+from components.kde_sample import kde_sample
+from components.merge import merge
+from components.notify import notify
+from components.preprocess import preprocess
+from components.rules import rules
+from components.sample import sample
+from components.train import train
+from synthehr_core.config import bundled_data_dir
+from synthehr_core.errors import ConfigError, DataError
+from synthehr_core.merge import merge_shards
+from synthehr_core.schema import parse_bin, read_tables
+
+COMPONENTS = Path(__file__).resolve().parents[1] / "components"
+
+
+def art(cls, root: Path, name: str):
+    """A stand-in artifact like the KFP executor builds: local URI == path, empty metadata."""
+    return cls(name=name, uri=str(root / name), metadata={})
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("components")
+
+
+@pytest.fixture(scope="module")
+def tables(toy_tables):
+    return dsl.Dataset(name="tables", uri=str(toy_tables), metadata={})
+
+
+@pytest.fixture(scope="module")
+def ruleset(work, tables):
+    out = art(dsl.Artifact, work, "ruleset")
+    rules.python_func(tables=tables, ruleset=out, label_min_prevalence=3, pair_min_prevalence=3,
+                      persistence_min_prevalence=3, prerequisite_min_prevalence=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(work, tables, ruleset):
+    model, metrics, curve = art(dsl.Model, work, "model"), art(dsl.Metrics, work, "metrics"), art(dsl.HTML, work, "curve")
+    train.python_func(tables=tables, ruleset=ruleset, model_type="halo", preset="tiny", epochs=2, batch_size=16,
+                      lr=1e-3, seed=0, dp_target_epsilon=0.0, model=model, metrics=metrics, loss_curve=curve)
+    return model, metrics, curve
+
+
+@pytest.fixture(scope="module")
+def grids(work, tables, toy_kde_config):
+    out = art(dsl.Artifact, work, "grids")
+    kde_grids.python_func(tables=tables, kde_config=str(toy_kde_config), grids=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(work, trained, grids):
+    """Two shards (seeds 7 and 3), sampled and KDE-restored; returned in sampling order (7 first)."""
+    out = []
+    for seed in (7, 3):
+        shard = art(dsl.Dataset, work, f"shard-{seed}")
+        n = sample.python_func(model=trained[0], seed=seed, n_patients_per_seed=12, batch_size=8, temperature=1.0,
+                               condition="", device="cpu", shard=shard)
+        restored = art(dsl.Dataset, work, f"restored-{seed}")
+        kde_sample.python_func(shard=shard, grids=grids, seed=seed, restored=restored)
+        out.append((n, shard, restored))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cohort(work, shards):
+    out = art(dsl.Dataset, work, "cohort")
+    n = merge.python_func(shards=[s[2] for s in shards], cohort=out)
+    return n, out
+
+
+class TestStages:
+    def test_preprocess_writes_canonical_tables_from_the_bundled_mimic_demo(self, tmp_path):
+        raw = dsl.Dataset(name="raw", uri=str(bundled_data_dir("mimic3_demo")), metadata={})
+        tables = art(dsl.Dataset, tmp_path, "tables")
+        preprocess.python_func(raw=raw, dataset_config="mimic3", split_seed=4, tables=tables)
+        patients, visits, codes = read_tables(tables.path)
+        assert len(patients) == tables.metadata["n_patients"] == 100
+        assert tables.metadata["seed"] == 4 and tables.metadata["dataset"] == "mimic3"
+        assert sum(tables.metadata["split_sizes"].values()) == 100
+        assert len(tables.metadata["config_hash"]) == 16
+        assert (Path(tables.path) / "vocab.json").exists()
+
+    def test_rules_writes_rules_json_and_counts(self, ruleset):
+        saved = json.loads((Path(ruleset.path) / "rules.json").read_text())
+        assert ruleset.metadata["n_rules"] > 0
+        assert ruleset.metadata["thresholds"]["label_min_prevalence"] == 3
+        assert "rules" in saved
+
+    def test_train_writes_checkpoint_metrics_and_loss_curve(self, trained):
+        model, metrics, curve = trained
+        for f in ("model.pt", "config.json", "vocab.json", "history.parquet", "label_probs.parquet", "meta.json"):
+            assert (Path(model.path) / f).exists(), f
+        assert model.metadata["model_type"] == "halo" and model.metadata["preset"] == "tiny"
+        assert model.metadata["dp_target_epsilon"] == 0.0
+        assert metrics.metadata["steps"] >= 2 and metrics.metadata["final_train_loss"] > 0
+        html = Path(curve.path).read_text()
+        assert "<svg" in html and "polyline" in html
+
+    def test_train_rejects_unknown_model_type(self, tmp_path, tables, ruleset):
+        with pytest.raises(ConfigError, match="gpt"):
+            train.python_func(tables=tables, ruleset=ruleset, model_type="gpt", preset="tiny", epochs=1, batch_size=8,
+                              lr=1e-3, seed=0, dp_target_epsilon=0.0, model=art(dsl.Model, tmp_path, "m"),
+                              metrics=art(dsl.Metrics, tmp_path, "x"), loss_curve=art(dsl.HTML, tmp_path, "c"))
+
+    def test_kde_grids_writes_one_grid_per_variable(self, grids):
+        assert grids.metadata["variables"] == ["age", "gap_days", "los_days"]
+        assert sorted(p.name for p in Path(grids.path).glob("grid_*_kde.parquet")) == [
+            "grid_age_kde.parquet", "grid_gap_days_kde.parquet", "grid_los_days_kde.parquet"]
+
+    def test_sample_and_kde_sample_fill_values_per_seed(self, shards):
+        for n, shard, restored in shards:
+            assert n == shard.metadata["n_patients"] > 0
+            assert restored.metadata["seed"] == shard.metadata["seed"]
+            patients, visits, _ = read_tables(restored.path)
+            assert len(patients) == n
+            assert visits["start_offset_days"].notna().all()
+            binned = patients[patients["age_binned"].notna()]
+            assert len(binned) and binned["age"].notna().all()   # every sampled age bin got a value inside it
+            lohi = binned["age_binned"].map(parse_bin)
+            assert all(lo <= a <= hi for a, (lo, hi) in zip(binned["age"], lohi))
+
+    def test_sample_condition_json_restricts_labels(self, tmp_path, trained):
+        shard = art(dsl.Dataset, tmp_path, "shard")
+        sample.python_func(model=trained[0], seed=1, n_patients_per_seed=10, batch_size=10, temperature=1.0,
+                           condition='{"sex": "F"}', device="cpu", shard=shard)
+        patients, _, _ = read_tables(shard.path)
+        assert len(patients) > 0 and set(patients["sex"]) == {"F"}
+
+    def test_merge_orders_by_seed_and_rekeys(self, shards, cohort):
+        n, out = cohort
+        assert n == sum(s[0] for s in shards) == out.metadata["n_patients"]
+        assert out.metadata["seeds"] == [3, 7]      # sampled 7 first; merged in seed order
+        patients, visits, codes = read_tables(out.path)
+        assert patients["patient_id"].is_unique
+        assert set(patients["patient_id"].str.extract(r"^syn-(\d+)-\d+$")[0]) == {"3", "7"}
+        assert (Path(out.path) / "vocab.json").read_bytes() == (Path(shards[0][2].path) / "vocab.json").read_bytes()
+
+    def test_evaluate_logs_metrics_and_writes_report(self, tmp_path, tables, ruleset, cohort):
+        outs = {k: art(c, tmp_path, k) for k, c in (("metrics", dsl.Metrics), ("report", dsl.HTML),
+                                                  ("summary", dsl.Markdown), ("details", dsl.Artifact))}
+        evaluate.python_func(real=tables, cohort=cohort[1], ruleset=ruleset, seed=0, **outs)
+        m = outs["metrics"].metadata
+        assert len(m) > 10 and all(isinstance(v, float) for v in m.values())
+        assert "<html" in Path(outs["report"].path).read_text().lower()
+        assert Path(outs["summary"].path).read_text().startswith("#")
+        assert (Path(outs["details"].path) / "metrics.json").exists()
+
+    def test_notify_returns_the_final_state(self, capsys):
+        status = dsl.PipelineTaskFinalStatus(state="FAILED", pipeline_job_resource_name="runs/1",
+                                             pipeline_task_name="exit-handler-1", error_code=1, error_message="boom")
+        assert notify.python_func(status=status) == "FAILED"
+        assert json.loads(capsys.readouterr().out)["error_message"] == "boom"
+
+
+class TestMergeShards:
+    def _shard(self, src: Path, dst: Path, seed: int) -> Path:
+        shutil.copytree(src, dst)
+        meta = json.loads((dst / "meta.json").read_text())
+        (dst / "meta.json").write_text(json.dumps({**meta, "seed": seed}))
+        return dst
+
+    def test_row_counts_and_ids_from_real_tables(self, toy_tables, tmp_path):
+        a, b = self._shard(toy_tables, tmp_path / "a", 5), self._shard(toy_tables, tmp_path / "b", 2)
+        meta = merge_shards([a, b], tmp_path / "out")
+        p, v, c = read_tables(tmp_path / "out")
+        p0, v0, c0 = read_tables(toy_tables)
+        assert (len(p), len(v), len(c)) == (2 * len(p0), 2 * len(v0), 2 * len(c0))
+        assert meta["seeds"] == [2, 5] and p["patient_id"].is_unique
+        # every visit and code follows its patient to the new id
+        assert set(v["patient_id"]) == set(p["patient_id"]) >= set(c["patient_id"])
+        first = p0.sort_values("patient_id").iloc[0]
+        assert p.loc[p["patient_id"] == "syn-2-0", "age"].item() == first["age"]
+
+    def test_duplicate_seeds_are_refused(self, toy_tables, tmp_path):
+        a, b = self._shard(toy_tables, tmp_path / "a", 1), self._shard(toy_tables, tmp_path / "b", 1)
+        with pytest.raises(DataError, match=r"share seeds \[1\]"):
+            merge_shards([a, b], tmp_path / "out")
+
+    def test_shards_from_different_vocabularies_are_refused(self, toy_tables, tmp_path):
+        a, b = self._shard(toy_tables, tmp_path / "a", 1), self._shard(toy_tables, tmp_path / "b", 2)
+        vocab = json.loads((b / "vocab.json").read_text())
+        vocab["tokens"] = vocab["tokens"][::-1]
+        (b / "vocab.json").write_text(json.dumps(vocab))
+        with pytest.raises(DataError, match="different models"):
+            merge_shards([a, b], tmp_path / "out")
+
+    def test_missing_meta_and_empty_input(self, toy_tables, tmp_path):
+        a = tmp_path / "a"
+        shutil.copytree(toy_tables, a)
+        (a / "meta.json").unlink()
+        with pytest.raises(DataError, match="no meta.json"):
+            merge_shards([a], tmp_path / "out")
+        with pytest.raises(ConfigError, match="no shard directories"):
+            merge_shards([], tmp_path / "out")
+
+
+class TestImagesAndImports:
+    def test_every_stage_image_is_pinned_and_named_after_its_stage(self):
+        for stage in _images.STAGES:
+            ref = _images.image(stage)
+            assert ref == f"{_images.REGISTRY}/synthehr-{stage}:{_images.TAG}" and not ref.endswith(":latest")
+        assert _images.KDE_GRIDS_IMAGE.split("/")[-1].startswith("synthehr-kde-grids:")
+
+    def test_env_overrides_registry_and_tag_and_latest_is_refused(self, monkeypatch):
+        try:
+            monkeypatch.setenv("SYNTHEHR_IMAGE_REGISTRY", "europe-docker.pkg.dev/p/r/")
+            monkeypatch.setenv("SYNTHEHR_IMAGE_TAG", "1.2.3")
+            assert importlib.reload(_images).SAMPLE_IMAGE == "europe-docker.pkg.dev/p/r/synthehr-sample:1.2.3"
+            monkeypatch.setenv("SYNTHEHR_IMAGE_TAG", "latest")
+            with pytest.raises(ValueError, match="pinned"):
+                importlib.reload(_images)
+        finally:
+            monkeypatch.delenv("SYNTHEHR_IMAGE_REGISTRY")
+            monkeypatch.delenv("SYNTHEHR_IMAGE_TAG")
+            importlib.reload(_images)
+
+    @pytest.mark.parametrize("path", sorted(COMPONENTS.glob("*.py")), ids=lambda p: p.name)
+    def test_component_modules_import_only_stdlib_kfp_and_images_at_top(self, path):
+        import sys
+
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for n in names:
+                    top = n.split(".")[0]
+                    assert top in sys.stdlib_module_names or top == "kfp" or n == "components._images", \
+                        f"{path.name} imports {n} at module level"
