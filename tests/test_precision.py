@@ -95,3 +95,26 @@ def test_gpu_mixed_precision_trains_and_checkpoints_its_scaler(toy_dir, tmp_path
     assert hist["loss"].notna().all()
     ck = torch.load(io.BytesIO(max((tmp_path / "o" / CKPT_DIR).iterdir()).read_bytes()), weights_only=True)
     assert ("scaler" in ck) == (precision == "fp16")
+
+
+def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
+    """bench/gpu_check.py --tiny is how CI keeps the lead's one-command GPU check working."""
+    import math
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, str(script), "--tiny", "--dp", "--json", str(out)], capture_output=True,
+                       text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["precision"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"fp32", "bf16", "fp16", "fp32+dp", "bf16+dp"}
+    assert "CUDA" in rows["fp16"]["error"]  # --tiny runs on the CPU, where fp16 is refused
+    for name in ("fp32", "bf16", "fp32+dp", "bf16+dp"):
+        row = rows[name]
+        assert row["train_steps_per_s"] > 0 and row["sample_patients_per_s"] > 0, name
+        assert math.isfinite(row["final_loss"]) and row["rows_per_patient"] >= 1, name
+    assert "| config" in r.stdout and "train steps/s" in r.stdout
