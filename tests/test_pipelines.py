@@ -1,0 +1,178 @@
+"""IR tests on the committed pipelines/compiled/*.yaml: schema-valid, parameters, fan-out/fan-in, images, resources.
+
+These read the YAML that a cluster would get, so they also fail when the committed files are stale.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from components import _images
+from pipelines import builder
+
+COMPILED = Path(__file__).resolve().parents[1] / "pipelines" / "compiled"
+NAMES = ["mimic3", "adni", "qh", "mimic3_conditional"]
+STAGE_OF_EXECUTOR = {"exec-preprocess": "preprocess", "exec-rules": "rules", "exec-train": "train",
+                     "exec-kde-grids": "kde-grids", "exec-sample": "sample", "exec-kde-sample": "kde-sample",
+                     "exec-merge": "merge", "exec-evaluate": "evaluate"}
+TYPES = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", list: "LIST", bool: "BOOLEAN"}
+
+
+def load(name: str) -> tuple[dict, dict]:
+    docs = list(yaml.safe_load_all((COMPILED / f"{name}.yaml").read_text()))
+    assert len(docs) == 2, "expected PipelineSpec + kubernetes PlatformSpec documents"
+    return docs[0], docs[1]
+
+
+def all_tasks(spec: dict) -> dict:
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def compiled(request):
+    spec, platform = load(request.param)
+    return request.param, spec, platform
+
+
+def test_every_pipeline_is_compiled_and_committed():
+    assert sorted(p.stem for p in COMPILED.glob("*.yaml")) == sorted(NAMES) == sorted(builder.all_pipelines())
+
+
+def test_compiled_yaml_is_up_to_date(tmp_path):
+    from kfp import compiler
+
+    stale = []
+    for name, fn in builder.all_pipelines().items():
+        fresh = tmp_path / f"{name}.yaml"
+        compiler.Compiler().compile(fn, str(fresh))
+        if fresh.read_text() != (COMPILED / f"{name}.yaml").read_text():
+            stale.append(name)
+    assert not stale, f"pipelines/compiled/{stale} differ from a fresh compile: run `make compile` and commit."
+
+
+def test_spec_parses_into_the_kfp_protos(compiled):
+    name, spec, platform = compiled
+    parsed = json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())
+    json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec())
+    assert parsed.sdk_version == "kfp-2.17.3"
+    assert parsed.pipeline_info.name == "synthehr-" + name.replace("_", "-")
+
+
+def test_parameters_are_typed_defaulted_and_described(compiled):
+    name, spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    for key, p in params.items():
+        assert p.get("parameterType"), key
+        assert "defaultValue" in p, key
+        assert len(p.get("description", "")) > 10, f"{key} has no description"
+    assert params["epochs"]["parameterType"] == "NUMBER_INTEGER"
+    assert params["dp_target_epsilon"]["defaultValue"] == 0.0
+    assert params["model_type"]["defaultValue"] == "halo"
+    assert params["n_patients_per_seed"]["parameterType"] == "NUMBER_INTEGER"
+    assert params["sample_seeds"]["parameterType"] == "LIST"
+    assert params["raw_uri"]["defaultValue"].startswith("gs://")
+    assert ("condition" in params) == name.endswith("conditional")
+    # every default matches the builder's Python default and type
+    fn = builder.all_pipelines()[name]
+    import inspect
+    for key, p in inspect.signature(fn.pipeline_func).parameters.items():
+        assert TYPES[type(p.default)] == params[key]["parameterType"], key
+        assert params[key]["defaultValue"] == p.default, key
+
+
+def test_local_overrides_name_real_parameters():
+    params = load("mimic3")[0]["root"]["inputDefinitions"]["parameters"]
+    assert set(builder.LOCAL_OVERRIDES) <= set(params)
+
+
+def test_sampling_loop_has_static_parallelism_over_the_seed_parameter(compiled):
+    _, spec, _ = compiled
+    loops = [t for t in all_tasks(spec).values() if "parameterIterator" in t]
+    assert len(loops) == 1
+    assert loops[0]["iteratorPolicy"]["parallelismLimit"] == builder.MAX_PARALLEL_SHARDS
+    assert loops[0]["taskInfo"]["name"] == "sample-shards"
+    loop_comp = spec["components"][loops[0]["componentRef"]["name"]]
+    assert set(loop_comp["dag"]["tasks"]) == {"sample", "kde-sample"}
+
+
+def test_merge_takes_an_artifact_list_and_evaluate_reads_the_merged_cohort(compiled):
+    _, spec, _ = compiled
+    assert spec["components"]["comp-merge"]["inputDefinitions"]["artifacts"]["shards"]["isArtifactList"]
+    ev = all_tasks(spec)["evaluate"]["inputs"]["artifacts"]
+    assert ev["cohort"]["taskOutputArtifact"] == {"outputArtifactKey": "cohort", "producerTask": "merge"}
+    assert ev["real"]["taskOutputArtifact"]["producerTask"] == "preprocess"
+
+
+def test_exit_handler_wraps_the_dag_and_notify_gets_the_final_status(compiled):
+    _, spec, _ = compiled
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "notify"}
+    assert root["notify"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert root["notify"]["dependentTasks"] == ["exit-handler-1"]
+    assert "status" in spec["components"]["comp-notify"]["inputDefinitions"]["parameters"]
+    inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert {"importer", "preprocess", "rules", "train", "kde-grids", "for-loop-2", "merge", "evaluate"} <= set(inner)
+
+
+def test_each_executor_runs_its_own_pinned_image_without_pip(compiled):
+    _, spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    assert set(executors) == {*STAGE_OF_EXECUTOR, "exec-notify", "exec-importer"}
+    for ex, stage in STAGE_OF_EXECUTOR.items():
+        image = executors[ex]["container"]["image"]
+        assert image == _images.image(stage), ex
+        assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
+    assert executors["exec-notify"]["container"]["image"] == _images.NOTIFY_IMAGE
+    for ex, e in executors.items():
+        if "container" in e:
+            command = " ".join(e["container"]["command"] + e["container"].get("args", []))
+            assert "pip install" not in command and "pip3 install" not in command, ex
+
+
+def test_gpu_memory_retries_caching_and_shm(compiled):
+    _, spec, platform = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    for ex in ("exec-train", "exec-sample"):
+        res = executors[ex]["container"]["resources"]
+        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
+        assert res["resourceMemoryLimit"]
+    tasks = all_tasks(spec)
+    assert tasks["sample"]["retryPolicy"]["maxRetryCount"] == builder.SAMPLE_RETRIES
+    for t in ("preprocess", "kde-grids", "rules"):
+        assert tasks[t]["cachingOptions"]["enableCache"] is True, t
+    for t in ("train", "sample"):
+        assert not tasks[t]["cachingOptions"].get("enableCache", False), t
+    mounts = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]["emptyDirMounts"]
+    assert mounts == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": builder.SHM_SIZE,
+                       "volumeName": "dshm"}]
+
+
+def test_conditional_variant_passes_condition_to_sample_and_plain_passes_empty():
+    for name, expect in (("mimic3", {"runtimeValue": {"constant": ""}}),
+                         ("mimic3_conditional", {"componentInputParameter": "pipelinechannel--condition"})):
+        cond = all_tasks(load(name)[0])["sample"]["inputs"]["parameters"]["condition"]
+        assert cond == expect, name
+
+
+def test_dataset_defaults_come_from_the_dataset_configs():
+    from synthehr_core.config import load_config
+
+    for name in ("mimic3", "adni", "qh"):
+        params = load(name)[0]["root"]["inputDefinitions"]["parameters"]
+        cfg = load_config(name)
+        assert params["dataset_config"]["defaultValue"] == name
+        assert params["split_seed"]["defaultValue"] == cfg.split.seed
+        assert params["kde_config"]["defaultValue"] == cfg.kde
+        assert params["raw_uri"]["defaultValue"] == cfg.profiles["kubeflow"].raw
+
+
+def test_unknown_dataset_is_refused():
+    with pytest.raises(ValueError, match="choose one of"):
+        builder.build_pipeline("eicu")
