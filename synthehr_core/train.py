@@ -368,7 +368,8 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
                  device: str | torch.device | None = None, progress: bool = True, precision: str = "fp32",
                  dp_target_epsilon: float = 0.0, dp_delta: float = 1e-5, dp_noise_multiplier: float | None = None,
                  dp_max_grad_norm: float = 1.0, dp_physical_batch_size: int | None = None,
-                 dp_accountant: str = "rdp", distributed: bool = False, **model_overrides: Any) -> dict:
+                 dp_accountant: str = "rdp", min_code_count: int = 0, distributed: bool = False,
+                 **model_overrides: Any) -> dict:
     """The train stage: fit HALO or ConSequence on the train split, validate on val, write a checkpoint dir.
 
     Args:
@@ -389,6 +390,8 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
         dp_max_grad_norm: per-patient gradient clipping norm.
         dp_physical_batch_size: largest batch put through the model at once (BatchMemoryManager).
         dp_accountant: ``"rdp"`` or ``"prv"``.
+        min_code_count: leave out of the vocabulary (and so of the model and the synthetic data) every clinical
+            code held by fewer than this many training patients; 0 = keep all (privacy.py, docs/privacy.md).
         distributed: join the torchrun process group (distributed.py); rank 0 alone writes ``out_dir``.
         model_overrides: extra ``HaloConfig`` fields (e.g. ``n_embd=64``, ``coarse=True``).
     """
@@ -403,6 +406,10 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
                               "continue that run, or choose an empty out_dir.")
     model_class(model_type)
     vocab = Vocab.load(storage.join(tables_dir, "vocab.json"))
+    rare_codes: list[str] = []
+    if min_code_count:
+        from .privacy import code_patient_counts, min_code_count_vocab
+        vocab, rare_codes = min_code_count_vocab(vocab, code_patient_counts(tables_dir, "train"), min_code_count)
     meta_path = storage.join(tables_dir, "meta.json")
     tables_meta = storage.read_json(meta_path) if storage.exists(meta_path) else {}
     n_ctx = int(n_ctx or tables_meta.get("n_ctx") or 48)  # HI:config.py n_ctx
@@ -429,6 +436,8 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
         hashed["dp"] = dp.to_dict()
     if precision != "fp32":
         hashed["precision"] = precision
+    if min_code_count:
+        hashed["min_code_count"] = min_code_count
     run_hash = _hash(hashed)
     model = make_model(model_type, config, seed, compiled)
     dist = setup_distributed() if distributed else SINGLE
@@ -463,7 +472,8 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
             "stopped_early": res["stopped_early"], "n_train": len(train_ds),
             "n_val": len(val_ds) if val_ds is not None else 0, "n_rules": len(rules) if rules else 0,
             "device": str(dev), "seconds": round(seconds, 3), "resumed_from": str(resume_from) if resume_from else None,
-            "precision": precision, "world_size": dist.world_size, **(res["privacy"] or {})}
+            "precision": precision, "world_size": dist.world_size, **(res["privacy"] or {}),
+            **({"min_code_count": min_code_count, "n_rare_codes_dropped": len(rare_codes)} if min_code_count else {})}
     storage.write_json(storage.join(out_dir, "meta.json"), info)  # written last: the directory is complete
     dist.barrier()
     return info
