@@ -248,3 +248,18 @@ def _eps(sigma: float, q: float, steps: int, delta: float) -> float:
     acc = RDPAccountant()
     acc.history = [(sigma, q, steps)]
     return acc.get_epsilon(delta=delta, alphas=RDP_ALPHAS)
+
+
+def test_train_stage_min_code_count_keeps_rare_codes_out_of_the_checkpoint(mimic_demo, tmp_path):
+    from synthehr_core.train import train_to_dir
+
+    counts = code_patient_counts(mimic_demo, "train")
+    info = train_to_dir(mimic_demo, tmp_path / "o", preset="tiny", n_embd=16, max_steps=2, batch_size=8,
+                        eval_every=None, progress=False, min_code_count=3)
+    vocab, full = Vocab.load(tmp_path / "o" / "vocab.json"), Vocab.load(mimic_demo / "vocab.json")
+    clinical = [t.token for t in full.tokens if t.kind == "code" and t.variable is None]
+    rare = {c for c in clinical if counts.get(c, 0) < 3}  # includes codes no training patient has
+    assert rare and info["n_rare_codes_dropped"] == len(rare)
+    assert not rare & {t.token for t in vocab.tokens}
+    assert all(c in vocab for c in clinical if c not in rare)
+    assert vocab.size == full.size - len(rare)
