@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| best run: HALO / ConSequence | {s['halo best']:.3f} / {s['consequence best']:.3f} | | |")
         print(f"\nConSequence generation overhead: {s['overhead %']:+.1f}% end to end, median "
               f"({s['overhead best %']:+.1f}% best runs; paper: < 13% slower); "
-              f"rule application alone = {s['apply_row %']:.1f}% of the HALO time (the rest: forced codes change "
-              "what is sampled next, e.g. longer patients)")
+              f"rule application alone = {s['apply_row %']:.1f}% of the HALO time (end to end also moves because "
+              "overwritten rows change what is sampled next: see rows / tokens)")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ def load_row_rules(path: str | Path, vocab: Vocab, n_ctx: int | None = None):
 class Thresholds:
     label_min_prevalence: int = 500        # KI:utils/find_rules.py (visits with the code)
     pair_min_prevalence: int = 10          # KI:utils/find_rules.py
+    pair_min_lift: float = 1.0             # P(b | a) / P(b); 1.0 = off, as KI. Guards against a => (very common b)
     persistence_min_prevalence: int = 10   # KI:utils/find_rules.py
     persistence_min_repeats: int = 5       # KI:utils/find_rules.py (repeats must be strictly greater)
     prerequisite_min_prevalence: int = 10  # KI:utils/find_rules.py
@@ -173,7 +174,10 @@ class Thresholds:
         problems = []
         for f in fields(cls):
             v = getattr(t, f.name)
-            if f.name == "min_confidence":
+            if f.name == "pair_min_lift":
+                if not (isinstance(v, (int, float)) and v >= 0):
+                    problems.append(f"pair_min_lift must be a number >= 0 (1.0 = off); got {v!r}.")
+            elif f.name == "min_confidence":
                 if not 0.0 < v <= 1.0:
                     problems.append(f"min_confidence must be in (0, 1]; got {v!r}.")
             elif f.name == "families":
@@ -461,7 +465,10 @@ def mine_rules(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame
     if "within_visit" in th.families:
         co = (Rv.T @ Rv).tocoo()                                          # (n_cand, n_cand) co-occurring visits
         a, b, n = co.row, co.col, co.data
-        ok = (a != b) & (prev[a] >= max(th.pair_min_prevalence, 1)) & (prev[a] - n <= slack(prev[a]))
+        n_vis = max(Rv.shape[0], 1)
+        lift = (n / np.maximum(prev[a], 1)) / np.maximum(prev[b] / n_vis, 1e-12)
+        ok = (a != b) & (prev[a] >= max(th.pair_min_prevalence, 1)) & (prev[a] - n <= slack(prev[a])) \
+            & (lift >= th.pair_min_lift - 1e-12)
         for ai, bi in sorted(zip(a[ok], b[ok])):
             specs["within_visit"].append(("within_visit", (), (), (), (cand[ai],), (), cand[bi], 1, "mined"))
 

@@ -161,6 +161,11 @@ class TestMining:
         assert not [r for r in default if r.family == "label_exclusion"]
         strict = mine_rules(p, v, c, vocab, Thresholds.make(label_min_prevalence=20, persistence_min_repeats=10_000))
         assert not [r for r in strict if r.family == "persistence"]
+        pair = ("within_visit", (), (), (), ("dx:4019",), (), "dx:25000", 1)
+        share = c.loc[c["code"] == "dx:25000"].merge(p.loc[p["split"] == "train", ["patient_id"]]).shape[0] / \
+            v.merge(p.loc[p["split"] == "train", ["patient_id"]]).shape[0]  # P(25000) per train visit
+        assert pair in {_key(r) for r in mine_rules(p, v, c, vocab, Thresholds.make(pair_min_lift=0.99 / share))}
+        assert pair not in {_key(r) for r in mine_rules(p, v, c, vocab, Thresholds.make(pair_min_lift=1.01 / share))}
         only = mine_rules(p, v, c, vocab, Thresholds.make(families=["within_visit"]))
         assert {r.family for r in only} == {"within_visit"}
         with pytest.raises(ConfigError, match="unknown rule-mining thresholds"):
