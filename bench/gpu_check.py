@@ -3,6 +3,7 @@
     .venv/bin/python bench/gpu_check.py                 # paper HALO (E=768, 12 layers, V=6869) on cuda
     .venv/bin/python bench/gpu_check.py --dp            # plus DP-SGD rows (Opacus; physical batch 8)
     .venv/bin/python bench/gpu_check.py --tiny          # CPU smoke run in seconds (what CI runs)
+    .venv/bin/python bench/gpu_check.py --size demo --precisions fp32 --dp   # CPU cost of DP-SGD per step
 
 Prints one row per configuration: training steps/s and patients/s, peak memory while training, sampling
 patients/s and peak memory while sampling (``synthehr_core.sampling.sample``), final loss and sampled rows per
@@ -55,6 +56,8 @@ class Size:
 
 PAPER = Size(n_codes=6841, n_labels=25, n_embd=768, n_layer=12, n_head=12, n_ctx=48, batch_size=48, steps=20,
              n_patients=512, sample_batch=256)  # HI:config.py, HI:train_model.py (batch 48), generation batch 256
+DEMO = Size(n_codes=750, n_labels=27, n_embd=32, n_layer=2, n_head=2, n_ctx=16, batch_size=8, steps=20,
+            n_patients=32, sample_batch=32)  # MIMIC-III demo vocabulary (~780 columns), the "tiny" preset
 TINY = Size(n_codes=40, n_labels=4, n_embd=16, n_layer=2, n_head=2, n_ctx=8, batch_size=8, steps=3,
             n_patients=8, sample_batch=8)
 
@@ -200,7 +203,9 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="tiny config on the CPU (CI smoke run)")
+    p.add_argument("--tiny", action="store_true", help="tiny config on the CPU (CI smoke run); = --size tiny")
+    p.add_argument("--size", choices=["paper", "demo", "tiny"], default="paper",
+                   help="paper: HALO inpatient (default); demo: MIMIC-III demo vocabulary, tiny preset (CPU DP cost)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precisions", default="fp32,bf16,fp16")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (after 2 warm-up steps)")
@@ -209,10 +214,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = p.parse_args(argv)
-    size = TINY if a.tiny else PAPER
+    size = TINY if a.tiny else {"paper": PAPER, "demo": DEMO, "tiny": TINY}[a.size]
     if a.steps is not None or a.n_patients is not None:
         size = Size(**{**size.__dict__, "steps": a.steps or size.steps, "n_patients": a.n_patients or size.n_patients})
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() and not a.tiny else "cpu"))
+    on_gpu = torch.cuda.is_available() and size is not TINY
+    device = torch.device(a.device or ("cuda" if on_gpu else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (TF32 would blur the fp32 row)
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
