@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ConfigError(f"--model-override {kv!r} must be KEY=JSON, e.g. n_embd=64.")
         k, v = kv.split("=", 1)
         overrides[k] = json.loads(v)
+    owns_group = not dist.is_initialized()  # a caller that set up the group keeps it (several runs per launch)
     try:
         info = train_to_dir(a.tables, a.out, model_type=a.model_type, preset=a.preset, epochs=a.epochs,
                             batch_size=a.batch_size, lr=a.lr, rules_dir=a.rules_dir, seed=a.seed,
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(info, default=str))
         return info
     finally:
-        teardown()
+        if owns_group:
+            teardown()
 
 
 if __name__ == "__main__":
