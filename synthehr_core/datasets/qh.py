@@ -41,9 +41,10 @@ RAW_COLUMNS = ["patient_id", "encounter_id", "event_type", "arrival", "triage_ca
 KINDS = {"patient_id": "str", "encounter_id": "str", "event_type": "str", "arrival": "datetime",
          "triage_category": "int", "los": "float", "los_triage": "float", "age": "float", "gender": "str",
          "disposition": "str"}
-ARROW_TYPES = {"patient_id": pa.string(), "encounter_id": pa.string(), "event_type": pa.string(),
+_CATEGORY = pa.dictionary(pa.int32(), pa.string())  # low-cardinality strings: read as categoricals (memory)
+ARROW_TYPES = {"patient_id": pa.string(), "encounter_id": pa.string(), "event_type": _CATEGORY,
                "arrival": pa.timestamp("s"), "triage_category": pa.float64(), "los": pa.float64(),
-               "los_triage": pa.float64(), "age": pa.float64(), "gender": pa.string(), "disposition": pa.string()}
+               "los_triage": pa.float64(), "age": pa.float64(), "gender": _CATEGORY, "disposition": _CATEGORY}
 EVENT_TYPES = ("ED", "Inpatient")
 OPTIONS = {"ed_los_clip_hours": None, "include_disposition": True}
 DISPOSITIONS = ("discharged", "admitted_ward", "admitted_icu", "admitted_surgery", "left_against_advice",
@@ -352,7 +353,7 @@ def read_encounters(path: str) -> pd.DataFrame:
         raise SchemaError(f"{path}: encounters table lacks column(s) {missing}; found {sorted(table.column_names)}.")
     if table.num_rows == 0:
         raise DataError(f"{path}: the encounters table has a header but no rows. Check the export.")
-    return table.select(RAW_COLUMNS).to_pandas()
+    return table.select(RAW_COLUMNS).to_pandas(split_blocks=True, self_destruct=True)
 
 
 def load(raw: str, options: dict, report: DropReport) -> RawCohort:
@@ -386,14 +387,17 @@ def load(raw: str, options: dict, report: DropReport) -> RawCohort:
     arrival = df["arrival"].to_numpy(dtype="datetime64[s]").astype(np.int64)
     order = np.lexsort((arrival, pcode))
     firsts = order[np.concatenate([[True], pcode[order][1:] != pcode[order][:-1]])]
-    gender = df["gender"].to_numpy(dtype=object)
-    g_first = pd.Series(gender[firsts], index=pcode[firsts]).reindex(pcode).to_numpy(dtype=object)
-    changed = int(pd.Series(pcode[(gender != g_first) & pd.notna(gender)]).nunique())
+    gender = pd.Categorical(df["gender"])
+    gcode = gender.codes                                            # -1 = empty
+    g_first = np.empty(len(pids), dtype=gcode.dtype)
+    g_first[pcode[firsts]] = gcode[firsts]
+    changed = np.unique(pcode[(gcode != g_first[pcode]) & (gcode >= 0)]).size
     if changed:
         log.warning("%s: %d patients have more than one gender across encounters; using the first", path, changed)
+    g_names = np.append(np.asarray(gender.categories, dtype=object), "unknown")   # code -1 -> "unknown"
     patients = pd.DataFrame({
-        "patient_id": np.asarray(pids, dtype=object)[pcode[firsts]],
-        "gender": pd.Series(gender[firsts], dtype=object).fillna("unknown").to_numpy(dtype=object),
+        "patient_id": pd.Series(pids).take(pcode[firsts]).reset_index(drop=True).astype(str),
+        "gender": g_names[gcode[firsts]],
         "age": df["age"].to_numpy(dtype=float)[firsts],
     })
 
@@ -405,7 +409,7 @@ def load(raw: str, options: dict, report: DropReport) -> RawCohort:
         if over.any():
             log.info("%s: clipped %d ED stays longer than %g h (ed_los_clip_hours)", path, int(over.sum()), clip)
         los = np.where(over, float(clip), los)
-    visit_id = df["encounter_id"].astype(str)
+    visit_id = df["encounter_id"].astype(str).reset_index(drop=True)
     visits = pd.DataFrame({
         "patient_id": df["patient_id"].astype(str),
         "visit_id": visit_id,
@@ -416,14 +420,15 @@ def load(raw: str, options: dict, report: DropReport) -> RawCohort:
         "age": df["age"].to_numpy(dtype=float),
     })
     has_tri = ed & tri.notna().to_numpy()
-    tri_tokens = np.array([f"tri:{i}" for i in range(6)], dtype=object)
-    codes = [pd.DataFrame({"visit_id": visit_id[has_tri].to_numpy(),
-                           "code": tri_tokens[tri[has_tri].to_numpy(dtype=float).astype(np.int64)]})]
+    tri_code = tri.to_numpy(dtype=float)[has_tri].astype(np.int64) - 1
+    codes = [pd.DataFrame({"visit_id": visit_id[has_tri].reset_index(drop=True),
+                           "code": pd.Categorical.from_codes(tri_code, [f"tri:{i}" for i in range(1, 6)])})]
     if opts["include_disposition"]:
-        has = df["disposition"].notna().to_numpy()
-        dcode, duniq = pd.factorize(df["disposition"][has])
-        codes.append(pd.DataFrame({"visit_id": visit_id[has].to_numpy(),
-                                   "code": np.asarray(["disp:" + str(d) for d in duniq], dtype=object)[dcode]}))
+        disp = pd.Categorical(df["disposition"])
+        has = disp.codes >= 0
+        codes.append(pd.DataFrame({"visit_id": visit_id[has].reset_index(drop=True),
+                                   "code": pd.Categorical.from_codes(disp.codes[has],
+                                                                     ["disp:" + str(c) for c in disp.categories])}))
     return RawCohort(patients, visits, pd.concat(codes, ignore_index=True),
                      {"encounters": len(df), "ED": int(ed.sum()), "Inpatient": int((~ed).sum())})
 
