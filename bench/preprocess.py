@@ -76,7 +76,7 @@ def time_preprocess(n_patients: int, seed: int = 0, profile: bool = False) -> di
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(raw), str(Path(tmp, "tables"))]
         if profile:
             cmd.append("--profile")
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        r = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)
         if r.returncode != 0:
             raise RuntimeError(f"preprocess worker failed for {n_patients} patients:\n{r.stderr[-3000:]}")
         if profile:

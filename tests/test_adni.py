@@ -1,7 +1,6 @@
 """ADNI: the synthetic ADNIMERGE fixture generator and the adapter (bundled fixture, bad input)."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
