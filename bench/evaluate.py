@@ -1,7 +1,7 @@
 """Benchmark the evaluate stage: ``time_evaluate_to_dir`` on toy-style real and synthetic cohorts.
 
-    .venv/bin/python bench/evaluate.py                 # sizes 10k and 100k patients per cohort
-    .venv/bin/python bench/evaluate.py --sizes 100000 --codes 13 2000
+    .venv/bin/python bench/evaluate.py                  # 10k and 100k patients; 13 codes (toy) and 2000 (Zipf)
+    .venv/bin/python bench/evaluate.py --sizes 100000 --codes 13
 
 Inputs are made by a vectorised, seeded generator with the structure of ``synthehr_core.toy`` (a label, a binned
 age, within-visit implication, persistent codes, a code excluded by a label; ``toy.make_toy_tables`` loops in
@@ -57,18 +57,20 @@ def make_cohort(n_patients: int, seed: int, n_codes: int = 13, max_codes: int = 
                      + [f"dx:{9000 + i}" for i in range(max(0, n_codes - 13))], dtype=object)
     weight = 1.0 / np.arange(1, len(names) + 1) if n_codes > 13 else np.ones(len(names))
     k = rng.integers(1, max_codes + 1, len(vp))
-    keys = rng.random((len(vp), len(names))) ** (1.0 / weight)          # weighted sampling without replacement
-    top = np.argsort(-keys, axis=1)[:, :max_codes]
-    M = np.zeros((len(vp), len(names)), bool)
+    drawn = rng.choice(len(names), size=(len(vp), max_codes), p=weight / weight.sum())   # with replacement
     rows = np.repeat(np.arange(len(vp)), max_codes)
     take = (np.arange(max_codes)[None, :] < k[:, None]).ravel()
-    M[rows[take], top.ravel()[take]] = True
+    r, c = rows[take], drawn.ravel()[take]
+    M = np.zeros((len(vp), 13), bool)                                    # the toy's structured codes, dense
+    M[r[c < 13], c[c < 13]] = True
     M[:, 1] |= M[:, 0]                                                   # 4019 -> 25000 within a visit
     chronic = rng.random(n_patients) < 0.3
     seen = pd.DataFrame(M[:, [2]]).groupby(vp).cummax().to_numpy().ravel()
     M[:, 2] |= chronic[vp] | seen                                        # 4280 persists once seen
     M[sex[vp] == "M", 6] = False                                         # V4581 never with sex=M
-    r, c = np.nonzero(M)
+    r13, c13 = np.nonzero(M)
+    key = np.unique(np.r_[r13 * len(names) + c13, (r * len(names) + c)[c >= 13]])
+    r, c = key // len(names), key % len(names)
     codes = pd.DataFrame({"patient_id": pids[vp[r]], "visit_index": vi[r].astype("int32"), "code": names[c]})
     return patients, visits, codes
 
@@ -82,7 +84,7 @@ def write_cohort(out_dir: Path, tables) -> None:
 def time_evaluate_to_dir(n_patients: int, n_codes: int, work: Path, privacy_sample: int = 2000) -> dict:
     from synthehr_core.evaluation import evaluate_to_dir
 
-    max_codes = 4 if n_codes <= 13 else 12
+    max_codes = 4 if n_codes <= 13 else 14
     real, synth = work / f"real-{n_patients}-{n_codes}", work / f"syn-{n_patients}-{n_codes}"
     write_cohort(real, make_cohort(n_patients, 0, n_codes, max_codes))
     write_cohort(synth, make_cohort(n_patients, 1, n_codes, max_codes, synthetic=True))
@@ -104,7 +106,7 @@ def time_evaluate_to_dir(n_patients: int, n_codes: int, work: Path, privacy_samp
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    ap.add_argument("--codes", type=int, nargs="+", default=[13])
+    ap.add_argument("--codes", type=int, nargs="+", default=[13, 2000])
     ap.add_argument("--privacy-sample", type=int, default=2000)
     args = ap.parse_args()
     cols = ("wall", *SECTIONS)

@@ -253,3 +253,13 @@ class TestStage:
         code = ("import sys, synthehr_core.evaluation.report, synthehr_core.evaluation; "
                 "sys.exit(1 if {'torch', 'kfp', 'matplotlib.pyplot'} & set(sys.modules) else 0)")
         assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_real_tables_without_test_split_skip_held_out_parts(real):
+    p, v, c = real
+    p = p.assign(split=p["split"].replace({"test": "val"}))
+    res = evaluate_tables((p, v, c), _cohort_of(real, _train_ids(real)), None, **FAST)
+    m = res["metrics"]
+    assert m["fidelity.code_record.r2"] == pytest.approx(1.0) and m["privacy.exact_copies"] > 0
+    assert not any(k.startswith(("privacy.mia", "utility.", "fidelity.baseline")) for k in m)
+    assert any("no 'test' split" in n for n in res["notes"])

@@ -23,6 +23,7 @@ from .cohort import Cohort
 
 CHUNK_CELLS = 8_000_000        # query rows x reference rows per chunk (~32 MB of float32)
 DENSE_LIMIT = 100_000_000      # reference cells (rows x columns) up to which the reference is densified
+DENSE_MAX_COLUMNS = 1024       # ... and only when the vectors are this narrow
 TOP_KNOWN = 100                # HALO: the attacker knows labels + the 100 most common codes
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -108,8 +109,9 @@ def nearest(A: sp.csr_matrix, B: sp.csr_matrix, nv_a: np.ndarray | None = None, 
         const = 1.0
     A = sp.hstack([A, *extra_a, sp.csr_matrix(np.full((A.shape[0], 1), -0.5, np.float32))], format="csr")
     B = sp.hstack([B, *extra_b, sp.csr_matrix(nb[:, None])], format="csr").astype(np.float32)
-    dense = B.shape[0] * B.shape[1] <= DENSE_LIMIT
-    Bt = B.T.toarray() if dense else B.T.tocsc()
+    # dense BLAS pays off only for narrow vectors (toy vocabularies); wide ones multiply mostly zeros
+    dense = B.shape[1] <= DENSE_MAX_COLUMNS and B.shape[0] * B.shape[1] <= DENSE_LIMIT
+    Bt = B.T.toarray() if dense else B.T.tocsr()
     step = max(1, CHUNK_CELLS // max(B.shape[0], 1))
     best = np.empty(A.shape[0], np.float32)
     arg = np.empty(A.shape[0], np.int64)
