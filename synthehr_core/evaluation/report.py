@@ -14,6 +14,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .values import WEEKDAYS
+
 REAL, SYNTH, TEST = "#1f77b4", "#ff7f0e", "#2ca02c"
 HEADLINE = [
     ("fidelity.code_record.r2", "code prevalence per record, R²"),
@@ -104,7 +106,7 @@ def figures(res: dict) -> dict[str, str]:
         fig = Figure(figsize=(5.5 * len(cal), 3.2))
         axes = np.atleast_1d(fig.subplots(1, len(cal)))
         for ax, (k, (r, s)) in zip(axes, cal.items()):
-            idx = sorted(set(r.index) | set(s.index))
+            idx = sorted(set(r.index) | set(s.index), key=lambda v: (WEEKDAYS.index(v) if v in WEEKDAYS else 7, v))
             x = np.arange(len(idx))
             ax.bar(x - 0.2, r.reindex(idx, fill_value=0), 0.4, label="real train", color=REAL)
             ax.bar(x + 0.2, s.reindex(idx, fill_value=0), 0.4, label="synthetic", color=SYNTH)
