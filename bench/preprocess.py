@@ -33,7 +33,45 @@ def setup_raw(n_patients: int, seed: int, where: Path) -> dict:
     return {"rows": len(df), "simulate_s": t_sim, "csv_mb": Path(path).stat().st_size / 2**20}
 
 
-def worker(raw: str, out: str, profile: bool) -> None:
+class RssTracer:
+    """Sample RSS and where the main thread is in synthehr_core every few ms: which line owns the peak."""
+
+    def __init__(self, every_s: float = 0.02):
+        import threading
+
+        self.every_s, self.samples, self._stop = every_s, [], threading.Event()
+        self._main = threading.main_thread().ident
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.wait(self.every_s):
+            frame, where = sys._current_frames().get(self._main), "?"
+            while frame is not None:
+                if "synthehr_core" in frame.f_code.co_filename:
+                    where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}"
+                    break
+                frame = frame.f_back
+            self.samples.append((proc.memory_info().rss / 2**20, where))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def top(self, k: int = 8) -> list[tuple[float, str]]:
+        best: dict[str, float] = {}
+        for rss, where in self.samples:
+            best[where] = max(best.get(where, 0.0), rss)
+        return sorted(((v, w) for w, v in best.items()), reverse=True)[:k]
+
+
+def worker(raw: str, out: str, profile: bool, memtrace: bool = False) -> None:
     """Run in a fresh process: time the adapter alone, then the full preprocess; print one JSON line."""
     import resource
 
@@ -57,7 +95,13 @@ def worker(raw: str, out: str, profile: bool) -> None:
         prof = cProfile.Profile()
         prof.enable()
     t0, c0 = time.perf_counter(), cpu()
-    meta = preprocess("qh", out, raw=raw, overwrite=True)
+    if memtrace:
+        with RssTracer() as tracer:
+            meta = preprocess("qh", out, raw=raw, overwrite=True)
+        for rss, where in tracer.top():
+            print(f"peak RSS {rss:8,.0f} MB at {where}", file=sys.stderr)
+    else:
+        meta = preprocess("qh", out, raw=raw, overwrite=True)
     t_total, c_total = time.perf_counter() - t0, cpu() - c0
     if profile:
         prof.disable()
@@ -68,18 +112,17 @@ def worker(raw: str, out: str, profile: bool) -> None:
                       "n_patients": meta["n_patients"], "n_visits": meta["n_visits"], "n_codes": meta["n_codes"]}))
 
 
-def time_preprocess(n_patients: int, seed: int = 0, profile: bool = False) -> dict:
+def time_preprocess(n_patients: int, seed: int = 0, profile: bool = False, memtrace: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
         raw = Path(tmp, "raw")
         raw.mkdir()
         facts = setup_raw(n_patients, seed, raw)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(raw), str(Path(tmp, "tables"))]
-        if profile:
-            cmd.append("--profile")
+        cmd += ["--profile"] * profile + ["--memtrace"] * memtrace
         r = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)
         if r.returncode != 0:
             raise RuntimeError(f"preprocess worker failed for {n_patients} patients:\n{r.stderr[-3000:]}")
-        if profile:
+        if profile or memtrace:
             print(r.stderr, file=sys.stderr)
         res = json.loads(r.stdout.strip().splitlines()[-1])
     return {**facts, **res}
@@ -90,12 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="print a cProfile of preprocess (slower)")
+    ap.add_argument("--memtrace", action="store_true", help="print the synthehr_core lines at the highest RSS")
     ap.add_argument("--worker", nargs=2, metavar=("RAW", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        worker(*a.worker, profile=a.profile)
+        worker(*a.worker, profile=a.profile, memtrace=a.memtrace)
         return
-    rows = [(n, time_preprocess(n, a.seed, a.profile)) for n in a.sizes]
+    rows = [(n, time_preprocess(n, a.seed, a.profile, a.memtrace)) for n in a.sizes]
     # wall time suffers when the machine is shared; CPU time (user + sys of the worker) much less so
     print(f"{'patients':>10} {'visits':>10} {'codes':>10} {'csv MB':>7} {'adapter s':>9} {'preprocess s':>12} "
           f"{'cpu s':>7} {'visits/s':>10} {'peak RSS MB':>11} {'load':>5}")
