@@ -66,6 +66,24 @@ def calendar_parts(start_day: np.ndarray) -> dict[str, np.ndarray]:
             "hour": np.clip(hour, 0, 23) // 6}
 
 
+def _day_parts(day: np.ndarray, keys: Sequence[str] = ("year", "month", "weekday", "month_index")
+               ) -> dict[str, np.ndarray]:
+    """``calendar_parts`` of integer days through a lookup table over their range (cheap for big candidate
+    matrices, whose days span a few years at most); adds ``month_index`` (months since 1970-01)."""
+    lo, hi = int(day.min()), int(day.max())
+    table = calendar_parts(np.arange(lo, hi + 1, dtype=float))
+    table["month_index"] = (table["year"] - 1970) * 12 + table["month"] - 1
+    i = day - lo
+    return {k: table[k][i] for k in keys}
+
+
+def _month_start(month_index: np.ndarray) -> np.ndarray:
+    """First day (days since 1970) of each month index (months since 1970-01), by a lookup table."""
+    lo, hi = int(month_index.min()), int(month_index.max())
+    table = np.arange(lo, hi + 1).astype("datetime64[M]").astype("datetime64[D]").astype(np.int64)
+    return table[month_index - lo]
+
+
 def token_codes(visits: pd.DataFrame) -> dict[str, np.ndarray]:
     """The ``cal_<kind>`` columns as integers (year, month 1-12, weekday 0-6, hour band 0-3); -1 = absent."""
     maps = {"month": {f"{m:02d}": m for m in range(1, 13)}, "weekday": {d: i for i, d in enumerate(WEEKDAYS)},
@@ -196,42 +214,45 @@ def _cell_key(year, month, weekday) -> np.ndarray:
     return (np.asarray(year, dtype=np.int64) + 1) * 10_000 + (np.asarray(month) + 1) * 10 + np.asarray(weekday) + 1
 
 
-def _time_of_day(tod: pd.DataFrame, event_type: np.ndarray, band: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Fraction of a day per row: a 10-minute slot from the row's event-type histogram (else all) inside its hour
-    band (-1 = any), uniform inside the slot; uniform inside the band when the histogram has no mass there."""
-    strata = {s: i for i, s in enumerate(pd.unique(tod["event_type"]))}
-    s_item = tod["event_type"].map(strata).to_numpy(dtype=np.int64)
-    slot = tod["slot"].to_numpy(dtype=np.int64)
-    w = tod["count"].to_numpy(dtype=float)
-    b_item = slot * 24 // SLOTS_PER_DAY // 6
-    et = pd.Series(event_type, dtype="string").map(strata).astype("Float64").fillna(-1).to_numpy(dtype=np.int64)
-    all_code = strata.get(ALL, -2)
-    n_b = len(HOUR_BANDS) + 1
-    items_band = s_item * n_b + b_item
-    items_any = s_item * n_b + len(HOUR_BANDS)
-    u = rng.random(len(band))
-    res = np.full(len(band), -1, dtype=np.int64)
-    for code in (et, np.full(len(band), all_code)):
-        todo = res < 0
-        has_b = todo & (band >= 0)
-        res[has_b] = _draw(items_band, w, code[has_b] * n_b + band[has_b], u[has_b])
-        no_b = todo & (band < 0)
-        res[no_b] = _draw(items_any, w, code[no_b] * n_b + len(HOUR_BANDS), u[no_b])
-    chosen = np.where(res >= 0, slot[np.maximum(res, 0)], -1)
-    frac = (chosen + rng.random(len(band))) / SLOTS_PER_DAY
-    fb = res < 0                                       # no histogram mass: uniform in the band (or the day)
-    width = np.where(band[fb] >= 0, 0.25, 1.0)
-    frac[fb] = np.maximum(band[fb], 0) * 0.25 + rng.random(int(fb.sum())) * width
-    return np.minimum(frac, np.nextafter(1.0, 0.0))
+class _TimeOfDay:
+    """Fraction of a day per row: a 10-minute slot from the row's event-type histogram (else all event types)
+    inside its hour band (-1 = any), uniform inside the slot; uniform inside the band where there is no mass."""
+
+    def __init__(self, tod: pd.DataFrame, event_type: np.ndarray):
+        strata = {s: i for i, s in enumerate(pd.unique(tod["event_type"]))}
+        self.slot = tod["slot"].to_numpy(dtype=np.int64)
+        self.w = tod["count"].to_numpy(dtype=float)
+        s_item = tod["event_type"].map(strata).to_numpy(dtype=np.int64)
+        self.n_b = len(HOUR_BANDS) + 1
+        self.items_band = s_item * self.n_b + self.slot * 24 // SLOTS_PER_DAY // 6
+        self.items_any = s_item * self.n_b + len(HOUR_BANDS)
+        self.et = pd.Series(event_type, dtype="string").map(strata).astype("Float64").fillna(-1).to_numpy(np.int64)
+        self.all_code = strata.get(ALL, -2)
+
+    def draw(self, rows: np.ndarray, band: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        u = rng.random(len(rows))
+        res = np.full(len(rows), -1, dtype=np.int64)
+        for code in (self.et[rows], np.full(len(rows), self.all_code)):
+            todo = res < 0
+            key = code * self.n_b + np.where(band >= 0, band, len(HOUR_BANDS))
+            hb, nb = todo & (band >= 0), todo & (band < 0)
+            res[hb] = _draw(self.items_band, self.w, key[hb], u[hb])
+            res[nb] = _draw(self.items_any, self.w, key[nb], u[nb])
+        frac = (np.where(res >= 0, self.slot[np.maximum(res, 0)], 0) + rng.random(len(rows))) / SLOTS_PER_DAY
+        fb = res < 0
+        frac[fb] = np.maximum(band[fb], 0) * 0.25 + rng.random(int(fb.sum())) * np.where(band[fb] >= 0, 0.25, 1.0)
+        return np.minimum(frac, np.nextafter(1.0, 0.0))
 
 
 def _anchor_days(anchors: pd.DataFrame, tok: dict[str, np.ndarray], span_years: tuple[int, int],
-                 rng: np.random.Generator) -> tuple[np.ndarray, dict[str, int]]:
+                 rng: np.random.Generator, nxt=None) -> tuple[np.ndarray, dict[str, int]]:
     """Integer first-visit day per row agreeing with its (year, month, weekday) tokens where possible.
 
     Order: (0) a real anchor cell matching every present token, weighted by its count, then a uniform day of
     the cell; (1) a uniform calendar day in the real years matching every present token; then the year (2),
-    month (3) and weekday (4) tokens are dropped in turn, drawing from the anchor cells each time.
+    month (3) and weekday (4) tokens are dropped in turn, drawing from the anchor cells each time. Inside a
+    (year, month) cell the day prefers those from which the second visit (``nxt``: its gap bin and tokens) can
+    reach its own tokens.
     """
     n = len(tok["weekday"])
     cal = _calendar_days(*span_years)
@@ -280,6 +301,11 @@ def _anchor_days(anchors: pd.DataFrame, tok: dict[str, np.ndarray], span_years: 
             cm = np.where(am[j[got]] >= 0, am[j[got]], np.where(mm, tm[sel[got]], -1))
             cw = np.where(aw[j[got]] >= 0, aw[j[got]], np.where(mw, tw[sel[got]], -1))
             d = _uniform_calendar_day(cal, cy, cm, cw, rng)
+            ym = (cy >= 0) & (cm >= 1)
+            if nxt is not None and ym.any():
+                r = sel[got][ym]
+                d[ym] = _day_in_month(cy[ym], cm[ym], cw[ym], (nxt[0][r], nxt[1][r],
+                                                               {kk: t[r] for kk, t in nxt[2].items()}), rng)
             ok = d > np.iinfo(np.int64).min
             day[sel[got][ok]] = d[ok]
             levels[name] += int(ok.sum())
@@ -288,6 +314,21 @@ def _anchor_days(anchors: pd.DataFrame, tok: dict[str, np.ndarray], span_years: 
         day[left] = cal_day[rng.integers(0, len(cal_day), int(left.sum()))]
         levels["drop_weekday"] += int(left.sum())
     return day, levels
+
+
+def _day_in_month(y: np.ndarray, m: np.ndarray, w: np.ndarray, nxt, rng) -> np.ndarray:
+    """A day of month (y, m) on weekday w (-1 = any) per row, uniform among those from which the next visit can
+    reach its tokens (``_next_feasible``), else uniform among all matching days."""
+    m0 = ((y - 1970) * 12 + m - 1).astype("datetime64[M]")
+    first = m0.astype("datetime64[D]").astype(np.int64)
+    last = (m0 + 1).astype("datetime64[D]").astype(np.int64)
+    D = first[:, None] + np.arange(31)[None, :]
+    ok = (D < last[:, None]) & ((w[:, None] < 0) | ((D + 3) % 7 == w[:, None]))
+    good = ok & _next_feasible(D, *nxt)
+    ww = np.where(good.any(1)[:, None], good, ok).astype(float)
+    u = rng.random(len(y)) * ww.sum(1)
+    pick = np.minimum((np.cumsum(ww, 1) <= u[:, None]).sum(1), 30)
+    return D[np.arange(len(y)), pick]
 
 
 def _uniform_calendar_day(cal: dict, y: np.ndarray, m: np.ndarray, w: np.ndarray, rng) -> np.ndarray:
@@ -305,6 +346,37 @@ def _uniform_calendar_day(cal: dict, y: np.ndarray, m: np.ndarray, w: np.ndarray
         j = _draw(ik, np.ones(len(ik)), rk, rng.random(sel.size))
         out[sel[j >= 0]] = cal["day"][j[j >= 0]]
     return out
+
+
+def _weekday_count(x: np.ndarray, y: np.ndarray, wd: np.ndarray) -> np.ndarray:
+    """How many days in [x, y] (integer days since 1970) fall on weekday ``wd`` (0 = Mon)."""
+    c = (wd - 3) % 7                                                   # day d has weekday (d + 3) % 7
+    return np.floor_divide(y - c, 7) - np.floor_divide(x - 1 - c, 7)
+
+
+def _next_feasible(D: np.ndarray, nlo: np.ndarray, nhi: np.ndarray, ntok: dict[str, np.ndarray]) -> np.ndarray:
+    """One-step lookahead: can the next visit, whose gap bin is [nlo, nhi) days, land on its own (year, month,
+    weekday) tokens when this visit is on day ``D``? ``D`` is (rows, candidates); the rest are per row (a row
+    with no next visit has nlo = NaN and is always feasible). Time of day is ignored (the window widens a day)."""
+    none = np.isnan(nlo)
+    if D.size == 0:
+        return np.ones(D.shape, dtype=bool)
+    a = D + np.floor(np.nan_to_num(nlo))[:, None].astype(np.int64)
+    b = D + np.ceil(np.minimum(np.nan_to_num(nhi, nan=0.0), 1e5))[:, None].astype(np.int64)
+    y, m, w = (ntok[k][:, None] for k in ("year", "month", "weekday"))
+    ma, mb = _day_parts(a, ("month_index",))["month_index"], _day_parts(b, ("month_index",))["month_index"]
+    # the first month index >= ma that matches (year, month); -1 = any
+    t = np.where(y >= 0, (y - 1970) * 12 + np.maximum(m, 1) - 1, ma)
+    t = np.where((y < 0) & (m >= 1), ma + ((m - 1 - ma) % 12), t)
+    t = np.where((y >= 0) & (m < 1), np.maximum(ma, (y - 1970) * 12), t)
+    t_hi = np.where((y >= 0) & (m < 1), (y - 1970) * 12 + 11, t)
+    free = (m < 1) & (y < 0)
+    span_lo = np.where(free, a, _month_start(np.where(free, ma, t)))
+    span_hi = np.where(free, b, _month_start(np.where(free, ma, t_hi) + 1) - 1)
+    x0, x1 = np.maximum(a, span_lo), np.minimum(b, span_hi)
+    ok = (x1 >= x0) & (t <= mb)
+    ok &= (w < 0) | (_weekday_count(x0, x1, np.maximum(w, 0)) > 0)
+    return ok | none[:, None]
 
 
 # ============================================================================================ gap density
@@ -374,29 +446,37 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
     pos = np.arange(n) - np.maximum.accumulate(np.where(first, np.arange(n), 0))
     tok = token_codes(v)
     et = v["event_type"].astype("string").to_numpy(dtype=object)
-    tod = _time_of_day(time_of_day, et, tok["hour"], rng)
+    tods = _TimeOfDay(time_of_day, et)
+    tod = tods.draw(np.arange(n), tok["hour"], rng)
     years = anchors.loc[anchors["year"] >= 0, "year"]
     ty = tok["year"][tok["year"] >= 0]
     span = (int(min(years.min() if len(years) else 1970, ty.min() if ty.size else 9999)),
             int(max(years.max() if len(years) else 1970, ty.max() if ty.size else 0)))
     if not len(years) and not ty.size:
         span = (2000, 2000)                            # year-free anchors: any leap-aware reference year
-    start = np.full(n, np.nan)
     fi = np.flatnonzero(first)
-    d0, anchor_levels = _anchor_days(anchors, {k: tok[k][fi] for k in tok}, span, rng)
-    start[fi] = d0 + tod[fi]
-    report: dict = {"anchor_levels": anchor_levels, "relaxed": dict.fromkeys(RELAX_ORDER, 0), "n_kept_kde_gap": 0}
-
     gap_col = tcfg.get("gap")
     offset = v["start_offset_days"].to_numpy(dtype=float)
-    if gap_col:
-        gs = UNIT_DAYS[tcfg.get("gap_unit", "days")]
-        dens = None
-        if gap_grid is not None:
-            dens = gap_density(gap_grid, gap_col)
-            if dens is not None:
-                dens = (dens[0] * gs, dens[1] * gs, dens[2] / gs)
+    gs = UNIT_DAYS[tcfg.get("gap_unit", "days")] if gap_col else 1.0
+    dens = gap_density(gap_grid, gap_col) if gap_col and gap_grid is not None else None
+    if dens is not None:
+        dens = (dens[0] * gs, dens[1] * gs, dens[2] / gs)
+    nxt = None
+    if gap_col:                                        # per visit: the next visit's gap bin and tokens (lookahead)
         lo, hi = _gap_bounds(v, gap_col, gs, dens)
+        has_next = np.zeros(n, dtype=bool)
+        has_next[:-1] = ~first[1:]
+        nidx = np.minimum(np.arange(n) + 1, max(n - 1, 0))
+        nxt = (np.where(has_next, lo[nidx], np.nan), np.where(has_next, hi[nidx], np.nan),
+               {kk: np.where(has_next, t[nidx], -1) for kk, t in tok.items()})
+    start = np.full(n, np.nan)
+    d0, anchor_levels = _anchor_days(anchors, {k: tok[k][fi] for k in tok}, span, rng,
+                                     None if nxt is None else (nxt[0][fi], nxt[1][fi],
+                                                               {k: t[fi] for k, t in nxt[2].items()}))
+    start[fi] = d0 + tod[fi]
+    report: dict = {"anchor_levels": anchor_levels, "relaxed": dict.fromkeys(RELAX_ORDER, 0), "n_kept_kde_gap": 0,
+                    "n_lookahead_unmet": 0}
+    if gap_col:
         los = (v[tcfg["los"]].to_numpy(dtype=float) * UNIT_DAYS[tcfg.get("los_unit", "days")]
                if tcfg.get("los") and tcfg["los"] in v.columns else np.zeros(n))
         no_overlap = not tcfg.get("allow_overlap", False)
@@ -407,8 +487,9 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
             prev_los = np.where(no_overlap, np.nan_to_num(los[rows - 1]), 0.0)
             start[rows], tod[rows] = _place_visits(
                 prev, prev_los, lo[rows], hi[rows],
-                lambda ix, r=rows: _time_of_day(time_of_day, et[r[ix]], tok["hour"][r[ix]], rng),
-                {kk: tok[kk][rows] for kk in tok}, dens, kde_gap[rows], rng, report)
+                lambda ix, r=rows: tods.draw(r[ix], tok["hour"][r[ix]], rng),
+                {kk: tok[kk][rows] for kk in tok}, dens, kde_gap[rows], rng, report,
+                (nxt[0][rows], nxt[1][rows], {kk: t[rows] for kk, t in nxt[2].items()}))
         new_gap = np.diff(start, prepend=np.nan) / gs
         new_gap[first] = v[gap_col].to_numpy(dtype=float)[first] if gap_col in v.columns else np.nan
         v[gap_col] = new_gap
@@ -446,7 +527,8 @@ def _gap_bounds(v: pd.DataFrame, gap_col: str, gs: float, dens) -> tuple[np.ndar
     return lo, hi
 
 
-def _place_visits(prev, prev_los, lo, hi, draw_tod, tok, dens, kde_gap, rng, report) -> tuple[np.ndarray, np.ndarray]:
+def _place_visits(prev, prev_los, lo, hi, draw_tod, tok, dens, kde_gap, rng, report, nxt=None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Start of one visit per row given the previous start: an integer day in the gap bin + a time of day,
     matching the tokens where possible, weighted by the gap density. Returns (start, time of day).
 
@@ -464,7 +546,9 @@ def _place_visits(prev, prev_los, lo, hi, draw_tod, tok, dens, kde_gap, rng, rep
         if attempt:
             tod[todo] = draw_tod(todo)
         got = _choose_days(prev[todo], prev_los[todo], lo[todo], hi[todo], tod[todo],
-                           {k: t[todo] for k, t in tok.items()}, dens, rng, report, strict=not last)
+                           {k: t[todo] for k, t in tok.items()}, dens, rng, report, strict=not last,
+                           nxt=None if nxt is None else (nxt[0][todo], nxt[1][todo],
+                                                         {k: t[todo] for k, t in nxt[2].items()}))
         ok = ~np.isnan(got)
         out[todo[ok]] = got[ok]
         todo = todo[~ok]
@@ -477,7 +561,7 @@ def _place_visits(prev, prev_los, lo, hi, draw_tod, tok, dens, kde_gap, rng, rep
     return out, tod
 
 
-def _choose_days(prev, prev_los, lo, hi, tod, tok, dens, rng, report, strict: bool) -> np.ndarray:
+def _choose_days(prev, prev_los, lo, hi, tod, tok, dens, rng, report, strict: bool, nxt=None) -> np.ndarray:
     """One vectorised pass over candidate days (chunks of rows x candidates); NaN where nothing was chosen
     (with ``strict`` only the exact level is tried)."""
     n = len(prev)
@@ -486,25 +570,27 @@ def _choose_days(prev, prev_los, lo, hi, tod, tok, dens, rng, report, strict: bo
     dmax = np.ceil(prev + hi - tod).astype(np.int64) - 1
     n_c = np.maximum(dmax - dmin + 1, 0)
     order = np.argsort(n_c, kind="stable")
-    names = RELAX_ORDER[:1] if strict else RELAX_ORDER
+    names = ("lookahead", "exact") if strict else ("lookahead",) + RELAX_ORDER
+    nc_sorted = np.maximum(n_c[order], 1)
     i = 0
-    while i < n:
-        j = i + 1
-        while j < n and (j - i + 1) * max(int(n_c[order[j]]), 1) <= MAX_CELLS_PER_CHUNK:
-            j += 1
+    while i < n:                       # rows sorted by width: the chunk's widest row bounds rows x candidates
+        guess = min(n, i + max(1, MAX_CELLS_PER_CHUNK // int(nc_sorted[i])))
+        j = min(guess, i + max(1, MAX_CELLS_PER_CHUNK // int(nc_sorted[guess - 1])))
         sel = order[i:j]
         i = j
         width = max(int(n_c[sel].max()), 1)
         D = dmin[sel, None] + np.arange(width)[None, :]                  # (rows, candidates)
         valid = np.arange(width)[None, :] < n_c[sel, None]
         g = D + tod[sel, None] - prev[sel, None]
-        p = calendar_parts(D.ravel().astype(float))
-        match = {k: ((tok[k][sel, None] < 0) | (p[k].reshape(D.shape) == tok[k][sel, None]))
+        p = _day_parts(D, [k for k in ("year", "month", "weekday") if (tok[k][sel] >= 0).any()])
+        match = {k: ((tok[k][sel, None] < 0) | (p[k] == tok[k][sel, None])) if k in p else True
                  for k in ("year", "month", "weekday")}
         fits = g >= prev_los[sel, None]
         w = _density_at(g.ravel(), dens).reshape(D.shape) * valid
-        levels = [valid & fits & match["year"] & match["month"] & match["weekday"],
-                  valid & fits & match["month"] & match["weekday"],
+        exact = valid & fits & match["year"] & match["month"] & match["weekday"]
+        feas = _next_feasible(D, nxt[0][sel], nxt[1][sel], {k: t[sel] for k, t in nxt[2].items()}) \
+            if nxt is not None else np.ones_like(exact)
+        levels = [exact & feas, exact, valid & fits & match["month"] & match["weekday"],
                   valid & fits & match["weekday"], valid & fits, valid]
         chosen = np.full(len(sel), -1, dtype=np.int64)
         for name, ok in zip(names, levels):
@@ -519,7 +605,8 @@ def _choose_days(prev, prev_los, lo, hi, tod, tok, dens, rng, report, strict: bo
             u = rng.random(todo.size) * tot
             pick = np.minimum((np.cumsum(ww, 1) <= u[:, None]).sum(1), width - 1)
             chosen[todo[has]] = pick[has]
-            report["relaxed"][name] += int(has.sum())
+            report["relaxed"]["exact" if name == "lookahead" else name] += int(has.sum())
+            report["n_lookahead_unmet"] += int(has.sum()) if name == "exact" else 0
         got = chosen >= 0
         out[sel[got]] = D[np.flatnonzero(got), chosen[got]] + tod[sel[got]]
     return out
