@@ -260,7 +260,8 @@ def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParque
     def do_eval() -> None:
         nonlocal best_val, best_step, bad_evals, best_state, last_eval_step
         val = evaluate(model, val_ds, vocab, n_ctx, args.batch_size, device)
-        history.append({"step": step, "epoch": epoch, "split": "val", "loss": val})
+        history.append({"step": step, "epoch": epoch, "split": "val", "loss": val,
+                        **({"epsilon": private.epsilon()} if private is not None else {})})  # DP: spent so far
         last_eval_step = step
         if val < best_val:
             best_val, best_step, bad_evals, best_state = val, step, 0, _cpu_state(model)
@@ -458,9 +459,11 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
     if rules is not None:
         from .rules import save_rules
         save_rules(storage.join(out_dir, RULES_FILE), rules, source=str(rules_dir))
-    hist = pd.DataFrame(res["history"], columns=["step", "epoch", "split", "loss"])
+    eps_col = ["epsilon"] if dp.enabled else []  # DP runs: epsilon spent at each validation
+    hist = pd.DataFrame(res["history"], columns=["step", "epoch", "split", "loss", *eps_col])
     storage.write_parquet(storage.join(out_dir, "history.parquet"), pa.Table.from_pandas(
-        hist.astype({"step": "int64", "epoch": "int64", "split": "object", "loss": "float64"}), preserve_index=False))
+        hist.astype({"step": "int64", "epoch": "int64", "split": "object", "loss": "float64",
+                     **dict.fromkeys(eps_col, "float64")}), preserve_index=False))
     storage.write_parquet(storage.join(out_dir, "label_probs.parquet"),
                           pa.Table.from_pandas(label_probs(train_ds, vocab), preserve_index=False))
     train_losses = hist.loc[hist["split"] == "train", "loss"]
