@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -241,6 +242,9 @@ class TestDPTraining:
 
         info = train_to_dir(mimic_demo, tmp_path / "dp", epochs=2, dp_target_epsilon=3.0, dp_delta=1e-3,
                             dp_max_grad_norm=1.0, dp_physical_batch_size=4, **self.RUN)
+        val = pd.read_parquet(tmp_path / "dp" / "history.parquet").query("split == 'val'")
+        assert len(val) == 2 and val["epsilon"].is_monotonic_increasing  # validated at each epoch end
+        assert val["epsilon"].iloc[-1] == pytest.approx(info["dp_epsilon"])
         assert info["dp_steps"] == info["steps"] == 18  # 2 epochs of ceil(72 / 8) Poisson steps, q = 8/72
         assert abs(info["dp_epsilon"] - 3.0) / 3.0 < 0.10 and info["dp_epsilon"] <= 3.0 + 0.01
         meta = json.loads((tmp_path / "dp" / "meta.json").read_text())
