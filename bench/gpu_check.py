@@ -6,8 +6,9 @@
     .venv/bin/python bench/gpu_check.py --size demo --precisions fp32 --dp   # CPU cost of DP-SGD per step
 
 Prints one row per configuration: training steps/s and patients/s, peak memory while training, sampling
-patients/s and peak memory while sampling (``synthehr_core.sampling.sample``), final loss and sampled rows per
-patient. Peak memory is ``torch.cuda.max_memory_allocated`` per phase on CUDA, and the process's peak RSS on the
+patients/s and peak memory while sampling (``synthehr_core.sampling.sample``, in fp32 as the sample stage does,
+from that configuration's trained weights; ``--sample-autocast`` samples under its precision), final loss and
+sampled rows per patient. Peak memory is ``torch.cuda.max_memory_allocated`` per phase on CUDA, and the process's peak RSS on the
 CPU (monotone over the run, so only the first row is meaningful there).
 
 Data are synthetic and seeded, shaped like HALO's MIMIC-III inpatient set (HI:config.py: 6841 ICD-9 codes + 25
@@ -21,6 +22,7 @@ throughput check, not a quality check.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -116,7 +118,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_one(size: Size, vocab, batches, precision: str, device: torch.device, dp: bool, seed: int,
-            warmup: int = 2) -> dict:
+            warmup: int = 2, sample_autocast: bool = False) -> dict:
     cfg = HaloConfig(vocab.n_visit_tokens, vocab.n_labels, n_ctx=size.n_ctx, n_embd=size.n_embd,
                      n_layer=size.n_layer, n_head=size.n_head)
     with torch.random.fork_rng(devices=[]):
@@ -173,7 +175,9 @@ def run_one(size: Size, vocab, batches, precision: str, device: torch.device, dp
     model.eval()
     _peak_reset(device)
     t0 = time.perf_counter()
-    with amp():  # the head's matmuls in low precision; the sampler takes sigmoid and draws on logits.float()
+    # the sample stage samples in fp32; --sample-autocast tries the row's precision (the incremental head then
+    # accumulates its pre-activations in low precision: a speed experiment, not what the pipeline does)
+    with amp() if sample_autocast else contextlib.nullcontext():
         rows = sample(model, vocab, size.n_patients, seed=seed, batch_size=size.sample_batch, device=device,
                       progress=False)
     _sync(device)
@@ -211,6 +215,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=None, help="timed training steps (after 2 warm-up steps)")
     p.add_argument("--n-patients", type=int, default=None, help="sampled cohort size")
     p.add_argument("--dp", action="store_true", help="also time DP-SGD (Opacus) rows for each precision but fp16")
+    p.add_argument("--sample-autocast", action="store_true",
+                   help="sample under the row's autocast too (default: fp32 sampling, as the sample stage)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = p.parse_args(argv)
@@ -236,7 +242,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name = precision + ("+dp" if dp else "")
         try:
             validate_precision(precision, device)
-            rows.append(run_one(size, vocab, batches, precision, device, dp, a.seed))
+            rows.append(run_one(size, vocab, batches, precision, device, dp, a.seed,
+                                sample_autocast=a.sample_autocast))
         except ConfigError as exc:
             rows.append({"precision": name, "error": str(exc).split(";")[0]})
         except torch.OutOfMemoryError:

@@ -196,7 +196,7 @@ class TestPrivateTrainingUnits:
         assert n == 6
         for name, p in model.named_parameters():
             torch.testing.assert_close(before[name] - p.detach(), expected[name], rtol=1e-4, atol=1e-7)
-        total, n = dp.step(1, torch.arange(0), data, collate, contextlib.nullcontext)
+        _, n = dp.step(1, torch.arange(0), data, collate, contextlib.nullcontext)
         assert n == 0 and dp.steps_accounted == 2
         assert all(torch.isfinite(p).all() for p in model.parameters())
         dp.close()
