@@ -1,0 +1,210 @@
+"""Temporal realism: calendar tokens round-trip preprocess -> tensors/sampling -> time reconstruction; every
+synthetic visit's date agrees with its tokens or the disagreement is counted; temporal metrics known answers."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from synthehr_core import temporal as T
+from synthehr_core.config import bundled_config_path
+from synthehr_core.datasets import qh
+from synthehr_core.errors import ConfigError, DataError
+from synthehr_core.kde import generate_kde_grids, load_kde_config, sample_kde_to_dir
+from synthehr_core.preprocess import preprocess
+from synthehr_core.schema import parse_bin, read_tables
+from synthehr_core.storage import write_json
+
+TOKENS = ["month", "weekday", "hour", "year"]
+KDE = {"num_cores": 1, "min_count": 10,
+       "variable_config": {"gap_days": {"method": "kde_range", "data_source": "visits",
+                                        "filter": {"gap_days": {"notnull": True}},
+                                        "grid_params": {"method": "fine_bins", "step": 1,
+                                                        "filter": {"threshold": 90, "modulo": 7}}}},
+       "time": {"gap": "gap_days", "gap_unit": "days", "allow_overlap": True}}
+
+
+@pytest.fixture(scope="module")
+def qh_tables(tmp_path_factory):
+    """A simulated QH extract (600 patients) preprocessed with all four calendar tokens; + its train split."""
+    d = tmp_path_factory.mktemp("qh_cal")
+    qh.write_encounters(qh.simulate(600, seed=3), d / "raw" / "encounters.csv")
+    cfg = yaml.safe_load(bundled_config_path("qh").read_text())
+    cfg["calendar"] = {"enabled": True, "tokens": TOKENS}
+    preprocess(cfg, d / "tables", raw=str(d / "raw"))
+    p, v, c = read_tables(d / "tables")
+    tp = p[p["split"] == "train"]
+    return d, p, v, c, tp, v[v["patient_id"].isin(set(tp["patient_id"]))]
+
+
+def _as_synthetic(v: pd.DataFrame) -> pd.DataFrame:
+    """Real visits as the KDE stage leaves a synthetic shard: tokens and gap values kept, dates unknown."""
+    return v.assign(start_day=np.nan, start_offset_days=np.nan)
+
+
+def _gaps_in_bins(out: pd.DataFrame) -> bool:
+    later = out[out["visit_index"] > 0]
+    lohi = np.array([parse_bin(b) for b in later["gap_days_binned"]])
+    g = later["gap_days"].to_numpy(float)
+    return bool(np.all((g >= lohi[:, 0] - 1e-9) & (g <= lohi[:, 1] + 1e-9)))
+
+
+class TestCalendarParts:
+    def test_known_dates(self):
+        day = (np.datetime64("2017-03-06T14:23") - np.datetime64("1970-01-01T00:00")) / np.timedelta64(1, "D")
+        p = T.calendar_parts(np.array([0.0, day, day + 5.5]))
+        assert p["weekday"].tolist() == [3, 0, 6]              # Thu 1970-01-01, Mon 2017-03-06, Sun 03-12
+        assert p["year"].tolist() == [1970, 2017, 2017] and p["month"].tolist() == [1, 3, 3]
+        assert p["hour"].tolist() == [0, 2, 0]                 # 14:23 -> "12-17"; +0.5 day -> 02:23
+
+    def test_token_codes_read_the_preprocessed_columns(self, qh_tables):
+        tok = T.token_codes(qh_tables[2])
+        p = T.calendar_parts(qh_tables[2]["start_day"].to_numpy(float))
+        for k in T.CAL_KINDS:
+            assert np.array_equal(tok[k], p[k]), k
+
+
+class TestRoundTrip:
+    def test_tokens_survive_tensors_and_decode(self, qh_tables):
+        """preprocess -> HALO rows -> decode_rows (the sampler's decoder) gives back the cal_* columns."""
+        from synthehr_core.tensors import EHRParquetDataset, collate_halo, decode_rows
+        from synthehr_core.vocab import Vocab
+
+        d, *_ = qh_tables
+        vocab = Vocab.load(d / "tables" / "vocab.json")
+        ds = EHRParquetDataset(d / "tables", split="train", n_ctx=48)
+        X, _ = collate_halo([ds[i] for i in range(40)], vocab, 48)
+        rows = [[X[n, r].nonzero().flatten().tolist() for r in range(1, 48)] for n in range(40)]
+        _, sv, _, _ = decode_rows(rows, vocab, seed=0)
+        real_ids = sorted(qh_tables[4]["patient_id"])[:40]
+        rv = qh_tables[5].set_index("patient_id").loc[real_ids].reset_index()
+        rv = rv[rv.groupby("patient_id").cumcount() < 46]
+        for k in T.CAL_KINDS:
+            assert sv[f"cal_{k}"].astype(str).tolist() == rv[f"cal_{k}"].astype(str).tolist(), k
+
+    def test_sampled_tokens_are_honoured_or_counted(self, qh_tables, tmp_path):
+        """train (2 steps) -> sample_to_dir -> sample_kde_to_dir -> reconstruct_calendar_times_to_dir."""
+        from synthehr_core.sampling import sample_to_dir
+        from synthehr_core.train import train_to_dir
+
+        d, _, _, _, tp, tv = qh_tables
+        train_to_dir(d / "tables", tmp_path / "m", "halo", "tiny", epochs=1, max_steps=2, batch_size=32,
+                     eval_every=None, progress=False, device="cpu")
+        sample_to_dir(tmp_path / "m", tmp_path / "s", seed=1, n_patients=60, batch_size=60)
+        generate_kde_grids(KDE, tp, tv, tmp_path / "g")
+        write_json(tmp_path / "g" / "kde_config.json", load_kde_config(KDE))
+        T.write_calendar_tables(*T.build_calendar_tables(tp, tv), str(tmp_path / "g"))
+        sample_kde_to_dir(str(tmp_path / "s"), str(tmp_path / "g"), str(tmp_path / "k"), seed=2)
+        meta = T.reconstruct_calendar_times_to_dir(str(tmp_path / "k"), str(tmp_path / "g"), str(tmp_path / "o"), 3)
+        _, out, _ = read_tables(tmp_path / "o")
+        assert {f"cal_{k}" for k in T.CAL_KINDS} <= set(out.columns)
+        assert out["start_day"].notna().all()
+        assert meta["calendar"]["agreement"] == T.calendar_agreement(out)       # every disagreement is counted
+        assert meta["calendar"]["agreement"]["n_disagree_hour"] == 0
+        first = out[out["visit_index"] == 0]
+        assert (first["start_offset_days"] == 0).all()
+        assert np.all(np.diff(out["start_day"].to_numpy())[(out["visit_index"].to_numpy() > 0)[1:]] >= 0)
+
+
+class TestReconstruction:
+    def test_real_tokens_give_dates_that_agree(self, qh_tables):
+        _, _, _, _, tp, tv = qh_tables
+        anchors, tod = T.build_calendar_tables(tp, tv, min_count=3)
+        out, rep = T.reconstruct_calendar_times(tp, _as_synthetic(tv), anchors, tod, None, KDE["time"], rng=0)
+        ag = rep["agreement"]
+        assert ag == T.calendar_agreement(out)
+        assert ag["n_disagree_hour"] == 0 and ag["n_disagree_weekday"] <= 0.03 * len(out)
+        assert ag["n_disagree_any"] <= 0.12 * len(out)
+        assert sum(rep["anchor_levels"].values()) == tp["patient_id"].nunique()
+        assert _gaps_in_bins(out)                              # the gap bin is never given up
+        first = out.groupby("patient_id")["start_day"].transform("first")
+        assert np.allclose(out["start_offset_days"], out["start_day"] - first)
+
+    def test_same_seed_same_dates(self, qh_tables):
+        _, _, _, _, tp, tv = qh_tables
+        tables = T.build_calendar_tables(tp, tv, min_count=3)
+        a, _ = T.reconstruct_calendar_times(tp, _as_synthetic(tv), *tables, None, KDE["time"], rng=5)
+        b, _ = T.reconstruct_calendar_times(tp, _as_synthetic(tv), *tables, None, KDE["time"], rng=5)
+        pd.testing.assert_frame_equal(a, b)
+
+    def test_impossible_weekday_is_relaxed_and_counted(self, qh_tables):
+        """A same-day follow-on (gap 0-1) whose weekday token is three days later cannot agree: counted."""
+        _, _, _, _, tp, tv = qh_tables
+        anchors, tod = T.build_calendar_tables(tp, tv, min_count=3)
+        v = pd.DataFrame({"patient_id": ["p", "p"], "visit_index": np.int32([0, 1]), "event_type": ["ED", "ED"],
+                          "start_offset_days": [np.nan, np.nan], "gap_days": [np.nan, 0.5],
+                          "gap_days_binned": [None, "0-1"], "cal_weekday": ["Mon", "Thu"], "cal_hour": ["06-11", "06-11"]})
+        out, rep = T.reconstruct_calendar_times(pd.DataFrame({"patient_id": ["p"]}), v, anchors, tod, None,
+                                                KDE["time"], rng=0)
+        assert T.calendar_parts(out["start_day"].to_numpy())["weekday"].tolist()[0] == 0
+        assert rep["agreement"]["n_disagree_weekday"] == 1 and rep["relaxed"]["drop_weekday"] == 1
+        assert 0 <= out["gap_days"].iloc[1] < 1
+
+    def test_gap_density_weights_candidates(self, qh_tables):
+        """With a gap grid putting all mass on 20-21 days, every 7-30 day gap lands there (weekday permitting)."""
+        _, _, _, _, tp, tv = qh_tables
+        anchors, tod = T.build_calendar_tables(tp, tv, min_count=3)
+        n = 300
+        v = pd.DataFrame({"patient_id": np.repeat([f"p{i}" for i in range(n)], 2),
+                          "visit_index": np.tile(np.int32([0, 1]), n), "event_type": "ED",
+                          "start_offset_days": np.nan, "gap_days": np.tile([np.nan, 10.0], n),
+                          "gap_days_binned": np.tile([None, "7-30"], n)})
+        grid = pd.DataFrame({"_level": [0, 0], "gap_days_start": [7.0, 20.0], "gap_days_end": [20.0, 21.0],
+                             "range_probability": [0.0, 1.0]})
+        out, _ = T.reconstruct_calendar_times(v.drop_duplicates("patient_id")[["patient_id"]], v, anchors, tod,
+                                              grid, KDE["time"], rng=1)
+        g = out.loc[out["visit_index"] == 1, "gap_days"].to_numpy()
+        assert np.all((g >= 20) & (g < 21))
+
+    def test_missing_inputs_are_named(self, qh_tables):
+        _, _, _, _, tp, tv = qh_tables
+        anchors, tod = T.build_calendar_tables(tp, tv, min_count=3)
+        with pytest.raises(DataError, match=r"lack \['start_offset_days'\]"):
+            T.reconstruct_calendar_times(tp, tv.drop(columns="start_offset_days"), anchors, tod)
+        with pytest.raises(ConfigError, match="min_count must be a positive int, got 0"):
+            T.build_calendar_tables(tp, tv, min_count=0)
+        with pytest.raises(DataError, match="Regenerate the grids"):
+            T.reconstruct_calendar_times_to_dir("/nonexistent/k", "/nonexistent/g", "/nonexistent/o", 0)
+
+
+class TestMetrics:
+    def test_identical_cohorts_are_perfect(self, qh_tables):
+        v = qh_tables[2]
+        m = T.temporal_metrics(v, v, winter=(6, 7, 8), summer=(12, 1, 2))["metrics"]
+        assert m["temporal.monthly.all.r"] == pytest.approx(1.0) and m["temporal.monthly.all.nmae"] == 0
+        assert m["temporal.weekday.max_abs_diff_pp"] == 0 and m["temporal.hour.max_abs_diff_pp"] == 0
+        assert m["temporal.season.winter_summer_rel_err"] == 0 and m["temporal.season.amplitude_ratio"] == 1
+        assert m["temporal.acf7.abs_diff"] == 0
+
+    def test_lost_structure_shows(self, qh_tables):
+        """Uniform random dates over the same window: weekly and seasonal structure gone, metrics say so."""
+        v = qh_tables[2]
+        rng = np.random.default_rng(0)
+        lo, hi = v["start_day"].min(), v["start_day"].max()
+        flat = v.assign(start_day=np.floor(rng.uniform(lo, hi, len(v))))
+        m = T.temporal_metrics(v, flat, winter=(6, 7, 8), summer=(12, 1, 2))
+        real = T.calendar_parts(v["start_day"].to_numpy(float))["weekday"]
+        mon_share = 100 * np.mean(real == 0)
+        assert m["metrics"]["temporal.weekday.max_abs_diff_pp"] > 0.5 * (mon_share - 100 / 7)
+        assert m["metrics"]["temporal.season.winter_summer_synth"] < m["metrics"]["temporal.season.winter_summer_real"]
+        assert "temporal.hour.max_abs_diff_pp" not in m["metrics"]           # synthetic dates carry no time
+        assert T.temporal_figure(m, "qh").startswith('<img alt="temporal" src="data:image/png;base64,')
+
+    def test_missing_start_day_is_named(self, qh_tables):
+        v = qh_tables[2]
+        with pytest.raises(DataError, match=r"synthetic visits lack \['start_day'\]"):
+            T.temporal_metrics(v, v.drop(columns="start_day"))
+        with pytest.raises(DataError, match="every start_day of the synthetic visits is null"):
+            T.temporal_metrics(v, v.assign(start_day=np.nan))
+
+
+def test_module_imports_neither_torch_nor_kfp():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(T))
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not names & {"torch", "kfp"}
+
