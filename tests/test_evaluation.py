@@ -158,6 +158,8 @@ class TestRules:
         assert m["rules.total_violations"] == 4 and m["rules.static_violations"] == 2
         assert m["rules.percent_valid"] == pytest.approx(100 / 3)
         assert any("rule violations" in f for f in res["flags"])
+        from synthehr_core.evaluation.report import render_html
+        assert "Most violated rules" in render_html(res) and "dx:V4581" in render_html(res)
 
     def test_rules_without_vocabulary_is_a_note_not_a_crash(self, real, tmp_path):
         from synthehr_core.rules import save_rules
@@ -170,9 +172,10 @@ class TestRules:
 
 
 class TestValuesAndUtility:
-    def test_before_kde_uses_bins_and_says_so(self, real):
+    @pytest.mark.parametrize("null", [np.nan, None])   # float NaN, or an all-None object column
+    def test_before_kde_uses_bins_and_says_so(self, real, null):
         p, v, c = _cohort_of(real, _train_ids(real))
-        v = v.assign(los_days=np.nan, gap_days=np.nan, start_offset_days=np.nan)
+        v = v.assign(los_days=null, gap_days=null, start_offset_days=null)
         res = evaluate_tables(real, (p, v, c), None, **FAST)
         m = res["metrics"]
         assert "values.los_days.ks" not in m and "time.gap_days.ks" not in m

@@ -140,15 +140,13 @@ class Cohort:
     def take(self, rows: np.ndarray, name: str | None = None) -> "Cohort":
         """A sub-cohort of the given patient rows (sorted, so identities stay stable)."""
         rows = np.sort(np.asarray(rows))
-        pids = self.patients["patient_id"].iloc[rows]
-        keep_v = self.visits["patient_id"].isin(pids)
         sub = Cohort.__new__(Cohort)
         sub.name = name or self.name
         sub.space = self.space
         sub.patients = self.patients.iloc[rows].reset_index(drop=True)
         remap = np.full(self.n_patients, -1, np.int64)
         remap[rows] = np.arange(len(rows))
-        vmask = keep_v.to_numpy()
+        vmask = np.isin(self.visit_patient, rows)
         sub.visits = self.visits[vmask].reset_index(drop=True)
         sub.visit_patient = remap[self.visit_patient[vmask]]
         sub.X = self.X[vmask]

@@ -184,7 +184,11 @@ def render_html(res: dict) -> str:
     parts.append(_table(_metric_rows(m, "values.") + _metric_rows(m, "time."), ("metric", "value")))
     parts.append("<h2>Rules</h2>")
     rules = _metric_rows(m, "rules.")
-    parts.append(_table(rules, ("metric", "value")) if rules else "<p class='note'>No rules file given.</p>")
+    parts.append(_table(rules, ("metric", "value")) if rules else "<p class='note'>No rules checked.</p>")
+    top = res["details"]["rules"].get("top_violated", []) if res["details"]["rules"] else []
+    if top:
+        parts.append("<p>Most violated rules:</p>" + _table([(t["rule"], t["family"], t["output"], t["violations"])
+                                                             for t in top], ("rule", "family", "output", "violations")))
     parts.append("<h2>Privacy</h2>" + figs.get("dcr", "") + _table(_metric_rows(m, "privacy."), ("metric", "value")))
     parts.append("<h2>Utility (train on synthetic vs real, test on real)</h2>")
     tab = res["details"]["utility"]["table"]

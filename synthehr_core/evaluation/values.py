@@ -29,11 +29,16 @@ def _ks_w(r: np.ndarray, s: np.ndarray) -> tuple[float, float]:
     return float(stats.ks_2samp(r, s).statistic), float(stats.wasserstein_distance(r, s))
 
 
+def _num(df: pd.DataFrame, c: str) -> pd.Series:
+    """A column as float (an all-null column may arrive as strings from a cohort before KDE)."""
+    return pd.to_numeric(df[c], errors="coerce").astype(float)
+
+
 def _numeric_columns(real: pd.DataFrame, synth: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """(compared, skipped-because-null-in-synthetic) float columns shared by both tables."""
+    """(compared, skipped-because-null-in-synthetic) float columns of the real table also in the synthetic one."""
     cols = [c for c in real.columns if c in synth.columns and c not in CORE_FLOATS
-            and pd.api.types.is_float_dtype(real[c]) and pd.api.types.is_numeric_dtype(synth[c])]
-    filled = [c for c in cols if synth[c].notna().any() and real[c].notna().any()]
+            and pd.api.types.is_float_dtype(real[c]) and real[c].notna().any()]
+    filled = [c for c in cols if _num(synth, c).notna().any()]
     return filled, [c for c in cols if c not in filled]
 
 
@@ -47,7 +52,7 @@ def tvd(real: pd.Series, synth: pd.Series) -> float:
 
 
 def _gaps(c: Cohort) -> np.ndarray:
-    off = c.visits["start_offset_days"].to_numpy(dtype=float)
+    off = _num(c.visits, "start_offset_days").to_numpy()
     same = c.visit_patient[1:] == c.visit_patient[:-1]
     g = (off[1:] - off[:-1])[same]
     return g[~np.isnan(g)]
@@ -56,8 +61,9 @@ def _gaps(c: Cohort) -> np.ndarray:
 def _calendar(c: Cohort) -> dict[str, pd.Series]:
     v = c.visits
     out = {}
-    if "start_day" in v.columns and v["start_day"].notna().any():
-        d = np.floor(v["start_day"].dropna().to_numpy(dtype=float)).astype(np.int64)
+    day = _num(v, "start_day").dropna() if "start_day" in v.columns else pd.Series(dtype=float)
+    if len(day):
+        d = np.floor(day.to_numpy()).astype(np.int64)
         out["weekday"] = pd.Series(np.asarray(WEEKDAYS)[(d + 3) % 7])                 # 1970-01-01 = Thursday
         months = (np.datetime64("1970-01-01", "D") + d.astype("timedelta64[D]")).astype("datetime64[M]")
         out["month"] = pd.Series(months.astype(np.int64) % 12 + 1).map(lambda m: f"{m:02d}")
@@ -79,9 +85,9 @@ def values(real: Cohort, synth: Cohort) -> dict:
         for c in empty:
             notes.append(f"{table}.{c}: null in the synthetic cohort (before KDE?); compared by its bins only.")
         for c in filled:
-            r, s = rt[c].dropna().to_numpy(float), st[c].dropna().to_numpy(float)
+            r, s = rt[c].dropna().to_numpy(float), _num(st, c).dropna().to_numpy(float)
             m[f"values.{c}.ks"], m[f"values.{c}.wasserstein"] = _ks_w(r, s)
-            m[f"values.{c}.null_frac_diff"] = float(st[c].isna().mean() - rt[c].isna().mean())
+            m[f"values.{c}.null_frac_diff"] = float(_num(st, c).isna().mean() - rt[c].isna().mean())
             samples[c] = (r, s)
             for who, x in (("real", r), ("synth", s)):
                 quant_rows.append({"variable": c, "stratum": "all", "cohort": who, "n": len(x),
@@ -89,7 +95,7 @@ def values(real: Cohort, synth: Cohort) -> dict:
             if table == "visits" and "event_type" in rt.columns and rt["event_type"].nunique() > 1:
                 for ev, grp in rt.groupby("event_type"):
                     r2 = grp[c].dropna().to_numpy(float)
-                    s2 = st.loc[st["event_type"] == ev, c].dropna().to_numpy(float)
+                    s2 = _num(st, c)[(st["event_type"] == ev).to_numpy()].dropna().to_numpy(float)
                     if len(r2) >= MIN_STRATUM and len(s2) >= MIN_STRATUM:
                         m[f"values.{c}[{ev}].ks"], m[f"values.{c}[{ev}].wasserstein"] = _ks_w(r2, s2)
         for c in rt.columns:
@@ -103,7 +109,7 @@ def values(real: Cohort, synth: Cohort) -> dict:
     filled, _ = _numeric_columns(real.visits, synth.visits)
     if len(filled) >= 2:
         cr = real.visits[filled].corr().to_numpy()
-        cs = synth.visits[filled].corr().to_numpy()
+        cs = pd.DataFrame({c: _num(synth.visits, c) for c in filled}).corr().to_numpy()
         iu = np.triu_indices(len(filled), k=1)
         diff = np.abs(cr[iu] - cs[iu])
         diff = diff[np.isfinite(diff)]
@@ -115,7 +121,7 @@ def values(real: Cohort, synth: Cohort) -> dict:
         m["time.gap_days.ks"], m["time.gap_days.wasserstein"] = _ks_w(gr, gs)
         m["time.gap_days.real_median"], m["time.gap_days.synth_median"] = float(np.median(gr)), float(np.median(gs))
         fr = real.visits.loc[real.visit_position > 0, "start_offset_days"].dropna().to_numpy(float)
-        fs = synth.visits.loc[synth.visit_position > 0, "start_offset_days"].dropna().to_numpy(float)
+        fs = _num(synth.visits, "start_offset_days")[synth.visit_position > 0].dropna().to_numpy(float)
         if len(fr) and len(fs):
             m["time.offset_days.ks"], m["time.offset_days.wasserstein"] = _ks_w(fr, fs)
             samples["offset_days"] = (fr, fs)
