@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mimic-epochs", type=int, default=30)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--mimic-synth", type=int, default=2000, help="synthetic MIMIC-III patients")
+    ap.add_argument("--mimic-batch-size", type=int, default=16, help="the demo has 72 training patients")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3, help="arbitrary; higher than HALO's 1e-4 for few epochs")
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     for name in a.datasets:
         res = run_dataset(name, Path(a.work) / name, a.n_patients, a.epochs if name == "qh" else a.mimic_epochs,
-                          a.preset, None if name == "qh" else a.mimic_synth, a.seed, a.batch_size, a.lr, a.device)
+                          a.preset, None if name == "qh" else a.mimic_synth, a.seed,
+                          a.batch_size if name == "qh" else a.mimic_batch_size, a.lr, a.device)
         _print(name, res)
 
 
