@@ -442,7 +442,9 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
     run_hash = _hash(hashed)
     model = make_model(model_type, config, seed, compiled)
     dist = setup_distributed() if distributed else SINGLE
-    dev = pick_device(device if device is not None or not dist.enabled else dist.device())
+    dev = pick_device(device)
+    if dist.enabled and (device is None or (dev.type == "cuda" and dev.index is None)):
+        dev = dist.device()  # one GPU per rank: cuda:<LOCAL_RANK>
     t0 = time.perf_counter()
     res = train(model, train_ds, val_ds, vocab, out_dir, args, run_hash=run_hash, resume_from=resume_from,
                 device=dev, progress=progress, precision=precision, dp=dp, dist=dist)
