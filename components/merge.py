@@ -1,5 +1,4 @@
 """merge: fan-in of the per-seed shards into one synthetic cohort."""
-from typing import List
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
@@ -8,7 +7,7 @@ from components._images import MERGE_IMAGE
 
 
 @dsl.component(base_image=MERGE_IMAGE, install_kfp_package=False)
-def merge(shards: Input[List[Dataset]], cohort: Output[Dataset]) -> int:
+def merge(shards: Input[list[Dataset]], cohort: Output[Dataset]) -> int:
     """Concatenate the shards in seed order (from each shard's meta.json) and re-key patient ids.
 
     Args:

@@ -9,7 +9,6 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -63,6 +62,7 @@ def _kfp_imports():
     """Import kfp and the repo's pipelines, with advice instead of a traceback when they are missing."""
     try:
         import kfp  # noqa: F401
+
         from pipelines import builder
     except ModuleNotFoundError as exc:
         name = exc.name or str(exc)
@@ -75,7 +75,7 @@ def _kfp_imports():
     return builder
 
 
-def parse_params(pairs: List[str], defaults: dict | None = None) -> dict:
+def parse_params(pairs: list[str], defaults: dict | None = None) -> dict:
     """``["epochs=3", "sample_seeds=[0,1]", "model_type=halo"]`` -> typed dict (JSON values, else strings)."""
     out = dict(defaults or {})
     for pair in pairs or []:
@@ -98,7 +98,7 @@ def _check_params(fn, params: dict) -> None:
 
 # ------------------------------------------------------------------------------------------- pipelines
 @app.command("compile")
-def compile_cmd(out: Path = typer.Option(DEFAULT_COMPILED, "--out", help="folder for the YAML files")):
+def compile_cmd(out: Path = typer.Option(DEFAULT_COMPILED, "--out", help="folder for the YAML files")):  # noqa: B008
     """Compile every pipeline (mimic3, adni, qh, mimic3_conditional) to OUT/<name>.yaml."""
     builder = _kfp_imports()
     from kfp import compiler
@@ -110,7 +110,7 @@ def compile_cmd(out: Path = typer.Option(DEFAULT_COMPILED, "--out", help="folder
         typer.echo(f"wrote {path}")
 
 
-def _find_output(run_dir: Path, task: str, name: str) -> Optional[Path]:
+def _find_output(run_dir: Path, task: str, name: str) -> Path | None:
     hits = sorted(run_dir.glob(f"**/{task}/{name}"))
     return hits[-1] if hits else None
 
@@ -119,10 +119,10 @@ def _find_output(run_dir: Path, task: str, name: str) -> Optional[Path]:
 def run_cmd(
     dataset: str = typer.Option("mimic3", "--dataset", "-d", help="mimic3, adni or qh"),
     local: bool = typer.Option(True, "--local/--no-local", help="run here with kfp.local (the only mode so far)"),
-    params: List[str] = typer.Option([], "--param", "-p", help="pipeline parameter key=value (repeatable)"),
+    params: list[str] = typer.Option([], "--param", "-p", help="pipeline parameter key=value (repeatable)"),  # noqa: B008
     conditional: bool = typer.Option(False, help="use the label-conditioned variant (adds -p condition=...)"),
-    pipeline_root: Path = typer.Option(Path("runs"), help="where kfp.local writes every task's outputs"),
-    raw: Optional[str] = typer.Option(None, help="raw extract directory; default: the dataset's bundled sample"),
+    pipeline_root: Path = typer.Option(Path("runs"), help="where kfp.local writes every task's outputs"),  # noqa: B008
+    raw: str | None = typer.Option(None, help="raw extract directory; default: the dataset's bundled sample"),
 ):
     """Run a whole pipeline locally (kfp.local SubprocessRunner, this venv, CPU).
 
@@ -162,15 +162,15 @@ def run_cmd(
 @app.command("submit")
 def submit_cmd(
     dataset: str = typer.Option("mimic3", "--dataset", "-d", help="mimic3, adni or qh"),
-    params: List[str] = typer.Option([], "--param", "-p", help="pipeline parameter key=value (repeatable)"),
+    params: list[str] = typer.Option([], "--param", "-p", help="pipeline parameter key=value (repeatable)"),  # noqa: B008
     conditional: bool = typer.Option(False, help="submit the label-conditioned variant"),
-    host: Optional[str] = typer.Option(None, envvar="KFP_HOST", help="KFP API endpoint [env KFP_HOST]"),
-    namespace: Optional[str] = typer.Option(None, envvar="KFP_NAMESPACE", help="profile namespace [env KFP_NAMESPACE]"),
-    token: Optional[str] = typer.Option(None, envvar="KFP_TOKEN", help="bearer token [env KFP_TOKEN]"),
+    host: str | None = typer.Option(None, envvar="KFP_HOST", help="KFP API endpoint [env KFP_HOST]"),
+    namespace: str | None = typer.Option(None, envvar="KFP_NAMESPACE", help="profile namespace [env KFP_NAMESPACE]"),
+    token: str | None = typer.Option(None, envvar="KFP_TOKEN", help="bearer token [env KFP_TOKEN]"),
     experiment: str = typer.Option("synthehr", help="experiment the run goes into"),
-    run_name: Optional[str] = typer.Option(None, help="default: <pipeline>-<UTC timestamp>"),
-    version: Optional[str] = typer.Option(None, help="pipeline version name; default: package version + timestamp"),
-    package: Optional[Path] = typer.Option(None, help="compiled YAML to upload; default: pipelines/compiled/<name>.yaml"),
+    run_name: str | None = typer.Option(None, help="default: <pipeline>-<UTC timestamp>"),
+    version: str | None = typer.Option(None, help="pipeline version name; default: package version + timestamp"),
+    package: Path | None = typer.Option(None, help="compiled YAML to upload; default: pipelines/compiled/<name>.yaml"),  # noqa: B008
 ):
     """Upload the compiled pipeline (a new version of it) to a KFP cluster and start a run with -p overrides."""
     builder = _kfp_imports()
@@ -206,9 +206,9 @@ def submit_cmd(
 @app.command()
 def preprocess(config: str = typer.Option(..., help="bundled config name (mimic3, adni, qh) or YAML path"),
                out: str = typer.Option(..., help="output tables directory (local or gs://)"),
-               raw: Optional[str] = typer.Option(None, help="raw extract directory; default: the profile's"),
+               raw: str | None = typer.Option(None, help="raw extract directory; default: the profile's"),
                profile: str = typer.Option("local", help="config profile giving the raw location (local/hpc/kubeflow)"),
-               seed: Optional[int] = typer.Option(None, help="split seed; default: the config's split.seed"),
+               seed: int | None = typer.Option(None, help="split seed; default: the config's split.seed"),
                overwrite: bool = False):
     """Raw extract -> canonical tables directory."""
     from .preprocess import preprocess as run
@@ -220,7 +220,7 @@ def preprocess(config: str = typer.Option(..., help="bundled config name (mimic3
 @app.command()
 def rules(tables: str = typer.Option(..., help="tables directory from preprocess"),
           out: str = typer.Option(..., help="output directory for rules.json"),
-          threshold: List[str] = typer.Option([], "--threshold", "-t",
+          threshold: list[str] = typer.Option([], "--threshold", "-t",  # noqa: B008
                                               help="key=value, e.g. -t label_min_prevalence=5 (see rules.Thresholds)")):
     """Mine ConSequence rules from the train split."""
     from .rules import mine_rules_to_dir
@@ -235,10 +235,10 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
           model_type: str = typer.Option("halo", help="halo or consequence"),
           preset: str = typer.Option("tiny", help="tiny, small or paper"),
           epochs: int = 50, batch_size: int = 48, lr: float = 1e-4, seed: int = 0,
-          rules_dir: Optional[str] = typer.Option(None, "--rules", help="rules directory (consequence)"),
-          resume_from: Optional[str] = typer.Option(None, help="checkpoint or run directory to resume"),
+          rules_dir: str | None = typer.Option(None, "--rules", help="rules directory (consequence)"),
+          resume_from: str | None = typer.Option(None, help="checkpoint or run directory to resume"),
           dp_target_epsilon: float = typer.Option(0.0, help="DP-SGD epsilon; 0 = no differential privacy"),
-          device: Optional[str] = typer.Option(None, help="cpu, cuda, ...; default: cuda if available")):
+          device: str | None = typer.Option(None, help="cpu, cuda, ...; default: cuda if available")):
     """Train HALO or ConSequence and write a checkpoint directory."""
     import inspect
 
@@ -270,7 +270,7 @@ def sample(model: str = typer.Option(..., help="checkpoint directory from train"
            n_patients: int = typer.Option(1000, help="patients in this shard"),
            batch_size: int = 256, temperature: float = 1.0,
            condition: str = typer.Option("", help='"", "label_probs" or JSON like \'{"gender": "F"}\''),
-           device: Optional[str] = typer.Option(None, help="cpu (default, reproducible) or cuda"),
+           device: str | None = typer.Option(None, help="cpu (default, reproducible) or cuda"),
            overwrite: bool = False):
     """Sample one cohort shard from a checkpoint."""
     from .sampling import sample_to_dir
@@ -294,7 +294,7 @@ def kde_sample(shard: str = typer.Option(..., help="shard directory from sample"
 
 
 @app.command()
-def merge(shards: List[str] = typer.Argument(..., help="shard directories (any order; sorted by their seed)"),
+def merge(shards: list[str] = typer.Argument(..., help="shard directories (any order; sorted by their seed)"),  # noqa: B008
           out: str = typer.Option(..., help="output cohort directory"), overwrite: bool = False):
     """Merge shards into one cohort, ordered by seed, with unique patient ids."""
     from .merge import merge_shards
@@ -307,7 +307,7 @@ def merge(shards: List[str] = typer.Argument(..., help="shard directories (any o
 def evaluate(real: str = typer.Option(..., help="real tables directory from preprocess"),
              synthetic: str = typer.Option(..., help="synthetic cohort directory from merge"),
              out: str = typer.Option(..., help="output directory (metrics.json, report.html, summary.md)"),
-             rules_dir: Optional[str] = typer.Option(None, "--rules", help="rules directory (rule violations)"),
+             rules_dir: str | None = typer.Option(None, "--rules", help="rules directory (rule violations)"),
              seed: int = 0, overwrite: bool = False):
     """Fidelity, rule violations, privacy and utility of a synthetic cohort."""
     from . import storage

@@ -11,7 +11,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from kfp import dsl
 
@@ -97,7 +96,7 @@ class TestStages:
         raw = dsl.Dataset(name="raw", uri=str(bundled_data_dir("mimic3_demo")), metadata={})
         tables = art(dsl.Dataset, tmp_path, "tables")
         preprocess.python_func(raw=raw, dataset_config="mimic3", split_seed=4, tables=tables)
-        patients, visits, codes = read_tables(tables.path)
+        patients, _, _ = read_tables(tables.path)
         assert len(patients) == tables.metadata["n_patients"] == 100
         assert tables.metadata["seed"] == 4 and tables.metadata["dataset"] == "mimic3"
         assert sum(tables.metadata["split_sizes"].values()) == 100
@@ -154,7 +153,7 @@ class TestStages:
         n, out = cohort
         assert n == sum(s[0] for s in shards) == out.metadata["n_patients"]
         assert out.metadata["seeds"] == [3, 7]      # sampled 7 first; merged in seed order
-        patients, visits, codes = read_tables(out.path)
+        patients, _, _ = read_tables(out.path)
         assert patients["patient_id"].is_unique
         assert set(patients["patient_id"].str.extract(r"^syn-(\d+)-\d+$")[0]) == {"3", "7"}
         assert (Path(out.path) / "vocab.json").read_bytes() == (Path(shards[0][2].path) / "vocab.json").read_bytes()

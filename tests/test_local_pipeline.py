@@ -27,7 +27,7 @@ def test_mimic3_pipeline_runs_locally_end_to_end(tmp_path):
     finally:
         local_config.LocalExecutionConfig.instance = None
     assert result.exit_code == 0, result.output + repr(result.exception)
-    paths = dict(re.findall(r"^(merged cohort|report \(HTML\)|summary \(MD\)|run folder):\s+(\S+)$", result.output, re.M))
+    paths = dict(re.findall(r"^(merged cohort|report \(HTML\)|summary \(MD\)|run folder):\s+(\S+)$", result.output, re.MULTILINE))
     wall = float(re.search(r"wall time:\s+([0-9.]+) s", result.output).group(1))
     assert 0 < wall < 600
 
