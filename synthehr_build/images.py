@@ -267,7 +267,7 @@ def docker_client():
     try:
         client = docker.from_env()
         client.ping()
-    except Exception as exc:  # DockerException or a socket error: both mean "no engine answers"
+    except (docker.errors.DockerException, OSError) as exc:  # no engine answers (requests errors are OSErrors)
         raise RuntimeError(f"no Docker engine answers at DOCKER_HOST={os.environ.get('DOCKER_HOST', '(unset)')}: "
                            f"{exc}. Start one with `SYNTHEHR_DOCKER_KEEP=1 source scripts/ci-docker.sh`.") from exc
     return client
