@@ -21,9 +21,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from synthehr_core import storage  # noqa: E402
-from synthehr_core.schema import bin_values, write_tables  # noqa: E402
-from synthehr_core.toy import AGE_EDGES, GAP_EDGES, LOS_EDGES, toy_vocab  # noqa: E402
+from synthehr_core import storage
+from synthehr_core.schema import bin_values, write_tables
+from synthehr_core.toy import AGE_EDGES, GAP_EDGES, LOS_EDGES, toy_vocab
 
 SECTIONS = ("read", "load", "fidelity", "values", "rules", "privacy", "utility", "report")
 

@@ -137,7 +137,7 @@ class Cohort:
         k = np.concatenate(cols) if cols else np.zeros(0, np.int64)
         return sp.csr_matrix((np.ones(len(r), np.float32), (r, k)), shape=(self.n_patients, len(self.space.labels)))
 
-    def take(self, rows: np.ndarray, name: str | None = None) -> "Cohort":
+    def take(self, rows: np.ndarray, name: str | None = None) -> Cohort:
         """A sub-cohort of the given patient rows (sorted, so identities stay stable)."""
         rows = np.sort(np.asarray(rows))
         sub = Cohort.__new__(Cohort)

@@ -10,7 +10,6 @@ import html
 import io
 
 import numpy as np
-import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -158,12 +157,13 @@ padding:8px 12px;margin:6px 0}.ok{background:#e6f4ea;border-left:6px solid #1880
 def render_html(res: dict) -> str:
     m, p = res["metrics"], res["params"]
     figs = figures(res)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>synthehr evaluation</title>"
-             f"<style>{CSS}</style></head><body><h1>Synthetic EHR evaluation</h1>",
-             f"<p class='muted'>real: {html.escape(str(p.get('real_dir', '(in memory)')))} — synthetic: "
+    head = (f"<!doctype html><html><head><meta charset='utf-8'><title>synthehr evaluation</title>"
+            f"<style>{CSS}</style></head><body><h1>Synthetic EHR evaluation</h1>")
+    where = (f"<p class='muted'>real: {html.escape(str(p.get('real_dir', '(in memory)')))} — synthetic: "
              f"{html.escape(str(p.get('synthetic_dir', '(in memory)')))} — {int(m.get('n.real_train', 0))} train, "
              f"{int(m.get('n.real_test', 0))} test, {int(m.get('n.synthetic', 0))} synthetic patients — seed "
-             f"{p['seed']}, privacy sample {p['privacy_sample']}, utility sample {p['utility_sample']}</p>"]
+             f"{p['seed']}, privacy sample {p['privacy_sample']}, utility sample {p['utility_sample']}</p>")
+    parts = [head, where]
     if res["flags"]:
         parts += [f"<div class='flag'>⚠ {html.escape(f)}</div>" for f in res["flags"]]
     else:
