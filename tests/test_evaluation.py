@@ -252,6 +252,15 @@ class TestStage:
         with pytest.raises(DataError, match="split='train'"):
             evaluate_tables((p.assign(split="test"), v, c), _cohort_of(real, _train_ids(real)), None, **FAST)
 
+    def test_codes_of_missing_visits_are_refused(self, real):
+        from synthehr_core.errors import SchemaError
+
+        p, v, c = _cohort_of(real, _train_ids(real))
+        c = pd.concat([c, pd.DataFrame({"patient_id": [p["patient_id"].iloc[0]], "visit_index": [99],
+                                        "code": ["dx:4019"]}).astype({"visit_index": "int32"})])
+        with pytest.raises(SchemaError, match="1 codes point at visits that do not exist"):
+            evaluate_tables(real, (p, v, c), None, **FAST)
+
     def test_report_module_stays_light(self):
         code = ("import sys, synthehr_core.evaluation.report, synthehr_core.evaluation; "
                 "sys.exit(1 if {'torch', 'kfp', 'matplotlib.pyplot'} & set(sys.modules) else 0)")

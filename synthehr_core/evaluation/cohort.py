@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..errors import SchemaError
 from ..vocab import Vocab
 
 
@@ -83,7 +84,12 @@ class Cohort:
         cp = pidx.get_indexer(codes["patient_id"]).astype(np.int64)
         codes, cp = codes[cp >= 0], cp[cp >= 0]
         ckey = cp * stride + codes["visit_index"].to_numpy(np.int64)
-        row = np.searchsorted(vkey, ckey)
+        row = np.minimum(np.searchsorted(vkey, ckey), max(len(vkey) - 1, 0))
+        bad = ~(vkey[row] == ckey) if len(vkey) else np.ones(len(ckey), bool)
+        if bad.any():
+            raise SchemaError(f"{name}: {int(bad.sum())} codes point at visits that do not exist, e.g. "
+                              f"{codes.loc[bad, ['patient_id', 'visit_index']].head(3).to_dict('records')}. "
+                              "Validate the tables with synthehr_core.schema.validate_tables.")
         col = space.codes.get_indexer(codes["code"])
         X = sp.csr_matrix((np.ones(len(row), np.float32), (row, col)), shape=(len(vkey), space.n_codes))
         X.sum_duplicates()
