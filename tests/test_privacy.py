@@ -202,6 +202,25 @@ class TestPrivateTrainingUnits:
         dp.close()
 
 
+    def test_accounting_state_refuses_other_dp_parameters(self):
+        def make(sigma: float) -> PrivateTraining:
+            model = HALO(HaloConfig.tiny(5, 2, n_ctx=4, n_embd=8, n_head=2))
+            return PrivateTraining(model, torch.optim.Adam(model.parameters()), n_train=50, batch_size=5, steps=3,
+                                   config=DPConfig(noise_multiplier=sigma, delta=1e-3), seed=0)
+
+        a = make(1.0)
+        a.accountant.step(noise_multiplier=1.0, sample_rate=0.1)
+        b = make(1.0)
+        b.load_state_dict(a.state_dict())
+        assert b.steps_accounted == 1 and b.epsilon() == pytest.approx(a.epsilon())
+        with pytest.raises(ConfigError, match="noise_multiplier: checkpoint 1.0 vs now 2.0"):
+            make(2.0).load_state_dict(a.state_dict())
+        with pytest.raises(ConfigError, match="non-DP run"):
+            make(1.0).load_state_dict({})
+        for x in (a, b):
+            x.close()
+
+
 class TestMinCodeCount:
 
     def test_rare_codes_leave_the_vocabulary(self, tmp_path):
