@@ -35,6 +35,7 @@ def make_toy_tables(n_patients: int = 200, seed: int = 0, max_visits: int = 6):
         n = int(min(max_visits, 1 + rng.geometric(0.5) - 1))
         offset = 0.0
         chronic = rng.random() < 0.3
+        seen: set[str] = set()
         for v in range(n):
             gap = None if v == 0 else float(rng.gamma(2.0, 60.0))
             if gap is not None:
@@ -46,10 +47,11 @@ def make_toy_tables(n_patients: int = 200, seed: int = 0, max_visits: int = 6):
             codes = {CODES[i] for i in chosen}
             if "dx:4019" in codes:
                 codes.add("dx:25000")        # within-visit implication 4019 -> 25000
-            if chronic or (v > 0 and "dx:4280" in {c for (p, vi, c) in crows if p == pid}):
+            if chronic or "dx:4280" in seen:
                 codes.add("dx:4280")         # persistence once seen
             if s == "M":
                 codes.discard("dx:V4581")    # never with sex=M
+            seen |= codes
             crows += [(pid, v, c) for c in sorted(codes)]
     visits = pd.DataFrame(vrows, columns=["patient_id", "visit_index", "start_offset_days", "event_type",
                                           "los_days", "gap_days"])
