@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-from", default=None)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--dp-target-epsilon", type=float, default=0.0, help="0 = no differential privacy")
-    p.add_argument("--dp-delta", type=float, default=1e-5)
+    p.add_argument("--dp-delta", type=float, default=None, help="default: min(1e-5, 1 / (10 n_train))")
     p.add_argument("--dp-noise-multiplier", type=float, default=None)
     p.add_argument("--dp-max-grad-norm", type=float, default=1.0)
     p.add_argument("--dp-physical-batch-size", type=int, default=None)

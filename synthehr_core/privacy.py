@@ -85,7 +85,7 @@ class DPConfig:
     """DP-SGD options. Give ``target_epsilon`` (the noise is calibrated to reach it after the planned steps) or
     ``noise_multiplier`` (epsilon is then whatever the accountant says), not both."""
     target_epsilon: float = 0.0               # 0 = not set
-    delta: float = 1e-5                       # Abadi et al. 2016 / Opacus examples; must be < 1 / n_train
+    delta: float | None = None                # None = min(1e-5, 1 / (10 n_train)); 1e-5: Abadi et al. 2016
     noise_multiplier: float | None = None     # sigma; None = calibrate from target_epsilon
     max_grad_norm: float = 1.0                # per-sample clipping norm C; Opacus examples; arbitrary, tune
     physical_batch_size: int | None = None    # BatchMemoryManager chunk; None = the expected batch size
@@ -106,8 +106,10 @@ class DPConfig:
         if isinstance(self.target_epsilon, num) and self.target_epsilon > 0 and self.noise_multiplier is not None:
             problems.append(f"give dp_target_epsilon ({self.target_epsilon}) or dp_noise_multiplier "
                             f"({self.noise_multiplier}), not both: the noise is calibrated from the target epsilon.")
-        if not (isinstance(self.delta, num) and 0 < self.delta < 1):
-            problems.append(f"dp_delta must be in (0, 1); got {self.delta!r}.")
+        if self.delta is None:
+            pass
+        elif not (isinstance(self.delta, num) and 0 < self.delta < 1):
+            problems.append(f"dp_delta must be None (automatic) or in (0, 1); got {self.delta!r}.")
         elif n_train and self.delta >= 1.0 / n_train:
             problems.append(f"dp_delta={self.delta:g} is not below 1/n_train = 1/{n_train}: such a delta permits "
                             f"releasing a whole patient's record. Use dp_delta <= {0.1 / n_train:.2g}.")
@@ -210,10 +212,11 @@ class PrivateTraining:
         self.rank, self.world_size = rank, world_size
         self.sample_rate = batch_size / n_train  # q: the expected logical batch is the configured batch size
         self.planned_steps = int(steps)
+        self.delta = config.delta if config.delta is not None else min(1e-5, 0.1 / n_train)
         if config.noise_multiplier is not None:
             self.noise_multiplier = float(config.noise_multiplier)
         else:
-            self.noise_multiplier = calibrate_noise(config.target_epsilon, config.delta, self.sample_rate, steps,
+            self.noise_multiplier = calibrate_noise(config.target_epsilon, self.delta, self.sample_rate, steps,
                                                     config.accountant)
         self.physical_batch_size = config.physical_batch_size or batch_size
         model.train()  # Opacus: the model must be in training mode when it is wrapped
@@ -233,7 +236,7 @@ class PrivateTraining:
         self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         log.info("DP-SGD: sigma=%.4g, C=%g, q=%.4g (expected batch %d of %d), %d planned steps, delta=%g, %s",
                  self.noise_multiplier, config.max_grad_norm, self.sample_rate, batch_size, n_train, steps,
-                 config.delta, config.accountant)
+                 self.delta, config.accountant)
 
     def batch_indices(self, step: int) -> torch.Tensor:
         """This rank's share of the Poisson logical batch of ``step`` (training-set indices)."""
@@ -276,17 +279,17 @@ class PrivateTraining:
 
     # ------------------------------------------------------------------ accounting
     def epsilon(self) -> float:
-        """Epsilon spent so far at ``config.delta`` (0 before the first step)."""
+        """Epsilon spent so far at ``self.delta`` (0 before the first step)."""
         if not self.accountant.history:
             return 0.0
-        return float(self.accountant.get_epsilon(delta=self.config.delta, **_epsilon_kwargs(self.config.accountant)))
+        return float(self.accountant.get_epsilon(delta=self.delta, **_epsilon_kwargs(self.config.accountant)))
 
     @property
     def steps_accounted(self) -> int:
         return int(sum(h[2] for h in self.accountant.history))
 
     def metrics(self) -> dict:
-        return {"dp_epsilon": self.epsilon(), "dp_delta": self.config.delta,
+        return {"dp_epsilon": self.epsilon(), "dp_delta": self.delta,
                 "dp_target_epsilon": self.config.target_epsilon or None,
                 "dp_noise_multiplier": self.noise_multiplier, "dp_max_grad_norm": self.config.max_grad_norm,
                 "dp_sample_rate": self.sample_rate, "dp_steps": self.steps_accounted,
@@ -296,7 +299,7 @@ class PrivateTraining:
     def state_dict(self) -> dict:
         return {"accountant": dict(self.accountant.state_dict()), "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "max_grad_norm": self.config.max_grad_norm,
-                "delta": self.config.delta, "mechanism": self.config.accountant}
+                "delta": self.delta, "mechanism": self.config.accountant}
 
     def load_state_dict(self, state: dict, where: str = "checkpoint") -> None:
         """Continue the accounting of a checkpointed run; refuse one made with different DP parameters."""
@@ -304,7 +307,7 @@ class PrivateTraining:
             raise ConfigError(f"{where} holds no privacy accounting (it was written by a non-DP run): resume it "
                               "without DP options, or start the DP run fresh in an empty out_dir.")
         mine = {"noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-                "max_grad_norm": self.config.max_grad_norm, "delta": self.config.delta,
+                "max_grad_norm": self.config.max_grad_norm, "delta": self.delta,
                 "mechanism": self.config.accountant}
         diff = [f"{k}: checkpoint {state.get(k)!r} vs now {v!r}" for k, v in mine.items()
                 if not (state.get(k) == v or (isinstance(v, float) and isinstance(state.get(k), float)

@@ -220,6 +220,14 @@ class TestPrivateTrainingUnits:
         for x in (a, b):
             x.close()
 
+    def test_default_delta_is_below_one_over_n(self):
+        model = HALO(HaloConfig.tiny(5, 2, n_ctx=4, n_embd=8, n_head=2))
+        for n, delta in ((50, 1e-5), (2_000_000, 5e-8)):  # min(1e-5, 1 / (10 n))
+            dp = PrivateTraining(model, torch.optim.Adam(model.parameters()), n_train=n, batch_size=5, steps=3,
+                                 config=DPConfig(noise_multiplier=1.0), seed=0)
+            assert dp.delta == pytest.approx(delta) and dp.metrics()["dp_delta"] == pytest.approx(delta)
+            dp.close()
+
 
 class TestMinCodeCount:
 
