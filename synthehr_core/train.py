@@ -334,7 +334,7 @@ def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParque
     if private is not None:
         private.close()
         privacy = private.metrics()
-        log.info("DP-SGD: epsilon %.4g at delta %g after %d steps", privacy["dp_epsilon"], dp.delta, step)
+        log.info("DP-SGD: epsilon %.4g at delta %g after %d steps", privacy["dp_epsilon"], privacy["dp_delta"], step)
     if best_state is None:  # no validation set: the last weights are the result
         best_state, best_step = _cpu_state(model), step
     return {"best_state": best_state, "history": history, "step": step, "epoch": epoch, "best_val": best_val,
@@ -367,7 +367,7 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
                  eval_every: int | None = 500, patience: int | None = None, ckpt_every: int | None = None,
                  keep_checkpoints: int | None = 2, n_ctx: int | None = None,
                  device: str | torch.device | None = None, progress: bool = True, precision: str = "fp32",
-                 dp_target_epsilon: float = 0.0, dp_delta: float = 1e-5, dp_noise_multiplier: float | None = None,
+                 dp_target_epsilon: float = 0.0, dp_delta: float | None = None, dp_noise_multiplier: float | None = None,
                  dp_max_grad_norm: float = 1.0, dp_physical_batch_size: int | None = None,
                  dp_accountant: str = "rdp", min_code_count: int = 0, distributed: bool = False,
                  **model_overrides: Any) -> dict:
@@ -386,7 +386,7 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
         n_ctx: rows per patient; default from the tables' ``meta.json`` (``n_ctx``), else 48.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA, with loss scaling); see precision.py.
         dp_target_epsilon: DP-SGD privacy budget; 0 = no differential privacy (privacy.py, docs/privacy.md).
-        dp_delta: DP delta; must be < 1 / n_train.
+        dp_delta: DP delta, < 1 / n_train; None = min(1e-5, 1 / (10 n_train)).
         dp_noise_multiplier: fixed noise multiplier instead of a target epsilon (epsilon is then reported).
         dp_max_grad_norm: per-patient gradient clipping norm.
         dp_physical_batch_size: largest batch put through the model at once (BatchMemoryManager).
