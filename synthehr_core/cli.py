@@ -60,6 +60,12 @@ def _echo_json(obj: dict) -> None:
 
 def _kfp_imports():
     """Import kfp and the repo's pipelines, with advice instead of a traceback when they are missing."""
+    import sys
+
+    # An installed `synthehr` script does not put the working directory on sys.path, and an editable install
+    # made before components/ and pipelines/ existed does not map them: use the repository we run from.
+    if (Path.cwd() / "pipelines" / "builder.py").exists() and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     try:
         import kfp  # noqa: F401
 
