@@ -122,14 +122,21 @@ def run_dataset(name: str, work: Path, n_patients: int, epochs: int, preset: str
             extra = {"event_day vs date weekday disagreement": float(np.mean(
                 np.asarray(WEEKDAYS, dtype=object)[wd] != sv["event_day"].astype(str).to_numpy()))}
         else:
+            extra = {}
             meta = reconstruct_calendar_times_to_dir(str(d / "kde"), str(d / "grids"), str(d / "final"),
                                                      seed=seed + 3, overwrite=True)
             _, sv, _ = read_tables(d / "final")
             ag = meta["calendar"]["agreement"]
-            extra = {"visits whose date disagrees with a token": ag["n_disagree_any"] / max(ag["n_visits_with_tokens"], 1),
+            _, tok_v, _ = read_tables(d / "sample")
+            for k in tokens:                       # the model's own token marginals (before any date is chosen)
+                rp_ = real_train[f"cal_{k}"].astype(str).value_counts(normalize=True)
+                sp_ = tok_v[f"cal_{k}"].astype("string").fillna("(none)").value_counts(normalize=True)
+                extra[f"model token cal_{k}: max abs diff pp vs real"] = float(100 * rp_.sub(sp_, fill_value=0).abs().max())
+                extra[f"model token cal_{k}: share of visits without one"] = float(tok_v[f"cal_{k}"].isna().mean())
+            extra.update({"visits whose date disagrees with a token": ag["n_disagree_any"] / max(ag["n_visits_with_tokens"], 1),
                      **{f"  {k}": v for k, v in ag.items() if k.startswith("n_disagree_")},
                      "later visits placed exactly": meta["calendar"]["relaxed"]["exact"],
-                     **{f"  relaxed: {k}": v for k, v in meta["calendar"]["relaxed"].items() if k != "exact"}}
+                     **{f"  relaxed: {k}": v for k, v in meta["calendar"]["relaxed"].items() if k != "exact"}})
         res = temporal_metrics(real_train, sv, winter=winter, summer=summer)
         times[arm] = time.perf_counter() - t0
         out[arm] = {"metrics": res["metrics"], "extra": extra, "n_visits": len(sv), "n_real": len(real_train)}

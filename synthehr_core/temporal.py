@@ -124,7 +124,8 @@ def build_calendar_tables(patients: pd.DataFrame, visits: pd.DataFrame, min_coun
     """Anchor cells and time-of-day histogram from real (training) tables.
 
     Returns ``(anchors, time_of_day)``: ``anchors`` = first visits per (year, month, weekday) cell with columns
-    ``year, month, weekday, count`` (cells below ``min_count`` dropped); ``time_of_day`` = visits per 10-minute
+    ``year, month, weekday, count`` (cells below ``min_count`` dropped; when none is left, year-free cells
+    with year = -1) and ``year_lo``/``year_hi`` (the real first-visit years); ``time_of_day`` = visits per 10-minute
     slot, per ``event_type`` and for all (``event_type == "*"``), strata below ``min_count`` visits dropped.
     """
     if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
@@ -145,6 +146,8 @@ def build_calendar_tables(patients: pd.DataFrame, visits: pd.DataFrame, min_coun
     if anchors.empty:
         # tiny data (e.g. the MIMIC-III demo): fall back to month x weekday and weekday cells, year-free
         anchors = _coarse_anchors(p, min_count)
+    # the real first-visit years: a year-free cell's day is drawn uniformly in them
+    anchors["year_lo"], anchors["year_hi"] = int(p["year"].min()), int(p["year"].max())
     x = v["start_day"].to_numpy(dtype=float)
     slot = np.clip(np.floor((x - np.floor(x)) * SLOTS_PER_DAY).astype(np.int64), 0, SLOTS_PER_DAY - 1)
     et = v["event_type"].astype("string").fillna("").to_numpy(dtype=object)
@@ -153,7 +156,8 @@ def build_calendar_tables(patients: pd.DataFrame, visits: pd.DataFrame, min_coun
     tod = tod.value_counts().rename("count").reset_index()
     n_stratum = tod.groupby("event_type")["count"].transform("sum")
     tod = tod.loc[n_stratum >= min_count].sort_values(["event_type", "slot"]).reset_index(drop=True)
-    return anchors.astype({"year": np.int64, "month": np.int64, "weekday": np.int64, "count": np.int64}), tod
+    return anchors.astype({"year": np.int64, "month": np.int64, "weekday": np.int64, "count": np.int64,
+                           "year_lo": np.int64, "year_hi": np.int64}), tod
 
 
 def _coarse_anchors(p: dict, min_count: int) -> pd.DataFrame:
@@ -435,6 +439,9 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
     if missing:
         raise DataError(f"reconstruct_calendar_times: synthetic visits lack {missing}; columns: "
                         f"{sorted(visits.columns)}. Run the KDE stage (sample_kde_to_dir) first.")
+    if not {"year", "month", "weekday", "count", "year_lo", "year_hi"} <= set(anchors.columns):
+        raise DataError(f"reconstruct_calendar_times: the anchor table has columns {sorted(anchors.columns)}; "
+                        "expected year, month, weekday, count, year_lo, year_hi. Rebuild it with build_calendar_tables.")
     if anchors.empty or time_of_day.empty:
         raise DataError("reconstruct_calendar_times: the anchor or time-of-day table is empty. Rebuild them with "
                         "build_calendar_tables on the real training split (lower min_count for tiny data).")
@@ -448,12 +455,9 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
     et = v["event_type"].astype("string").to_numpy(dtype=object)
     tods = _TimeOfDay(time_of_day, et)
     tod = tods.draw(np.arange(n), tok["hour"], rng)
-    years = anchors.loc[anchors["year"] >= 0, "year"]
     ty = tok["year"][tok["year"] >= 0]
-    span = (int(min(years.min() if len(years) else 1970, ty.min() if ty.size else 9999)),
-            int(max(years.max() if len(years) else 1970, ty.max() if ty.size else 0)))
-    if not len(years) and not ty.size:
-        span = (2000, 2000)                            # year-free anchors: any leap-aware reference year
+    span = (int(min(anchors["year_lo"].min(), ty.min() if ty.size else 9999)),
+            int(max(anchors["year_hi"].max(), ty.max() if ty.size else 0)))
     fi = np.flatnonzero(first)
     gap_col = tcfg.get("gap")
     offset = v["start_offset_days"].to_numpy(dtype=float)
