@@ -54,3 +54,32 @@ def briefly_trained_halo(tables_dir: str | Path, preset: str = "small", steps: i
                 break
     log.info("trained %s HALO for %d steps, loss %.5f", preset, steps, loss)
     return model.eval(), ds.vocab, loss
+
+
+def synthetic_halo(n_codes: int = 6841, n_labels: int = 25, preset: str = "paper", n_ctx: int = 48,
+                   codes_per_visit: float = 14.0, p_end: float = 0.35, seed: int = 0):
+    """An untrained HALO over a made-up vocabulary of HALO-inpatient size (6841 codes + 25 labels by default),
+    with output biases set so a visit has ~``codes_per_visit`` codes and ends the patient with ~``p_end``.
+
+    Needs no data or preprocessing (so it runs where only torch is installed). Returns (model, vocab).
+    """
+    import math
+
+    from synthehr_core.models import HALO, HaloConfig
+    from synthehr_core.vocab import build_vocab
+
+    vocab = build_vocab([], {}, [], [f"dx:{i:05d}" for i in range(n_codes)],
+                        {"phenotype": [f"p{i:02d}" for i in range(n_labels)]} if n_labels else {}, {}, ["dx"])
+    cfg = HaloConfig.preset(preset, vocab.n_visit_tokens, vocab.n_labels, n_ctx=n_ctx)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = HALO(cfg)
+    E = cfg.n_embd
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    with torch.no_grad():
+        b = model.fine_2.bias[E - 1:E - 1 + cfg.vocab_size]
+        b[:vocab.n_visit_tokens] = logit(codes_per_visit / vocab.n_visit_tokens)
+        b[vocab.label_slice] = logit(1.5 / max(vocab.n_labels, 1))
+        b[vocab.end_index] = logit(p_end)
+        b[vocab.start_index] = b[vocab.pad_index] = -20.0
+    return model.eval(), vocab

@@ -231,3 +231,18 @@ def test_sample_to_dir_writes_canonical_tables(tmp_path):
     assert set(p3["sex"]) == {"M"} and set(p3["age_binned"]) == {"60-80"}
     with pytest.raises(ConfigError, match="label token"):
         sample_to_dir(tmp_path / "ckpt", tmp_path / "s4", seed=3, n_patients=2, condition={"sex": "X"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sampler_is_exact_and_deterministic():
+    vocab = _vocab(4)
+    V = vocab.size
+    m = _sharp_model(vocab, n_ctx=3).cuda()
+    pats = _patterns(V).cuda()
+    with torch.no_grad():
+        h, _ = m.history(torch.eye(V, device="cuda")[vocab.start_index][None, None, :])
+        p_exact = _log_prob(m, h[0, -1].expand(len(pats), -1), pats).exp().cpu().numpy()
+    rows = sample(m, vocab, 12000, seed=11, batch_size=3000, progress=False)
+    assert rows == sample(m, vocab, 12000, seed=11, batch_size=3000, progress=False)
+    counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(pats))
+    assert _chi2_p(counts, p_exact) > 1e-3
