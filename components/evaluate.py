@@ -23,6 +23,7 @@ def evaluate(real: Input[Dataset], cohort: Input[Dataset], ruleset: Input[Artifa
     import math
     import shutil
 
+    from synthehr_core import __version__
     from synthehr_core.evaluation import evaluate_to_dir
 
     res = evaluate_to_dir(real.path, cohort.path, details.path, rules_path=f"{ruleset.path}/rules.json", seed=seed,
@@ -32,4 +33,5 @@ def evaluate(real: Input[Dataset], cohort: Input[Dataset], ruleset: Input[Artifa
             metrics.log_metric(k, float(v))
     shutil.copyfile(f"{details.path}/report.html", report.path)
     shutil.copyfile(f"{details.path}/summary.md", summary.path)
-    details.metadata.update({"seed": seed, "flags": res["flags"], "n_metrics": len(res["metrics"])})
+    details.metadata.update({"seed": seed, "flags": res["flags"], "n_metrics": len(res["metrics"]),
+                             "synthehr_version": __version__})

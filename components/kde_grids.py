@@ -14,9 +14,11 @@ def kde_grids(tables: Input[Dataset], kde_config: str, grids: Output[Artifact]):
         kde_config: Bundled KDE config name (kde_mimic3.yml, ...) or a YAML path readable in the pod.
         grids: Directory of grid_<var>_kde.parquet files, kde_config.json and meta.json.
     """
+    from synthehr_core import __version__
     from synthehr_core.kde import generate_kde_grids_to_dir
 
     meta = generate_kde_grids_to_dir(tables.path, kde_config, grids.path, overwrite=True)
     grids.metadata.update({"kde_config": kde_config, "config_hash": meta["config_hash"],
                            "n_patients": meta["n_patients"], "n_visits": meta["n_visits"],
-                           "variables": sorted(meta["grids"])})
+                           "variables": sorted(meta["grids"]),
+                           "synthehr_version": __version__})

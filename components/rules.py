@@ -21,6 +21,7 @@ def rules(tables: Input[Dataset], ruleset: Output[Artifact], label_min_prevalenc
         prerequisite_min_prevalence: Patients with a code before a prerequisite rule is mined.
         min_confidence: Fraction of supporting cases a rule must hold in; 1.0 = exceptionless.
     """
+    from synthehr_core import __version__
     from synthehr_core.rules import mine_rules_to_dir
 
     info = mine_rules_to_dir(tables.path, ruleset.path, label_min_prevalence=label_min_prevalence,
@@ -29,3 +30,4 @@ def rules(tables: Input[Dataset], ruleset: Output[Artifact], label_min_prevalenc
                              persistence_min_repeats=persistence_min_repeats,
                              prerequisite_min_prevalence=prerequisite_min_prevalence, min_confidence=min_confidence)
     ruleset.metadata.update({k: info[k] for k in ("n_rules", "by_family", "split", "n_patients", "thresholds")})
+    ruleset.metadata["synthehr_version"] = __version__

@@ -25,22 +25,18 @@ def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, pre
         metrics: Losses, steps and timing.
         loss_curve: Train/val loss per step.
     """
-    import inspect
-
+    from synthehr_core import __version__
     from synthehr_core.stage_reports import loss_curve_html
     from synthehr_core.train import train_to_dir
 
-    dp = {"dp_target_epsilon": dp_target_epsilon} if dp_target_epsilon else {}
-    if dp and "dp_target_epsilon" not in inspect.signature(train_to_dir).parameters:
-        raise ValueError(f"dp_target_epsilon={dp_target_epsilon}: this synthehr build has no DP-SGD training; "
-                         "pass dp_target_epsilon=0 (no differential privacy) or use an image with DP support.")
     info = train_to_dir(tables.path, model.path, model_type=model_type, preset=preset, epochs=epochs,
-                        batch_size=batch_size, lr=lr, seed=seed, progress=False,
-                        rules_dir=ruleset.path if model_type == "consequence" else None, **dp)
+                        batch_size=batch_size, lr=lr, seed=seed, dp_target_epsilon=dp_target_epsilon, progress=False,
+                        rules_dir=ruleset.path if model_type == "consequence" else None)
     model.metadata.update({k: info.get(k) for k in ("model_type", "preset", "seed", "config_hash", "steps",
-                                                    "n_train", "n_rules")})
-    model.metadata["dp_target_epsilon"] = dp_target_epsilon
-    for k in ("first_train_loss", "final_train_loss", "best_val_loss", "steps", "epochs_run", "seconds", "dp_epsilon"):
+                                                    "n_train", "n_rules", "dp_epsilon", "dp_delta")})
+    model.metadata.update({"dp_target_epsilon": dp_target_epsilon, "synthehr_version": __version__})
+    for k in ("first_train_loss", "final_train_loss", "best_val_loss", "steps", "epochs_run", "seconds",
+              "dp_epsilon", "dp_delta"):
         if info.get(k) is not None:
             metrics.log_metric(k, float(info[k]))
     with open(loss_curve.path, "w") as f:

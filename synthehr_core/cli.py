@@ -246,15 +246,11 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
           dp_target_epsilon: float = typer.Option(0.0, help="DP-SGD epsilon; 0 = no differential privacy"),
           device: str | None = typer.Option(None, help="cpu, cuda, ...; default: cuda if available")):
     """Train HALO or ConSequence and write a checkpoint directory."""
-    import inspect
-
     from .train import train_to_dir
 
-    dp = {"dp_target_epsilon": dp_target_epsilon} if dp_target_epsilon else {}
-    if dp and "dp_target_epsilon" not in inspect.signature(train_to_dir).parameters:
-        raise typer.BadParameter("--dp-target-epsilon: this synthehr build has no DP-SGD training; pass 0.")
     info = train_to_dir(tables, out, model_type=model_type, preset=preset, epochs=epochs, batch_size=batch_size,
-                        lr=lr, rules_dir=rules_dir, seed=seed, resume_from=resume_from, device=device, **dp)
+                        lr=lr, rules_dir=rules_dir, seed=seed, resume_from=resume_from, device=device,
+                        dp_target_epsilon=dp_target_epsilon)
     _echo_json(info)
 
 

@@ -119,6 +119,23 @@ class TestStages:
         html = Path(curve.path).read_text()
         assert "<svg" in html and "polyline" in html
 
+    def test_train_consequence_reads_the_ruleset(self, tmp_path, tables, ruleset):
+        model = art(dsl.Model, tmp_path, "model")
+        train.python_func(tables=tables, ruleset=ruleset, model_type="consequence", preset="tiny", epochs=1,
+                          batch_size=16, lr=1e-3, seed=0, dp_target_epsilon=0.0, model=model,
+                          metrics=art(dsl.Metrics, tmp_path, "x"), loss_curve=art(dsl.HTML, tmp_path, "c"))
+        assert model.metadata["model_type"] == "consequence"
+        assert model.metadata["n_rules"] == ruleset.metadata["n_rules"] > 0
+        assert (Path(model.path) / "rules.json").exists()
+
+    def test_train_passes_dp_target_epsilon_through(self, tmp_path, tables, ruleset):
+        model, metrics = art(dsl.Model, tmp_path, "model"), art(dsl.Metrics, tmp_path, "x")
+        train.python_func(tables=tables, ruleset=ruleset, model_type="halo", preset="tiny", epochs=1, batch_size=16,
+                          lr=1e-3, seed=0, dp_target_epsilon=8.0, model=model, metrics=metrics,
+                          loss_curve=art(dsl.HTML, tmp_path, "c"))
+        assert model.metadata["dp_target_epsilon"] == 8.0
+        assert 0 < metrics.metadata["dp_epsilon"] <= 8.0 * 1.05      # the budget spent, within the target
+
     def test_train_rejects_unknown_model_type(self, tmp_path, tables, ruleset):
         with pytest.raises(ConfigError, match="gpt"):
             train.python_func(tables=tables, ruleset=ruleset, model_type="gpt", preset="tiny", epochs=1, batch_size=8,
