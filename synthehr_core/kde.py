@@ -800,11 +800,28 @@ def generate_kde_grids_to_dir(tables_dir: str, kde_config: Mapping | str, out_di
     with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         summary = generate_kde_grids(cfg, train, tv, tmp)
         storage.write_json(storage.join(str(tmp), "kde_config.json"), cfg)
+        calendar = _write_calendar_tables(train, tv, cfg["min_count"], str(tmp))
         meta = {"tables_dir": str(tables_dir), "config_hash": config_hash(cfg), "n_patients": len(train),
                 "n_visits": len(tv), "grids": summary, "real_overlap_rate": _real_overlap_rate(tv, cfg["time"]),
-                "privacy": "grids are derived from real training data and are outside any DP guarantee"}
+                "privacy": "grids are derived from real training data and are outside any DP guarantee",
+                "calendar_tables": calendar}
         storage.write_json(storage.join(str(tmp), "meta.json"), meta)
     return meta
+
+
+def _write_calendar_tables(train: pd.DataFrame, tv: pd.DataFrame, min_count: int, out_dir: str) -> bool:
+    """Calendar anchor and time-of-day tables for temporal.reconstruct_calendar_times (docs/temporal.md), when
+    the real visits carry ``start_day``; False (logged) when they do not or the data are too few."""
+    from .temporal import build_calendar_tables, write_calendar_tables
+
+    if "start_day" not in tv.columns or not tv["start_day"].notna().any():
+        return False
+    try:
+        write_calendar_tables(*build_calendar_tables(train, tv, min_count), out_dir)
+    except DataError as exc:
+        log.warning("no calendar tables: %s", exc)
+        return False
+    return True
 
 
 # ============================================================================================ sampling
@@ -1154,7 +1171,7 @@ def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, o
     vocab = storage.read_json(vocab_path) if storage.exists(vocab_path) else None
     tops = _top_edges(vocab)
     names = list(cfg["variable_config"])
-    streams = np.random.SeedSequence(seed).spawn(len(names) + 1)
+    streams = np.random.SeedSequence(seed).spawn(len(names) + 2)    # variables, time, calendar
     reports = {}
     for name, ss in zip(names, streams):
         grid = read_kde_grid(storage.join(grids_dir, GRID_FILE.format(name)))
@@ -1166,7 +1183,12 @@ def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, o
         log.info("kde %s: %s", name, reports[name])
     time_report = None
     if cfg["time"]:
-        visits, time_report = reconstruct_times(patients, visits, cfg["time"], np.random.default_rng(streams[-1]))
+        visits, time_report = reconstruct_times(patients, visits, cfg["time"],
+                                                np.random.default_rng(streams[len(names)]))
+    from .temporal import calendar_times_from_grids   # dates that agree with cal_* tokens (docs/temporal.md)
+
+    visits, calendar_report = calendar_times_from_grids(patients, visits, grids_dir, cfg,
+                                                        np.random.default_rng(streams[len(names) + 1]))
     with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_tables(tmp, patients, visits, codes)
         if vocab is not None:
@@ -1175,7 +1197,7 @@ def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, o
                 "n_patients": len(patients), "n_visits": len(visits), "variables": reports,
                 "backoff_counts": {k: r["n_backoff"] for k, r in reports.items()},
                 "disagreement_counts": {k: r["n_uniform_fallback"] for k, r in reports.items()},
-                "time": time_report}
+                "time": time_report, "calendar": calendar_report}
         shard_meta = storage.join(shard_dir, "meta.json")
         if storage.exists(shard_meta):
             meta["upstream"] = storage.read_json(shard_meta)     # the sample stage's provenance, kept verbatim

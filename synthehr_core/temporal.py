@@ -431,7 +431,7 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
         later-visit relaxations (``RELAX_ORDER``) and the final token disagreements (``calendar_agreement``).
     """
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    tcfg = dict(tcfg or {"gap": "gap_days", "gap_unit": "days"})
+    tcfg = dict({"gap": "gap_days", "gap_unit": "days"} if tcfg is None else tcfg)
     from .kde import UNIT_DAYS
 
     need = ["patient_id", "visit_index", "event_type", "start_offset_days"]
@@ -480,7 +480,9 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
     start[fi] = d0 + tod[fi]
     report: dict = {"anchor_levels": anchor_levels, "relaxed": dict.fromkeys(RELAX_ORDER, 0), "n_kept_kde_gap": 0,
                     "n_lookahead_unmet": 0}
-    if gap_col:
+    has_tokens = any((tok[k] >= 0).any() for k in CAL_KINDS)
+    report["mode"] = "calendar" if has_tokens and gap_col else "anchor_only"
+    if gap_col and has_tokens:
         los = (v[tcfg["los"]].to_numpy(dtype=float) * UNIT_DAYS[tcfg.get("los_unit", "days")]
                if tcfg.get("los") and tcfg["los"] in v.columns else np.zeros(n))
         no_overlap = not tcfg.get("allow_overlap", False)
@@ -497,7 +499,7 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
         new_gap = np.diff(start, prepend=np.nan) / gs
         new_gap[first] = v[gap_col].to_numpy(dtype=float)[first] if gap_col in v.columns else np.nan
         v[gap_col] = new_gap
-    else:                                              # offset mode (e.g. months since baseline): shift only
+    else:              # no tokens, or offset mode (months since baseline): anchor only, keep the KDE offsets
         base = np.repeat(start[fi], np.diff(np.append(fi, n)))
         start = base + np.nan_to_num(offset)
     base = np.repeat(start[fi], np.diff(np.append(fi, n)))
@@ -616,6 +618,23 @@ def _choose_days(prev, prev_los, lo, hi, tod, tok, dens, rng, report, strict: bo
     return out
 
 
+def calendar_times_from_grids(patients: pd.DataFrame, visits: pd.DataFrame, grids_dir: str, cfg: Mapping,
+                              rng: np.random.Generator) -> tuple[pd.DataFrame, dict | None]:
+    """``reconstruct_calendar_times`` with the calendar tables, time section and gap grid of a grids dir (the
+    kde-sample stage's call); ``(visits, None)`` unchanged when the grids dir has no calendar tables."""
+    from .kde import GRID_FILE, read_kde_grid
+
+    tables = read_calendar_tables(grids_dir)
+    if tables is None:
+        return visits, None
+    tcfg = cfg.get("time") or {}
+    grid = None
+    for name, vcfg in cfg["variable_config"].items():
+        if tcfg.get("gap") and vcfg.get("column", name) == tcfg["gap"] and vcfg["method"] == "kde_range":
+            grid = read_kde_grid(storage.join(grids_dir, GRID_FILE.format(name)))
+    return reconstruct_calendar_times(patients, visits, *tables, grid, tcfg, rng)
+
+
 def reconstruct_calendar_times_to_dir(kde_dir: str, grids_dir: str, out_dir: str, seed: int,
                                       overwrite: bool = False) -> dict:
     """Stage wrapper: a kde-sample output dir + its grids dir (holding the calendar tables) -> tables dir.
@@ -623,21 +642,15 @@ def reconstruct_calendar_times_to_dir(kde_dir: str, grids_dir: str, out_dir: str
     Reads ``kde_config.json`` for the time section and the gap variable's grid; writes the re-timed tables,
     ``vocab.json`` and ``meta.json`` (the KDE meta plus ``calendar``: this function's report).
     """
-    from .kde import GRID_FILE, load_kde_config, read_kde_grid
+    from .kde import load_kde_config
 
-    tables = read_calendar_tables(grids_dir)
-    if tables is None:
+    if read_calendar_tables(grids_dir) is None:
         raise DataError(f"{grids_dir}: no {ANCHOR_FILE} / {TOD_FILE}. Regenerate the grids with "
                         "write_calendar_tables(build_calendar_tables(train patients, train visits), grids_dir).")
     cfg = load_kde_config(storage.read_json(storage.join(grids_dir, "kde_config.json")))
-    tcfg = cfg.get("time") or {"gap": "gap_days", "gap_unit": "days"}
-    grid = None
-    for name, vcfg in cfg["variable_config"].items():
-        if vcfg.get("column", name) == tcfg.get("gap") and vcfg["method"] == "kde_range":
-            grid = read_kde_grid(storage.join(grids_dir, GRID_FILE.format(name)))
     patients, visits, codes = read_tables(kde_dir)
-    v, report = reconstruct_calendar_times(patients, visits, *tables, grid, tcfg,
-                                           np.random.default_rng(np.random.SeedSequence([seed, 7])))
+    v, report = calendar_times_from_grids(patients, visits, grids_dir, cfg,
+                                          np.random.default_rng(np.random.SeedSequence([seed, 7])))
     meta_path = storage.join(kde_dir, "meta.json")
     meta = storage.read_json(meta_path) if storage.exists(meta_path) else {}
     meta["calendar"] = report
@@ -785,3 +798,16 @@ def temporal_figure(res: dict, title: str = "") -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     return f'<img alt="temporal" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def temporal_section(real_visits: pd.DataFrame, synth_visits: pd.DataFrame, winter: Sequence[int] = (12, 1, 2),
+                     summer: Sequence[int] = (6, 7, 8)) -> dict:
+    """``temporal_metrics`` for the evaluate stage: ``{"metrics", "notes", "series"}``, with a note instead of an
+    error when either cohort has no dated visits (e.g. a cohort before time reconstruction)."""
+    for who, v in (("real", real_visits), ("synthetic", synth_visits)):
+        if "start_day" not in v.columns or not v["start_day"].notna().any():
+            return {"metrics": {}, "series": None,
+                    "notes": [f"temporal: not compared: the {who} visits have no start_day (dates are written by "
+                              "preprocess for real data and by reconstruct_calendar_times for synthetic data)."]}
+    res = temporal_metrics(real_visits, synth_visits, winter=winter, summer=summer)
+    return {"metrics": res["metrics"], "series": res["series"], "notes": [], "result": res}

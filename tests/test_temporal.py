@@ -11,10 +11,9 @@ from synthehr_core import temporal as T
 from synthehr_core.config import bundled_config_path
 from synthehr_core.datasets import qh
 from synthehr_core.errors import ConfigError, DataError
-from synthehr_core.kde import generate_kde_grids, load_kde_config, sample_kde_to_dir
+from synthehr_core.kde import generate_kde_grids_to_dir, sample_kde_to_dir
 from synthehr_core.preprocess import preprocess
 from synthehr_core.schema import parse_bin, read_tables
-from synthehr_core.storage import write_json
 
 TOKENS = ["month", "weekday", "hour", "year"]
 KDE = {"num_cores": 1, "min_count": 10,
@@ -88,14 +87,15 @@ class TestRoundTrip:
         from synthehr_core.sampling import sample_to_dir
         from synthehr_core.train import train_to_dir
 
-        d, _, _, _, tp, tv = qh_tables
+        d = qh_tables[0]
         train_to_dir(d / "tables", tmp_path / "m", "halo", "tiny", epochs=1, max_steps=2, batch_size=32,
                      eval_every=None, progress=False, device="cpu")
         sample_to_dir(tmp_path / "m", tmp_path / "s", seed=1, n_patients=60, batch_size=60)
-        generate_kde_grids(KDE, tp, tv, tmp_path / "g")
-        write_json(tmp_path / "g" / "kde_config.json", load_kde_config(KDE))
-        T.write_calendar_tables(*T.build_calendar_tables(tp, tv), str(tmp_path / "g"))
-        sample_kde_to_dir(str(tmp_path / "s"), str(tmp_path / "g"), str(tmp_path / "k"), seed=2)
+        gmeta = generate_kde_grids_to_dir(str(d / "tables"), KDE, str(tmp_path / "g"))
+        assert gmeta["calendar_tables"] is True
+        kmeta = sample_kde_to_dir(str(tmp_path / "s"), str(tmp_path / "g"), str(tmp_path / "k"), seed=2)
+        _, kv, _ = read_tables(tmp_path / "k")                  # the kde-sample stage dates the visits itself
+        assert kmeta["calendar"]["agreement"] == T.calendar_agreement(kv) and kv["start_day"].notna().all()
         meta = T.reconstruct_calendar_times_to_dir(str(tmp_path / "k"), str(tmp_path / "g"), str(tmp_path / "o"), 3)
         _, out, _ = read_tables(tmp_path / "o")
         assert {f"cal_{k}" for k in T.CAL_KINDS} <= set(out.columns)
@@ -149,13 +149,25 @@ class TestReconstruction:
         v = pd.DataFrame({"patient_id": np.repeat([f"p{i}" for i in range(n)], 2),
                           "visit_index": np.tile(np.int32([0, 1]), n), "event_type": "ED",
                           "start_offset_days": np.nan, "gap_days": np.tile([np.nan, 10.0], n),
-                          "gap_days_binned": np.tile([None, "7-30"], n)})
+                          "gap_days_binned": np.tile([None, "7-30"], n), "cal_hour": "06-11"})
         grid = pd.DataFrame({"_level": [0, 0], "gap_days_start": [7.0, 20.0], "gap_days_end": [20.0, 21.0],
                              "range_probability": [0.0, 1.0]})
         out, _ = T.reconstruct_calendar_times(v.drop_duplicates("patient_id")[["patient_id"]], v, anchors, tod,
                                               grid, KDE["time"], rng=1)
         g = out.loc[out["visit_index"] == 1, "gap_days"].to_numpy()
         assert np.all((g >= 20) & (g < 21))
+
+    def test_without_tokens_only_the_anchor_moves(self, qh_tables):
+        """A cohort without cal_* columns keeps its KDE offsets; only the first visit is anchored."""
+        _, _, _, _, tp, tv = qh_tables
+        anchors, tod = T.build_calendar_tables(tp, tv, min_count=3)
+        v = tv.drop(columns=[f"cal_{k}" for k in T.CAL_KINDS]).assign(start_day=np.nan)
+        out, rep = T.reconstruct_calendar_times(tp, v, anchors, tod, None, KDE["time"], rng=0)
+        assert rep["mode"] == "anchor_only"
+        ref = v.sort_values(["patient_id", "visit_index"], kind="stable")["start_offset_days"].to_numpy()
+        assert np.allclose(out["start_offset_days"].to_numpy(), ref)
+        first = T.calendar_parts(out.loc[out["visit_index"] == 0, "start_day"].to_numpy())
+        assert set(first["year"]) <= set(anchors["year"])
 
     def test_missing_inputs_are_named(self, qh_tables):
         _, _, _, _, tp, tv = qh_tables
