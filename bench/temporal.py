@@ -10,7 +10,7 @@ KDE grids -> ``sample_kde_to_dir``; they differ only in time:
     the real date window, dates = anchor + cumulative KDE gaps, and ``event_day`` (day of week) drawn from its
     marginal ``value_counts`` grid by event type, independent of the date (the published pipeline);
 (b) calendar tokens (QH: year, month, weekday, hour; MIMIC-III: month, weekday, hour) learnt by the model, then
-    ``synthehr_core.temporal.reconstruct_calendar_times_to_dir``.
+    ``sample_kde_to_dir`` with the calendar tables in the grids dir (``synthehr_core.temporal``).
 
 Metrics (``temporal_metrics``) compare the synthetic visit dates with the real *training* visits. Prints one table
 per dataset and the token-agreement report of (b).
@@ -30,16 +30,21 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from synthehr_core import storage                                                       # noqa: E402
-from synthehr_core.config import bundled_config_path                                   # noqa: E402
-from synthehr_core.datasets import qh                                                  # noqa: E402
-from synthehr_core.kde import generate_kde_grids, load_kde_config, sample_kde_to_dir    # noqa: E402
-from synthehr_core.preprocess import preprocess                                        # noqa: E402
-from synthehr_core.sampling import sample_to_dir                                       # noqa: E402
-from synthehr_core.schema import read_tables                                           # noqa: E402
-from synthehr_core.temporal import (WEEKDAYS, build_calendar_tables, calendar_parts,  # noqa: E402
-                                    reconstruct_calendar_times_to_dir, temporal_metrics, write_calendar_tables)
-from synthehr_core.train import train_to_dir                                           # noqa: E402
+from synthehr_core import storage
+from synthehr_core.config import bundled_config_path
+from synthehr_core.datasets import qh
+from synthehr_core.kde import generate_kde_grids, load_kde_config, sample_kde_to_dir
+from synthehr_core.preprocess import preprocess
+from synthehr_core.sampling import sample_to_dir
+from synthehr_core.schema import read_tables
+from synthehr_core.temporal import (
+    WEEKDAYS,
+    build_calendar_tables,
+    calendar_parts,
+    temporal_metrics,
+    write_calendar_tables,
+)
+from synthehr_core.train import train_to_dir
 
 QH_KDE = {   # the QH adapter's columns (kde_qh.yml still names a stand-in table's triage_category / event_day)
     "num_cores": 1, "min_count": 10,
@@ -111,7 +116,7 @@ def run_dataset(name: str, work: Path, n_patients: int, epochs: int, preset: str
         sample_to_dir(d / "model", d / "sample", seed=seed + 1, n_patients=n, batch_size=512, device=device,
                       overwrite=True)
         _grids(str(d / "tables"), _kde_config(name, span if arm == "a" else None), str(d / "grids"), arm == "b")
-        sample_kde_to_dir(str(d / "sample"), str(d / "grids"), str(d / "kde"), seed=seed + 2, overwrite=True)
+        kmeta = sample_kde_to_dir(str(d / "sample"), str(d / "grids"), str(d / "kde"), seed=seed + 2, overwrite=True)
         if arm == "a":
             _, sv, _ = read_tables(d / "kde")
             sv = sv.sort_values(["patient_id", "visit_index"])
@@ -123,9 +128,8 @@ def run_dataset(name: str, work: Path, n_patients: int, epochs: int, preset: str
                 np.asarray(WEEKDAYS, dtype=object)[wd] != sv["event_day"].astype(str).to_numpy()))}
         else:
             extra = {}
-            meta = reconstruct_calendar_times_to_dir(str(d / "kde"), str(d / "grids"), str(d / "final"),
-                                                     seed=seed + 3, overwrite=True)
-            _, sv, _ = read_tables(d / "final")
+            meta = kmeta                           # sample_kde_to_dir dated the visits (grids hold calendar tables)
+            _, sv, _ = read_tables(d / "kde")
             ag = meta["calendar"]["agreement"]
             _, tok_v, _ = read_tables(d / "sample")
             for k in tokens:                       # the model's own token marginals (before any date is chosen)
@@ -154,8 +158,8 @@ def _print(name: str, res: dict) -> None:
     print("| metric | (a) published: random anchor + event_day marginal | (b) calendar tokens + reconstruction |")
     print("|---|---|---|")
     for k in keys:
-        f = lambda d: f"{d[k]:.4f}" if k in d and np.isfinite(d[k]) else "-"            # noqa: E731
-        print(f"| {k} | {f(ma)} | {f(mb)} |")
+        cell = [f"{d[k]:.4f}" if k in d and np.isfinite(d[k]) else "-" for d in (ma, mb)]
+        print(f"| {k} | {cell[0]} | {cell[1]} |")
     for arm in ("a", "b"):
         for k, v in res[arm]["extra"].items():
             print(f"| ({arm}) {k} | {v:.4f} |" if isinstance(v, float) else f"| ({arm}) {k} | {v} |")

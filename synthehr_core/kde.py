@@ -1185,8 +1185,9 @@ def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, o
     if cfg["time"]:
         visits, time_report = reconstruct_times(patients, visits, cfg["time"],
                                                 np.random.default_rng(streams[len(names)]))
-    from .temporal import calendar_times_from_grids   # dates that agree with cal_* tokens (docs/temporal.md)
+    from .temporal import calendar_times_from_grids
 
+    # dates that agree with the sampled cal_* tokens, when the grids dir holds calendar tables (docs/temporal.md)
     visits, calendar_report = calendar_times_from_grids(patients, visits, grids_dir, cfg,
                                                         np.random.default_rng(streams[len(names) + 1]))
     with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:

@@ -738,7 +738,7 @@ def temporal_metrics(real_visits: pd.DataFrame, synth_visits: pd.DataFrame, wint
         m[f"temporal.weekday.{et}.max_abs_diff_pp"] = float(100 * np.abs(
             _profile(re_["weekday"].to_numpy(), 7) - _profile(se_["weekday"].to_numpy(), 7)).max())
     pr, ps = _profile(r["month"].to_numpy(), 12, 1), _profile(s["month"].to_numpy(), 12, 1)
-    amp = lambda p: (p.max() - p.min()) / p.mean()                                       # noqa: E731
+    amp = lambda p: (p.max() - p.min()) / p.mean()
     m["temporal.season.amplitude_real"], m["temporal.season.amplitude_synth"] = float(amp(pr)), float(amp(ps))
     m["temporal.season.amplitude_ratio"] = float(amp(ps) / amp(pr)) if amp(pr) > 0 else float("nan")
     wi, su = np.asarray(winter) - 1, np.asarray(summer) - 1
@@ -807,7 +807,7 @@ def temporal_section(real_visits: pd.DataFrame, synth_visits: pd.DataFrame, wint
     for who, v in (("real", real_visits), ("synthetic", synth_visits)):
         if "start_day" not in v.columns or not v["start_day"].notna().any():
             return {"metrics": {}, "series": None,
-                    "notes": [f"temporal: not compared: the {who} visits have no start_day (dates are written by "
-                              "preprocess for real data and by reconstruct_calendar_times for synthetic data)."]}
+                    "notes": [(f"temporal: not compared: the {who} visits have no start_day (dates are written "
+                               "by preprocess for real data and by reconstruct_calendar_times for synthetic data).")]}
     res = temporal_metrics(real_visits, synth_visits, winter=winter, summer=summer)
     return {"metrics": res["metrics"], "series": res["series"], "notes": [], "result": res}
