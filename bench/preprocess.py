@@ -141,10 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = [(n, time_preprocess(n, a.seed, a.profile, a.memtrace)) for n in a.sizes]
     # wall time suffers when the machine is shared; CPU time (user + sys of the worker) much less so
-    print(f"{'patients':>10} {'visits':>10} {'codes':>10} {'csv MB':>7} {'adapter s':>9} {'preprocess s':>12} "
+    print(f"{'patients':>10} {'visits':>10} {'codes':>10} {'simulate s':>10} {'csv MB':>7} {'adapter s':>9} {'preprocess s':>12} "
           f"{'cpu s':>7} {'visits/s':>10} {'peak RSS MB':>11} {'load':>5}")
     for n, r in rows:
-        print(f"{n:>10,} {r['n_visits']:>10,} {r['n_codes']:>10,} {r['csv_mb']:>7.0f} {r['adapter_s']:>9.1f} "
+        print(f"{n:>10,} {r['n_visits']:>10,} {r['n_codes']:>10,} {r['simulate_s']:>10.1f} {r['csv_mb']:>7.0f} {r['adapter_s']:>9.1f} "
               f"{r['preprocess_s']:>12.1f} {r['preprocess_cpu_s']:>7.1f} {r['n_visits'] / r['preprocess_s']:>10,.0f} "
               f"{r['peak_rss_mb']:>11,.0f} {r['load_avg']:>5.1f}")
 
