@@ -3,7 +3,7 @@
 #   source scripts/ci-docker.sh          # exports DOCKER_HOST; an EXIT trap stops dockerd and removes its dir
 #
 # What it does (see docs/images.md and /work/shared/docs/images.md §1c-§1d for why):
-#   1. installs docker.io and debootstrap with apt if they are missing;
+#   1. installs docker.io, debootstrap and docker-registry (for the push test) with apt if they are missing;
 #   2. starts dockerd by hand with data-root/exec-root in a temporary dir (no systemd here), waits until it answers;
 #   3. builds a bookworm + python3.11 rootfs with debootstrap and `docker import`s it as $SYNTHEHR_CI_BASE_IMAGE
 #      (default local/python:3.11-bookworm), the stand-in for python:3.11-slim-bookworm, which cannot be pulled here.
@@ -15,10 +15,12 @@ _synthehr_t0=$(date +%s)
 _synthehr_log() { echo "ci-docker: $* (+$(( $(date +%s) - _synthehr_t0 )) s)"; }
 : "${SYNTHEHR_CI_BASE_IMAGE:=local/python:3.11-bookworm}"
 
-if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
+if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1 \
+        || ! command -v docker-registry >/dev/null 2>&1; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap >/dev/null
-    _synthehr_log "installed docker.io + debootstrap"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        docker.io debootstrap docker-registry >/dev/null
+    _synthehr_log "installed docker.io + debootstrap + docker-registry"
 fi
 
 SYNTHEHR_DOCKER_DIR=${SYNTHEHR_DOCKER_DIR:-$(mktemp -d /tmp/synthehr-docker.XXXXXX)}

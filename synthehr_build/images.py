@@ -195,6 +195,9 @@ def make_wheelhouse(dest: Path, requirements_dir: Path = REQUIREMENTS_DIR, pytho
         raise RuntimeError(f"{wheels}: the wheelhouse holds a non-CPU torch wheel {torch_wheels}; CI images must use "
                            "the CPU wheel (/opt/wheels/torch-2.13.0+cpu-...whl). Delete it and check pip's find-links.")
     shutil.rmtree(dist, ignore_errors=True)
+    # setuptools builds in-tree and never cleans build/lib: a module deleted since the last build would ship.
+    for stale in [REPO / "build" / "lib", *(REPO / "build").glob("bdist.*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     subprocess.run([python, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dist),
                     str(REPO)], check=True)
     return dest

@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from components import _images
-from synthehr_build.images import STAGES
+from synthehr_build.images import STAGES, plan, push
 
 pytestmark = pytest.mark.images
 
@@ -237,3 +240,49 @@ def test_whole_pipeline_in_stage_images_with_docker_runner(engine, tmp_path):
         assert task in tasks, f"no output dir for task {task} under {run_dir}: {sorted(tasks)[:40]}"
     summaries = list(run_dir.rglob("summary"))
     assert summaries and summaries[0].stat().st_size > 0
+
+
+# --- push to a local registry -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def local_registry(tmp_path):
+    """Debian's docker-registry on a free 127.0.0.1 port (the engine trusts loopback registries over plain HTTP)."""
+    exe = shutil.which("docker-registry")
+    if exe is None:
+        msg = "docker-registry is not installed: apt-get install docker-registry (scripts/ci-docker.sh does)"
+        if os.environ.get("SYNTHEHR_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"SYNTHEHR_REQUIRE_DOCKER=1 but {msg}")
+        pytest.skip(msg)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "registry.yml"
+    cfg.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'data'}\n"
+                   f"http:\n  addr: 127.0.0.1:{port}\n")
+    with open(tmp_path / "registry.log", "w") as log:
+        proc = subprocess.Popen([exe, "serve", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"docker-registry did not answer on 127.0.0.1:{port}: {(tmp_path / 'registry.log').read_text()}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_push_a_stage_image_to_a_local_registry(engine, local_registry):
+    step = next(s for s in plan(local_registry, _images.TAG, stages=["merge"]) if s.name == "merge")
+    repo, _, tag = step.ref.rpartition(":")
+    engine.images.get(_images.image("merge")).tag(repo, tag)
+    try:
+        push([step], client=engine)
+    finally:
+        engine.images.remove(step.ref)
+    with urllib.request.urlopen(f"http://{local_registry}/v2/synthehr-merge/tags/list", timeout=10) as r:
+        assert json.load(r) == {"name": "synthehr-merge", "tags": [_images.TAG]}
