@@ -160,3 +160,12 @@ def test_calendar_columns_become_visit_tokens_and_back(tmp_path):
     rows = [[X[0, r].nonzero().flatten().tolist() for r in range(1, 4)]]
     _, v2, c2, _ = decode_rows(rows, vocab, seed=1)
     assert v2["cal_month"].tolist() == ["02", "01"] and c2["code"].tolist() == ["dx:1"]
+
+
+def test_patient_without_visits_is_left_out_and_counted(tmp_path):
+    d, vocab = _hand_made(tmp_path)
+    p, v, c = read_tables(d)
+    p = pd.concat([p, pd.DataFrame({"patient_id": ["D"], "split": ["train"], "sex": ["M"], "age_binned": ["18-40"]})])
+    d2 = _write(tmp_path, p, v, c, vocab, name="t2")
+    ds = EHRParquetDataset(d2, split="train")
+    assert ds.patient_ids == ["A", "B"] and ds.n_no_visits == 1
