@@ -154,10 +154,18 @@ def run_cmd(
     kfp_local.init(runner=kfp_local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     typer.echo(f"running {builder.pipeline_name(dataset, conditional)} with {json.dumps(args)}")
     t0 = time.perf_counter()
-    fn(**args)
+    try:
+        fn(**args)
+        failure = None
+    except RuntimeError as exc:   # kfp.local: "Pipeline ... finished with status FAILURE"; task logs are above
+        failure = exc
     wall = time.perf_counter() - t0
     new = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
     run_dir = new[-1] if new else root
+    if failure is not None:
+        typer.echo(f"\n{failure}\nThe failing task's log and traceback are printed above; its outputs are under "
+                   f"{run_dir}. Wall time {wall:.1f} s.", err=True)
+        raise typer.Exit(1)
     cohort = _find_output(run_dir, "merge", "cohort")
     report = _find_output(run_dir, "evaluate", "report")
     summary = _find_output(run_dir, "evaluate", "summary")

@@ -49,3 +49,20 @@ def test_mimic3_pipeline_runs_locally_end_to_end(tmp_path):
     assert Path(paths["summary (MD)"]).read_text().startswith("#")
     train_meta = json.loads(next(run_dir.glob("**/train/model/meta.json")).read_text())
     assert train_meta["model_type"] == "halo" and train_meta["preset"] == "tiny" and train_meta["epochs_run"] == 2
+
+
+def test_failed_stage_exits_nonzero_and_names_the_task(tmp_path):
+    """A bad dataset config fails preprocess at once (a few seconds, so not marked slow); the exit handler still
+    runs and the CLI says which task failed."""
+    from kfp.local import config as local_config
+
+    args = ["run", "--local", "--dataset", "mimic3", "--pipeline-root", str(tmp_path / "runs"),
+            "-p", "dataset_config=no_such_dataset"]
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        local_config.LocalExecutionConfig.instance = None
+    assert result.exit_code == 1, result.output
+    assert "Inner task failed: 'preprocess'" in result.output
+    notify_out = next((tmp_path / "runs").glob("*/notify/executor_output.json"))
+    assert "FAILED" in notify_out.read_text()
