@@ -95,11 +95,35 @@ def parse_params(pairs: list[str], defaults: dict | None = None) -> dict:
     return out
 
 
-def _check_params(fn, params: dict) -> None:
-    known = set(fn.component_spec.inputs or {})
-    unknown = sorted(set(params) - known)
+def pipeline_args(fn, pairs: list[str], defaults: dict | None = None) -> dict:
+    """``-p key=value`` pairs typed by the pipeline's own parameter types; String parameters keep the raw text
+    (so ``-p condition={"gender": "F"}`` stays a string), the others are parsed as JSON and checked."""
+    inputs = fn.component_spec.inputs or {}
+    out = dict(defaults or {})
+    problems = []
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"-p {pair!r}: expected key=value, e.g. -p epochs=3 or -p sample_seeds=[0,1].")
+        elif key not in inputs:
+            problems.append(f"-p {key}: unknown pipeline parameter; this pipeline has {sorted(inputs)}.")
+        elif inputs[key].type == "String":
+            out[key] = value
+        else:
+            expect = {"Integer": int, "Float": (int, float), "Boolean": bool}.get(inputs[key].type, (list, dict))
+            try:
+                out[key] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key] = None
+            if not isinstance(out[key], expect) or (expect is int and isinstance(out[key], bool)):
+                problems.append(f"-p {key}={value}: {key} is {inputs[key].type}; got {value!r}.")
+    unknown = sorted(set(out) - set(inputs))
     if unknown:
-        raise typer.BadParameter(f"unknown pipeline parameters {unknown}; this pipeline has {sorted(known)}.")
+        problems.append(f"defaults name unknown parameters {unknown}.")
+    if problems:
+        raise typer.BadParameter("\n".join(problems))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- pipelines
@@ -144,8 +168,7 @@ def run_cmd(
 
     fn = builder.build_pipeline(dataset, conditional=conditional)
     raw_dir = raw or load_config(dataset).raw_path("local")
-    args = parse_params(params, {**builder.LOCAL_OVERRIDES, "raw_uri": str(Path(raw_dir).resolve())})
-    _check_params(fn, args)
+    args = pipeline_args(fn, params, {**builder.LOCAL_OVERRIDES, "raw_uri": str(Path(raw_dir).resolve())})
     root = pipeline_root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = set(root.iterdir())
@@ -197,8 +220,7 @@ def submit_cmd(
     if not package.exists():
         raise typer.BadParameter(f"{package} does not exist: run `synthehr compile` (or make compile) first.")
     fn = builder.build_pipeline(dataset, conditional=conditional)
-    args = parse_params(params)
-    _check_params(fn, args)
+    args = pipeline_args(fn, params)
     name = builder.pipeline_name(dataset, conditional)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     client = kfp.Client(host=host, namespace=namespace, existing_token=token)

@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from synthehr_core.cli import app, parse_params
+from synthehr_core.cli import app, parse_params, pipeline_args
 from synthehr_core.schema import read_tables
 
 COMPILED = Path(__file__).resolve().parents[1] / "pipelines" / "compiled"
@@ -26,6 +26,21 @@ def test_parse_params_types_values_from_json_and_keeps_strings():
 def test_parse_params_rejects_a_pair_without_equals():
     with pytest.raises(typer.BadParameter, match="expected key=value"):
         parse_params(["epochs"])
+
+
+def test_pipeline_args_follow_the_pipeline_parameter_types():
+    from pipelines.builder import build_pipeline
+
+    fn = build_pipeline("mimic3", conditional=True)
+    got = pipeline_args(fn, ['condition={"gender": "F"}', "epochs=3", "lr=1", "sample_seeds=[4, 5]",
+                             "model_type=consequence"], {"epochs": 10})
+    assert got == {"condition": '{"gender": "F"}', "epochs": 3, "lr": 1, "sample_seeds": [4, 5],
+                   "model_type": "consequence"}
+    with pytest.raises(typer.BadParameter) as err:
+        pipeline_args(fn, ["epochs=ten", "sample_seeds=3", "epoch=3", "lr"])
+    msg = str(err.value)
+    assert "epochs is Integer; got 'ten'" in msg and "sample_seeds is List[Integer]" in msg
+    assert "-p epoch: unknown pipeline parameter" in msg and "expected key=value" in msg
 
 
 def test_help_lists_every_command_and_the_slurm_example():
