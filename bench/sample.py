@@ -1,6 +1,6 @@
 """Sampling speed: the fast exact sampler vs HI's reference algorithm, same model, same seeds.
 
-    PYTHONPATH=. .venv/bin/python -m bench.sample                # ~2-4 min on 2 shared CPU cores
+    PYTHONPATH=. .venv/bin/python -m bench.sample                # ~3 min on 2 idle CPU cores (10x that at load 10)
     PYTHONPATH=. .venv/bin/python -m bench.sample --cases 0:64 0:256 3:64
     PYTHONPATH=. python3 -m bench.sample --synthetic --preset paper --device cuda --batch-sizes 256 --end-shifts 0
 
