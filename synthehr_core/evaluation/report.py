@@ -181,7 +181,13 @@ def render_html(res: dict) -> str:
     if len(q):
         parts.append(_table([tuple(r) for r in q.itertuples(index=False)], tuple(q.columns)))
     parts += [figs.get("values", ""), figs.get("time", ""), figs.get("calendar", "")]
-    parts.append(_table(_metric_rows(m, "values.") + _metric_rows(m, "time."), ("metric", "value")))
+    tem = res["details"].get("temporal") or {}
+    if tem.get("result"):                        # visits per month, weekday/month/hour profiles (docs/temporal.md)
+        from ..temporal import temporal_figure
+
+        parts.append(temporal_figure(tem["result"]))
+    parts.append(_table(_metric_rows(m, "values.") + _metric_rows(m, "time.") + _metric_rows(m, "temporal."),
+                        ("metric", "value")))
     parts.append("<h2>Rules</h2>")
     rules = _metric_rows(m, "rules.")
     parts.append(_table(rules, ("metric", "value")) if rules else "<p class='note'>No rules checked.</p>")

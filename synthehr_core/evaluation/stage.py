@@ -16,6 +16,7 @@ import pandas as pd
 from .. import storage
 from ..errors import ConfigError, DataError
 from ..schema import SYNTHETIC_SPLIT, read_tables
+from ..temporal import temporal_section
 from ..vocab import Vocab
 from .cohort import Cohort, label_columns, make_space
 from .fidelity import code_statistics, fidelity
@@ -128,6 +129,9 @@ def evaluate_tables(real: Tables, synthetic: Tables, vocab: Vocab | None = None,
     val = values(train, synth)
     timings["values"] = time.perf_counter() - t
     t = time.perf_counter()
+    tem = temporal_section(train.visits, synth.visits)      # aggregate time series (docs/temporal.md)
+    timings["temporal"] = time.perf_counter() - t
+    t = time.perf_counter()
     rules_res: dict = {}
     if rules_path is not None:
         tp = rp[rp["split"] == "test"]
@@ -142,7 +146,7 @@ def evaluate_tables(real: Tables, synthetic: Tables, vocab: Vocab | None = None,
     t = time.perf_counter()
     util = utility(train, test, synth, utility_sample, seed)
     timings["utility"] = time.perf_counter() - t
-    for part in (fid, val, priv, util):
+    for part in (fid, val, tem, priv, util):
         metrics.update(part["metrics"])
         notes += part.get("notes", [])
     dropped = sorted(k for k, v in metrics.items() if not math.isfinite(v))
@@ -153,7 +157,8 @@ def evaluate_tables(real: Tables, synthetic: Tables, vocab: Vocab | None = None,
     return {"metrics": metrics, "flags": _flags(metrics), "notes": notes, "timings_s": timings,
             "params": {"seed": seed, "privacy_sample": privacy_sample, "utility_sample": utility_sample,
                        "rules_path": None if rules_path is None else str(rules_path), "label_columns": list(cols)},
-            "details": {"fidelity": fid, "values": val, "privacy": priv, "utility": util, "rules": rules_res}}
+            "details": {"fidelity": fid, "values": val, "privacy": priv, "utility": util, "rules": rules_res,
+                        "temporal": tem}}
 
 
 def evaluate(real_dir: str | Path, synthetic_dir: str | Path, rules_path: str | Path | None = None, seed: int = 0,
