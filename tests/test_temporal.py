@@ -220,3 +220,15 @@ def test_module_imports_neither_torch_nor_kfp():
     names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not names & {"torch", "kfp"}
 
+
+
+def test_evaluation_report_carries_the_temporal_section(qh_tables):
+    from synthehr_core.evaluation import evaluate_tables
+    from synthehr_core.evaluation.report import render_html
+
+    _, p, v, c, tp, _ = qh_tables
+    synth = (tp.assign(split="synthetic"), v[v["patient_id"].isin(set(tp["patient_id"]))], c)
+    res = evaluate_tables((p, v, c), synth, privacy_sample=50, utility_sample=50)
+    assert res["metrics"]["temporal.monthly.all.r"] == pytest.approx(1.0)
+    assert res["metrics"]["temporal.weekday.max_abs_diff_pp"] == 0
+    assert 'alt="temporal"' in render_html(res)
