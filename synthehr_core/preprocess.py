@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 RAW_VISIT_COLUMNS = ("patient_id", "visit_id", "start", "event_type")
 
 
+def fast_isin(values: pd.Series, allowed) -> np.ndarray:
+    """``values.isin(allowed)`` for string keys via pyarrow: pandas 3's arrow-string isin boxes every element."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    left = pa.array(values.astype(str), type=pa.string())
+    right = pa.array(pd.Series(allowed).astype(str).unique(), type=pa.string())
+    return np.asarray(pc.is_in(left, value_set=right).fill_null(False), dtype=bool)
+
+
 def versions() -> dict[str, str]:
     import pyarrow
 
@@ -95,7 +105,7 @@ def add_calendar_columns(visits: pd.DataFrame, kinds: list[str]) -> list[str]:
             visits["cal_month"] = [f"{m:02d}" for m in ts.month]
             tokens += [f"cal:month={m:02d}" for m in range(1, 13)]
         elif kind == "weekday":
-            visits["cal_weekday"] = np.asarray(WEEKDAYS, dtype=object)[ts.weekday]
+            visits["cal_weekday"] = np.asarray(WEEKDAYS, dtype=object)[ts.day_of_week]
             tokens += [f"cal:weekday={d}" for d in WEEKDAYS]
         elif kind == "hour":
             visits["cal_hour"] = np.asarray(HOUR_BANDS, dtype=object)[ts.hour // 6]
@@ -120,19 +130,19 @@ def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropR
     codes["code"] = codes["code"].astype(str)
 
     # --- orphans and duplicates: dropped, counted, logged
-    orphan = ~visits["patient_id"].isin(set(patients["patient_id"]))
+    orphan = ~fast_isin(visits["patient_id"], patients["patient_id"])
     report.drop("visits", "patient_id not in the patients table", int(orphan.sum()))
     visits = visits[~orphan]
     bad_start = visits["start"].isna()
     report.drop("visits", "no start time", int(bad_start.sum()))
     visits = visits[~bad_start]
-    unknown = ~codes["visit_id"].isin(set(visits["visit_id"]))
+    unknown = ~fast_isin(codes["visit_id"], visits["visit_id"])
     report.drop("codes", "visit not in the visits table (or dropped above)", int(unknown.sum()))
     codes = codes[~unknown]
     dup = codes.duplicated(["visit_id", "code"])
     report.drop("codes", "same code repeated within one visit", int(dup.sum()))
     codes = codes[~dup]
-    no_visits = ~patients["patient_id"].isin(set(visits["patient_id"]))
+    no_visits = ~fast_isin(patients["patient_id"], visits["patient_id"])
     report.drop("patients", "no visits", int(no_visits.sum()))
     patients = patients[~no_visits]
 
@@ -168,17 +178,17 @@ def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropR
             log.warning("%d patients have no %s; labelled 'unknown'", int(missing.sum()), col)
         patients[col] = patients[col].astype("object").where(~missing, "unknown").astype(str)
         label_values[col] = sorted(patients[col].unique())
-    train_ids = set(patients.loc[patients["split"] == "train", "patient_id"])
+    train_ids = patients.loc[patients["split"] == "train", "patient_id"]
     stats: dict[str, Any] = {"clipped": {}}
     patient_edges, visit_edges = {}, {}
     for col, spec in cfg.patient_bins.items():
-        edges = _edges(spec, patients.loc[patients["patient_id"].isin(train_ids), col], col, where)
+        edges = _edges(spec, patients.loc[fast_isin(patients["patient_id"], train_ids), col], col, where)
         res = bin_values(patients[col], edges)
         patients[f"{col}_binned"] = res.labels
         patient_edges[col] = edges
         stats["clipped"][f"patients.{col}"] = res.n_clipped
     for col, spec in cfg.visit_bins.items():
-        edges = _edges(spec, visits.loc[visits["patient_id"].isin(train_ids), col], col, where)
+        edges = _edges(spec, visits.loc[fast_isin(visits["patient_id"], train_ids), col], col, where)
         res = bin_values(visits[col], edges)
         visits[f"{col}_binned"] = res.labels
         visit_edges[col] = edges
@@ -187,8 +197,16 @@ def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropR
     calendar_tokens = add_calendar_columns(visits, cfg.calendar.tokens) if cfg.calendar.enabled else []
 
     # --- codes keyed by (patient, visit_index)
-    key = visits[["visit_id", "patient_id", "visit_index"]]
-    codes = codes.merge(key, on="visit_id", how="inner")[["patient_id", "visit_index", "code"]]
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    # position of each code's visit (pyarrow hash lookup; a pandas merge on string keys peaks at ~1 GB per 10M rows)
+    pos = np.asarray(pc.index_in(pa.array(codes["visit_id"].astype(str), type=pa.string()),
+                                 value_set=pa.array(visits["visit_id"].astype(str), type=pa.string())).fill_null(-1))
+    found = pos >= 0
+    codes = pd.DataFrame({"patient_id": visits["patient_id"].take(pos[found]).reset_index(drop=True),
+                          "visit_index": visits["visit_index"].to_numpy()[pos[found]],
+                          "code": codes["code"][found].reset_index(drop=True)})
     vocab = build_vocab(visits["event_type"].astype(str).unique(), visit_edges, calendar_tokens, codes["code"].unique(),
                         label_values, patient_edges, cfg.code_namespaces)
     visits["start_day"] = visits["start"].astype(float)  # absolute calendar position, for temporal metrics

@@ -90,7 +90,9 @@ def to_arrow(df: pd.DataFrame, table: str) -> pa.Table:
         else:
             typ = pa.string()
         if typ == pa.string():
-            arr = pa.array(col.astype("object").where(col.notna(), None).tolist(), type=pa.string())
+            arr = pa.array(col, from_pandas=True)  # arrow-backed strings convert without Python objects
+            if arr.type != pa.string():
+                arr = arr.cast(pa.string())
         elif typ == pa.int32():
             arr = pa.array(col.to_numpy(dtype=np.int64), type=pa.int64()).cast(pa.int32())
         else:
@@ -115,16 +117,21 @@ def validate_tables(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.Data
     dup = patients["patient_id"][patients["patient_id"].duplicated()]
     if len(dup):
         problems.append(f"{where}: patients.patient_id has duplicates, e.g. {dup.head(3).tolist()}.")
-    known = set(patients["patient_id"])
-    orphan = ~visits["patient_id"].isin(known)
+    import pyarrow.compute as pc
+    orphan = pd.Series(~np.asarray(pc.is_in(pa.array(visits["patient_id"].astype(str)),
+                                            value_set=pa.array(patients["patient_id"].astype(str))).fill_null(False)),
+                       index=visits.index)
     if orphan.any():
         problems.append(f"{where}: {int(orphan.sum())} visits belong to unknown patients, "
                         f"e.g. {visits.loc[orphan, 'patient_id'].head(3).tolist()}.")
-    vkey = visits[["patient_id", "visit_index"]]
-    if vkey.duplicated().any():
+    # (patient_id, visit_index) as one int64 key: no tuples (MultiIndex.isin materialises one per row)
+    ids = pd.Index(pd.concat([visits["patient_id"], codes["patient_id"]], ignore_index=True).astype(str).unique())
+    def _key(df):
+        return ids.get_indexer(df["patient_id"].astype(str)).astype(np.int64) * (1 << 32) + df["visit_index"].to_numpy(np.int64)
+    vk = _key(visits)
+    if pd.Series(vk).duplicated().any():
         problems.append(f"{where}: visits has duplicate (patient_id, visit_index) pairs.")
-    ckey = pd.MultiIndex.from_frame(codes[["patient_id", "visit_index"]])
-    missing = ~ckey.isin(pd.MultiIndex.from_frame(vkey))
+    missing = ~np.isin(_key(codes), vk)
     if missing.any():
         problems.append(f"{where}: {int(missing.sum())} codes point at visits that do not exist.")
     if codes["code"].isna().any():
