@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 METHODS = ("kde_range", "kde_joint", "value_counts")
 DATA_SOURCES = ("patients", "visits")
 GRID_METHODS = ("range", "arange", "fine_bins", "custom")
-TOP_KEYS = {"num_cores", "min_count", "bandwidth_floor", "variable_config", "time"}
+TOP_KEYS = {"num_cores", "min_count", "bandwidth_floor", "variable_config", "time", "code_columns"}
 VAR_KEYS = {
     "kde_range": {"method", "data_source", "column", "stratify_by", "filter", "grid_params", "bandwidth", "min_count"},
     "kde_joint": {"method", "data_source", "variables", "stratify_by", "filter", "grid_params", "bandwidth", "min_count"},
@@ -204,6 +204,10 @@ def validate_kde_config(config: Mapping, where: str = "KDE_CONFIG") -> dict:
     unknown = set(config) - TOP_KEYS
     if unknown:
         problems.append(f"{where}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}.")
+    cc = config.get("code_columns", {}) or {}
+    if not isinstance(cc, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in cc.items()):
+        problems.append(f"{where}: code_columns = {cc!r} must map a new visit column to a code namespace, "
+                        "e.g. {triage_category: tri}.")
     nc = config.get("num_cores", -1)
     if not isinstance(nc, int) or isinstance(nc, bool) or (nc != -1 and nc < 1):
         problems.append(f"{where}: num_cores = {nc!r} must be -1 (all cores) or an integer >= 1.")
@@ -280,7 +284,7 @@ def validate_kde_config(config: Mapping, where: str = "KDE_CONFIG") -> dict:
     time_cfg = _check_time(config.get("time"), f"{where}: time", problems)
     if problems:
         raise ConfigError(f"{where}: invalid KDE config ({len(problems)} problem(s)):\n" + bullet_list(problems))
-    return {"num_cores": nc, "min_count": mc, "bandwidth_floor": float(bf), "variable_config": out_vars,
+    return {"code_columns": dict(cc) if isinstance(cc, Mapping) else {}, "num_cores": nc, "min_count": mc, "bandwidth_floor": float(bf), "variable_config": out_vars,
             "time": time_cfg}
 
 
@@ -788,10 +792,28 @@ def _real_overlap_rate(visits: pd.DataFrame, tcfg: dict | None) -> float | None:
     return float(np.mean(gap[ok] < prev_los[ok] * UNIT_DAYS[tcfg["los_unit"]])) if ok.any() else None
 
 
+def add_code_columns(visits: pd.DataFrame, codes: pd.DataFrame, code_columns: Mapping[str, str]) -> pd.DataFrame:
+    """Add a visit column per ``{column: namespace}`` holding the value of that visit's ``namespace:`` code.
+
+    Lets a KDE variable be stratified by something the model generates as a code (QH: ``triage_category``
+    from ``tri:<n>``). A visit without such a code gets null; with several, the first in code order.
+    """
+    if not code_columns:
+        return visits
+    visits = visits.copy()
+    for col, ns in code_columns.items():
+        c = codes[codes["code"].str.startswith(ns + ":")]
+        c = c.sort_values(["patient_id", "visit_index", "code"]).drop_duplicates(["patient_id", "visit_index"])
+        val = c.assign(**{col: c["code"].str.slice(len(ns) + 1)})[["patient_id", "visit_index", col]]
+        visits = visits.drop(columns=[col], errors="ignore").merge(val, on=["patient_id", "visit_index"], how="left")
+    return visits
+
+
 def generate_kde_grids_to_dir(tables_dir: str, kde_config: Mapping | str, out_dir: str, overwrite: bool = False) -> dict:
     """Stage entry point: fit grids on the *train* split of a canonical tables dir; write grids, config and meta."""
     cfg = load_kde_config(kde_config)
-    patients, visits, _ = read_tables(tables_dir)
+    patients, visits, codes = read_tables(tables_dir)
+    visits = add_code_columns(visits, codes, cfg.get("code_columns", {}))
     train = patients.loc[patients["split"] == "train"]
     if train.empty:
         raise DataError(f"{tables_dir}: no patients with split == 'train' (splits: {sorted(patients['split'].unique())}). "
@@ -1167,6 +1189,8 @@ def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, o
     cfg = load_kde_config(storage.read_json(storage.join(grids_dir, "kde_config.json")),
                           where=storage.join(grids_dir, "kde_config.json"))
     patients, visits, codes = read_tables(shard_dir)
+    derived = [c for c in cfg.get("code_columns", {}) if c not in visits.columns]
+    visits = add_code_columns(visits, codes, cfg.get("code_columns", {}))
     vocab_path = storage.join(shard_dir, "vocab.json")
     vocab = storage.read_json(vocab_path) if storage.exists(vocab_path) else None
     tops = _top_edges(vocab)
@@ -1190,6 +1214,7 @@ def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, o
     # dates that agree with the sampled cal_* tokens, when the grids dir holds calendar tables (docs/temporal.md)
     visits, calendar_report = calendar_times_from_grids(patients, visits, grids_dir, cfg,
                                                         np.random.default_rng(streams[len(names) + 1]))
+    visits = visits.drop(columns=derived)   # code-derived strata stay codes in the output
     with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_tables(tmp, patients, visits, codes)
         if vocab is not None:

@@ -560,3 +560,18 @@ class TestStage:
         sp, sv, _ = read_tables(tmp_path / "out")
         _assert_inside_bins(sv["los_days"], sv["los_days_binned"])
         assert sp["age"].between(0, 90).all() and sv["start_offset_days"].notna().all()
+
+
+def test_code_columns_stratify_by_generated_codes(tmp_path):
+    """QH-style: the KDE strata `triage_category` come from the visits' tri:<n> codes, real and synthetic."""
+    from synthehr_core.kde import add_code_columns
+
+    visits = pd.DataFrame({"patient_id": ["a", "a", "b"], "visit_index": [0, 1, 0]})
+    codes = pd.DataFrame({"patient_id": ["a", "a", "b", "b"], "visit_index": [0, 0, 0, 0],
+                          "code": ["tri:3", "disp:1", "tri:2", "tri:5"]})
+    out = add_code_columns(visits, codes, {"triage_category": "tri"})
+    assert out["triage_category"].tolist()[0] == "3" and pd.isna(out["triage_category"].tolist()[1])
+    assert out["triage_category"].tolist()[2] == "2"       # first in code order
+    assert out[["patient_id", "visit_index"]].equals(visits)
+    with pytest.raises(ConfigError, match="code_columns = .* must map a new visit column to a code namespace"):
+        kde.validate_kde_config({"code_columns": ["tri"], "variable_config": {}})

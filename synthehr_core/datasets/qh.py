@@ -356,6 +356,9 @@ def read_encounters(path: str) -> pd.DataFrame:
     return table.select(RAW_COLUMNS).to_pandas(split_blocks=True, self_destruct=True)
 
 
+WEEKDAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")   # 1970-01-01 was a Thursday (index 3)
+
+
 def load(raw: str, options: dict, report: DropReport) -> RawCohort:
     """Read ``<raw>/encounters.csv`` into a RawCohort of ED and Inpatient encounters."""
     opts = check_options(options)
@@ -419,6 +422,9 @@ def load(raw: str, options: dict, report: DropReport) -> RawCohort:
         "los_triage_hours": df["los_triage"].to_numpy(dtype=float),
         "age": df["age"].to_numpy(dtype=float),
     })
+    # day of week of the arrival, as the seed pipeline's `event_day` (the KDE stage's value counts use it)
+    visits["event_day"] = np.asarray(WEEKDAY_NAMES, dtype=object)[
+        ((np.floor(visits["start"].to_numpy(dtype=float)).astype(np.int64) + 3) % 7)]
     has_tri = ed & tri.notna().to_numpy()
     tri_code = tri.to_numpy(dtype=float)[has_tri].astype(np.int64) - 1
     codes = [pd.DataFrame({"visit_id": visit_id[has_tri].reset_index(drop=True),
