@@ -192,8 +192,38 @@ def run_cmd(
     cohort = _find_output(run_dir, "merge", "cohort")
     report = _find_output(run_dir, "evaluate", "report")
     summary = _find_output(run_dir, "evaluate", "summary")
+    typer.echo("\n" + _run_summary(run_dir))
     typer.echo(f"\nrun folder:      {run_dir}\nmerged cohort:   {cohort}\nreport (HTML):   {report}\n"
                f"summary (MD):    {summary}\nwall time:       {wall:.1f} s")
+
+
+def _run_summary(run_dir: Path) -> str:
+    """What the run read and made, from the stages' meta.json / metrics.json files."""
+    lines = []
+    tables = _find_output(run_dir, "preprocess", "tables")
+    if tables and (Path(tables) / "meta.json").exists():
+        m = json.loads((Path(tables) / "meta.json").read_text())
+        s = m.get("split_sizes", {})
+        lines.append(f"real data ({m.get('dataset')}): {m.get('n_patients')} patients, {m.get('n_visits')} visits, "
+                     f"{m.get('n_codes')} codes; vocabulary {m.get('vocab_size')} tokens "
+                     f"({m.get('n_visit_tokens')} visit tokens, {m.get('n_labels')} labels); "
+                     f"split train/val/test = {s.get('train')}/{s.get('val')}/{s.get('test')}")
+    cohort = _find_output(run_dir, "merge", "cohort")
+    if cohort and (Path(cohort) / "meta.json").exists():
+        m = json.loads((Path(cohort) / "meta.json").read_text())
+        lines.append(f"synthetic cohort: {m.get('n_patients')} patients, {m.get('n_visits')} visits from "
+                     f"{m.get('n_shards', '?')} seed shards")
+    report = _find_output(run_dir, "evaluate", "report")
+    metrics = Path(report).parent / "details" / "metrics.json" if report else None
+    if metrics and metrics.exists():
+        mm = json.loads(metrics.read_text())
+        mm = mm.get("metrics", mm)
+        keys = [("fidelity.code_record.r2", "code prevalence R²"), ("privacy.exact_copies", "exact copies"),
+                ("privacy.mia.accuracy", "MIA accuracy"), ("rules.percent_valid", "% rule-valid")]
+        got = [f"{label} {mm[k]:.3g}" for k, label in keys if isinstance(mm.get(k), (int, float))]
+        if got:
+            lines.append("evaluation: " + ", ".join(got))
+    return "\n".join(lines)
 
 
 @app.command("submit")
