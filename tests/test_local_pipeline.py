@@ -30,6 +30,9 @@ def test_mimic3_pipeline_runs_locally_end_to_end(tmp_path):
     paths = dict(re.findall(r"^(merged cohort|report \(HTML\)|summary \(MD\)|run folder):\s+(\S+)$", result.output, re.MULTILINE))
     wall = float(re.search(r"wall time:\s+([0-9.]+) s", result.output).group(1))
     assert 0 < wall < 600
+    assert re.search(r"real data \(mimic3\): 100 patients, 129 visits, \d+ codes; vocabulary \d+ tokens .*"
+                     r"split train/val/test = 72/8/20", result.output)
+    assert re.search(r"synthetic cohort: \d+ patients, \d+ visits from 2 seed shards", result.output)
 
     cohort = Path(paths["merged cohort"])
     patients, visits, codes = read_tables(cohort)
