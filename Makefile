@@ -8,7 +8,7 @@ SYNTHEHR := $(VENV)/bin/synthehr
 BASE_IMAGE ?= python:3.11-slim-bookworm
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast compile check-compiled images lint-docker lint format bench clean help
+.PHONY: install demo test test-fast test-images compile check-compiled wheelhouse images images-push images-lock lint-docker lint format bench clean help
 
 ## help: list the targets
 help:
@@ -49,17 +49,33 @@ check-compiled: compile
 images: $(STAMP)
 	$(PY) -m synthehr_build.images build --base-image $(BASE_IMAGE)
 
+## images-push: build and push every stage image to SYNTHEHR_IMAGE_REGISTRY
+images-push: $(STAMP)
+	$(PY) -m synthehr_build.images build --base-image $(BASE_IMAGE) --push
+
+## wheelhouse: every locked wheel + the synthehr wheel into build/wheelhouse (offline image builds)
+wheelhouse: $(STAMP)
+	$(PY) -m synthehr_build.images wheelhouse
+
+## images-lock: re-pin images/requirements/*.lock from *.in
+images-lock: $(STAMP)
+	$(PY) -m synthehr_build.images lock
+
+## test-images: only the image tests (needs an engine and `make images`)
+test-images: $(STAMP)
+	$(PYTEST) $(PYTEST_ARGS) -m images
+
 ## lint-docker: hadolint every Dockerfile
 lint-docker: $(STAMP)
 	$(VENV)/bin/hadolint --config images/.hadolint.yaml images/*/Dockerfile
 
 ## lint: ruff check (format fixes)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check synthehr_core components pipelines tests bench
+	$(VENV)/bin/ruff check synthehr_core synthehr_build components pipelines tests bench
 
 ## format: ruff autofix (lint checks)
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix synthehr_core components pipelines tests bench
+	$(VENV)/bin/ruff check --fix synthehr_core synthehr_build components pipelines tests bench
 
 ## bench: run every benchmark (prints tables; minutes)
 bench: $(STAMP)
