@@ -140,7 +140,7 @@ def main() -> None:
     for label, grid in (("kde_range", grid_1d), ("kde_joint", grid_2d)):
         kde.sample_from_kde_grid(grid, syn.iloc[:1000], None, 0)        # warm-up (levels cache)
         times = []
-        for rep_i in range(args.repeat):
+        for _ in range(args.repeat):
             t = time.perf_counter()
             _, rep = kde.sample_from_kde_grid(grid, syn, None, np.random.default_rng(args.seed))
             times.append(time.perf_counter() - t)

@@ -80,7 +80,7 @@ def runs(toy_dir, tmp_path_factory):
 def _assert_close_states(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_shard_and_loss_weight_reconstruct_the_global_mean():

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import json
-import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest

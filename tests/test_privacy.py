@@ -98,7 +98,7 @@ class TestPerSampleGradients:
         assert got.keys() == ref.keys()
         for n in ref:
             assert got[n].shape == ref[n].shape, n  # batch dimension first, for wpe too
-            torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
     def test_consequence_with_mined_rules_opacus_per_sample_equals_one_at_a_time(self):
         """Rule-fixed entries leave the loss per patient, so per-sample gradients stay exact for ConSequence."""
@@ -126,7 +126,7 @@ class TestPerSampleGradients:
         ref = _one_at_a_time(model, X, mask)
         got = _opacus_per_sample(model, X, mask)
         for n in ref:
-            torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
     def test_stock_linear_rule_would_be_wrong_for_the_masked_head(self):
         """Why the custom sampler exists: the unmasked outer product differs (larger norm) from the true gradient."""
