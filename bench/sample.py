@@ -7,7 +7,8 @@
 The model is a ``small`` HALO briefly fitted to the bundled MIMIC-III demo (780 tokens, ~23 tokens per visit).
 The demo has 1.3 visits per patient, so ``--end-shifts`` also lowers the <end> logit by a constant to give
 realistic multi-visit patients (shift 3 -> ~2.5-3 visits). Both samplers draw from the same distribution
-(tests/test_sampling.py); only the time differs. Head passes = total calls of the code-level head.
+(tests/test_sampling.py); only the time differs. Head passes = total calls of the code-level head. On a shared
+machine the load drifts: the fast sampler is timed before and after the reference and the slower time is kept.
 """
 from __future__ import annotations
 
@@ -98,9 +99,11 @@ def main(argv=None) -> None:
     for shift, bs in ((float(s), int(b)) for s, b in cases):
         with torch.no_grad():
             model.fine_2.bias[end_col] = base - shift
-        fast = time_sampler(lambda *a, **k: sample(*a, progress=False, **k), model, vocab, args.n_patients, bs,
-                            args.seed)
+        fast_fn = lambda *a, **k: sample(*a, progress=False, **k)  # noqa: E731
+        before = time_sampler(fast_fn, model, vocab, args.n_patients, bs, args.seed)
         ref = time_sampler(sample_reference, model, vocab, args.n_patients, bs, args.seed)
+        after = time_sampler(fast_fn, model, vocab, args.n_patients, bs, args.seed)
+        fast = max(before, after, key=lambda r: r["seconds"])  # fast timed on both sides of ref; the slower kept
         print(f"{shift:9.1f} {bs:5d} {args.n_patients:8d} {fast['visits']:9.2f} {fast['seconds']:8.2f} "
               f"{ref['seconds']:8.2f} {fast['patients_per_s']:10.1f} {ref['patients_per_s']:9.1f} "
               f"{ref['seconds'] / fast['seconds']:7.1f}x {fast['head_calls']:10d} {ref['head_calls']:9d}",
