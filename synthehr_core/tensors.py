@@ -221,10 +221,11 @@ def collate_halo(batch: list[tuple[list[int], list[list[int]]]], vocab: Vocab, n
     b_idx, r_idx, t_idx = [], [], []
     for b, (labels, visits) in enumerate(batch):
         visits = visits[:n_ctx - fvr]
-        if vocab.label_row:
-            b_idx += [b] * len(labels); r_idx += [1] * len(labels); t_idx += list(labels)
-        for v, toks in enumerate(visits):
-            b_idx += [b] * len(toks); r_idx += [fvr + v] * len(toks); t_idx += list(toks)
+        rows = ([(1, labels)] if vocab.label_row else []) + [(fvr + v, toks) for v, toks in enumerate(visits)]
+        for r, toks in rows:
+            b_idx += [b] * len(toks)
+            r_idx += [r] * len(toks)
+            t_idx += list(toks)
         last = fvr + len(visits) - 1                  # row of the last visit (holds <end>)
         X[b, last, vocab.end_index] = 1.0
         X[b, last + 1:, vocab.pad_index] = 1.0
