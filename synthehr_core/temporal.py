@@ -47,10 +47,11 @@ CAL_KINDS = ("year", "month", "weekday", "hour")
 SLOTS_PER_DAY = 144                       # 10-minute time-of-day slots; arbitrary, fine enough for hour bands
 ANCHOR_FILE = "calendar_anchors.parquet"
 TOD_FILE = "calendar_time_of_day.parquet"
+WEEKDAY_FILE = "calendar_weekdays.parquet"
 DEFAULT_MIN_COUNT = 10                    # privacy guard, as the KDE grids' (docs/kde.md)
 MAX_CELLS_PER_CHUNK = 2_000_000           # rows x candidate days per vectorised block (memory bound)
 TOD_RETRIES = 8                           # fresh times of day tried before a token is given up; arbitrary
-RELAX_ORDER = ("exact", "drop_year", "drop_month", "drop_weekday", "allow_overlap")
+RELAX_ORDER = ("exact", "drop_filled", "drop_year", "drop_month", "drop_weekday", "allow_overlap")
 ALL = "*"                                 # time-of-day stratum of all event types
 
 
@@ -120,13 +121,15 @@ def calendar_agreement(visits: pd.DataFrame) -> dict[str, int]:
 
 # ============================================================================================ real-data tables
 def build_calendar_tables(patients: pd.DataFrame, visits: pd.DataFrame, min_count: int = DEFAULT_MIN_COUNT
-                          ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                          ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Anchor cells and time-of-day histogram from real (training) tables.
 
-    Returns ``(anchors, time_of_day)``: ``anchors`` = first visits per (year, month, weekday) cell with columns
+    Returns ``(anchors, time_of_day, weekdays)``: ``anchors`` = first visits per (year, month, weekday) cell with columns
     ``year, month, weekday, count`` (cells below ``min_count`` dropped; when none is left, year-free cells
     with year = -1) and ``year_lo``/``year_hi`` (the real first-visit years); ``time_of_day`` = visits per 10-minute
-    slot, per ``event_type`` and for all (``event_type == "*"``), strata below ``min_count`` visits dropped.
+    slot, per ``event_type`` and for all (``event_type == "*"``), strata below ``min_count`` visits dropped;
+    ``weekdays`` = later visits (index > 0) per weekday, by ``event_type`` and for all, same guard: the source of
+    a weekday for a later visit whose row holds no weekday token.
     """
     if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
         raise ConfigError(f"build_calendar_tables: min_count must be a positive int, got {min_count!r}.")
@@ -156,8 +159,16 @@ def build_calendar_tables(patients: pd.DataFrame, visits: pd.DataFrame, min_coun
     tod = tod.value_counts().rename("count").reset_index()
     n_stratum = tod.groupby("event_type")["count"].transform("sum")
     tod = tod.loc[n_stratum >= min_count].sort_values(["event_type", "slot"]).reset_index(drop=True)
+    later = v.loc[v["visit_index"] > 0]
+    wd = calendar_parts(later["start_day"].to_numpy(dtype=float))["weekday"]
+    let = later["event_type"].astype("string").fillna("").to_numpy(dtype=object)
+    wdays = pd.concat([pd.DataFrame({"event_type": let, "weekday": wd}),
+                       pd.DataFrame({"event_type": ALL, "weekday": wd})], ignore_index=True)
+    wdays = wdays.value_counts().rename("count").reset_index()
+    wdays = wdays.loc[wdays.groupby("event_type")["count"].transform("sum") >= min_count]
+    wdays = wdays.sort_values(["event_type", "weekday"]).reset_index(drop=True)
     return anchors.astype({"year": np.int64, "month": np.int64, "weekday": np.int64, "count": np.int64,
-                           "year_lo": np.int64, "year_hi": np.int64}), tod
+                           "year_lo": np.int64, "year_hi": np.int64}), tod, wdays
 
 
 def _coarse_anchors(p: dict, min_count: int) -> pd.DataFrame:
@@ -175,20 +186,20 @@ def _coarse_anchors(p: dict, min_count: int) -> pd.DataFrame:
                     "lower min_count or use more data.")
 
 
-def write_calendar_tables(anchors: pd.DataFrame, tod: pd.DataFrame, out_dir: str) -> None:
+def write_calendar_tables(anchors: pd.DataFrame, tod: pd.DataFrame, weekdays: pd.DataFrame, out_dir: str) -> None:
     """Write the two tables beside the KDE grids (the kde-grids stage's output dir)."""
     import pyarrow as pa
 
-    for name, df in ((ANCHOR_FILE, anchors), (TOD_FILE, tod)):
+    for name, df in ((ANCHOR_FILE, anchors), (TOD_FILE, tod), (WEEKDAY_FILE, weekdays)):
         storage.write_parquet(storage.join(str(out_dir), name), pa.Table.from_pandas(df, preserve_index=False))
 
 
-def read_calendar_tables(grids_dir: str) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """``(anchors, time_of_day)`` from a grids dir, or None when the kde-grids stage did not write them."""
-    pa_, pt = storage.join(str(grids_dir), ANCHOR_FILE), storage.join(str(grids_dir), TOD_FILE)
-    if not (storage.exists(pa_) and storage.exists(pt)):
+def read_calendar_tables(grids_dir: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None:
+    """``(anchors, time_of_day, weekdays)`` from a grids dir, or None when the kde-grids stage did not write them."""
+    paths = [storage.join(str(grids_dir), f) for f in (ANCHOR_FILE, TOD_FILE, WEEKDAY_FILE)]
+    if not all(storage.exists(p) for p in paths):
         return None
-    return storage.read_parquet(pa_).to_pandas(), storage.read_parquet(pt).to_pandas()
+    return tuple(storage.read_parquet(p).to_pandas() for p in paths)
 
 
 # ============================================================================================ drawing helpers
@@ -414,7 +425,8 @@ def _density_at(g: np.ndarray, dens: tuple[np.ndarray, np.ndarray, np.ndarray] |
 # ============================================================================================ reconstruction
 def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anchors: pd.DataFrame,
                                time_of_day: pd.DataFrame, gap_grid=None, tcfg: Mapping | None = None,
-                               rng: np.random.Generator | int = 0) -> tuple[pd.DataFrame, dict]:
+                               rng: np.random.Generator | int = 0, weekdays: pd.DataFrame | None = None
+                               ) -> tuple[pd.DataFrame, dict]:
     """Anchor each synthetic patient and date every visit so that it agrees with its calendar tokens.
 
     Args:
@@ -425,6 +437,9 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
         tcfg: the KDE config's ``time`` section (``gap``, ``gap_unit``, ``los``, ``los_unit``, ``allow_overlap``);
             None = ``{gap: gap_days, gap_unit: days}``.
         rng: the stage's generator, or an int seed.
+        weekdays: ``build_calendar_tables``' later-visit weekday counts; a later visit whose row has no weekday
+            token (while the cohort has ``cal_weekday``) gets a *filled* weekday drawn from them by event type,
+            honoured like a token but given up first (``drop_filled``) and never counted as a disagreement.
     Returns:
         ``(visits, report)``: visits with ``start_day``, ``start_offset_days`` and the gap column rewritten
         (``age_at_visit`` and ``start_date`` too where present); the report counts first-visit anchor levels,
@@ -454,6 +469,7 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
     tok = token_codes(v)
     et = v["event_type"].astype("string").to_numpy(dtype=object)
     tods = _TimeOfDay(time_of_day, et)
+    fill = _fill_weekdays(weekdays, et, tok["weekday"], pos, "cal_weekday" in v.columns, rng)
     tod = tods.draw(np.arange(n), tok["hour"], rng)
     ty = tok["year"][tok["year"] >= 0]
     span = (int(min(anchors["year_lo"].min(), ty.min() if ty.size else 9999)),
@@ -479,7 +495,7 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
                                                                {k: t[fi] for k, t in nxt[2].items()}))
     start[fi] = d0 + tod[fi]
     report: dict = {"anchor_levels": anchor_levels, "relaxed": dict.fromkeys(RELAX_ORDER, 0), "n_kept_kde_gap": 0,
-                    "n_lookahead_unmet": 0}
+                    "n_lookahead_unmet": 0, "n_filled_weekday": int(np.count_nonzero(fill >= 0))}
     has_tokens = any((tok[k] >= 0).any() for k in CAL_KINDS)
     report["mode"] = "calendar" if has_tokens and gap_col else "anchor_only"
     if gap_col and has_tokens:
@@ -494,7 +510,7 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
             start[rows], tod[rows] = _place_visits(
                 prev, prev_los, lo[rows], hi[rows],
                 lambda ix, r=rows: tods.draw(r[ix], tok["hour"][r[ix]], rng),
-                {kk: tok[kk][rows] for kk in tok}, dens, kde_gap[rows], rng, report,
+                {**{kk: tok[kk][rows] for kk in tok}, "fill_weekday": fill[rows]}, dens, kde_gap[rows], rng, report,
                 (nxt[0][rows], nxt[1][rows], {kk: t[rows] for kk, t in nxt[2].items()}))
         new_gap = np.diff(start, prepend=np.nan) / gs
         new_gap[first] = v[gap_col].to_numpy(dtype=float)[first] if gap_col in v.columns else np.nan
@@ -513,6 +529,27 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
             "%Y-%m-%d").astype("string")
     report["agreement"] = calendar_agreement(v)
     return v, report
+
+
+def _fill_weekdays(weekdays: pd.DataFrame | None, et: np.ndarray, wd_tok: np.ndarray, pos: np.ndarray,
+                   has_column: bool, rng: np.random.Generator) -> np.ndarray:
+    """A weekday (0-6) for each later visit without a weekday token, drawn from the real later-visit weekday
+    counts of its event type (else all types); -1 elsewhere or without the table / the cal_weekday column."""
+    out = np.full(len(et), -1, dtype=np.int64)
+    if weekdays is None or weekdays.empty or not has_column:
+        return out
+    need = np.flatnonzero((pos > 0) & (wd_tok < 0))
+    strata = {s: i for i, s in enumerate(pd.unique(weekdays["event_type"]))}
+    item = weekdays["event_type"].map(strata).to_numpy(dtype=np.int64)
+    w = weekdays["count"].to_numpy(dtype=float)
+    code = pd.Series(et[need], dtype="string").map(strata).astype("Float64").fillna(-1).to_numpy(np.int64)
+    u = rng.random(need.size)
+    j = _draw(item, w, code, u)
+    miss = j < 0
+    j[miss] = _draw(item, w, np.full(int(miss.sum()), strata.get(ALL, -2)), u[miss])
+    ok = j >= 0
+    out[need[ok]] = weekdays["weekday"].to_numpy(dtype=np.int64)[j[ok]]
+    return out
 
 
 def _gap_bounds(v: pd.DataFrame, gap_col: str, gs: float, dens) -> tuple[np.ndarray, np.ndarray]:
@@ -596,7 +633,9 @@ def _choose_days(prev, prev_los, lo, hi, tod, tok, dens, rng, report, strict: bo
         exact = valid & fits & match["year"] & match["month"] & match["weekday"]
         feas = _next_feasible(D, nxt[0][sel], nxt[1][sel], {k: t[sel] for k, t in nxt[2].items()}) \
             if nxt is not None else np.ones_like(exact)
-        levels = [exact & feas, exact, valid & fits & match["month"] & match["weekday"],
+        fill = tok["fill_weekday"][sel, None] if "fill_weekday" in tok else np.full((len(sel), 1), -1)
+        filled = (fill < 0) | (_day_parts(D, ("weekday",))["weekday"] == fill) if (fill >= 0).any() else True
+        levels = [exact & filled & feas, exact & filled, exact, valid & fits & match["month"] & match["weekday"],
                   valid & fits & match["weekday"], valid & fits, valid]
         chosen = np.full(len(sel), -1, dtype=np.int64)
         for name, ok in zip(names, levels):
@@ -632,7 +671,8 @@ def calendar_times_from_grids(patients: pd.DataFrame, visits: pd.DataFrame, grid
     for name, vcfg in cfg["variable_config"].items():
         if tcfg.get("gap") and vcfg.get("column", name) == tcfg["gap"] and vcfg["method"] == "kde_range":
             grid = read_kde_grid(storage.join(grids_dir, GRID_FILE.format(name)))
-    return reconstruct_calendar_times(patients, visits, *tables, grid, tcfg, rng)
+    anchors, tod, weekdays = tables
+    return reconstruct_calendar_times(patients, visits, anchors, tod, grid, tcfg, rng, weekdays=weekdays)
 
 
 def reconstruct_calendar_times_to_dir(kde_dir: str, grids_dir: str, out_dir: str, seed: int,

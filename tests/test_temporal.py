@@ -110,7 +110,7 @@ class TestRoundTrip:
 class TestReconstruction:
     def test_real_tokens_give_dates_that_agree(self, qh_tables):
         _, _, _, _, tp, tv = qh_tables
-        anchors, tod = T.build_calendar_tables(tp, tv, min_count=3)
+        anchors, tod, weekdays = T.build_calendar_tables(tp, tv, min_count=3)
         out, rep = T.reconstruct_calendar_times(tp, _as_synthetic(tv), anchors, tod, None, KDE["time"], rng=0)
         ag = rep["agreement"]
         assert ag == T.calendar_agreement(out)
@@ -123,15 +123,37 @@ class TestReconstruction:
 
     def test_same_seed_same_dates(self, qh_tables):
         _, _, _, _, tp, tv = qh_tables
-        tables = T.build_calendar_tables(tp, tv, min_count=3)
-        a, _ = T.reconstruct_calendar_times(tp, _as_synthetic(tv), *tables, None, KDE["time"], rng=5)
-        b, _ = T.reconstruct_calendar_times(tp, _as_synthetic(tv), *tables, None, KDE["time"], rng=5)
+        anchors, tod, weekdays = T.build_calendar_tables(tp, tv, min_count=3)
+        a, _ = T.reconstruct_calendar_times(tp, _as_synthetic(tv), anchors, tod, None, KDE["time"], 5, weekdays)
+        b, _ = T.reconstruct_calendar_times(tp, _as_synthetic(tv), anchors, tod, None, KDE["time"], 5, weekdays)
         pd.testing.assert_frame_equal(a, b)
+
+    def test_absent_weekday_tokens_are_filled_from_the_weekday_table(self, qh_tables):
+        """Later visits whose rows hold no weekday token take one from the weekday table (here: Wednesdays only);
+        filled weekdays are honoured where the gap bin allows and never counted as disagreements."""
+        _, _, _, _, tp, tv = qh_tables
+        anchors, tod, weekdays = T.build_calendar_tables(tp, tv, min_count=3)
+        assert set(weekdays["weekday"]) == set(range(7)) and "*" in set(weekdays["event_type"])
+        n = 200
+        v = pd.DataFrame({"patient_id": np.repeat([f"p{i}" for i in range(n)], 3),
+                          "visit_index": np.tile(np.int32([0, 1, 2]), n), "event_type": "ED",
+                          "start_offset_days": np.nan, "gap_days": np.tile([np.nan, 40.0, 50.0], n),
+                          "gap_days_binned": np.tile([None, "30-90", "30-90"], n),
+                          "cal_weekday": pd.array(np.tile(["Fri", None, None], n), dtype="string")})
+        wed = pd.DataFrame({"event_type": ["*"], "weekday": [2], "count": [100]})
+        out, rep = T.reconstruct_calendar_times(v[["patient_id"]].drop_duplicates(), v, anchors, tod, None,
+                                                KDE["time"], 0, wed)
+        wd = T.calendar_parts(out["start_day"].to_numpy())["weekday"]
+        assert (wd[out["visit_index"].to_numpy() == 0] == 4).all() and (wd[out["visit_index"].to_numpy() > 0] == 2).all()
+        assert rep["n_filled_weekday"] == 2 * n and rep["agreement"]["n_disagree_weekday"] == 0
+        _, rep0 = T.reconstruct_calendar_times(v[["patient_id"]].drop_duplicates(), v, anchors, tod, None,
+                                               KDE["time"], 0)
+        assert rep0["n_filled_weekday"] == 0
 
     def test_impossible_weekday_is_relaxed_and_counted(self, qh_tables):
         """A same-day follow-on (gap 0-1) whose weekday token is three days later cannot agree: counted."""
         _, _, _, _, tp, tv = qh_tables
-        anchors, tod = T.build_calendar_tables(tp, tv, min_count=3)
+        anchors, tod, weekdays = T.build_calendar_tables(tp, tv, min_count=3)
         v = pd.DataFrame({"patient_id": ["p", "p"], "visit_index": np.int32([0, 1]), "event_type": ["ED", "ED"],
                           "start_offset_days": [np.nan, np.nan], "gap_days": [np.nan, 0.5],
                           "gap_days_binned": [None, "0-1"], "cal_weekday": ["Mon", "Thu"], "cal_hour": ["06-11", "06-11"]})
@@ -144,7 +166,7 @@ class TestReconstruction:
     def test_gap_density_weights_candidates(self, qh_tables):
         """With a gap grid putting all mass on 20-21 days, every 7-30 day gap lands there (weekday permitting)."""
         _, _, _, _, tp, tv = qh_tables
-        anchors, tod = T.build_calendar_tables(tp, tv, min_count=3)
+        anchors, tod, weekdays = T.build_calendar_tables(tp, tv, min_count=3)
         n = 300
         v = pd.DataFrame({"patient_id": np.repeat([f"p{i}" for i in range(n)], 2),
                           "visit_index": np.tile(np.int32([0, 1]), n), "event_type": "ED",
@@ -160,7 +182,7 @@ class TestReconstruction:
     def test_without_tokens_only_the_anchor_moves(self, qh_tables):
         """A cohort without cal_* columns keeps its KDE offsets; only the first visit is anchored."""
         _, _, _, _, tp, tv = qh_tables
-        anchors, tod = T.build_calendar_tables(tp, tv, min_count=3)
+        anchors, tod, weekdays = T.build_calendar_tables(tp, tv, min_count=3)
         v = tv.drop(columns=[f"cal_{k}" for k in T.CAL_KINDS]).assign(start_day=np.nan)
         out, rep = T.reconstruct_calendar_times(tp, v, anchors, tod, None, KDE["time"], rng=0)
         assert rep["mode"] == "anchor_only"
@@ -171,7 +193,7 @@ class TestReconstruction:
 
     def test_missing_inputs_are_named(self, qh_tables):
         _, _, _, _, tp, tv = qh_tables
-        anchors, tod = T.build_calendar_tables(tp, tv, min_count=3)
+        anchors, tod, weekdays = T.build_calendar_tables(tp, tv, min_count=3)
         with pytest.raises(DataError, match=r"lack \['start_offset_days'\]"):
             T.reconstruct_calendar_times(tp, tv.drop(columns="start_offset_days"), anchors, tod)
         with pytest.raises(ConfigError, match="min_count must be a positive int, got 0"):
