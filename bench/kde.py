@@ -96,26 +96,40 @@ def time_generate_grids(patients, visits, cfg) -> tuple[float, dict]:
         return time.perf_counter() - t, summary
 
 
+def qh_simulator_tables(n_patients: int, seed: int):
+    """The QH-style simulator at ``n_patients``, preprocessed with the bundled ``qh`` config (canonical tables,
+    train split only, triage category joined from the tri: codes as the KDE stage does)."""
+    from synthehr_core.datasets import qh
+    from synthehr_core.preprocess import preprocess
+    from synthehr_core.schema import read_tables
+
+    with tempfile.TemporaryDirectory(prefix="bench-kde-") as tmp:
+        t = time.perf_counter()
+        qh.write_encounters(qh.simulate(n_patients, seed=seed), f"{tmp}/raw/encounters.csv")
+        preprocess("qh", f"{tmp}/tables", raw=f"{tmp}/raw")
+        patients, visits, codes = read_tables(f"{tmp}/tables")
+        print(f"simulated + preprocessed {n_patients:,} QH patients in {time.perf_counter() - t:.1f} s", flush=True)
+    train = patients[patients["split"] == "train"]
+    visits = visits[visits["patient_id"].isin(set(train["patient_id"]))]
+    cfg = kde.load_kde_config("kde_qh")
+    visits = kde.add_code_columns(visits, codes, cfg["code_columns"])
+    return train, visits, f"synthehr_core.datasets.qh.simulate({n_patients:,}) -> preprocess(qh), train split"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-visits", type=int, default=1_000_000)
+    ap.add_argument("--n-visits", type=int, default=1_000_000, help="rows sampled in the speed test")
+    ap.add_argument("--n-patients", type=int, default=1_000_000,
+                    help="QH simulator size for grid generation (0 = a synthetic stand-in table of --n-visits rows)")
     ap.add_argument("--n-naive", type=int, default=20_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=5, help="sampling timings are the median of this many runs")
     args = ap.parse_args()
 
-    source = "bench/kde.py qh_like_tables (stand-in: synthehr_core.datasets.qh not available)"
-    patients, visits = None, None
-    try:
-        from synthehr_core.datasets import qh  # another engineer's simulator, when it exists
-    except ImportError:
-        qh = None
-    if qh is not None and hasattr(qh, "simulate"):
-        sim = qh.simulate(max(1, args.n_visits // 3), seed=args.seed)
-        if isinstance(sim, tuple) and {"los_hours", "triage_category"} <= set(sim[1].columns):
-            patients, visits, source = sim[0], sim[1], "synthehr_core.datasets.qh.simulate"
+    patients, visits, source = qh_simulator_tables(args.n_patients, args.seed) if args.n_patients else (None, None, "")
     if visits is None:
         patients, visits = qh_like_tables(args.n_visits, args.seed)
+        source = "bench/kde.py qh_like_tables (stand-in table)"
     cfg = kde.load_kde_config("kde_qh")
     load0 = os.getloadavg()
     rows = []
