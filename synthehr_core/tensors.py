@@ -252,8 +252,9 @@ def decode_rows(patients_rows: list[list[list[int]]], vocab: Vocab, seed: int, s
 
     ``patients_rows[n]`` lists the token indices of rows 1, 2, ... of patient n (row 0, <start>, excluded).
     As in the reference decoder: labels come from the label row; visits are read until the row holding <end>
-    (kept), rows without visit tokens are skipped; ``evt:``/``bin:``/``cal:`` tokens become visit columns (the
-    first in vocabulary order wins when a row holds two of one variable), and patients left with no visit are dropped and counted.
+    (kept), rows without visit tokens are skipped; ``evt:``/``bin:``/``cal:`` tokens become visit columns (when a
+    row holds two of one variable, one drawn uniformly with a generator seeded by ``(seed, start)``, counted),
+    and patients left with no visit are dropped and counted.
     Patient ids are ``syn-<seed>-<start + n>``. Continuous columns and ``start_offset_days`` stay null for the
     KDE stage to fill.
     """
@@ -264,20 +265,32 @@ def decode_rows(patients_rows: list[list[list[int]]], vocab: Vocab, seed: int, s
     col_vars = {c for c, _ in roles.visit_col}
     prow, vrow, crow = [], [], []
     counts = {"n_sampled": len(patients_rows), "n_dropped_no_visits": 0, "n_empty_rows_skipped": 0,
-              "n_label_conflicts": 0, "n_no_end": 0}
+              "n_label_conflicts": 0, "n_visit_value_conflicts": 0, "n_no_end": 0}
+    # A row may hold two tokens of one single-valued variable (two weekdays, two LOS bins): keep one drawn
+    # uniformly, not the first in vocabulary order, which would bias the marginal toward early tokens.
+    rng = np.random.default_rng([seed, start, 0x5EED])
+
+    def pick(cands: dict[str, list[str]], key: str) -> dict[str, str]:
+        out = {}
+        for col, vals in cands.items():
+            if len(vals) > 1:
+                counts[key] += 1
+                out[col] = vals[int(rng.integers(len(vals)))]
+            else:
+                out[col] = vals[0]
+        return out
+
     for n, rows in enumerate(patients_rows):
         pid = f"syn-{seed}-{start + n}"
-        prec: dict[str, object] = {}
+        lab: dict[str, list[str]] = {}
         if vocab.label_row and rows:
             for t in sorted(rows[0]):
                 tok = toks[t]
                 if tok.kind != "label":
                     continue
                 col = f"{tok.variable}_binned" if tok.lo is not None else tok.variable
-                if col in prec:
-                    counts["n_label_conflicts"] += 1   # keep the first in vocabulary order
-                    continue
-                prec[col] = _token_value(tok.token)
+                lab.setdefault(col, []).append(_token_value(tok.token))
+        prec: dict[str, object] = pick(lab, "n_label_conflicts")
         visits, ended = [], False
         for row in rows[fvr - 1:]:
             vt = sorted(t for t in row if t < nv)
@@ -294,19 +307,19 @@ def decode_rows(patients_rows: list[list[list[int]]], vocab: Vocab, seed: int, s
             continue
         prow.append({"patient_id": pid, "split": SYNTHETIC_SPLIT, **prec})
         for vi, vt in enumerate(visits):
-            vrec: dict[str, object] = {"patient_id": pid, "visit_index": vi, "event_type": None}
+            vals: dict[str, list[str]] = {}
             for t in vt:
                 tok = toks[t]
                 if tok.kind == "bin":
-                    vrec.setdefault(f"{tok.variable}_binned", _token_value(tok.token))
+                    vals.setdefault(f"{tok.variable}_binned", []).append(_token_value(tok.token))
                 elif tok.variable in col_vars:
-                    vrec.setdefault(tok.variable, _token_value(tok.token))
+                    vals.setdefault(tok.variable, []).append(_token_value(tok.token))
                 elif tok.token.startswith("evt:"):
-                    if vrec["event_type"] is None:
-                        vrec["event_type"] = tok.token[4:]
+                    vals.setdefault("event_type", []).append(tok.token[4:])
                 else:
                     crow.append((pid, vi, tok.token))
-            vrow.append(vrec)
+            vrow.append({"patient_id": pid, "visit_index": vi, "event_type": None,
+                         **pick(vals, "n_visit_value_conflicts")})
     patients = pd.DataFrame(prow, columns=["patient_id", "split"]
                             + list(roles.label_cat) + [f"{v}_binned" for v in roles.label_bin])
     for var in roles.label_bin:

@@ -169,3 +169,22 @@ def test_patient_without_visits_is_left_out_and_counted(tmp_path):
     d2 = _write(tmp_path, p, v, c, vocab, name="t2")
     ds = EHRParquetDataset(d2, split="train")
     assert ds.patient_ids == ["A", "B"] and ds.n_no_visits == 1
+
+
+def test_two_tokens_of_one_variable_decode_to_a_random_one_counted(tmp_path):
+    """A row holding two LOS bins keeps one drawn uniformly (seeded), not the first in vocabulary order."""
+    write_toy_tables(tmp_path / "t", n_patients=20, seed=0)
+    from synthehr_core.vocab import Vocab
+
+    vocab = Vocab.load(tmp_path / "t" / "vocab.json")
+    a, b = vocab.index("bin:los_days=0-2"), vocab.index("bin:los_days=10-30")
+    dx = vocab.index("dx:4019")
+    F, M = vocab.index("label:sex=F"), vocab.index("label:sex=M")
+    rows = [[[F, M], [a, b, dx, vocab.end_index]] for _ in range(400)]
+    patients, visits, _, counts = decode_rows(rows, vocab, seed=3)
+    share = (visits["los_days_binned"] == "0-2").mean()
+    assert 0.4 < share < 0.6, share
+    assert 0.4 < (patients["sex"] == "F").mean() < 0.6
+    assert counts["n_visit_value_conflicts"] == 400 and counts["n_label_conflicts"] == 400
+    again = decode_rows(rows, vocab, seed=3)[1]
+    assert visits.equals(again)
