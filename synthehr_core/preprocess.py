@@ -22,7 +22,7 @@ from . import __version__, storage
 from .config import BinSpec, DatasetConfig, load_config
 from .datasets.base import DropReport, RawCohort
 from .errors import ConfigError, SchemaError, bullet_list
-from .schema import bin_values, write_tables
+from .schema import HOUR_BANDS, MONTHS, SPLITS, WEEKDAYS, bin_values, calendar_parts, write_tables
 from .vocab import Vocab, build_vocab
 
 log = logging.getLogger(__name__)
@@ -87,32 +87,23 @@ def _edges(spec: BinSpec, values: pd.Series, name: str, where: str) -> list[floa
     return q.tolist()
 
 
-WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-HOUR_BANDS = ("00-05", "06-11", "12-17", "18-23")
-
-
 def add_calendar_columns(visits: pd.DataFrame, kinds: list[str]) -> list[str]:
     """Add ``cal_<kind>`` visit columns from ``start`` (days since 1970-01-01); return the calendar tokens.
 
     Tokens are ``cal:month=01..12``, ``cal:weekday=Mon..Sun``, ``cal:hour=00-05|06-11|12-17|18-23`` and
     ``cal:year=<yyyy>`` (the years seen), so the model learns calendar position jointly with the codes.
     """
-    ts = pd.Timestamp("1970-01-01") + pd.to_timedelta(visits["start"].to_numpy(dtype=float), unit="D")
-    ts = pd.DatetimeIndex(ts)
+    parts = calendar_parts(visits["start"].to_numpy(dtype=float))
+    parts["month"] = parts["month"] - 1     # 0-based, to index MONTHS
+    names = {"month": MONTHS, "weekday": WEEKDAYS, "hour": HOUR_BANDS}
     tokens: list[str] = []
     for kind in kinds:
-        if kind == "month":
-            visits["cal_month"] = [f"{m:02d}" for m in ts.month]
-            tokens += [f"cal:month={m:02d}" for m in range(1, 13)]
-        elif kind == "weekday":
-            visits["cal_weekday"] = np.asarray(WEEKDAYS, dtype=object)[ts.day_of_week]
-            tokens += [f"cal:weekday={d}" for d in WEEKDAYS]
-        elif kind == "hour":
-            visits["cal_hour"] = np.asarray(HOUR_BANDS, dtype=object)[ts.hour // 6]
-            tokens += [f"cal:hour={h}" for h in HOUR_BANDS]
-        elif kind == "year":
-            visits["cal_year"] = ts.year.astype(str)
+        if kind == "year":
+            visits["cal_year"] = parts["year"].astype(str).astype(object)
             tokens += [f"cal:year={y}" for y in sorted(set(visits["cal_year"]))]
+        else:
+            visits[f"cal_{kind}"] = np.asarray(names[kind], dtype=object)[parts[kind]]
+            tokens += [f"cal:{kind}={v}" for v in names[kind]]
     return tokens
 
 
@@ -246,7 +237,7 @@ def preprocess(config: str | Path | dict | DatasetConfig, out_dir: str | Path, p
     log.info("reading %s with adapter %s", raw_dir, cfg.adapter)
     cohort = adapter.load(raw_dir, dict(cfg.adapter_options), report)
     patients, visits, codes, vocab, stats = canonicalize(cohort, cfg, seed, report)
-    split_sizes = {s: int((patients["split"] == s).sum()) for s in ("train", "val", "test")}
+    split_sizes = {s: int((patients["split"] == s).sum()) for s in SPLITS}
     meta = {
         "dataset": cfg.name, "adapter": cfg.adapter, "profile": profile if raw is None else "explicit",
         "seed": seed, "config_hash": cfg.config_hash(), "versions": versions(),

@@ -31,6 +31,11 @@ TABLE_FILES = {"patients": "patients.parquet", "visits": "visits.parquet", "code
 SPLITS = ("train", "val", "test")
 SYNTHETIC_SPLIT = "synthetic"
 
+# Calendar vocabulary (docs/canonical-tables.md, "Calendar columns"): the one definition every stage uses.
+MONTHS = tuple(f"{m:02d}" for m in range(1, 13))
+WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+HOUR_BANDS = ("00-05", "06-11", "12-17", "18-23")
+
 _BIN_RE = re.compile(r"^(-?(?:inf|[0-9.]+(?:e[+-]?[0-9]+)?))-(-?(?:inf|[0-9.]+(?:e[+-]?[0-9]+)?))$")
 
 
@@ -69,6 +74,16 @@ def bin_values(values: pd.Series, edges: list[float]) -> BinResult:
     names = np.array([format_bin(e[i], e[i + 1]) for i in range(len(e) - 1)], dtype=object)
     out = np.where(valid, names[idx], None)
     return BinResult(pd.Series(out, index=values.index, dtype="object").astype("string"), clipped)
+
+
+def calendar_parts(start_day: np.ndarray) -> dict[str, np.ndarray]:
+    """Days since 1970-01-01 (float) -> ``{"day", "year", "month" (1-12), "weekday" (0 = Mon), "hour" (band 0-3)}``."""
+    x = np.asarray(start_day, dtype=float)
+    day = np.floor(x).astype(np.int64)
+    months = day.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64)
+    hour = np.floor((x - day) * 24.0).astype(np.int64)
+    return {"day": day, "year": months // 12 + 1970, "month": months % 12 + 1, "weekday": (day + 3) % 7,
+            "hour": np.clip(hour, 0, 23) // 6}   # 1970-01-01 was a Thursday (weekday 3)
 
 
 def _check_core(df: pd.DataFrame, core: pa.Schema, table: str, where: str, problems: list[str]) -> None:

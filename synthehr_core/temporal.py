@@ -37,12 +37,10 @@ import pandas as pd
 
 from . import storage
 from .errors import ConfigError, DataError
-from .schema import parse_bin, read_tables, write_tables
+from .schema import HOUR_BANDS, MONTHS, WEEKDAYS, calendar_parts, parse_bin, read_tables, write_tables
 
 log = logging.getLogger(__name__)
 
-WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-HOUR_BANDS = ("00-05", "06-11", "12-17", "18-23")
 CAL_KINDS = ("year", "month", "weekday", "hour")
 SLOTS_PER_DAY = 144                       # 10-minute time-of-day slots; arbitrary, fine enough for hour bands
 ANCHOR_FILE = "calendar_anchors.parquet"
@@ -56,17 +54,6 @@ ALL = "*"                                 # time-of-day stratum of all event typ
 
 
 # ============================================================================================ calendar parts
-def calendar_parts(start_day: np.ndarray) -> dict[str, np.ndarray]:
-    """Days since 1970-01-01 (float) -> ``{"day", "year", "month" (1-12), "weekday" (0 = Mon), "hour" (band 0-3)}``."""
-    x = np.asarray(start_day, dtype=float)
-    day = np.floor(x).astype(np.int64)
-    dates = day.astype("datetime64[D]")
-    months = dates.astype("datetime64[M]").astype(np.int64)
-    hour = np.floor((x - day) * 24.0).astype(np.int64)
-    return {"day": day, "year": months // 12 + 1970, "month": months % 12 + 1, "weekday": (day + 3) % 7,
-            "hour": np.clip(hour, 0, 23) // 6}
-
-
 def _day_parts(day: np.ndarray, keys: Sequence[str] = ("year", "month", "weekday", "month_index")
                ) -> dict[str, np.ndarray]:
     """``calendar_parts`` of integer days through a lookup table over their range (cheap for big candidate
@@ -87,7 +74,7 @@ def _month_start(month_index: np.ndarray) -> np.ndarray:
 
 def token_codes(visits: pd.DataFrame) -> dict[str, np.ndarray]:
     """The ``cal_<kind>`` columns as integers (year, month 1-12, weekday 0-6, hour band 0-3); -1 = absent."""
-    maps = {"month": {f"{m:02d}": m for m in range(1, 13)}, "weekday": {d: i for i, d in enumerate(WEEKDAYS)},
+    maps = {"month": {m: i + 1 for i, m in enumerate(MONTHS)}, "weekday": {d: i for i, d in enumerate(WEEKDAYS)},
             "hour": {h: i for i, h in enumerate(HOUR_BANDS)}}
     out = {}
     for kind in CAL_KINDS:

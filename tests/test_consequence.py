@@ -28,15 +28,6 @@ TOY_TH = Thresholds.make(label_min_prevalence=20)
 N_CTX = 8  # toy patients have at most 6 visits: start + labels + 6 rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core box: 2 intra-op threads make a step ~30x slower than 1 (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory):
     """Toy tables whose test split breaks the planted rules, with the rules mined on train."""

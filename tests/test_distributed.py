@@ -23,14 +23,6 @@ COMMON = dict(preset="tiny", batch_size=7, max_steps=4, ckpt_every=2, keep_check
 OVERRIDES = {"n_embd": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("toy") / "t"

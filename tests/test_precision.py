@@ -18,14 +18,6 @@ from synthehr_core.train import CKPT_DIR, train_to_dir
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16 autocast is CUDA-only)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("toy") / "t"

@@ -26,14 +26,6 @@ from synthehr_core.vocab import Vocab
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(B: int, cfg: HaloConfig, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     X = (torch.rand(B, cfg.n_ctx, cfg.vocab_size, generator=g) < 0.25).float()

@@ -22,15 +22,6 @@ from synthehr_core.train import CKPT_DIR, KILL_ENV, epoch_order, evaluate, train
 N_CTX = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core box: 2 intra-op threads make a step ~30x slower than 1 (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("toy") / "t"

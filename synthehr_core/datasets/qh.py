@@ -32,6 +32,7 @@ import pyarrow.csv as pacsv
 
 from .. import storage
 from ..errors import ConfigError, DataError, SchemaError, bullet_list
+from ..schema import WEEKDAYS, calendar_parts
 from .base import DropReport, RawCohort, read_csv_checked, require_not_null, require_unique, resolve_file
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ DISCHARGED, WARD, ICU, SURGERY, LEFT, TRANSFERRED, DIED = range(7)   # codes int
 # KTAS Disposition code 1-7 -> code into DISPOSITIONS (shared/docs/data.md §3; "admitted" = 2, 3, 7)
 KTAS_DISPOSITION = np.array([-1, DISCHARGED, WARD, ICU, LEFT, TRANSFERRED, DIED, SURGERY])
 EPOCH = np.datetime64("1970-01-01T00:00:00", "s")
-WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 # ------------------------------------------------------------------------------------------ calendar structure
 # Relative arrival intensity by weekday (Mon..Sun). ED: the Monday peak of Australian EDs; elective admissions
@@ -356,9 +356,6 @@ def read_encounters(path: str) -> pd.DataFrame:
     return table.select(RAW_COLUMNS).to_pandas(split_blocks=True, self_destruct=True)
 
 
-WEEKDAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")   # 1970-01-01 was a Thursday (index 3)
-
-
 def load(raw: str, options: dict, report: DropReport) -> RawCohort:
     """Read ``<raw>/encounters.csv`` into a RawCohort of ED and Inpatient encounters."""
     opts = check_options(options)
@@ -423,8 +420,7 @@ def load(raw: str, options: dict, report: DropReport) -> RawCohort:
         "age": df["age"].to_numpy(dtype=float),
     })
     # day of week of the arrival, as the seed pipeline's `event_day` (the KDE stage's value counts use it)
-    visits["event_day"] = np.asarray(WEEKDAY_NAMES, dtype=object)[
-        ((np.floor(visits["start"].to_numpy(dtype=float)).astype(np.int64) + 3) % 7)]
+    visits["event_day"] = np.asarray(WEEKDAYS, dtype=object)[calendar_parts(visits["start"].to_numpy(float))["weekday"]]
     has_tri = ed & tri.notna().to_numpy()
     tri_code = tri.to_numpy(dtype=float)[has_tri].astype(np.int64) - 1
     codes = [pd.DataFrame({"visit_id": visit_id[has_tri].reset_index(drop=True),

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .values import WEEKDAYS
+from ..schema import WEEKDAYS
 
 REAL, SYNTH, TEST = "#1f77b4", "#ff7f0e", "#2ca02c"
 HEADLINE = [

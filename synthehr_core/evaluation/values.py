@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ..schema import WEEKDAYS, calendar_parts
 from .cohort import Cohort
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 CORE_FLOATS = ("start_offset_days", "start_day", "visit_index")
-WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 MIN_STRATUM = 20   # arbitrary; smaller strata give noisy KS values
 
 
@@ -63,10 +63,9 @@ def _calendar(c: Cohort) -> dict[str, pd.Series]:
     out = {}
     day = _num(v, "start_day").dropna() if "start_day" in v.columns else pd.Series(dtype=float)
     if len(day):
-        d = np.floor(day.to_numpy()).astype(np.int64)
-        out["weekday"] = pd.Series(np.asarray(WEEKDAYS)[(d + 3) % 7])                 # 1970-01-01 = Thursday
-        months = (np.datetime64("1970-01-01", "D") + d.astype("timedelta64[D]")).astype("datetime64[M]")
-        out["month"] = pd.Series(months.astype(np.int64) % 12 + 1).map(lambda m: f"{m:02d}")
+        parts = calendar_parts(day.to_numpy())
+        out["weekday"] = pd.Series(np.asarray(WEEKDAYS)[parts["weekday"]])
+        out["month"] = pd.Series(parts["month"]).map(lambda m: f"{m:02d}")
     else:
         if "cal_weekday" in v.columns and v["cal_weekday"].notna().any():
             out["weekday"] = v["cal_weekday"].dropna().astype(str)
