@@ -193,18 +193,3 @@ def load_config(config: str | Path | dict | DatasetConfig) -> DatasetConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return validate_config(data, where=path)
-
-
-def load_yaml_or_dict(config: str | Path | dict, kind: str = "config") -> dict:
-    """Helper for other config families (KDE, rules): a dict as-is, a bundled name, or a YAML path."""
-    if isinstance(config, dict):
-        return config
-    p = str(config)
-    bundled = Path(str(resources.files("synthehr_core") / "configs" / (p if p.endswith(".yml") else p + ".yml")))
-    path = str(bundled) if bundled.exists() and not Path(p).exists() else p
-    if not storage.exists(path):
-        raise ConfigError(f"{kind} {p!r} not found (looked for a file and for synthehr_core/configs/{Path(p).name}).")
-    try:
-        return yaml.safe_load(storage.read_text(path)) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None

@@ -23,7 +23,7 @@ from .config import BinSpec, DatasetConfig, load_config
 from .datasets.base import DropReport, RawCohort
 from .errors import ConfigError, SchemaError, bullet_list
 from .schema import HOUR_BANDS, MONTHS, SPLITS, WEEKDAYS, bin_values, calendar_parts, write_tables
-from .vocab import Vocab, build_vocab
+from .vocab import build_vocab
 
 log = logging.getLogger(__name__)
 
@@ -172,18 +172,14 @@ def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropR
     train_ids = patients.loc[patients["split"] == "train", "patient_id"]
     stats: dict[str, Any] = {"clipped": {}}
     patient_edges, visit_edges = {}, {}
-    for col, spec in cfg.patient_bins.items():
-        edges = _edges(spec, patients.loc[fast_isin(patients["patient_id"], train_ids), col], col, where)
-        res = bin_values(patients[col], edges)
-        patients[f"{col}_binned"] = res.labels
-        patient_edges[col] = edges
-        stats["clipped"][f"patients.{col}"] = res.n_clipped
-    for col, spec in cfg.visit_bins.items():
-        edges = _edges(spec, visits.loc[fast_isin(visits["patient_id"], train_ids), col], col, where)
-        res = bin_values(visits[col], edges)
-        visits[f"{col}_binned"] = res.labels
-        visit_edges[col] = edges
-        stats["clipped"][f"visits.{col}"] = res.n_clipped
+    for table, df, specs, edges_out in (("patients", patients, cfg.patient_bins, patient_edges),
+                                        ("visits", visits, cfg.visit_bins, visit_edges)):
+        in_train = fast_isin(df["patient_id"], train_ids)   # edges (quantiles) come from the train split only
+        for col, spec in specs.items():
+            edges_out[col] = _edges(spec, df.loc[in_train, col], col, where)
+            res = bin_values(df[col], edges_out[col])
+            df[f"{col}_binned"] = res.labels
+            stats["clipped"][f"{table}.{col}"] = res.n_clipped
 
     calendar_tokens = add_calendar_columns(visits, cfg.calendar.tokens) if cfg.calendar.enabled else []
 
@@ -254,7 +250,3 @@ def preprocess(config: str | Path | dict | DatasetConfig, out_dir: str | Path, p
     log.info("wrote %s: %d patients, %d visits, %d codes, vocab %d (%.1fs)", out_dir, len(patients), len(visits),
              len(codes), vocab.size, time.perf_counter() - t0)
     return meta
-
-
-def load_tables_vocab(tables_dir) -> Vocab:
-    return Vocab.load(storage.join(tables_dir, "vocab.json"))

@@ -324,11 +324,14 @@ class PrivateTraining:
 
 
 # ---------------------------------------------------------------------------------------------- mitigations
-def code_patient_counts(tables_dir, split: str | None = "train") -> pd.Series:
-    """Number of distinct patients (of ``split``; None = all) having each clinical code: ``code -> count``."""
+def code_patient_counts(tables, split: str | None = "train") -> pd.Series:
+    """Number of distinct patients (of ``split``; None = all) having each clinical code: ``code -> count``.
+
+    ``tables`` is a tables directory or the ``(patients, visits, codes)`` already read from one.
+    """
     from .schema import read_tables
 
-    patients, _, codes = read_tables(tables_dir)
+    patients, _, codes = tables if isinstance(tables, tuple) else read_tables(tables)
     if split is not None:
         keep = set(patients.loc[patients["split"] == split, "patient_id"])
         codes = codes[codes["patient_id"].isin(keep)]

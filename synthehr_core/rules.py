@@ -44,7 +44,7 @@ import scipy.sparse as sp
 from . import storage
 from .errors import ConfigError, SchemaError, bullet_list
 from .schema import read_tables
-from .vocab import Vocab
+from .vocab import Vocab, vocab_roles
 
 log = logging.getLogger(__name__)
 
@@ -280,19 +280,14 @@ def build_rows(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame
     pids = patients["patient_id"].astype(str).to_numpy()
     pid_pos = pd.Series(np.arange(len(pids)), index=pids)
     visits = visits[visits["patient_id"].astype(str).isin(pid_pos.index)]
-    label_vars, bin_vars, col_vars = {}, {}, {}
-    for t in vocab.tokens:
-        if t.kind == "label":
-            label_vars[t.variable] = t.lo is not None
-        elif t.kind == "bin":
-            bin_vars[t.variable] = None
-        elif t.kind == "code" and t.variable not in (None, "event_type") and "=" in t.token:
-            col_vars[t.variable] = t.token.split("=", 1)[0] + "="
+    roles = vocab_roles(vocab)
+    label_vars = {**{v: False for v in roles.label_cat}, **{v: True for v in roles.label_bin}}
+    bin_vars, col_vars = roles.visit_bin, dict(roles.visit_col)
 
     ent_p, ent_pos, ent_tok = [], [], []
 
     def add(p: np.ndarray, pos: np.ndarray, toks: pd.Series) -> None:
-        idx = toks.map(lambda s: vocab.get(s, -1) if isinstance(s, str) else -1).to_numpy(dtype=np.int64)
+        idx = vocab.lookup(toks)
         keep = idx >= 0
         ent_p.append(p[keep]), ent_pos.append(pos[keep]), ent_tok.append(idx[keep])
 

@@ -10,7 +10,6 @@ Which patient columns are labels and which visit columns are binned is read from
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,34 +20,9 @@ from torch.utils.data import Dataset
 from . import storage
 from .errors import ConfigError, SchemaError
 from .schema import SYNTHETIC_SPLIT, read_tables
-from .vocab import Vocab
+from .vocab import Vocab, VocabRoles, vocab_roles  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------- vocab roles
-@dataclass(frozen=True)
-class VocabRoles:
-    """How the vocabulary maps onto table columns (derived from token kinds, not typed in)."""
-    label_cat: tuple[str, ...]      # categorical patient columns -> label:<col>=<value>
-    label_bin: tuple[str, ...]      # patient-level binned variables -> column <var>_binned, label:<var>=<bin>
-    visit_bin: tuple[str, ...]      # visit-level binned variables -> column <var>_binned, bin:<var>=<bin>
-    visit_col: tuple[tuple[str, str], ...]  # (visit column, token prefix), e.g. ("cal_month", "cal:month=")
-
-
-def vocab_roles(vocab: Vocab) -> VocabRoles:
-    label_cat: dict[str, None] = {}
-    label_bin: dict[str, None] = {}
-    visit_bin: dict[str, None] = {}
-    visit_col: dict[str, str] = {}
-    for t in vocab.tokens:
-        if t.kind == "label":
-            (label_bin if t.lo is not None else label_cat)[t.variable] = None
-        elif t.kind == "bin":
-            visit_bin[t.variable] = None
-        elif t.kind == "code" and t.variable not in (None, "event_type") and "=" in t.token:
-            visit_col[t.variable] = t.token.split("=", 1)[0] + "="  # calendar tokens from cal_<kind> columns
-    return VocabRoles(tuple(label_cat), tuple(label_bin), tuple(visit_bin), tuple(visit_col.items()))
 
 
 def _token_value(token: str) -> str:
@@ -57,8 +31,7 @@ def _token_value(token: str) -> str:
 
 
 def _lookup(vocab: Vocab, tokens: pd.Series) -> np.ndarray:
-    """Vocabulary index of each token string; -1 where unknown or null."""
-    return tokens.map(lambda s: vocab.get(s, -1) if isinstance(s, str) else -1).to_numpy(dtype=np.int64)
+    return vocab.lookup(tokens)
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -72,10 +45,11 @@ class EHRParquetDataset(Dataset):
             their first visits and are counted in ``n_truncated``.
         vocab: use this vocabulary instead of ``tables_dir/vocab.json`` (e.g. the training vocabulary when
             reading a test set). Tokens it lacks are dropped and counted in ``n_unknown_tokens``.
+        tables: ``read_tables(tables_dir)`` already in hand (one read for the train and val datasets).
     """
 
     def __init__(self, tables_dir: str | Path, split: str | None = "train", n_ctx: int = 48,
-                 vocab: Vocab | None = None):
+                 vocab: Vocab | None = None, tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None):
         self.tables_dir = str(tables_dir)
         self.vocab = vocab if vocab is not None else Vocab.load(storage.join(self.tables_dir, "vocab.json"))
         self.n_ctx = int(n_ctx)
@@ -83,7 +57,7 @@ class EHRParquetDataset(Dataset):
         if max_visits < 1:
             raise ConfigError(f"n_ctx={n_ctx} leaves no row for visits (first visit row is "
                               f"{self.vocab.first_visit_row}); use n_ctx >= {self.vocab.first_visit_row + 1}.")
-        patients, visits, codes = read_tables(self.tables_dir)
+        patients, visits, codes = tables if tables is not None else read_tables(self.tables_dir)
         if split is not None:
             if split not in set(patients["split"].dropna()):
                 raise ConfigError(f"{self.tables_dir}: no patient has split={split!r}; found splits "

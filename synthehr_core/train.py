@@ -42,6 +42,7 @@ from .models.halo import HaloConfig
 from .precision import autocast, grad_scaler, validate_precision
 from .privacy import DPConfig, PrivateTraining
 from .tensors import EHRParquetDataset, HaloCollate, collate_halo
+from .schema import read_tables
 from .vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -407,10 +408,11 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
                               "continue that run, or choose an empty out_dir.")
     model_class(model_type)
     vocab = Vocab.load(storage.join(tables_dir, "vocab.json"))
+    tables = read_tables(tables_dir)   # once, for the rare-code filter and both datasets
     rare_codes: list[str] = []
     if min_code_count:
         from .privacy import code_patient_counts, min_code_count_vocab
-        vocab, rare_codes = min_code_count_vocab(vocab, code_patient_counts(tables_dir, "train"), min_code_count)
+        vocab, rare_codes = min_code_count_vocab(vocab, code_patient_counts(tables, "train"), min_code_count)
     meta_path = storage.join(tables_dir, "meta.json")
     tables_meta = storage.read_json(meta_path) if storage.exists(meta_path) else {}
     n_ctx = int(n_ctx or tables_meta.get("n_ctx") or 48)  # HI:config.py n_ctx
@@ -424,9 +426,9 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
         rules = validate_rules(load_rules(rules_path), vocab, rules_path)
         from .models.consequence import compile_rules
         compiled = compile_rules(rules, vocab)
-    train_ds = EHRParquetDataset(tables_dir, "train", n_ctx, vocab)
+    train_ds = EHRParquetDataset(tables_dir, "train", n_ctx, vocab, tables)
     try:
-        val_ds = EHRParquetDataset(tables_dir, "val", n_ctx, vocab)
+        val_ds = EHRParquetDataset(tables_dir, "val", n_ctx, vocab, tables)
     except ConfigError:
         val_ds = None
         log.warning("%s has no val split: keeping the last weights, no early stopping.", tables_dir)

@@ -1,8 +1,11 @@
 """The vocabulary: token <-> index, kinds, bin edges. Layout and order are defined in docs/canonical-tables.md."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
+
+import numpy as np
+import pandas as pd
 
 from . import storage
 from .errors import SchemaError
@@ -71,14 +74,15 @@ class Vocab:
         except KeyError:
             raise KeyError(f"token {token!r} is not in the vocabulary ({self.size} tokens).") from None
 
+    def lookup(self, tokens: pd.Series) -> np.ndarray:
+        """Vocabulary index of each token string (a hash map, vectorised); -1 where unknown or null."""
+        return pd.Series(tokens, copy=False).map(self._index).fillna(-1).to_numpy(dtype=np.int64)
+
     def get(self, token: str, default: int | None = None) -> int | None:
         return self._index.get(token, default)
 
     def __contains__(self, token: str) -> bool:
         return token in self._index
-
-    def bin_tokens(self, variable: str) -> list[tuple[int, Token]]:
-        return [(i, t) for i, t in enumerate(self.tokens) if t.variable == variable and t.lo is not None]
 
     # -------------------------------------------------------------------- io
     def to_json(self) -> dict:
@@ -105,6 +109,31 @@ class Vocab:
     @classmethod
     def load(cls, path) -> "Vocab":
         return cls.from_json(storage.read_json(path), where=str(path))
+
+
+@dataclass(frozen=True)
+class VocabRoles:
+    """How the vocabulary maps onto table columns (derived from token kinds, not typed in)."""
+    label_cat: tuple[str, ...]      # categorical patient columns -> label:<col>=<value>
+    label_bin: tuple[str, ...]      # patient-level binned variables -> column <var>_binned, label:<var>=<bin>
+    visit_bin: tuple[str, ...]      # visit-level binned variables -> column <var>_binned, bin:<var>=<bin>
+    visit_col: tuple[tuple[str, str], ...]  # (visit column, token prefix), e.g. ("cal_month", "cal:month=")
+
+
+def vocab_roles(vocab: Vocab) -> VocabRoles:
+    """Which table columns feed which tokens: the one mapping tensors, decoding and the rule checker share."""
+    label_cat: dict[str, None] = {}
+    label_bin: dict[str, None] = {}
+    visit_bin: dict[str, None] = {}
+    visit_col: dict[str, str] = {}
+    for t in vocab.tokens:
+        if t.kind == "label":
+            (label_bin if t.lo is not None else label_cat)[t.variable] = None
+        elif t.kind == "bin":
+            visit_bin[t.variable] = None
+        elif t.kind == "code" and t.variable not in (None, "event_type") and "=" in t.token:
+            visit_col[t.variable] = t.token.split("=", 1)[0] + "="  # calendar tokens from cal_<kind> columns
+    return VocabRoles(tuple(label_cat), tuple(label_bin), tuple(visit_bin), tuple(visit_col.items()))
 
 
 def build_vocab(event_types: Iterable[str], visit_bins: dict[str, list[float]], calendar_tokens: Iterable[str],

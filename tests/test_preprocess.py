@@ -176,8 +176,18 @@ class TestConfigValidation:
     def test_quantile_bins_fit_on_train(self, tmp_path):
         meta = preprocess(_cfg(visit_bins={"los_days": {"quantiles": 4}}), tmp_path / "q")
         v = pd.read_parquet(tmp_path / "q" / "visits.parquet")
+        p = pd.read_parquet(tmp_path / "q" / "patients.parquet")
         assert 3 <= v["los_days_binned"].nunique() <= 4
-        assert meta["clipped"]["visits.los_days"] >= 0
+        train_los = v.loc[v["patient_id"].isin(p.loc[p["split"] == "train", "patient_id"]), "los_days"]
+        lo, hi = train_los.min(), train_los.max()   # the quantile edges span the train split exactly
+        outside = int(((v["los_days"] < lo) | (v["los_days"] > hi)).sum())
+        assert meta["clipped"]["visits.los_days"] == outside
+
+    def test_values_outside_the_edges_are_clipped_and_counted(self, tmp_path):
+        meta = preprocess(_cfg(visit_bins={"los_days": {"edges": [0, 5]}}), tmp_path / "c")
+        v = pd.read_parquet(tmp_path / "c" / "visits.parquet")
+        assert meta["clipped"]["visits.los_days"] == int((v["los_days"] > 5).sum()) > 0
+        assert set(v["los_days_binned"]) == {"0-5"}
 
 
 class TestCalendar:
