@@ -8,9 +8,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-
 log = logging.getLogger(__name__)
 
 
@@ -30,30 +27,15 @@ def briefly_trained_halo(tables_dir: str | Path, preset: str = "small", steps: i
     Not the train stage (synthehr_core.train); just enough fitting that sampled patients look like real ones.
     Returns (model in eval mode, vocab, final training loss).
     """
-    from synthehr_core.models import HALO, HaloConfig
-    from synthehr_core.tensors import EHRParquetDataset, HaloCollate
+    from synthehr_core.models import load_model
+    from synthehr_core.train import train_to_dir
 
-    ds = EHRParquetDataset(tables_dir, split="train", n_ctx=n_ctx)
-    cfg = HaloConfig.preset(preset, ds.vocab.n_visit_tokens, ds.vocab.n_labels, n_ctx=n_ctx)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = HALO(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, collate_fn=HaloCollate(ds.vocab, n_ctx))
-    step, loss = 0, float("nan")
-    model.train()
-    while step < steps:
-        for X, mask in dl:
-            _, l = model(X, mask)
-            opt.zero_grad(set_to_none=True)
-            l.backward()
-            opt.step()
-            step, loss = step + 1, l.item()
-            if step >= steps:
-                break
-    log.info("trained %s HALO for %d steps, loss %.5f", preset, steps, loss)
-    return model.eval(), ds.vocab, loss
+    out = Path(tempfile.mkdtemp(prefix="bench-halo-")) / "model"
+    info = train_to_dir(tables_dir, out, model_type="halo", preset=preset, max_steps=steps, batch_size=batch_size,
+                        lr=lr, seed=seed, n_ctx=n_ctx, eval_every=None, progress=False)
+    model, vocab, _ = load_model(out, device="cpu")
+    log.info("trained %s HALO for %d steps, loss %.5f", preset, steps, info["final_train_loss"])
+    return model.eval(), vocab, info["final_train_loss"]
 
 
 def synthetic_halo(n_codes: int = 6841, n_labels: int = 25, preset: str = "paper", n_ctx: int = 48,
@@ -64,6 +46,8 @@ def synthetic_halo(n_codes: int = 6841, n_labels: int = 25, preset: str = "paper
     Needs no data or preprocessing (so it runs where only torch is installed). Returns (model, vocab).
     """
     import math
+
+    import torch
 
     from synthehr_core.models import HALO, HaloConfig
     from synthehr_core.vocab import build_vocab
