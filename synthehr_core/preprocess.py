@@ -22,22 +22,12 @@ from . import __version__, storage
 from .config import BinSpec, DatasetConfig, load_config
 from .datasets.base import DropReport, RawCohort
 from .errors import ConfigError, SchemaError, bullet_list
-from .schema import HOUR_BANDS, MONTHS, SPLITS, WEEKDAYS, bin_values, calendar_parts, write_tables
+from .schema import HOUR_BANDS, MONTHS, SPLITS, WEEKDAYS, bin_values, calendar_parts, fast_isin, write_tables
 from .vocab import build_vocab
 
 log = logging.getLogger(__name__)
 
 RAW_VISIT_COLUMNS = ("patient_id", "visit_id", "start", "event_type")
-
-
-def fast_isin(values: pd.Series, allowed) -> np.ndarray:
-    """``values.isin(allowed)`` for string keys via pyarrow: pandas 3's arrow-string isin boxes every element."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    left = pa.array(values.astype(str), type=pa.string())
-    right = pa.array(pd.Series(allowed).astype(str).unique(), type=pa.string())
-    return np.asarray(pc.is_in(left, value_set=right).fill_null(False), dtype=bool)
 
 
 def versions() -> dict[str, str]:

@@ -86,6 +86,16 @@ def calendar_parts(start_day: np.ndarray) -> dict[str, np.ndarray]:
             "hour": np.clip(hour, 0, 23) // 6}   # 1970-01-01 was a Thursday (weekday 3)
 
 
+def fast_isin(values: pd.Series, allowed) -> np.ndarray:
+    """``values.isin(allowed)`` for string keys via a pyarrow hash set: pandas 3's isin on arrow-backed strings
+    boxes every element into a Python object (10 s of CPU per 100k QH patients, measured)."""
+    import pyarrow.compute as pc
+
+    left = pa.array(values.astype(str), type=pa.string())
+    right = pa.array(pd.Series(allowed).astype(str).unique(), type=pa.string())
+    return np.asarray(pc.is_in(left, value_set=right).fill_null(False), dtype=bool)
+
+
 def _check_core(df: pd.DataFrame, core: pa.Schema, table: str, where: str, problems: list[str]) -> None:
     for field in core:
         if field.name not in df.columns:
@@ -132,10 +142,7 @@ def validate_tables(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.Data
     dup = patients["patient_id"][patients["patient_id"].duplicated()]
     if len(dup):
         problems.append(f"{where}: patients.patient_id has duplicates, e.g. {dup.head(3).tolist()}.")
-    import pyarrow.compute as pc
-    orphan = pd.Series(~np.asarray(pc.is_in(pa.array(visits["patient_id"].astype(str)),
-                                            value_set=pa.array(patients["patient_id"].astype(str))).fill_null(False)),
-                       index=visits.index)
+    orphan = pd.Series(~fast_isin(visits["patient_id"], patients["patient_id"]), index=visits.index)
     if orphan.any():
         problems.append(f"{where}: {int(orphan.sum())} visits belong to unknown patients, "
                         f"e.g. {visits.loc[orphan, 'patient_id'].head(3).tolist()}.")
