@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import __version__, storage
+from . import storage, versions
 from .errors import ConfigError, DataError, bullet_list
 from .schema import read_tables, write_tables
 
@@ -89,7 +89,7 @@ def merge_shards(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.Path
     codes["visit_index"] = codes["visit_index"].astype("int32")
     meta = {"stage": "merge", "seeds": [s["seed"] for s in shards], "n_shards": len(shards),
             "n_patients": len(patients), "n_visits": len(visits), "n_codes": len(codes), "shards": shards,
-            "versions": {"synthehr": __version__}}
+            "versions": versions()}
     with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_tables(tmp, patients, visits, codes)
         if vocab_bytes is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import __version__, storage
+from . import storage, versions
 from .config import BinSpec, DatasetConfig, load_config
 from .datasets.base import DropReport, RawCohort
 from .errors import ConfigError, SchemaError, bullet_list
@@ -28,13 +27,6 @@ from .vocab import build_vocab
 log = logging.getLogger(__name__)
 
 RAW_VISIT_COLUMNS = ("patient_id", "visit_id", "start", "event_type")
-
-
-def versions() -> dict[str, str]:
-    import pyarrow
-
-    return {"synthehr": __version__, "python": platform.python_version(), "pandas": pd.__version__,
-            "numpy": np.__version__, "pyarrow": pyarrow.__version__}
 
 
 def _check_raw_cohort(c: RawCohort, adapter: str) -> None:

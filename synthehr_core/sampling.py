@@ -18,7 +18,6 @@ batch size give the same cohort.
 from __future__ import annotations
 
 import logging
-import platform
 from typing import Protocol
 
 import numpy as np
@@ -26,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, storage
+from . import storage, versions
 from .errors import ConfigError, DataError
 from .models import load_model
 from .schema import write_tables
@@ -334,7 +333,7 @@ def sample_to_dir(model_dir, out_dir, seed: int, n_patients: int, batch_size: in
             "n_visits": len(visits), "n_codes": len(codes), "batch_size": int(batch_size),
             "temperature": float(temperature), "condition": condition, "model_type": info.get("model_type", "halo"),
             "rules": rules is not None, "model_dir": str(model_dir),
-            "versions": {"synthehr": __version__, "torch": torch.__version__, "python": platform.python_version()}}
+            "versions": versions("torch")}
     with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_tables(tmp, patients, visits, codes)
         vocab.save(storage.join(tmp, "vocab.json"))

@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import os
-import platform
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -33,7 +32,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, storage
+from . import storage, versions
 from .distributed import SINGLE, DistContext
 from .distributed import setup as setup_distributed
 from .errors import ConfigError
@@ -458,7 +457,7 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
     model.load_state_dict(res["best_state"])
     extra = {"training": train_args, "seed": seed, "preset": preset, "config_hash": run_hash,
              "tables_dir": str(tables_dir),
-             "versions": {"synthehr": __version__, "torch": torch.__version__, "python": platform.python_version()}}
+             "versions": versions("torch")}
     write_checkpoint(out_dir, model, vocab, model_type, extra_config=extra)
     if rules is not None:
         from .rules import save_rules
