@@ -25,7 +25,7 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -82,6 +82,7 @@ class CalendarSpec(_Strict):
 
     enabled: bool = False
     tokens: list[str] = Field(default_factory=lambda: ["month", "weekday"])
+    hemisphere: Literal["north", "south"] = "north"   # which months are winter / summer in the evaluate stage
 
     @field_validator("tokens")
     @classmethod

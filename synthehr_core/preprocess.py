@@ -223,7 +223,7 @@ def preprocess(config: str | Path | dict | DatasetConfig, out_dir: str | Path, p
         "vocab_size": vocab.size, "n_visit_tokens": vocab.n_visit_tokens, "n_labels": vocab.n_labels,
         "split_sizes": split_sizes, "source_rows": dict(cohort.source_rows), "dropped": report.as_dict(),
         "labels": list(cfg.labels), "patient_binned": list(cfg.patient_bins), "visit_binned": list(cfg.visit_bins),
-        "kde": cfg.kde, "n_ctx": cfg.n_ctx, **stats,
+        "kde": cfg.kde, "n_ctx": cfg.n_ctx, "calendar": cfg.calendar.model_dump(), **stats,
     }
     with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_tables(tmp, patients, visits, codes)

@@ -18,11 +18,13 @@ batch size give the same cohort.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import storage, versions
@@ -30,7 +32,7 @@ from .errors import ConfigError, DataError
 from .models import load_model
 from .schema import write_tables
 from .tensors import decode_rows, vocab_roles
-from .vocab import Vocab
+from .vocab import TOKEN_GROUPS_FILE, TokenGroup, Vocab, load_token_groups
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +129,72 @@ class _IncrementalHead:
         pre[idx] += self.w1_row[code]
 
 
+class _Groups:
+    """The single-valued token groups of one row type, as tensors: group k spans columns ``start[k]:stop[k]``."""
+
+    def __init__(self, groups: Sequence[TokenGroup], device):
+        self.groups = sorted(groups, key=lambda grp: grp.start)
+        for a, b in zip(self.groups, self.groups[1:]):
+            if b.start < a.stop:
+                raise ConfigError(f"token groups {a.variable!r} ({a.start}:{a.stop}) and {b.variable!r} "
+                                  f"({b.start}:{b.stop}) overlap; give each variable once (vocab.token_groups).")
+        self.n = len(self.groups)
+        self.start = torch.tensor([g.start for g in self.groups] + [1 << 62], dtype=torch.long, device=device)
+
+    def __bool__(self) -> bool:
+        return self.n > 0
+
+
+def _group_log_weights(lg0: torch.Tensor, lg_after: torch.Tensor, required: bool) -> torch.Tensor:
+    """log p(x_G = e_j | prefix) for each member j (and, unless ``required``, of x_G = 0 as a last column).
+
+    ``lg0 (n, k)``: the group's logits with none of it set; ``lg_after (n, k, k)``: ``[:, j, i]`` = logit of member
+    i once member j is set (only i > j is used: the head is autoregressive over columns).
+    """
+    k = lg0.size(1)
+    log_on0, log_off0 = F.logsigmoid(lg0), F.logsigmoid(-lg0)
+    before = torch.cumsum(log_off0, dim=1) - log_off0                   # sum_{i<j} log(1 - p_i), exclusive
+    later = torch.triu(torch.ones(k, k, dtype=torch.bool, device=lg0.device), diagonal=1)
+    after = (F.logsigmoid(-lg_after) * later).sum(dim=2)                # sum_{i>j} log(1 - p_i | x_j = 1)
+    logw = before + log_on0 + after
+    if not required:
+        logw = torch.cat([logw, log_off0.sum(dim=1, keepdim=True)], dim=1)
+    return logw
+
+
+def _draw_categorical(logw: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    p = torch.softmax(logw.double(), dim=1)
+    return torch.multinomial(p, 1, generator=g).squeeze(1)
+
+
 @torch.no_grad()
-def _sample_row(model, h: torch.Tensor, V: int, temperature: float, g: torch.Generator) -> torch.Tensor:
-    """Exact skip-zeros draw of one row for every patient, each with its own cursor. ``h (B, E)`` -> ``(B, V)``."""
+def _sample_row(model, h: torch.Tensor, V: int, temperature: float, g: torch.Generator,
+                groups: _Groups | None = None) -> torch.Tensor:
+    """Exact skip-zeros draw of one row for every patient, each with its own cursor. ``h (B, E)`` -> ``(B, V)``.
+
+    With ``groups``, each single-valued group is drawn as one categorical when the patient's cursor reaches it:
+    member j with probability p(x_G = e_j | row so far), renormalised over the allowed patterns (one member, or
+    none where the group is not required). Rows are exact draws from the model restricted, group by group, to
+    rows that hold at most (exactly) one value per variable.
+    """
     B = h.size(0)
     row = torch.zeros(B, V, device=h.device, dtype=h.dtype)
     if getattr(model.config, "coarse", False):  # codes independent given the history: one draw is exact
-        p = torch.sigmoid(model.head(h, row).float() / temperature)
-        return (torch.rand(p.shape, generator=g, device=h.device) < p).to(row.dtype)
+        logits = model.head(h, row).float() / temperature
+        row = (torch.rand(logits.shape, generator=g, device=h.device) < torch.sigmoid(logits)).to(row.dtype)
+        for grp in groups.groups if groups else ():
+            lg = logits[:, grp.start:grp.stop]
+            k = lg.size(1)
+            # independent members: p(x_j | x_j = 1) does not move the others, so "after" uses the same logits
+            pick = _draw_categorical(_group_log_weights(lg, lg[:, None, :].expand(-1, k, -1), grp.required), g)
+            row[:, grp.start:grp.stop] = 0.0
+            on = pick < k
+            row[on.nonzero().flatten(), grp.start + pick[on]] = 1.0
+        return row
     head = _IncrementalHead(model)
     pre = head.start(h)  # (B, D)
     cursor = torch.zeros(B, dtype=torch.long, device=h.device)
+    gnext = torch.zeros(B, dtype=torch.long, device=h.device)  # each patient's next undecided group
     live = torch.arange(B, device=h.device)
     cols = torch.arange(V, device=h.device)
     while live.numel():
@@ -145,18 +202,54 @@ def _sample_row(model, h: torch.Tensor, V: int, temperature: float, g: torch.Gen
         draw = torch.rand(logits.shape, generator=g, device=h.device) < torch.sigmoid(logits)
         draw &= cols[None, :] >= cursor[live, None]  # committed columns stay as they are
         has = draw.any(dim=1)
-        first = draw.to(torch.int8).argmax(dim=1)  # the patient's first drawn 1 at or after its cursor
-        live, first = live[has], first[has]
-        row[live, first] = 1.0
-        head.commit(pre, live, first)
-        cursor[live] = first + 1
+        first = torch.where(has, draw.to(torch.int8).argmax(dim=1), V)  # first drawn 1 at or after the cursor
+        if groups:  # the cursor reached the next group (every column before it drew 0): decide the group
+            decide = first >= groups.start[gnext[live]]
+        else:
+            decide = torch.zeros_like(has)
+        commit = has & ~decide
+        idx, code = live[commit], first[commit]
+        row[idx, code] = 1.0
+        head.commit(pre, idx, code)
+        cursor[idx] = code + 1
+        if decide.any():
+            _decide_groups(head, pre, row, logits, live, decide, gnext, cursor, groups, temperature, g)
+        live = live[has | decide]
     return row
+
+
+def _decide_groups(head, pre, row, logits, live, decide, gnext, cursor, groups: _Groups, temperature, g) -> None:
+    """Draw the next group of each patient in ``live[decide]`` as one categorical and commit it."""
+    pos = decide.nonzero().flatten()  # positions in `live` / `logits`
+    which = gnext[live[pos]]
+    for k in torch.unique(which).tolist():
+        grp = groups.groups[k]
+        sel = pos[which == k]
+        idx = live[sel]
+        lg0 = logits[sel, grp.start:grp.stop]
+        n, kk = lg0.shape
+        w2 = head.w2[grp.start:grp.stop]
+        b2 = head.b2[grp.start:grp.stop]
+        lg_after = torch.empty(n, kk, kk, device=lg0.device)
+        chunk = max(1, (1 << 24) // max(1, n * pre.size(1)))  # bound the (n, chunk, D) activations
+        for j0 in range(0, kk, chunk):
+            j1 = min(kk, j0 + chunk)
+            z = torch.relu(pre[idx][:, None, :] + head.w1_row[grp.start + j0:grp.start + j1][None])  # (n, c, D)
+            lg_after[:, j0:j1] = (torch.matmul(z, w2.t()) + b2).float() / temperature
+        pick = _draw_categorical(_group_log_weights(lg0, lg_after, grp.required), g)
+        on = pick < kk
+        code = grp.start + pick[on]
+        row[idx[on], code] = 1.0
+        head.commit(pre, idx[on], code)
+        cursor[idx] = grp.stop
+        gnext[idx] = k + 1
 
 
 @torch.no_grad()
 def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 256, temperature: float = 1.0,
            labels: torch.Tensor | None = None, label_probs: pd.DataFrame | None = None, rules: RowRules | None = None,
-           device: str | torch.device | None = None, progress: bool = True) -> list[list[list[int]]]:
+           device: str | torch.device | None = None, progress: bool = True,
+           groups: Sequence[TokenGroup] | None = None) -> list[list[list[int]]]:
     """Sample ``n_patients`` patients; returns, per patient, the token indices of rows 1, 2, ... (``decode_rows`` input).
 
     Args:
@@ -171,6 +264,8 @@ def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 25
         rules: an object with ``apply_row(past, row, row_index)``, called on every sampled row (ConSequence).
         device: where to run; defaults to the model's device.
         progress: show a tqdm bar over batches.
+        groups: single-valued token groups (``vocab.token_groups``, the checkpoint's ``token_groups.json``): each
+            sampled row holds at most one member of each, exactly one where ``required`` (see ``_sample_row``).
     """
     if n_patients < 0 or batch_size < 1:
         raise ConfigError(f"n_patients must be >= 0 and batch_size >= 1; got {n_patients} and {batch_size}.")
@@ -184,6 +279,8 @@ def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 25
         raise ConfigError(f"model sizes ({cfg.n_visit_tokens}, {cfg.n_labels}) do not match the vocabulary "
                           f"({vocab.n_visit_tokens}, {vocab.n_labels}); use the checkpoint's own vocab.json.")
     g = torch.Generator(device=device).manual_seed(int(seed))
+    row_groups = {kind: _Groups([grp for grp in groups or () if grp.row == kind], device)
+                  for kind in ("label", "visit")}
     if labels is None and label_probs is not None and vocab.label_row:
         labels = labels_from_probs(label_probs, vocab, n_patients, torch.Generator().manual_seed(int(seed)))
     if labels is not None:
@@ -208,7 +305,8 @@ def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 25
         act = torch.arange(B, device=device)  # batch rows still being sampled
         last_row = torch.full((B,), T - 1, dtype=torch.long)
         for t in range(first, T):
-            row = _sample_row(model, h, V, temperature, g)  # (n_act, V)
+            row = _sample_row(model, h, V, temperature, g,
+                              row_groups["label" if t < fvr else "visit"])  # (n_act, V)
             if rules is not None:
                 row = rules.apply_row(X[act, :t], row, t)
             X[act, t] = row
@@ -233,9 +331,13 @@ def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 25
 # ---------------------------------------------------------------------------------------------- reference
 @torch.no_grad()
 def sample_reference(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 256,
-                     temperature: float = 1.0) -> list[list[list[int]]]:
+                     temperature: float = 1.0, groups: Sequence[TokenGroup] | None = None) -> list[list[list[int]]]:
     """HI's algorithm, for comparison only: full-prefix recompute per row, one cursor shared by the batch,
-    finished patients keep being sampled until the whole batch has ended. Same output format as ``sample``."""
+    finished patients keep being sampled until the whole batch has ended. Same output format as ``sample``.
+
+    With ``groups``, the shared cursor stops at each group and draws it for the whole batch by enumeration: one
+    full ``model.head`` pass per member (the fast sampler updates the head incrementally instead).
+    """
     model.eval()
     cfg = model.config
     device = next(model.parameters()).device
@@ -252,14 +354,30 @@ def sample_reference(model, vocab: Vocab, n_patients: int, seed: int, batch_size
             h, _ = model.history(X[:, :t])
             h = h[:, -1]
             row = torch.zeros(B, V, device=device)
+            pending = [grp for grp in groups or () if grp.row == ("label" if t < fvr else "visit")]
             i = 0
             while i < V:
-                p = torch.sigmoid(model.head(h, row).float() / temperature)
-                draw = (torch.rand(p.shape, generator=g, device=device) < p) & (cols[None, :] >= i)
+                logits = model.head(h, row).float() / temperature
+                draw = (torch.rand(logits.shape, generator=g, device=device) < torch.sigmoid(logits)) \
+                    & (cols[None, :] >= i)
                 anyc = draw.any(dim=0).nonzero()
-                if anyc.numel() == 0:
+                c = int(anyc[0]) if anyc.numel() else V
+                if pending and c >= pending[0].start:
+                    grp = pending.pop(0)
+                    k = grp.stop - grp.start
+                    lg_after = torch.empty(B, k, k, device=device)
+                    for j in range(k):
+                        on = row.clone()
+                        on[:, grp.start + j] = 1.0
+                        lg_after[:, j] = model.head(h, on).float()[:, grp.start:grp.stop] / temperature
+                    pick = _draw_categorical(_group_log_weights(logits[:, grp.start:grp.stop], lg_after,
+                                                                grp.required), g)
+                    hit = (pick < k).nonzero().flatten()
+                    row[hit, grp.start + pick[hit]] = 1.0
+                    i = grp.stop
+                    continue
+                if c == V:
                     break
-                c = int(anyc[0])
                 row[:, c] = draw[:, c].float()
                 i = c + 1
             X[:, t] = row
@@ -293,7 +411,8 @@ def _load_rules(model_dir, vocab: Vocab, n_ctx: int):
 
 
 def sample_to_dir(model_dir, out_dir, seed: int, n_patients: int, batch_size: int = 256, temperature: float = 1.0,
-                  condition: str | dict | None = None, device: str | None = None, overwrite: bool = False) -> dict:
+                  condition: str | dict | None = None, device: str | None = None, overwrite: bool = False,
+                  constrain: bool = True) -> dict:
     """Sample a cohort shard from a checkpoint directory and write a canonical tables directory.
 
     Args:
@@ -306,6 +425,9 @@ def sample_to_dir(model_dir, out_dir, seed: int, n_patients: int, batch_size: in
         condition: None = the model samples the label row; ``"label_probs"`` = draw label rows from the training
             label mix; a dict ``{variable: value}`` = only label rows matching it.
         device: torch device; defaults to CPU.
+        constrain: with the checkpoint's ``token_groups.json``, sample at most one value per single-valued
+            variable per row and exactly one where every real row has one (event type, a visit's month ...).
+            False samples the unconstrained model (older checkpoints without the file always do).
     Returns:
         a JSON-able summary (also written to ``meta.json``).
     """
@@ -326,13 +448,18 @@ def sample_to_dir(model_dir, out_dir, seed: int, n_patients: int, batch_size: in
     else:
         raise ConfigError(f"condition must be None, 'label_probs' or a dict like {{'sex': 'F'}}; got {condition!r}.")
     rules = _load_rules(model_dir, vocab, model.config.n_ctx)
+    groups_path = storage.join(model_dir, TOKEN_GROUPS_FILE)
+    groups = load_token_groups(groups_path, vocab) if constrain and storage.exists(groups_path) else []
+    if constrain and not groups:
+        log.info("%s: no %s; sampling without single-value constraints.", model_dir, TOKEN_GROUPS_FILE)
     rows = sample(model, vocab, n_patients, seed, batch_size, temperature, label_probs=use_probs, rules=rules,
-                  device=device)
+                  device=device, groups=groups)
     patients, visits, codes, counts = decode_rows(rows, vocab, seed)
     meta = {"stage": "sample", "seed": int(seed), "n_patients_requested": int(n_patients), **counts,
             "n_visits": len(visits), "n_codes": len(codes), "batch_size": int(batch_size),
             "temperature": float(temperature), "condition": condition, "model_type": info.get("model_type", "halo"),
             "rules": rules is not None, "model_dir": str(model_dir),
+            "token_groups": {"n": len(groups), "required": [grp.column for grp in groups if grp.required]},
             "versions": versions("torch")}
     with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_tables(tmp, patients, visits, codes)

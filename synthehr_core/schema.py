@@ -35,6 +35,8 @@ SYNTHETIC_SPLIT = "synthetic"
 MONTHS = tuple(f"{m:02d}" for m in range(1, 13))
 WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 HOUR_BANDS = ("00-05", "06-11", "12-17", "18-23")
+# (winter, summer) months by hemisphere: the dataset config's calendar.hemisphere, used by the temporal metrics
+SEASONS = {"north": ((12, 1, 2), (6, 7, 8)), "south": ((6, 7, 8), (12, 1, 2))}
 
 _BIN_RE = re.compile(r"^(-?(?:inf|[0-9.]+(?:e[+-]?[0-9]+)?))-(-?(?:inf|[0-9.]+(?:e[+-]?[0-9]+)?))$")
 

@@ -42,7 +42,7 @@ from .precision import autocast, grad_scaler, validate_precision
 from .privacy import DPConfig, PrivateTraining
 from .tensors import EHRParquetDataset, HaloCollate, collate_halo
 from .schema import read_tables
-from .vocab import Vocab
+from .vocab import TOKEN_GROUPS_FILE, Vocab, save_token_groups, token_groups
 
 log = logging.getLogger(__name__)
 
@@ -469,6 +469,9 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
                      **dict.fromkeys(eps_col, "float64")}), preserve_index=False))
     storage.write_parquet(storage.join(out_dir, "label_probs.parquet"),
                           pa.Table.from_pandas(label_probs(train_ds, vocab), preserve_index=False))
+    tp = tables[0][tables[0]["split"] == "train"]
+    groups = token_groups(vocab, tp, tables[1][tables[1]["patient_id"].isin(tp["patient_id"])])
+    save_token_groups(storage.join(out_dir, TOKEN_GROUPS_FILE), groups)
     train_losses = hist.loc[hist["split"] == "train", "loss"]
     info = {"model_type": model_type, "preset": preset, "seed": seed, "config_hash": run_hash,
             "steps": res["step"], "epochs_run": res["epoch"], "best_step": res["best_step"],

@@ -136,6 +136,81 @@ def vocab_roles(vocab: Vocab) -> VocabRoles:
     return VocabRoles(tuple(label_cat), tuple(label_bin), tuple(visit_bin), tuple(visit_col.items()))
 
 
+@dataclass(frozen=True)
+class TokenGroup:
+    """The tokens of one single-valued variable: a visit (or the label row) holds at most one of them.
+
+    ``start:stop`` is a contiguous index range (``build_vocab`` keeps each variable's tokens together);
+    ``required`` means every real training row holds one (no null in ``column``), so a sampled row must too.
+    """
+    variable: str
+    column: str       # the table column it decodes to: event_type, <var>_binned, cal_<kind>, a label column
+    row: str          # "visit" or "label"
+    start: int
+    stop: int
+    required: bool = False
+
+    def to_json(self) -> dict:
+        return {"variable": self.variable, "column": self.column, "row": self.row, "start": self.start,
+                "stop": self.stop, "required": self.required}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TokenGroup":
+        return cls(str(d["variable"]), str(d["column"]), str(d["row"]), int(d["start"]), int(d["stop"]),
+                   bool(d.get("required", False)))
+
+
+def token_groups(vocab: Vocab, patients=None, visits=None) -> list[TokenGroup]:
+    """One ``TokenGroup`` per single-valued variable of the vocabulary (event type, visit bins, calendar kinds,
+    label variables), in index order. With the training ``patients`` / ``visits`` tables, a group is ``required``
+    when its column has no null there. Variables whose tokens are not contiguous are left out (cannot happen with
+    ``build_vocab``; a hand-made vocab.json might)."""
+    members: dict[tuple[str, str, str], list[int]] = {}
+    for i, t in enumerate(vocab.tokens):
+        if t.kind == "label":
+            key = ("label", t.variable, f"{t.variable}_binned" if t.lo is not None else t.variable)
+        elif t.kind == "bin":
+            key = ("visit", t.variable, f"{t.variable}_binned")
+        elif t.kind == "code" and t.variable is not None and (t.variable == "event_type" or "=" in t.token):
+            key = ("visit", t.variable, t.variable)
+        else:
+            continue
+        members.setdefault(key, []).append(i)
+    out = []
+    for (row, var, col), idx in members.items():
+        if idx != list(range(idx[0], idx[-1] + 1)):
+            continue
+        table = patients if row == "label" else visits
+        required = table is not None and col in table.columns and len(table) > 0 and not table[col].isna().any()
+        out.append(TokenGroup(var, col, row, idx[0], idx[-1] + 1, bool(required)))
+    return sorted(out, key=lambda g: g.start)
+
+
+TOKEN_GROUPS_FILE = "token_groups.json"   # in a checkpoint dir: written by train, read by sample
+
+
+def save_token_groups(path, groups: Iterable[TokenGroup]) -> None:
+    storage.write_json(path, {"groups": [g.to_json() for g in groups]})
+
+
+def load_token_groups(path, vocab: Vocab) -> list[TokenGroup]:
+    """Read ``token_groups.json`` and check every group against ``vocab`` (in range, one variable per group)."""
+    d = storage.read_json(path)
+    try:
+        groups = [TokenGroup.from_json(x) for x in d["groups"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise SchemaError(f"{path}: not a token groups file ({e!r}); expected {{'groups': [{{variable, column, "
+                          "row, start, stop, required}, ...]}}. Re-run the train stage to rewrite it.") from None
+    for grp in groups:
+        names = {vocab.tokens[i].variable for i in range(grp.start, grp.stop)} if 0 <= grp.start < grp.stop <= \
+            vocab.size else None
+        if names != {grp.variable} or grp.row not in ("visit", "label"):
+            raise SchemaError(f"{path}: group {grp.variable!r} (tokens {grp.start}:{grp.stop}, row {grp.row!r}) "
+                              f"does not match vocab.json (variables there: {sorted(map(str, names or []))}). "
+                              "The file belongs to another vocabulary; re-run the train stage.")
+    return groups
+
+
 def build_vocab(event_types: Iterable[str], visit_bins: dict[str, list[float]], calendar_tokens: Iterable[str],
                 codes: Iterable[str], label_values: dict[str, list[str]], label_bins: dict[str, list[float]],
                 namespace_order: list[str] | None = None) -> Vocab:

@@ -157,6 +157,131 @@ def test_coarse_model_first_visit_is_exact():
     assert _chi2_p(counts, p_exact) > 1e-3
 
 
+# ---------------------------------------------------------------------------------------------- token groups
+def _group_vocab(labels=False):
+    """2 event types (required), 2 LOS bins (optional), 3 weekdays (required), 1 code: V = 8 + specials."""
+    from dataclasses import replace
+
+    from synthehr_core.vocab import token_groups
+
+    vocab = build_vocab(["ED", "IP"], {"los": [0, 1, 2]}, ["cal:weekday=Mon", "cal:weekday=Tue", "cal:weekday=Wed"],
+                        ["dx:0"], {"sex": ["F", "M"]} if labels else {}, {}, ["dx"])
+    groups = [replace(grp, required=grp.variable != "los") for grp in token_groups(vocab)]
+    return vocab, groups
+
+
+def _allowed(pats, groups):
+    ok = torch.ones(len(pats), dtype=torch.bool)
+    for grp in groups:
+        n_on = pats[:, grp.start:grp.stop].sum(1)
+        ok &= (n_on == 1) if grp.required else (n_on <= 1)
+    return ok
+
+
+def _constrained_log_prob(model, h, pats, groups):
+    """log p of each pattern under the group-by-group restricted factorisation (-inf where not allowed): the
+    non-group columns keep the model's conditionals; each group's pattern is renormalised over its allowed patterns
+    given the columns before it."""
+    def colwise(rows):
+        return -torch.nn.functional.binary_cross_entropy_with_logits(model.head(h, rows), rows, reduction="none")
+
+    lp = colwise(pats)
+    total = lp.sum(1)
+    for grp in groups:
+        k = grp.stop - grp.start
+        options = [torch.eye(k)[j] for j in range(k)] + ([] if grp.required else [torch.zeros(k)])
+        alt = []
+        for a in options:
+            rows = pats.clone()
+            rows[:, grp.start:grp.stop] = a
+            alt.append(colwise(rows)[:, grp.start:grp.stop].sum(1))
+        total = total - torch.logsumexp(torch.stack(alt, 1), dim=1)
+    return torch.where(_allowed(pats, groups), total, torch.tensor(float("-inf")))
+
+
+class TestTokenGroups:
+    N = 12000
+
+    def _first_visit_exact(self, m, vocab, groups):
+        pats = _patterns(vocab.size)
+        with torch.no_grad():
+            h, _ = m.history(torch.eye(vocab.size)[vocab.start_index][None, None, :])
+            p = _constrained_log_prob(m, h[0, -1].expand(len(pats), -1), pats, groups).exp().numpy()
+        assert abs(p.sum() - 1) < 1e-5
+        return p
+
+    def test_groups_from_vocab_and_tables(self):
+        from synthehr_core.vocab import token_groups
+
+        vocab, _ = _group_vocab(labels=True)
+        visits = pd.DataFrame({"event_type": ["ED", "IP"], "los_binned": ["0-1", None], "cal_weekday": ["Mon", "Tue"]})
+        patients = pd.DataFrame({"sex": ["F", "M"]})
+        got = {(g.row, g.column): (g.stop - g.start, g.required) for g in token_groups(vocab, patients, visits)}
+        assert got == {("visit", "event_type"): (2, True), ("visit", "los_binned"): (2, False),
+                       ("visit", "cal_weekday"): (3, True), ("label", "sex"): (2, True)}
+
+    def test_fast_sampler_matches_the_restricted_distribution(self):
+        vocab, groups = _group_vocab()
+        V = vocab.size
+        m = _sharp_model(vocab, n_ctx=3, seed=5)
+        p_exact = self._first_visit_exact(m, vocab, groups)
+        rows = sample(m, vocab, self.N, seed=2, batch_size=3000, progress=False, groups=groups)
+        counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(p_exact))
+        assert counts[p_exact == 0].sum() == 0                     # every row holds one event type and weekday
+        assert _chi2_p(counts[p_exact > 0], p_exact[p_exact > 0]) > 1e-3
+        # power: the unconstrained model breaks the groups often, so the restriction is doing work
+        free = sample(m, vocab, 2000, seed=2, batch_size=1000, progress=False)
+        pats = _patterns(V)
+        broken = ~_allowed(pats[[_key(r[0], V) for r in free]], groups)
+        assert broken.float().mean() > 0.3
+
+    def test_reference_sampler_with_groups_agrees(self):
+        vocab, groups = _group_vocab()
+        V = vocab.size
+        m = _sharp_model(vocab, n_ctx=3, seed=6)
+        p_exact = self._first_visit_exact(m, vocab, groups)
+        rows = sample_reference(m, vocab, 6000, seed=9, batch_size=2000, groups=groups)
+        counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(p_exact))
+        assert counts[p_exact == 0].sum() == 0
+        assert _chi2_p(counts[p_exact > 0], p_exact[p_exact > 0]) > 1e-3
+
+    def test_coarse_model_with_groups_is_exact(self):
+        vocab, groups = _group_vocab()
+        V = vocab.size
+        with torch.random.fork_rng():
+            torch.manual_seed(4)
+            m = HALO(HaloConfig.tiny(vocab.n_visit_tokens, 0, n_ctx=3, coarse=True)).eval()
+            with torch.no_grad():
+                m.transformer.wve.weight.mul_(4.0)
+        p_exact = self._first_visit_exact(m, vocab, groups)
+        rows = sample(m, vocab, 8000, seed=3, batch_size=2000, progress=False, groups=groups)
+        counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(p_exact))
+        assert counts[p_exact == 0].sum() == 0
+        assert _chi2_p(counts[p_exact > 0], p_exact[p_exact > 0]) > 1e-3
+
+    def test_label_row_and_later_visits_keep_their_groups(self):
+        vocab, groups = _group_vocab(labels=True)           # sex: a required label group
+        assert {g.row for g in groups} == {"visit", "label"}
+        with pytest.raises(ConfigError, match="overlap"):
+            sample(_sharp_model(vocab, n_ctx=3), vocab, 2, seed=0, groups=groups + groups[:1], progress=False)
+        m = _sharp_model(vocab, n_ctx=6, seed=7)
+        rows = sample(m, vocab, 400, seed=1, batch_size=128, progress=False, groups=groups)
+        sex = set(range(vocab.label_slice.start, vocab.label_slice.stop))
+        n_visits = 0
+        weekday = next(g for g in groups if g.variable == "cal_weekday")
+        # the visit groups are not forced onto the label row: some label rows lack a weekday (the model's own mix)
+        assert any(not set(p[0]) & set(range(weekday.start, weekday.stop)) for p in rows)
+        for patient in rows:
+            assert len(sex & set(patient[0])) == 1                        # label row: exactly one sex
+            for r in patient[1:]:
+                n_visits += 1
+                for grp in groups:
+                    if grp.row == "visit":
+                        n = len(set(r) & set(range(grp.start, grp.stop)))
+                        assert n == 1 if grp.required else n <= 1, (grp.variable, r)
+        assert n_visits > 400                                             # several visit rows per patient
+
+
 class TestBehaviour:
     def test_same_seed_and_batch_is_identical_other_seed_differs(self):
         vocab = _vocab(6, labels=True)

@@ -30,7 +30,7 @@ def qh_tables(tmp_path_factory):
     d = tmp_path_factory.mktemp("qh_cal")
     qh.write_encounters(qh.simulate(600, seed=3), d / "raw" / "encounters.csv")
     cfg = yaml.safe_load(bundled_config_path("qh").read_text())
-    cfg["calendar"] = {"enabled": True, "tokens": TOKENS}
+    cfg["calendar"] = {**cfg["calendar"], "enabled": True, "tokens": TOKENS}   # hemisphere: south (qh.yml)
     preprocess(cfg, d / "tables", raw=str(d / "raw"))
     p, v, c = read_tables(d / "tables")
     tp = p[p["split"] == "train"]
@@ -254,3 +254,25 @@ def test_evaluation_report_carries_the_temporal_section(qh_tables):
     assert res["metrics"]["temporal.monthly.all.r"] == pytest.approx(1.0)
     assert res["metrics"]["temporal.weekday.max_abs_diff_pp"] == 0
     assert 'alt="temporal"' in render_html(res)
+
+
+def test_hemisphere_picks_the_winter_months(qh_tables, tmp_path):
+    """qh.yml says calendar.hemisphere: south; preprocess records it and evaluate reads it: winter = Jun-Aug."""
+    from synthehr_core import storage
+    from synthehr_core.errors import ConfigError
+    from synthehr_core.evaluation import evaluate, evaluate_tables
+    from synthehr_core.schema import write_tables
+
+    d, p, v, c, tp, tv = qh_tables
+    assert storage.read_json(d / "tables" / "meta.json")["calendar"]["hemisphere"] == "south"
+    synth = (tp.assign(split="synthetic"), tv, c[c["patient_id"].isin(set(tp["patient_id"]))])
+    north = evaluate_tables((p, v, c), synth, privacy_sample=50, utility_sample=50)["metrics"]
+    write_tables(tmp_path / "s", *synth)
+    res = evaluate(d / "tables", tmp_path / "s", privacy_sample=50, utility_sample=50)
+    south = res["metrics"]
+    assert res["params"]["hemisphere"] == "south"
+    # the simulator's surge is in June-August: a winter excess in the south, a summer excess read as north
+    assert south["temporal.season.winter_summer_real"] > 1.05 > north["temporal.season.winter_summer_real"]
+    assert south["temporal.season.winter_summer_real"] == pytest.approx(1 / north["temporal.season.winter_summer_real"])
+    with pytest.raises(ConfigError, match="hemisphere"):
+        evaluate_tables((p, v, c), synth, privacy_sample=50, utility_sample=50, hemisphere="east")

@@ -15,7 +15,7 @@ import pandas as pd
 
 from .. import storage
 from ..errors import ConfigError, DataError
-from ..schema import SYNTHETIC_SPLIT, read_tables
+from ..schema import SEASONS, SYNTHETIC_SPLIT, read_tables
 from ..temporal import temporal_section
 from ..vocab import Vocab
 from .cohort import Cohort, label_columns, make_space
@@ -89,9 +89,13 @@ def _flags(m: dict[str, float]) -> list[str]:
 
 
 def evaluate_tables(real: Tables, synthetic: Tables, vocab: Vocab | None = None, rules_path=None, seed: int = 0,
-                    privacy_sample: int = 2000, utility_sample: int = 5000) -> dict:
-    """``evaluate`` on in-memory canonical tables (real with a ``split`` column, train and test)."""
+                    privacy_sample: int = 2000, utility_sample: int = 5000, hemisphere: str = "north") -> dict:
+    """``evaluate`` on in-memory canonical tables (real with a ``split`` column, train and test); ``hemisphere``
+    (the dataset config's ``calendar.hemisphere``) picks the winter and summer months of the temporal metrics."""
     seed = _check_int("seed", seed, 0)
+    if hemisphere not in SEASONS:
+        raise ConfigError(f"evaluate: hemisphere must be one of {sorted(SEASONS)}, got {hemisphere!r} "
+                          "(calendar.hemisphere in the dataset config).")
     privacy_sample = _check_int("privacy_sample", privacy_sample, 2)
     utility_sample = _check_int("utility_sample", utility_sample, 10)
     timings: dict[str, float] = {}
@@ -129,7 +133,8 @@ def evaluate_tables(real: Tables, synthetic: Tables, vocab: Vocab | None = None,
     val = values(train, synth)
     timings["values"] = time.perf_counter() - t
     t = time.perf_counter()
-    tem = temporal_section(train.visits, synth.visits)      # aggregate time series (docs/temporal.md)
+    winter, summer = SEASONS[hemisphere]
+    tem = temporal_section(train.visits, synth.visits, winter, summer)      # aggregate series (docs/temporal.md)
     timings["temporal"] = time.perf_counter() - t
     t = time.perf_counter()
     rules_res: dict = {}
@@ -156,6 +161,7 @@ def evaluate_tables(real: Tables, synthetic: Tables, vocab: Vocab | None = None,
     timings["total"] = time.perf_counter() - t0
     return {"metrics": metrics, "flags": _flags(metrics), "notes": notes, "timings_s": timings,
             "params": {"seed": seed, "privacy_sample": privacy_sample, "utility_sample": utility_sample,
+                       "hemisphere": hemisphere,
                        "rules_path": None if rules_path is None else str(rules_path), "label_columns": list(cols)},
             "details": {"fidelity": fid, "values": val, "privacy": priv, "utility": util, "rules": rules_res,
                         "temporal": tem}}
@@ -172,8 +178,11 @@ def evaluate(real_dir: str | Path, synthetic_dir: str | Path, rules_path: str | 
     real = read_tables(real_dir)
     synthetic = read_tables(synthetic_dir)
     vocab = _load_vocab(real_dir) or _load_vocab(synthetic_dir)
+    meta_path = storage.join(real_dir, "meta.json")
+    calendar = (storage.read_json(meta_path).get("calendar") or {}) if storage.exists(meta_path) else {}
     read_s = time.perf_counter() - t
-    res = evaluate_tables(real, synthetic, vocab, rules_path, seed, privacy_sample, utility_sample)
+    res = evaluate_tables(real, synthetic, vocab, rules_path, seed, privacy_sample, utility_sample,
+                          hemisphere=calendar.get("hemisphere", "north"))
     res["params"].update(real_dir=str(real_dir), synthetic_dir=str(synthetic_dir))
     res["timings_s"] = {"read": read_s, **res["timings_s"], "total": res["timings_s"]["total"] + read_s}
     return res
