@@ -112,6 +112,7 @@ class _IncrementalHead:
     """
 
     def __init__(self, model):
+        self.model = model
         E, V = model.config.n_embd, model.config.vocab_size
         w1 = model.fine_1.masked_weight()
         self.w1_h, self.b1 = w1[:, :E], model.fine_1.bias  # (D, E), (D,)
@@ -132,17 +133,28 @@ class _IncrementalHead:
 class _Groups:
     """The single-valued token groups of one row type, as tensors: group k spans columns ``start[k]:stop[k]``."""
 
-    def __init__(self, groups: Sequence[TokenGroup], device):
+    def __init__(self, groups: Sequence[TokenGroup], device, model=None):
         self.groups = sorted(groups, key=lambda grp: grp.start)
         for a, b in zip(self.groups, self.groups[1:]):
             if b.start < a.stop:
                 raise ConfigError(f"token groups {a.variable!r} ({a.start}:{a.stop}) and {b.variable!r} "
                                   f"({b.start}:{b.stop}) overlap; give each variable once (vocab.token_groups).")
+        heads = {tuple(r): k for k, r in enumerate(getattr(model.config, "groups", None) or ())} if model else {}
+        self.heads = [heads.get((grp.start, grp.stop)) for grp in self.groups]  # the model's categorical, or None
         self.n = len(self.groups)
         self.start = torch.tensor([g.start for g in self.groups] + [1 << 62], dtype=torch.long, device=device)
 
     def __bool__(self) -> bool:
         return self.n > 0
+
+
+def _with_model_heads(model, groups: list[TokenGroup]) -> list[TokenGroup]:
+    """``groups`` plus, as optional groups, the model's categorical heads they do not cover: a model trained with
+    heads scores those tokens only through them, on every row, so they are always drawn that way."""
+    have = {(grp.start, grp.stop) for grp in groups}
+    extra = [TokenGroup(f"group_{k}", "", "any", a, b) for k, (a, b) in enumerate(model.config.groups or ())
+             if (a, b) not in have]
+    return groups + extra
 
 
 def _group_log_weights(lg0: torch.Tensor, lg_after: torch.Tensor, required: bool) -> torch.Tensor:
@@ -218,6 +230,19 @@ def _sample_row(model, h: torch.Tensor, V: int, temperature: float, g: torch.Gen
     return row
 
 
+def _after_logits(head, pre: torch.Tensor, grp: TokenGroup, temperature: float) -> torch.Tensor:
+    """``(n, k, k)``: ``[:, j, i]`` = logit of member i with member j committed (from the incremental head)."""
+    n, kk = pre.size(0), grp.stop - grp.start
+    w2, b2 = head.w2[grp.start:grp.stop], head.b2[grp.start:grp.stop]
+    out = torch.empty(n, kk, kk, device=pre.device)
+    chunk = max(1, (1 << 24) // max(1, n * pre.size(1)))  # bound the (n, chunk, D) activations
+    for j0 in range(0, kk, chunk):
+        j1 = min(kk, j0 + chunk)
+        z = torch.relu(pre[:, None, :] + head.w1_row[grp.start + j0:grp.start + j1][None])  # (n, c, D)
+        out[:, j0:j1] = (torch.matmul(z, w2.t()) + b2).float() / temperature
+    return out
+
+
 def _decide_groups(head, pre, row, logits, live, decide, gnext, cursor, groups: _Groups, temperature, g) -> None:
     """Draw the next group of each patient in ``live[decide]`` as one categorical and commit it."""
     pos = decide.nonzero().flatten()  # positions in `live` / `logits`
@@ -226,17 +251,14 @@ def _decide_groups(head, pre, row, logits, live, decide, gnext, cursor, groups: 
         grp = groups.groups[k]
         sel = pos[which == k]
         idx = live[sel]
-        lg0 = logits[sel, grp.start:grp.stop]
-        n, kk = lg0.shape
-        w2 = head.w2[grp.start:grp.stop]
-        b2 = head.b2[grp.start:grp.stop]
-        lg_after = torch.empty(n, kk, kk, device=lg0.device)
-        chunk = max(1, (1 << 24) // max(1, n * pre.size(1)))  # bound the (n, chunk, D) activations
-        for j0 in range(0, kk, chunk):
-            j1 = min(kk, j0 + chunk)
-            z = torch.relu(pre[idx][:, None, :] + head.w1_row[grp.start + j0:grp.start + j1][None])  # (n, c, D)
-            lg_after[:, j0:j1] = (torch.matmul(z, w2.t()) + b2).float() / temperature
-        pick = _draw_categorical(_group_log_weights(lg0, lg_after, grp.required), g)
+        kk = grp.stop - grp.start
+        if groups.heads[k] is not None:  # the model's own categorical over the group (+ "none")
+            lg = head.model.group_logits(torch.relu(pre[idx]), groups.heads[k]).float() / temperature
+            pick = _draw_categorical(lg[:, :kk] if grp.required else lg, g)
+        else:  # a Bernoulli chain over the members, restricted to at most (exactly) one
+            pick = _draw_categorical(_group_log_weights(logits[sel, grp.start:grp.stop],
+                                                        _after_logits(head, pre[idx], grp, temperature),
+                                                        grp.required), g)
         on = pick < kk
         code = grp.start + pick[on]
         row[idx[on], code] = 1.0
@@ -279,8 +301,8 @@ def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 25
         raise ConfigError(f"model sizes ({cfg.n_visit_tokens}, {cfg.n_labels}) do not match the vocabulary "
                           f"({vocab.n_visit_tokens}, {vocab.n_labels}); use the checkpoint's own vocab.json.")
     g = torch.Generator(device=device).manual_seed(int(seed))
-    row_groups = {kind: _Groups([grp for grp in groups or () if grp.row == kind], device)
-                  for kind in ("label", "visit")}
+    row_groups = {kind: _Groups(_with_model_heads(model, [grp for grp in groups or () if grp.row == kind]),
+                                device, model) for kind in ("label", "visit")}
     if labels is None and label_probs is not None and vocab.label_row:
         labels = labels_from_probs(label_probs, vocab, n_patients, torch.Generator().manual_seed(int(seed)))
     if labels is not None:
@@ -344,6 +366,7 @@ def sample_reference(model, vocab: Vocab, n_patients: int, seed: int, batch_size
     V, T, fvr = vocab.size, cfg.n_ctx, vocab.first_visit_row
     g = torch.Generator(device=device).manual_seed(int(seed))
     cols = torch.arange(V, device=device)
+    heads = {tuple(r): k for k, r in enumerate(cfg.groups or ())} if not cfg.coarse else {}
     out = []
     for b0 in range(0, n_patients, batch_size):
         B = min(batch_size, n_patients - b0)
@@ -354,7 +377,9 @@ def sample_reference(model, vocab: Vocab, n_patients: int, seed: int, batch_size
             h, _ = model.history(X[:, :t])
             h = h[:, -1]
             row = torch.zeros(B, V, device=device)
-            pending = [grp for grp in groups or () if grp.row == ("label" if t < fvr else "visit")]
+            pending = sorted(_with_model_heads(model, [grp for grp in groups or ()
+                                                       if grp.row == ("label" if t < fvr else "visit")]),
+                             key=lambda grp: grp.start)
             i = 0
             while i < V:
                 logits = model.head(h, row).float() / temperature
@@ -365,13 +390,18 @@ def sample_reference(model, vocab: Vocab, n_patients: int, seed: int, batch_size
                 if pending and c >= pending[0].start:
                     grp = pending.pop(0)
                     k = grp.stop - grp.start
-                    lg_after = torch.empty(B, k, k, device=device)
-                    for j in range(k):
-                        on = row.clone()
-                        on[:, grp.start + j] = 1.0
-                        lg_after[:, j] = model.head(h, on).float()[:, grp.start:grp.stop] / temperature
-                    pick = _draw_categorical(_group_log_weights(logits[:, grp.start:grp.stop], lg_after,
-                                                                grp.required), g)
+                    hk = heads.get((grp.start, grp.stop))
+                    if hk is not None:
+                        lg = model.group_logits(model._fine(h, row)[0], hk).float() / temperature
+                        pick = _draw_categorical(lg[:, :k] if grp.required else lg, g)
+                    else:
+                        lg_after = torch.empty(B, k, k, device=device)
+                        for j in range(k):
+                            on = row.clone()
+                            on[:, grp.start + j] = 1.0
+                            lg_after[:, j] = model.head(h, on).float()[:, grp.start:grp.stop] / temperature
+                        pick = _draw_categorical(_group_log_weights(logits[:, grp.start:grp.stop], lg_after,
+                                                                    grp.required), g)
                     hit = (pick < k).nonzero().flatten()
                     row[hit, grp.start + pick[hit]] = 1.0
                     i = grp.stop

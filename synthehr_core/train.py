@@ -370,7 +370,7 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
                  dp_target_epsilon: float = 0.0, dp_delta: float | None = None, dp_noise_multiplier: float | None = None,
                  dp_max_grad_norm: float = 1.0, dp_physical_batch_size: int | None = None,
                  dp_accountant: str = "rdp", min_code_count: int = 0, distributed: bool = False,
-                 **model_overrides: Any) -> dict:
+                 group_heads: bool = True, **model_overrides: Any) -> dict:
     """The train stage: fit HALO or ConSequence on the train split, validate on val, write a checkpoint dir.
 
     Args:
@@ -394,6 +394,9 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
         min_code_count: leave out of the vocabulary (and so of the model and the synthetic data) every clinical
             code held by fewer than this many training patients; 0 = keep all (privacy.py, docs/privacy.md).
         distributed: join the torchrun process group (distributed.py); rank 0 alone writes ``out_dir``.
+        group_heads: give each single-valued variable (event type, visit bins, calendar kinds, labels:
+            ``vocab.token_groups``) a categorical head instead of a chain of per-token Bernoullis (HALO's), so a
+            visit gets one month drawn from one softmax. False = HI's head only. Ignored for HALO-Coarse.
         model_overrides: extra ``HaloConfig`` fields (e.g. ``n_embd=64``, ``coarse=True``).
     """
     from .rules import RULES_FILE, load_rules, validate_rules
@@ -415,6 +418,10 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
     meta_path = storage.join(tables_dir, "meta.json")
     tables_meta = storage.read_json(meta_path) if storage.exists(meta_path) else {}
     n_ctx = int(n_ctx or tables_meta.get("n_ctx") or 48)  # HI:config.py n_ctx
+    tp = tables[0][tables[0]["split"] == "train"]
+    groups = token_groups(vocab, tp, tables[1][tables[1]["patient_id"].isin(tp["patient_id"])])
+    if group_heads and not model_overrides.get("coarse") and "groups" not in model_overrides:
+        model_overrides["groups"] = [(g.start, g.stop) for g in groups]
     config = HaloConfig.preset(preset, vocab.n_visit_tokens, vocab.n_labels, n_ctx=n_ctx, **model_overrides)
     rules, compiled = None, None
     if model_type == "consequence":
@@ -469,8 +476,6 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
                      **dict.fromkeys(eps_col, "float64")}), preserve_index=False))
     storage.write_parquet(storage.join(out_dir, "label_probs.parquet"),
                           pa.Table.from_pandas(label_probs(train_ds, vocab), preserve_index=False))
-    tp = tables[0][tables[0]["split"] == "train"]
-    groups = token_groups(vocab, tp, tables[1][tables[1]["patient_id"].isin(tp["patient_id"])])
     save_token_groups(storage.join(out_dir, TOKEN_GROUPS_FILE), groups)
     train_losses = hist.loc[hist["split"] == "train", "loss"]
     info = {"model_type": model_type, "preset": preset, "seed": seed, "config_hash": run_hash,

@@ -141,3 +141,61 @@ def test_masked_linear_inference_cache_follows_weight_updates():
     torch.testing.assert_close(b, F.linear(x, torch.tril(lin.weight), lin.bias))
     assert not torch.allclose(a, b)
     assert [n for n, _ in lin.named_buffers()] == [] and "_tril" not in lin.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------- categorical heads
+def _one_hot_batch(cfg, B=3, seed=2):
+    """Random rows that hold exactly one of columns 0..2 or none, and one of 3..4 (single-valued variables)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(B, cfg.n_ctx, cfg.vocab_size, generator=g) < 0.3).float()
+    x[..., 0:5] = 0
+    a = torch.randint(0, 4, (B, cfg.n_ctx), generator=g)        # 3 = none
+    b = torch.randint(0, 2, (B, cfg.n_ctx), generator=g)
+    x.scatter_(2, a.clamp(max=2)[..., None], (a < 3).float()[..., None])
+    x.scatter_(2, (3 + b)[..., None], torch.ones(B, cfg.n_ctx, 1))
+    return x, a, b
+
+
+def test_group_loss_is_cross_entropy_plus_bce_elsewhere():
+    m = _model(groups=[(0, 3), (3, 5)])
+    x, a, b = _one_hot_batch(m.config)
+    mask = torch.zeros(3, 8, 1)
+    mask[:, 1:6] = 1
+    logits, loss = m(x, mask)
+    hidden, _ = m._fine(m.history(x[:, :-1])[0], x[:, 1:])
+    w = mask[:, 1:, 0]
+    ce = (F.cross_entropy(m.group_logits(hidden, 0).flatten(0, 1), a[:, 1:].flatten(), reduction="none")
+          * w.flatten()).sum()
+    ce += (F.cross_entropy(m.group_logits(hidden, 1).flatten(0, 1), b[:, 1:].flatten(), reduction="none")
+           * w.flatten()).sum()
+    bce = (F.binary_cross_entropy_with_logits(logits, x[:, 1:], reduction="none")[..., 5:] * mask[:, 1:]).sum()
+    torch.testing.assert_close(loss, (ce + bce) / logits.numel())
+
+
+def test_group_head_sees_only_the_columns_before_its_group():
+    m = _model(groups=[(2, 5)])
+    h = torch.randn(4, m.config.n_embd)
+    row = (torch.rand(4, m.config.vocab_size) < 0.5).float()
+    base = m.group_logits(m._fine(h, row)[0], 0)
+    changed = row.clone()
+    changed[:, 2:] = 1 - changed[:, 2:]                            # the group itself and everything after it
+    torch.testing.assert_close(m.group_logits(m._fine(h, changed)[0], 0), base)
+    changed[:, 1] = 1 - changed[:, 1]                              # a column before it does matter
+    assert not torch.allclose(m.group_logits(m._fine(h, changed)[0], 0), base)
+    assert base.shape == (4, 4)                                     # 3 values + "none"
+
+
+def test_group_config_is_validated_and_round_trips(tmp_path):
+    with pytest.raises(ConfigError, match="non-overlapping"):
+        HaloConfig.tiny(9, 3, groups=[(0, 3), (2, 4)])
+    with pytest.raises(ConfigError, match="inside the vocabulary"):
+        HaloConfig.tiny(9, 3, groups=[(10, 20)])
+    with pytest.raises(ConfigError, match="Coarse"):
+        HALO(HaloConfig.tiny(9, 3, coarse=True, groups=[(0, 3)]))
+    vocab = build_vocab(["a", "b"], {}, [], ["dx:1", "dx:2"], {"sex": ["F", "M"]}, {}, ["dx"])
+    cfg = HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=6, groups=[[0, 2], [4, 6]])
+    assert cfg.groups == ((0, 2), (4, 6))
+    with storage.atomic_dir(tmp_path / "ckpt") as tmp:
+        write_checkpoint(tmp, _build(cfg), vocab)
+    m2, _, _ = load_model(tmp_path / "ckpt")
+    assert m2.config == cfg and len(m2.group_heads) == 2

@@ -282,6 +282,82 @@ class TestTokenGroups:
         assert n_visits > 400                                             # several visit rows per patient
 
 
+def _head_model(vocab, groups, n_ctx=3, seed=0):
+    """``_sharp_model`` with a categorical head per group (HaloConfig.groups), heads sharpened too."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        m = HALO(HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=n_ctx,
+                                 groups=[(g.start, g.stop) for g in groups]))
+        with torch.no_grad():
+            m.fine_1.weight.mul_(4.0)
+            m.fine_1.weight[:, m.config.n_embd:] *= 4.0
+            m.fine_2.weight.mul_(4.0)
+            for head in m.group_heads:
+                head.weight.mul_(6.0)
+                head.bias.normal_(0.0, 1.0)
+    return m.eval()
+
+
+def _head_log_prob(model, h, pats, groups):
+    """log p of each pattern when each group is one categorical (its heads), restricted to one value where
+    required; other columns by the Bernoulli logits."""
+    hidden, logits = model._fine(h, pats)
+    bern = -torch.nn.functional.binary_cross_entropy_with_logits(logits, pats, reduction="none")
+    in_group = torch.zeros(pats.size(1), dtype=torch.bool)
+    total = torch.zeros(len(pats))
+    for k, grp in enumerate(groups):
+        in_group[grp.start:grp.stop] = True
+        kk = grp.stop - grp.start
+        lg = model.group_logits(hidden, k)
+        lg = lg[:, :kk] if grp.required else lg
+        t = pats[:, grp.start:grp.stop]
+        cls = torch.where(t.sum(1) > 0, t.argmax(1), kk)
+        total += torch.log_softmax(lg, 1).gather(1, cls.clamp(max=lg.size(1) - 1)[:, None])[:, 0]
+    total += (bern * ~in_group).sum(1)
+    return torch.where(_allowed(pats, groups), total, torch.tensor(float("-inf")))
+
+
+class TestGroupHeads:
+    """A model trained with categorical heads (HaloConfig.groups) is sampled through them, exactly."""
+
+    def _exact(self, m, vocab, groups):
+        pats = _patterns(vocab.size)
+        with torch.no_grad():
+            h, _ = m.history(torch.eye(vocab.size)[vocab.start_index][None, None, :])
+            p = _head_log_prob(m, h[0, -1].expand(len(pats), -1), pats, groups).exp().numpy()
+        assert abs(p.sum() - 1) < 1e-5
+        return p
+
+    def test_fast_and_reference_samplers_match_the_heads(self):
+        vocab, groups = _group_vocab()
+        V = vocab.size
+        m = _head_model(vocab, groups, seed=8)
+        p_exact = self._exact(m, vocab, groups)
+        fast = sample(m, vocab, 12000, seed=4, batch_size=3000, progress=False, groups=groups)
+        ref = sample_reference(m, vocab, 6000, seed=5, batch_size=2000, groups=groups)
+        for rows in (fast, ref):
+            counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(p_exact))
+            assert counts[p_exact == 0].sum() == 0
+            assert _chi2_p(counts[p_exact > 0], p_exact[p_exact > 0]) > 1e-3
+        # power: the heads are the model; the chain over the (untrained) Bernoulli logits is a different law
+        p_chain = TestTokenGroups()._first_visit_exact(m, vocab, groups)
+        counts = np.bincount([_key(r[0], V) for r in fast], minlength=len(p_exact))
+        keep = p_chain > 0
+        assert _chi2_p(counts[keep], p_chain[keep]) < 1e-6
+
+    def test_heads_are_used_even_without_token_groups(self):
+        """constrain=False passes no groups: the heads still draw their tokens, with "none" allowed."""
+        vocab, groups = _group_vocab()
+        V = vocab.size
+        m = _head_model(vocab, groups, seed=9)
+        optional = [__import__("dataclasses").replace(g, required=False) for g in groups]
+        p_exact = self._exact(m, vocab, optional)
+        rows = sample(m, vocab, 12000, seed=6, batch_size=3000, progress=False)
+        counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(p_exact))
+        assert counts[p_exact == 0].sum() == 0                        # never two values of one variable
+        assert _chi2_p(counts[p_exact > 0], p_exact[p_exact > 0]) > 1e-3
+
+
 class TestBehaviour:
     def test_same_seed_and_batch_is_identical_other_seed_differs(self):
         vocab = _vocab(6, labels=True)

@@ -90,7 +90,10 @@ class TestRoundTrip:
         d = qh_tables[0]
         train_to_dir(d / "tables", tmp_path / "m", "halo", "tiny", epochs=1, max_steps=2, batch_size=32,
                      eval_every=None, progress=False, device="cpu")
-        sample_to_dir(tmp_path / "m", tmp_path / "s", seed=1, n_patients=60, batch_size=60)
+        smeta = sample_to_dir(tmp_path / "m", tmp_path / "s", seed=1, n_patients=60, batch_size=60)
+        _, sv, _ = read_tables(tmp_path / "s")       # every real visit has a date: one token of each kind, always
+        assert {f"cal_{k}" for k in T.CAL_KINDS} <= set(smeta["token_groups"]["required"])
+        assert sv[[f"cal_{k}" for k in T.CAL_KINDS]].notna().all().all() and smeta["n_visit_value_conflicts"] == 0
         gmeta = generate_kde_grids_to_dir(str(d / "tables"), KDE, str(tmp_path / "g"))
         assert gmeta["calendar_tables"] is True
         kmeta = sample_kde_to_dir(str(tmp_path / "s"), str(tmp_path / "g"), str(tmp_path / "k"), seed=2)

@@ -140,3 +140,26 @@ def test_resume_after_sigkill_is_bit_identical(toy_dir, tmp_path):
     pd.testing.assert_frame_equal(ha, hb, check_exact=True)
     assert not _equal_states(_state(tmp_path / "full" / "model.pt"),
                              _state(tmp_path / "cut" / CKPT_DIR / "step_00000005.pt")["model"])  # it did train on
+
+
+def test_group_heads_and_token_groups_reach_the_checkpoint(toy_dir, tmp_path):
+    """train writes HaloConfig.groups (one categorical head per single-valued variable) and token_groups.json;
+    group_heads=False trains HI's head only; the sampler draws required groups exactly once per visit."""
+    from synthehr_core import storage
+    from synthehr_core.sampling import sample_to_dir
+    from synthehr_core.schema import read_tables
+
+    train_to_dir(toy_dir, tmp_path / "m", epochs=1, batch_size=16, n_ctx=N_CTX, eval_every=None, progress=False)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    groups = storage.read_json(tmp_path / "m" / "token_groups.json")["groups"]
+    assert [list(g) for g in cfg["groups"]] == [[g["start"], g["stop"]] for g in groups]
+    by_col = {g["column"]: g["required"] for g in groups}
+    assert by_col["event_type"] is True and by_col["sex"] is True and by_col["gap_days_binned"] is False
+    meta = sample_to_dir(tmp_path / "m", tmp_path / "s", seed=0, n_patients=64, batch_size=32)
+    assert meta["token_groups"]["n"] == len(groups) and "event_type" in meta["token_groups"]["required"]
+    sp, sv, _ = read_tables(tmp_path / "s")
+    assert meta["n_visit_value_conflicts"] == meta["n_label_conflicts"] == 0      # never two values of one variable
+    assert sv["event_type"].notna().all() and sp["sex"].notna().all()            # required: always one
+    train_to_dir(toy_dir, tmp_path / "m2", epochs=1, batch_size=16, n_ctx=N_CTX, eval_every=None, progress=False,
+                 group_heads=False)
+    assert json.loads((tmp_path / "m2" / "config.json").read_text())["groups"] is None

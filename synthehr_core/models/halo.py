@@ -130,6 +130,21 @@ class HaloConfig:
     layer_norm_epsilon: float = 1e-5    # HI:config.py
     coarse: bool = False                # HALO-Coarse ablation; HI:baselines/haloCoarse
     pos_loss_weight: float | None = None  # weight on positive targets; None in HI:config.py / KI:config.py
+    # column ranges [start, stop) of single-valued variables (vocab.token_groups), each given a categorical head
+    # (ours, not HI's): p(value | history, codes < start) as one softmax over its tokens + "none"; None = pure HALO
+    groups: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self):
+        if self.groups is not None:  # JSON gives lists; keep a hashable, validated tuple of pairs
+            g = tuple((int(a), int(b)) for a, b in self.groups)
+            V = self.vocab_size
+            bad = [r for r in g if not 0 <= r[0] < r[1] <= V]
+            overlap = [(a, b) for a, b in zip(g, g[1:]) if b[0] < a[1]]
+            if bad or overlap or list(g) != sorted(g):
+                raise ConfigError(f"HaloConfig.groups must be sorted, non-overlapping [start, stop) ranges inside the "
+                                  f"vocabulary (size {V}); got {list(self.groups)}. Take them from "
+                                  "vocab.token_groups.")
+            object.__setattr__(self, "groups", g or None)
 
     @property
     def vocab_size(self) -> int:
@@ -177,6 +192,10 @@ class HALO(nn.Module):
         if not config.coarse:
             self.fine_1 = MaskedLinear(E + V)
             self.fine_2 = MaskedLinear(E + V)
+            # group k reads hidden units 0 .. E+start-1 of the fine head: they see h and row[:start] only
+            self.group_heads = nn.ModuleList([nn.Linear(E + a, b - a + 1) for a, b in config.groups or ()])
+        elif config.groups:
+            raise ConfigError("HaloConfig: groups need the fine head; HALO-Coarse (coarse=True) has none.")
         # HI inits its Conv1D projections N(0, 0.02) with zero bias; the visit embedding and the fine head keep
         # PyTorch's default Linear init and the position table nn.Embedding's default N(0, 1).
         for block in self.transformer.h:
@@ -212,12 +231,21 @@ class HALO(nn.Module):
 
         Logit j depends on h and on row[..., :j] only, so the sampler may pass a row filled up to any column.
         """
+        return self._fine(h, row)[1]
+
+    def _fine(self, h: torch.Tensor, row: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(hidden activations of the fine head ``(..., E + V)``, logits ``(..., V)``); hidden is None when coarse."""
         if self.config.coarse:
-            return h @ self.transformer.wve.weight  # (..., V): decoder tied to the visit embedding
-        z = torch.cat([h, row], dim=-1)  # (..., E + V)
-        z = self.fine_2(F.relu(self.fine_1(z)))  # (..., E + V)
+            return None, h @ self.transformer.wve.weight  # (..., V): decoder tied to the visit embedding
+        a = F.relu(self.fine_1(torch.cat([h, row], dim=-1)))  # (..., E + V): unit o sees inputs 0..o
         E = self.config.n_embd
-        return z[..., E - 1:E - 1 + self.config.vocab_size]  # output E-1+j sees h and row[:j]: p(code j | ...)
+        return a, self.fine_2(a)[..., E - 1:E - 1 + self.config.vocab_size]  # E-1+j sees h, row[:j]
+
+    def group_logits(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        """Logits ``(..., size + 1)`` of group k's categorical (its tokens in order, then "none") from the fine head's
+        hidden activations (``_fine``; the sampler passes relu of its incremental pre-activation)."""
+        a, _ = self.config.groups[k]
+        return self.group_heads[k](hidden[..., :self.config.n_embd + a])
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -232,13 +260,27 @@ class HALO(nn.Module):
         """
         h, _ = self.history(x[:, :-1])  # (B, T-1, E)
         targets = x[:, 1:]  # (B, T-1, V)
-        logits = self.head(h, targets)  # (B, T-1, V)
+        hidden, logits = self._fine(h, targets)  # (B, T-1, V)
         if mask is None and loss_weight is None:
             return logits, None
-        weight = loss_weight if loss_weight is not None else mask[:, 1:]
+        weight = (loss_weight if loss_weight is not None else mask[:, 1:]).float().expand_as(targets)
         pos_weight = None
         if self.config.pos_loss_weight is not None:
             pos_weight = torch.tensor(self.config.pos_loss_weight, device=x.device, dtype=logits.dtype)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(),
-                                                  weight=weight.float().expand_as(targets), pos_weight=pos_weight)
-        return logits, loss
+        if not self.config.groups:
+            loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), weight=weight,
+                                                      pos_weight=pos_weight)
+            return logits, loss
+        # a group's tokens are scored by its categorical (one cross-entropy per row), every other token by BCE;
+        # the sum is divided by the element count, HI's scale
+        in_group = torch.zeros(targets.size(-1), dtype=torch.bool, device=x.device)
+        total = 0.0
+        for k, (a, b) in enumerate(self.config.groups):
+            in_group[a:b] = True
+            t = targets[..., a:b]
+            cls = torch.where(t.sum(-1) > 0, t.float().argmax(-1), b - a)  # first token on, else "none" (index k)
+            ce = F.cross_entropy(self.group_logits(hidden, k).float().flatten(0, -2), cls.flatten(), reduction="none")
+            total = total + (ce * weight[..., a:b].amin(-1).flatten()).sum()  # a rule-fixed member drops the row
+        bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), weight=weight * ~in_group,
+                                                 pos_weight=pos_weight, reduction="sum")
+        return logits, (bce + total) / targets.numel()
