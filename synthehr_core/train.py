@@ -377,7 +377,8 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
         tables_dir: preprocess output (tables + vocab.json); ``train`` patients train, ``val`` patients validate.
         out_dir: checkpoint directory; must be empty unless ``resume_from`` is given. Holds ``model.pt`` (best
             weights), ``config.json``, ``vocab.json``, ``rules.json`` (ConSequence), ``history.parquet``,
-            ``label_probs.parquet``, ``meta.json`` (written last) and ``checkpoints/step_*.pt``.
+            ``label_probs.parquet``, ``token_groups.json`` (``vocab.token_groups``: the sampler's one-value-per-
+            variable constraints), ``meta.json`` (written last) and ``checkpoints/step_*.pt``.
         model_type: ``"halo"`` or ``"consequence"`` (needs ``rules_dir``).
         preset: model size from ``HaloConfig.preset`` (``"tiny"`` runs on a laptop CPU in seconds).
         rules_dir: rules-stage output holding ``rules.json``.

@@ -11,6 +11,12 @@ Conv1D (weights transposed), ``nn.LayerNorm`` instead of the custom one, causal 
 refuses trainable modules with buffers), and logits + BCEWithLogits instead of probabilities + BCELoss (AMP).
 HALO-Coarse (``coarse=True``; HI:baselines/haloCoarse) replaces the fine head by a decoder tied to the visit
 embedding, so codes within a visit are independent given the history.
+
+One extension that is not neutral, opt-in through ``HaloConfig.groups`` (the train stage turns it on): each
+single-valued variable (event type, a visit bin, a calendar kind, a label) gets a categorical head, a softmax over
+its tokens + "none" read from the fine head's hidden units that see only h and the columns before the group.
+HI scores those tokens as a chain of Bernoullis, which lets a visit hold no month or two, and hands the last token
+whatever probability the earlier conditionals under-estimate (docs/temporal.md §1).
 """
 from __future__ import annotations
 
