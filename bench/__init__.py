@@ -21,7 +21,7 @@ def mimic_demo_tables(out_dir: str | Path | None = None) -> Path:
 
 
 def briefly_trained_halo(tables_dir: str | Path, preset: str = "small", steps: int = 150, batch_size: int = 16,
-                         n_ctx: int = 48, seed: int = 0, lr: float = 1e-3):
+                         n_ctx: int = 48, seed: int = 0, lr: float = 1e-3, group_heads: bool = True):
     """A HALO model fitted for a few Adam steps on the train split: realistic code and end-token rates.
 
     Not the train stage (synthehr_core.train); just enough fitting that sampled patients look like real ones.
@@ -32,7 +32,7 @@ def briefly_trained_halo(tables_dir: str | Path, preset: str = "small", steps: i
 
     out = Path(tempfile.mkdtemp(prefix="bench-halo-")) / "model"
     info = train_to_dir(tables_dir, out, model_type="halo", preset=preset, max_steps=steps, batch_size=batch_size,
-                        lr=lr, seed=seed, n_ctx=n_ctx, eval_every=None, progress=False)
+                        lr=lr, seed=seed, n_ctx=n_ctx, eval_every=None, progress=False, group_heads=group_heads)
     model, vocab, _ = load_model(out, device="cpu")
     log.info("trained %s HALO for %d steps, loss %.5f", preset, steps, info["final_train_loss"])
     return model.eval(), vocab, info["final_train_loss"]

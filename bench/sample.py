@@ -72,6 +72,9 @@ def main(argv=None) -> None:
     ap.add_argument("--synthetic", action="store_true",
                     help="untrained model over a HALO-inpatient-sized made-up vocabulary (no data, no training)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-group-heads", action="store_true",
+                    help="train HI's Bernoulli head only (the default model has a categorical head per single-valued "
+                         "variable, which both samplers draw through)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -80,8 +83,10 @@ def main(argv=None) -> None:
         what = "untrained, made-up HALO-inpatient vocabulary, biases set for ~14 codes/visit and p(end)=0.35"
     else:
         tables = mimic_demo_tables()
-        model, vocab, loss = briefly_trained_halo(tables, preset=args.preset, steps=args.train_steps, seed=args.seed)
-        what = f"{args.train_steps} Adam steps on MIMIC-III demo train (loss {loss:.4f})"
+        model, vocab, loss = briefly_trained_halo(tables, preset=args.preset, steps=args.train_steps, seed=args.seed,
+                                                  group_heads=not args.no_group_heads)
+        what = (f"{args.train_steps} Adam steps on MIMIC-III demo train (loss {loss:.4f}), "
+                f"{len(model.config.groups or ())} categorical heads")
     model = model.to(args.device)
     cfg = model.config
     dev = torch.cuda.get_device_name() if model.fine_2.bias.is_cuda else \

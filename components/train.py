@@ -21,7 +21,8 @@ def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, pre
         lr: Adam learning rate.
         seed: Model init and data order.
         dp_target_epsilon: DP-SGD privacy budget epsilon; 0 = no differential privacy.
-        model: Checkpoint directory (model.pt, config.json, vocab.json, history.parquet, label_probs.parquet).
+        model: Checkpoint directory (model.pt, config.json, vocab.json, history.parquet, label_probs.parquet,
+            token_groups.json).
         metrics: Losses, steps and timing.
         loss_curve: Train/val loss per step.
     """

@@ -304,13 +304,15 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
           rules_dir: str | None = typer.Option(None, "--rules", help="rules directory (consequence)"),
           resume_from: str | None = typer.Option(None, help="checkpoint or run directory to resume"),
           dp_target_epsilon: float = typer.Option(0.0, help="DP-SGD epsilon; 0 = no differential privacy"),
+          group_heads: bool = typer.Option(True, help="one categorical head per single-valued variable (event "
+                                           "type, bins, calendar, labels); --no-group-heads = HALO's head only"),
           device: str | None = typer.Option(None, help="cpu, cuda, ...; default: cuda if available")):
     """Train HALO or ConSequence and write a checkpoint directory."""
     from .train import train_to_dir
 
     info = train_to_dir(tables, out, model_type=model_type, preset=preset, epochs=epochs, batch_size=batch_size,
                         lr=lr, rules_dir=rules_dir, seed=seed, resume_from=resume_from, device=device,
-                        dp_target_epsilon=dp_target_epsilon)
+                        dp_target_epsilon=dp_target_epsilon, group_heads=group_heads)
     _echo_json(info)
 
 

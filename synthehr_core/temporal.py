@@ -49,7 +49,10 @@ WEEKDAY_FILE = "calendar_weekdays.parquet"
 DEFAULT_MIN_COUNT = 10                    # privacy guard, as the KDE grids' (docs/kde.md)
 MAX_CELLS_PER_CHUNK = 2_000_000           # rows x candidate days per vectorised block (memory bound)
 TOD_RETRIES = 8                           # fresh times of day tried before a token is given up; arbitrary
-RELAX_ORDER = ("exact", "drop_filled", "drop_year", "drop_month", "drop_weekday", "allow_overlap")
+# later-visit levels, first non-empty wins: drop_year keeps month + weekday, drop_month keeps year + weekday,
+# drop_year_month keeps the weekday, drop_weekday keeps no token (the gap bin always holds)
+RELAX_ORDER = ("exact", "drop_filled", "drop_year", "drop_month", "drop_year_month", "drop_weekday",
+               "allow_overlap")
 ALL = "*"                                 # time-of-day stratum of all event types
 
 
@@ -623,7 +626,8 @@ def _choose_days(prev, prev_los, lo, hi, tod, tok, dens, rng, report, strict: bo
         fill = tok["fill_weekday"][sel, None] if "fill_weekday" in tok else np.full((len(sel), 1), -1)
         filled = (fill < 0) | (_day_parts(D, ("weekday",))["weekday"] == fill) if (fill >= 0).any() else True
         levels = [exact & filled & feas, exact & filled, exact, valid & fits & match["month"] & match["weekday"],
-                  valid & fits & match["weekday"], valid & fits, valid]
+                  valid & fits & match["year"] & match["weekday"], valid & fits & match["weekday"], valid & fits,
+                  valid]
         chosen = np.full(len(sel), -1, dtype=np.int64)
         for name, ok in zip(names, levels):
             todo = np.flatnonzero(chosen < 0)

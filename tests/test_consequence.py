@@ -151,6 +151,30 @@ class TestLoss:
         assert torch.equal(probs[~fired], torch.sigmoid(logits)[~fired])
 
 
+def test_categorical_heads_still_learn_where_rules_fix_members(broken):
+    """Label exclusivity fixes every other value of a label column once one is on: with categorical heads the row
+    still trains its head (the categorical holds that rule by construction)."""
+    from synthehr_core.vocab import token_groups
+
+    d, vocab, rules = broken
+    assert any(r.family == "label_exclusivity" for r in rules)
+    ds = EHRParquetDataset(d, "train", N_CTX, vocab)
+    X, mask = collate_halo([ds[i] for i in range(32)], vocab, N_CTX)
+    groups = token_groups(vocab)
+    label = next(k for k, g in enumerate(groups) if g.row == "label")
+    cfg = HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=N_CTX, groups=[(g.start, g.stop) for g in groups])
+    torch.manual_seed(0)
+    cons = ConSequence(cfg, compile_rules(rules, vocab))
+    fired, _ = cons.rules.fired(X)
+    g = groups[label]
+    assert fired[:, 0, g.start:g.stop].any(-1).all()           # every label row has fixed members
+    only_labels = torch.zeros_like(mask)
+    only_labels[:, 1] = 1                                        # the loss of the label row alone
+    _, loss = cons(X, only_labels)
+    loss.backward()
+    assert cons.group_heads[label].weight.grad.abs().sum() > 0
+
+
 def test_consequence_samples_obey_the_rules_and_halo_samples_do_not(tmp_path):
     """(f) one trained checkpoint, sampled with and without its rules."""
     write_toy_tables(tmp_path / "t", 200, seed=0)

@@ -166,6 +166,28 @@ class TestReconstruction:
         assert rep["agreement"]["n_disagree_weekday"] == 1 and rep["relaxed"]["drop_weekday"] == 1
         assert 0 <= out["gap_days"].iloc[1] < 1
 
+    def test_impossible_month_keeps_year_and_weekday(self, qh_tables):
+        """First visit in September, next one 90-180 days later (December to March) with a June month token: the
+        month is given up (counted) but the year and weekday tokens still hold, so the date lands in December of
+        the same year (level drop_month, before drop_year_month; weekday-only would mostly pick Jan-Mar)."""
+        _, _, _, _, tp, tv = qh_tables
+        anchors, tod, _ = T.build_calendar_tables(tp, tv, min_count=3)
+        year = str(int(tv["cal_year"].astype(int).min()))
+        n = 20
+        v = pd.DataFrame({"patient_id": np.repeat([f"p{i:02d}" for i in range(n)], 2),
+                          "visit_index": np.int32([0, 1] * n), "event_type": "ED",
+                          "start_offset_days": np.nan, "gap_days": [np.nan, 120.0] * n,
+                          "gap_days_binned": [None, "90-180"] * n, "cal_year": year,
+                          "cal_month": ["09", "06"] * n, "cal_weekday": ["Mon", "Wed"] * n, "cal_hour": "06-11"})
+        out, rep = T.reconstruct_calendar_times(pd.DataFrame({"patient_id": v["patient_id"].unique()}), v, anchors,
+                                                tod, None, KDE["time"], rng=0)
+        parts = T.calendar_parts(out["start_day"].to_numpy())
+        later = out["visit_index"].to_numpy() == 1
+        assert rep["relaxed"]["drop_month"] == n and rep["agreement"]["n_disagree_month"] == n
+        assert set(parts["year"]) == {int(year)} and set(parts["month"][later]) == {12}
+        assert set(parts["weekday"][later]) == {2} and rep["agreement"]["n_disagree_year"] == 0
+        assert ((out["gap_days"][later] >= 90) & (out["gap_days"][later] < 180)).all()
+
     def test_gap_density_weights_candidates(self, qh_tables):
         """With a gap grid putting all mass on 20-21 days, every 7-30 day gap lands there (weekday permitting)."""
         _, _, _, _, tp, tv = qh_tables

@@ -286,7 +286,9 @@ class HALO(nn.Module):
             t = targets[..., a:b]
             cls = torch.where(t.sum(-1) > 0, t.float().argmax(-1), b - a)  # first token on, else "none" (index k)
             ce = F.cross_entropy(self.group_logits(hidden, k).float().flatten(0, -2), cls.flatten(), reduction="none")
-            total = total + (ce * weight[..., a:b].amin(-1).flatten()).sum()  # a rule-fixed member drops the row
+            # the row's weight: its mask (ConSequence zeroes rule-fixed members, e.g. label exclusivity, which the
+            # categorical satisfies by construction; the row stays in the loss while any member is unfixed)
+            total = total + (ce * weight[..., a:b].amax(-1).flatten()).sum()
         bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), weight=weight * ~in_group,
                                                  pos_weight=pos_weight, reduction="sum")
         return logits, (bce + total) / targets.numel()
