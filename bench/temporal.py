@@ -3,16 +3,18 @@
     .venv/bin/python bench/temporal.py                                   # QH simulator 20k + MIMIC-III demo
     .venv/bin/python bench/temporal.py --datasets qh --n-patients 5000 --epochs 2     # quicker
 
-Both arms run the real stages: preprocess -> ``train_to_dir`` (HALO, ``--preset``) -> ``sample_to_dir`` ->
-KDE grids -> ``sample_kde_to_dir``; they differ only in time:
+All arms run the real stages: preprocess -> ``train_to_dir`` (HALO, ``--preset``) -> ``sample_to_dir`` ->
+KDE grids -> ``sample_kde_to_dir``; they differ in the calendar, the head and the dating:
 
 (a) the dataset config without calendar tokens; KDE ``time.anchor_date`` = one uniform anchor per patient in
     the real date window, dates = anchor + cumulative KDE gaps, and ``event_day`` (day of week) drawn from its
     marginal ``value_counts`` grid by event type, independent of the date (the published pipeline);
-(b) calendar tokens (QH: year, month, weekday, hour; MIMIC-III: month, weekday, hour) learnt by the model, then
+(b) calendar tokens (QH: year, month, weekday, hour; MIMIC-III: month, weekday, hour) learnt by the model with one
+    categorical head per single-valued variable, sampled one value per variable, then
     ``sample_kde_to_dir`` with the calendar tables in the grids dir (``synthehr_core.temporal``);
-(c) = (b)'s model sampled without the single-value constraints (``sample_to_dir(constrain=False)``): rows may
-    hold no month or two weekdays (``decode_rows`` then keeps one at random); isolates the constraints' share.
+(c) = (b) with HI's Bernoulli head instead of categorical heads (``train_to_dir(group_heads=False)``), sampled
+    with the token-group constraints (each variable drawn from the restricted Bernoulli chain): isolates the heads.
+(a) trains HI's head and samples it unconstrained, as the published pipeline did.
 
 Metrics (``temporal_metrics``) compare the synthetic visit dates with the real *training* visits. Prints one table
 per dataset and the token-agreement report of (b).
@@ -109,26 +111,24 @@ def run_dataset(name: str, work: Path, n_patients: int, epochs: int, preset: str
     elif name == "qh":
         raw = str(work / "raw")
     out, times = {}, {}
-    for arm, toks in (("a", None), ("b", tokens), ("c", tokens)):
+    for arm, toks, heads, constrain in (("a", None, False, False), ("b", tokens, True, True),
+                                        ("c", tokens, False, True)):
         t0 = time.perf_counter()
         d = work / arm
-        src = work / "b" if arm == "c" else d          # (c) = (b)'s tables and model, another decode
+        src = work / "b" if arm == "c" else d          # (c) = (b)'s tables, its own model
         if arm != "c" and not (reuse and (d / "tables" / "meta.json").exists()):
             preprocess(_dataset_config(name, toks), d / "tables", raw=raw, overwrite=True)
         p, v, _ = read_tables(src / "tables")
         real_train = v[v["patient_id"].isin(set(p.loc[p["split"] == "train", "patient_id"]))]
         span = (int(np.floor(real_train["start_day"].min())), int(np.floor(real_train["start_day"].max())))
         n = n_synth or int((p["split"] == "train").sum())
-        if arm == "c" and not (reuse and (d / "sample" / "meta.json").exists()):
-            sample_to_dir(src / "model", d / "sample", seed=seed + 1, n_patients=n, batch_size=512, device=device,
-                          overwrite=True, constrain=False)
-        elif not (reuse and (d / "sample" / "meta.json").exists()):
+        if not (reuse and (d / "sample" / "meta.json").exists()):
             if (d / "model").exists():
                 shutil.rmtree(d / "model")
-            train_to_dir(d / "tables", d / "model", "halo", preset, epochs=epochs, batch_size=batch_size, lr=lr,
-                         seed=seed, eval_every=None, progress=False, device=device)
+            train_to_dir(src / "tables", d / "model", "halo", preset, epochs=epochs, batch_size=batch_size, lr=lr,
+                         seed=seed, eval_every=None, progress=False, device=device, group_heads=heads)
             sample_to_dir(d / "model", d / "sample", seed=seed + 1, n_patients=n, batch_size=512, device=device,
-                          overwrite=True)
+                          overwrite=True, constrain=constrain)
         if (d / "grids").exists():
             shutil.rmtree(d / "grids")
         _grids(str(src / "tables"), _kde_config(name, span if arm == "a" else None), str(d / "grids"), arm != "a")
@@ -175,7 +175,7 @@ def _print(name: str, res: dict) -> None:
           f"(b) {res['times']['b']:.0f}s, (c) {res['times']['c']:.0f}s\n")
     mc = res["c"]["metrics"]
     print("| metric | (a) published: random anchor + event_day marginal | (b) calendar tokens + reconstruction "
-          "| (c) = (b) sampled without single-value constraints |")
+          "| (c) = (b) with HI's Bernoulli head |")
     print("|---|---|---|---|")
     for k in keys:
         cell = [f"{d[k]:.4f}" if k in d and np.isfinite(d[k]) else "-" for d in (ma, mb, mc)]

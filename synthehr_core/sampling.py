@@ -141,6 +141,7 @@ class _Groups:
                                   f"({b.start}:{b.stop}) overlap; give each variable once (vocab.token_groups).")
         heads = {tuple(r): k for k, r in enumerate(getattr(model.config, "groups", None) or ())} if model else {}
         self.heads = [heads.get((grp.start, grp.stop)) for grp in self.groups]  # the model's categorical, or None
+        self.has_head = torch.tensor([k is not None for k in self.heads] + [False], dtype=torch.bool, device=device)
         self.n = len(self.groups)
         self.start = torch.tensor([g.start for g in self.groups] + [1 << 62], dtype=torch.long, device=device)
 
@@ -210,6 +211,16 @@ def _sample_row(model, h: torch.Tensor, V: int, temperature: float, g: torch.Gen
     live = torch.arange(B, device=h.device)
     cols = torch.arange(V, device=h.device)
     while live.numel():
+        if groups:  # a group with a head that starts right at the cursor needs no Bernoulli pass: draw it now
+            for _ in range(groups.n):
+                nxt = gnext[live]
+                at = (groups.start[nxt] == cursor[live]) & groups.has_head[nxt]
+                if not at.any():
+                    break
+                _decide_groups(head, pre, row, None, live, at, gnext, cursor, groups, temperature, g)
+            live = live[cursor[live] < V]
+            if not live.numel():
+                break
         logits = head.logits(pre[live]).float() / temperature  # (n, V)
         draw = torch.rand(logits.shape, generator=g, device=h.device) < torch.sigmoid(logits)
         draw &= cols[None, :] >= cursor[live, None]  # committed columns stay as they are
