@@ -65,6 +65,7 @@ GRID_KEYS = {
     "custom": {"method", "cut_points"},
 }
 TIME_KEYS = {"gap", "gap_unit", "offset", "offset_unit", "los", "los_unit", "allow_overlap", "anchor_age", "anchor_date",
+             "month_token_decay",
              "monotone"}
 UNIT_DAYS = {"days": 1.0, "hours": 1.0 / 24.0, "months": 365.25 / 12.0, "years": 365.25}
 DEFAULT_MIN_COUNT = 10          # privacy guard; arbitrary, tune per data-use agreement
@@ -300,7 +301,8 @@ def _check_time(t: Any, at: str, problems: list[str]) -> dict | None:
     out = {"gap": t.get("gap"), "gap_unit": t.get("gap_unit", "days"), "offset": t.get("offset"),
            "offset_unit": t.get("offset_unit", "days"), "los": t.get("los"), "los_unit": t.get("los_unit", "days"),
            "allow_overlap": t.get("allow_overlap", False), "anchor_age": t.get("anchor_age"),
-           "anchor_date": t.get("anchor_date"), "monotone": t.get("monotone", [])}
+           "anchor_date": t.get("anchor_date"), "monotone": t.get("monotone", []),
+           "month_token_decay": t.get("month_token_decay", 0.25)}
     mono = out["monotone"]
     if not isinstance(mono, list) or not all(isinstance(c, str) for c in mono):
         problems.append(f"{at}.monotone = {mono!r} must be a list of visit columns that never decrease within a "
@@ -313,6 +315,10 @@ def _check_time(t: Any, at: str, problems: list[str]) -> dict | None:
             problems.append(f"{at}.{k} = {out[k]!r} is not one of {list(UNIT_DAYS)}.")
     if not isinstance(out["allow_overlap"], bool):
         problems.append(f"{at}.allow_overlap = {out['allow_overlap']!r} must be true or false.")
+    decay = out["month_token_decay"]
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+        problems.append(f"{at}.month_token_decay = {decay!r} must be a number in (0, 1]: the weight factor per month "
+                        "between a later visit's candidate day and its given-up month token (1 = ignore it).")
     ad = out["anchor_date"]
     if ad is not None:
         try:

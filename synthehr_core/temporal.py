@@ -54,6 +54,8 @@ TOD_RETRIES = 8                           # fresh times of day tried before a to
 RELAX_ORDER = ("exact", "drop_filled", "drop_year", "drop_month", "drop_year_month", "drop_weekday",
                "allow_overlap")
 ALL = "*"                                 # time-of-day stratum of all event types
+MONTH_DROPPED = ("drop_month", "drop_year_month", "drop_weekday", "allow_overlap")   # levels that give up the month
+MONTH_TOKEN_DECAY = 0.25   # default weight factor per month from a given-up month token (KDE time.month_token_decay)
 
 
 # ============================================================================================ calendar parts
@@ -118,8 +120,9 @@ def build_calendar_tables(patients: pd.DataFrame, visits: pd.DataFrame, min_coun
     ``year, month, weekday, count`` (cells below ``min_count`` dropped; when none is left, year-free cells
     with year = -1) and ``year_lo``/``year_hi`` (the real first-visit years); ``time_of_day`` = visits per 10-minute
     slot, per ``event_type`` and for all (``event_type == "*"``), strata below ``min_count`` visits dropped;
-    ``weekdays`` = later visits (index > 0) per weekday, by ``event_type`` and for all, same guard: the source of
-    a weekday for a later visit whose row holds no weekday token.
+    ``weekdays`` = later visits (index > 0) per (month, weekday) cell, by ``event_type`` and for all, same guard:
+    the source of a weekday for a later visit whose row holds no weekday token, and of the seasonal weight of a
+    later visit's candidate days (``_month_weights``).
     """
     if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
         raise ConfigError(f"build_calendar_tables: min_count must be a positive int, got {min_count!r}.")
@@ -150,13 +153,14 @@ def build_calendar_tables(patients: pd.DataFrame, visits: pd.DataFrame, min_coun
     n_stratum = tod.groupby("event_type")["count"].transform("sum")
     tod = tod.loc[n_stratum >= min_count].sort_values(["event_type", "slot"]).reset_index(drop=True)
     later = v.loc[v["visit_index"] > 0]
-    wd = calendar_parts(later["start_day"].to_numpy(dtype=float))["weekday"]
+    lp = calendar_parts(later["start_day"].to_numpy(dtype=float))
     let = later["event_type"].astype("string").fillna("").to_numpy(dtype=object)
-    wdays = pd.concat([pd.DataFrame({"event_type": let, "weekday": wd}),
-                       pd.DataFrame({"event_type": ALL, "weekday": wd})], ignore_index=True)
+    wdays = pd.concat([pd.DataFrame({"event_type": let, "month": lp["month"], "weekday": lp["weekday"]}),
+                       pd.DataFrame({"event_type": ALL, "month": lp["month"], "weekday": lp["weekday"]})],
+                      ignore_index=True)
     wdays = wdays.value_counts().rename("count").reset_index()
     wdays = wdays.loc[wdays.groupby("event_type")["count"].transform("sum") >= min_count]
-    wdays = wdays.sort_values(["event_type", "weekday"]).reset_index(drop=True)
+    wdays = wdays.sort_values(["event_type", "month", "weekday"]).reset_index(drop=True)
     return anchors.astype({"year": np.int64, "month": np.int64, "weekday": np.int64, "count": np.int64,
                            "year_lo": np.int64, "year_hi": np.int64}), tod, wdays
 
@@ -424,12 +428,15 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
             filled, ``cal_<kind>`` columns from the sampler where the model has calendar tokens).
         anchors, time_of_day: ``build_calendar_tables`` of the real training split (``read_calendar_tables``).
         gap_grid: the KDE grid of the gap variable (weights of the candidate days); None = uniform in the bin.
-        tcfg: the KDE config's ``time`` section (``gap``, ``gap_unit``, ``los``, ``los_unit``, ``allow_overlap``);
+        tcfg: the KDE config's ``time`` section (``gap``, ``gap_unit``, ``los``, ``los_unit``, ``allow_overlap``,
+            ``month_token_decay``: per month away from a given-up month token, a candidate day's weight factor);
             None = ``{gap: gap_days, gap_unit: days}``.
         rng: the stage's generator, or an int seed.
-        weekdays: ``build_calendar_tables``' later-visit weekday counts; a later visit whose row has no weekday
-            token (while the cohort has ``cal_weekday``) gets a *filled* weekday drawn from them by event type,
-            honoured like a token but given up first (``drop_filled``) and never counted as a disagreement.
+        weekdays: ``build_calendar_tables``' later-visit (month, weekday) counts; a later visit whose row has no
+            weekday token (while the cohort has ``cal_weekday``) gets a *filled* weekday drawn from them by event
+            type, honoured like a token but given up first (``drop_filled``) and never counted as a disagreement;
+            and every later visit's candidate days are weighted by its event type's real month profile (so a
+            month token given up for the gap bin still leaves the date seasonal).
     Returns:
         ``(visits, report)``: visits with ``start_day``, ``start_offset_days`` and the gap column rewritten
         (``age_at_visit`` and ``start_date`` too where present); the report counts first-visit anchor levels,
@@ -460,6 +467,7 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
     et = v["event_type"].astype("string").to_numpy(dtype=object)
     tods = _TimeOfDay(time_of_day, et)
     fill = _fill_weekdays(weekdays, et, tok["weekday"], pos, "cal_weekday" in v.columns, rng)
+    season = _month_weights(weekdays, et)
     tod = tods.draw(np.arange(n), tok["hour"], rng)
     ty = tok["year"][tok["year"] >= 0]
     span = (int(min(anchors["year_lo"].min(), ty.min() if ty.size else 9999)),
@@ -500,8 +508,10 @@ def reconstruct_calendar_times(patients: pd.DataFrame, visits: pd.DataFrame, anc
             start[rows], tod[rows] = _place_visits(
                 prev, prev_los, lo[rows], hi[rows],
                 lambda ix, r=rows: tods.draw(r[ix], tok["hour"][r[ix]], rng),
-                {**{kk: tok[kk][rows] for kk in tok}, "fill_weekday": fill[rows]}, dens, kde_gap[rows], rng, report,
-                (nxt[0][rows], nxt[1][rows], {kk: t[rows] for kk, t in nxt[2].items()}))
+                {**{kk: tok[kk][rows] for kk in tok}, "fill_weekday": fill[rows],
+                 **({"season": season[rows]} if season is not None else {})}, dens, kde_gap[rows], rng, report,
+                (nxt[0][rows], nxt[1][rows], {kk: t[rows] for kk, t in nxt[2].items()}),
+                float(tcfg.get("month_token_decay", MONTH_TOKEN_DECAY)))
         new_gap = np.diff(start, prepend=np.nan) / gs
         new_gap[first] = v[gap_col].to_numpy(dtype=float)[first] if gap_col in v.columns else np.nan
         v[gap_col] = new_gap
@@ -542,6 +552,22 @@ def _fill_weekdays(weekdays: pd.DataFrame | None, et: np.ndarray, wd_tok: np.nda
     return out
 
 
+def _month_weights(weekdays: pd.DataFrame | None, et: np.ndarray) -> np.ndarray | None:
+    """``(n, 12)``: each visit's relative intensity of later visits per calendar month (its event type's real
+    counts, else all types; mean 1). It weights the candidate days of a later visit, so a visit whose month token
+    is given up (or absent) still lands in a month as often as real later visits do. None without the table."""
+    if weekdays is None or weekdays.empty or "month" not in weekdays.columns:
+        return None
+    by = weekdays.groupby(["event_type", "month"])["count"].sum().unstack("month").reindex(columns=range(1, 13))
+    by = by.fillna(0.0)
+    by = by.div(by.mean(axis=1).replace(0, 1), axis=0)
+    if ALL not in by.index:
+        return None
+    rows = pd.Series(et, dtype="string").map({k: i for i, k in enumerate(by.index)}).fillna(
+        list(by.index).index(ALL)).to_numpy(dtype=np.int64)
+    return by.to_numpy(dtype=float)[rows]
+
+
 def _gap_bounds(v: pd.DataFrame, gap_col: str, gs: float, dens) -> tuple[np.ndarray, np.ndarray]:
     """Per visit, the gap bin [lo, hi) in days, cut to the KDE grid's support; [0, support max) where null."""
     n = len(v)
@@ -560,8 +586,8 @@ def _gap_bounds(v: pd.DataFrame, gap_col: str, gs: float, dens) -> tuple[np.ndar
     return lo, hi
 
 
-def _place_visits(prev, prev_los, lo, hi, draw_tod, tok, dens, kde_gap, rng, report, nxt=None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _place_visits(prev, prev_los, lo, hi, draw_tod, tok, dens, kde_gap, rng, report, nxt=None,
+                  decay: float = MONTH_TOKEN_DECAY) -> tuple[np.ndarray, np.ndarray]:
     """Start of one visit per row given the previous start: an integer day in the gap bin + a time of day,
     matching the tokens where possible, weighted by the gap density. Returns (start, time of day).
 
@@ -581,7 +607,7 @@ def _place_visits(prev, prev_los, lo, hi, draw_tod, tok, dens, kde_gap, rng, rep
         got = _choose_days(prev[todo], prev_los[todo], lo[todo], hi[todo], tod[todo],
                            {k: t[todo] for k, t in tok.items()}, dens, rng, report, strict=not last,
                            nxt=None if nxt is None else (nxt[0][todo], nxt[1][todo],
-                                                         {k: t[todo] for k, t in nxt[2].items()}))
+                                                         {k: t[todo] for k, t in nxt[2].items()}), decay=decay)
         ok = ~np.isnan(got)
         out[todo[ok]] = got[ok]
         todo = todo[~ok]
@@ -594,7 +620,8 @@ def _place_visits(prev, prev_los, lo, hi, draw_tod, tok, dens, kde_gap, rng, rep
     return out, tod
 
 
-def _choose_days(prev, prev_los, lo, hi, tod, tok, dens, rng, report, strict: bool, nxt=None) -> np.ndarray:
+def _choose_days(prev, prev_los, lo, hi, tod, tok, dens, rng, report, strict: bool, nxt=None,
+                 decay: float = MONTH_TOKEN_DECAY) -> np.ndarray:
     """One vectorised pass over candidate days (chunks of rows x candidates); NaN where nothing was chosen
     (with ``strict`` only the exact level is tried)."""
     n = len(prev)
@@ -620,6 +647,8 @@ def _choose_days(prev, prev_los, lo, hi, tod, tok, dens, rng, report, strict: bo
                  for k in ("year", "month", "weekday")}
         fits = g >= prev_los[sel, None]
         w = _density_at(g.ravel(), dens).reshape(D.shape) * valid
+        if "season" in tok:                                   # real later-visit intensity of the day's month
+            w = w * np.take_along_axis(tok["season"][sel], _day_parts(D, ("month",))["month"] - 1, axis=1)
         exact = valid & fits & match["year"] & match["month"] & match["weekday"]
         feas = _next_feasible(D, nxt[0][sel], nxt[1][sel], {k: t[sel] for k, t in nxt[2].items()}) \
             if nxt is not None else np.ones_like(exact)
@@ -628,12 +657,17 @@ def _choose_days(prev, prev_los, lo, hi, tod, tok, dens, rng, report, strict: bo
         levels = [exact & filled & feas, exact & filled, exact, valid & fits & match["month"] & match["weekday"],
                   valid & fits & match["year"] & match["weekday"], valid & fits & match["weekday"], valid & fits,
                   valid]
+        # where the month token is given up, months nearer to it keep more weight (``decay`` per month away)
+        near = w
+        if "month" in p and decay < 1:
+            away = np.abs(p["month"] - tok["month"][sel, None]) % 12
+            near = w * np.where(tok["month"][sel, None] >= 0, decay ** np.minimum(away, 12 - away), 1.0)
         chosen = np.full(len(sel), -1, dtype=np.int64)
         for name, ok in zip(names, levels):
             todo = np.flatnonzero(chosen < 0)
             if not todo.size:
                 break
-            ww = np.where(ok[todo], w[todo], 0.0)
+            ww = np.where(ok[todo], (near if name in MONTH_DROPPED else w)[todo], 0.0)
             zero = ww.sum(1) == 0
             ww[zero] = ok[todo][zero]                                 # tokens match but no density: uniform
             tot = ww.sum(1)

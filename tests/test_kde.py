@@ -107,6 +107,7 @@ class TestConfig:
         (("time", "offset"), "months", "give exactly one of gap"),
         (("time", "los_unit"), "weeks", "los_unit = 'weeks' is not one of"),
         (("time", "anchor_date"), {"min": "2020-01-01"}, "anchor_date = {'min': '2020-01-01'} must be"),
+        (("time", "month_token_decay"), 0, "month_token_decay = 0 must be a number in (0, 1]"),
     ]
 
     @pytest.mark.parametrize("path,value,message", BAD, ids=[".".join(b[0]) + f"={b[1]!r}" for b in BAD])

@@ -153,6 +153,51 @@ class TestReconstruction:
                                                KDE["time"], 0)
         assert rep0["n_filled_weekday"] == 0
 
+    def test_later_visits_without_a_month_follow_the_real_month_profile(self, qh_tables):
+        """A 30-90 day follow-on of a May visit can land in June, July or August; with no month token the candidate
+        days are weighted by the real later-visit month profile (here: July-heavy), without it they are not."""
+        _, _, _, _, tp, tv = qh_tables
+        anchors, tod, _ = T.build_calendar_tables(tp, tv, min_count=3)
+        year = str(int(tv["cal_year"].astype(int).min()))
+        n = 300
+        v = pd.DataFrame({"patient_id": np.repeat([f"p{i:03d}" for i in range(n)], 2),
+                          "visit_index": np.int32([0, 1] * n), "event_type": "ED", "start_offset_days": np.nan,
+                          "gap_days": [np.nan, 60.0] * n, "gap_days_binned": [None, "30-90"] * n,
+                          "cal_year": pd.array([year, None] * n, dtype="string"),
+                          "cal_month": pd.array(["05", None] * n, dtype="string")})
+        months = pd.DataFrame({"event_type": "*", "month": range(1, 13), "weekday": 0,
+                               "count": [10] * 6 + [200] + [10] * 5})
+        pids = v[["patient_id"]].drop_duplicates()
+        out, _ = T.reconstruct_calendar_times(pids, v, anchors, tod, None, KDE["time"], 0, months)
+        flat, _ = T.reconstruct_calendar_times(pids, v, anchors, tod, None, KDE["time"], 0,
+                                               months.drop(columns="month"))
+        later = out["visit_index"].to_numpy() == 1
+        july = (T.calendar_parts(out["start_day"].to_numpy())["month"][later] == 7).mean()
+        july_flat = (T.calendar_parts(flat["start_day"].to_numpy())["month"][later] == 7).mean()
+        assert july > 0.75 and july_flat < 0.6
+
+    def test_a_given_up_month_still_pulls_the_date_toward_it(self, qh_tables):
+        """A 30-90 day follow-on of a May visit cannot reach its September token: the month is given up and, with
+        time.month_token_decay < 1, candidate days nearer September (August) weigh more; 1 turns the pull off.
+        Every gap stays inside its bin either way."""
+        _, _, _, _, tp, tv = qh_tables
+        anchors, tod, _ = T.build_calendar_tables(tp, tv, min_count=3)
+        year = str(int(tv["cal_year"].astype(int).min()))
+        n = 300
+        v = pd.DataFrame({"patient_id": np.repeat([f"p{i:03d}" for i in range(n)], 2),
+                          "visit_index": np.int32([0, 1] * n), "event_type": "ED", "start_offset_days": np.nan,
+                          "gap_days": [np.nan, 60.0] * n, "gap_days_binned": [None, "30-90"] * n,
+                          "cal_year": year, "cal_month": ["05", "09"] * n})
+        pids = v[["patient_id"]].drop_duplicates()
+        aug = {}
+        for decay in (0.25, 1.0):
+            out, rep = T.reconstruct_calendar_times(pids, v, anchors, tod, None,
+                                                    {**KDE["time"], "month_token_decay": decay}, 0)
+            later = out["visit_index"].to_numpy() == 1
+            aug[decay] = (T.calendar_parts(out["start_day"].to_numpy())["month"][later] == 8).mean()
+            assert rep["agreement"]["n_disagree_month"] == n and _gaps_in_bins(out)
+        assert aug[0.25] > 1.5 * aug[1.0] + 0.05, aug
+
     def test_impossible_weekday_is_relaxed_and_counted(self, qh_tables):
         """A same-day follow-on (gap 0-1) whose weekday token is three days later cannot agree: counted."""
         _, _, _, _, tp, tv = qh_tables
