@@ -140,14 +140,20 @@ def test_incremental_head_equals_model_head():
             torch.testing.assert_close(inc.logits(pre), m.head(h, row), rtol=1e-5, atol=1e-5)
 
 
-def test_coarse_model_first_visit_is_exact():
-    vocab = _vocab(4)
-    V = vocab.size
+def _coarse_model(vocab, seed):
+    """An untrained HALO-Coarse with a sharpened visit embedding (its tied decoder)."""
     with torch.random.fork_rng():
-        torch.manual_seed(3)
+        torch.manual_seed(seed)
         m = HALO(HaloConfig.tiny(vocab.n_visit_tokens, 0, n_ctx=3, coarse=True)).eval()
         with torch.no_grad():
             m.transformer.wve.weight.mul_(4.0)
+    return m
+
+
+def test_coarse_model_first_visit_is_exact():
+    vocab = _vocab(4)
+    V = vocab.size
+    m = _coarse_model(vocab, 3)
     pats = _patterns(V)
     with torch.no_grad():
         h, _ = m.history(torch.eye(V)[vocab.start_index][None, None, :])
@@ -199,16 +205,21 @@ def _constrained_log_prob(model, h, pats, groups):
     return torch.where(_allowed(pats, groups), total, torch.tensor(float("-inf")))
 
 
+def _first_visit_law(m, vocab, groups, log_prob):
+    """Probability of every possible first-visit row (``_patterns`` order) under ``log_prob(model, h, pats, groups)``."""
+    pats = _patterns(vocab.size)
+    with torch.no_grad():
+        h, _ = m.history(torch.eye(vocab.size)[vocab.start_index][None, None, :])
+        p = log_prob(m, h[0, -1].expand(len(pats), -1), pats, groups).exp().numpy()
+    assert abs(p.sum() - 1) < 1e-5
+    return p
+
+
 class TestTokenGroups:
     N = 12000
 
     def _first_visit_exact(self, m, vocab, groups):
-        pats = _patterns(vocab.size)
-        with torch.no_grad():
-            h, _ = m.history(torch.eye(vocab.size)[vocab.start_index][None, None, :])
-            p = _constrained_log_prob(m, h[0, -1].expand(len(pats), -1), pats, groups).exp().numpy()
-        assert abs(p.sum() - 1) < 1e-5
-        return p
+        return _first_visit_law(m, vocab, groups, _constrained_log_prob)
 
     def test_groups_from_vocab_and_tables(self):
         from synthehr_core.vocab import token_groups
@@ -248,11 +259,7 @@ class TestTokenGroups:
     def test_coarse_model_with_groups_is_exact(self):
         vocab, groups = _group_vocab()
         V = vocab.size
-        with torch.random.fork_rng():
-            torch.manual_seed(4)
-            m = HALO(HaloConfig.tiny(vocab.n_visit_tokens, 0, n_ctx=3, coarse=True)).eval()
-            with torch.no_grad():
-                m.transformer.wve.weight.mul_(4.0)
+        m = _coarse_model(vocab, 4)
         p_exact = self._first_visit_exact(m, vocab, groups)
         rows = sample(m, vocab, 8000, seed=3, batch_size=2000, progress=False, groups=groups)
         counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(p_exact))
@@ -321,12 +328,7 @@ class TestGroupHeads:
     """A model trained with categorical heads (HaloConfig.groups) is sampled through them, exactly."""
 
     def _exact(self, m, vocab, groups):
-        pats = _patterns(vocab.size)
-        with torch.no_grad():
-            h, _ = m.history(torch.eye(vocab.size)[vocab.start_index][None, None, :])
-            p = _head_log_prob(m, h[0, -1].expand(len(pats), -1), pats, groups).exp().numpy()
-        assert abs(p.sum() - 1) < 1e-5
-        return p
+        return _first_visit_law(m, vocab, groups, _head_log_prob)
 
     def test_fast_and_reference_samplers_match_the_heads(self):
         vocab, groups = _group_vocab()

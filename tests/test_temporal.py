@@ -49,6 +49,17 @@ def _gaps_in_bins(out: pd.DataFrame) -> bool:
     return bool(np.all((g >= lohi[:, 0] - 1e-9) & (g <= lohi[:, 1] + 1e-9)))
 
 
+def _follow_ons(n: int, gap: float, gap_bin: str, **tokens) -> pd.DataFrame:
+    """``n`` ED patients with two visits each (the second ``gap`` days later, in ``gap_bin``); each token column
+    is a (first visit, second visit) pair, None for no token."""
+    v = pd.DataFrame({"patient_id": np.repeat([f"p{i:03d}" for i in range(n)], 2),
+                      "visit_index": np.int32([0, 1] * n), "event_type": "ED", "start_offset_days": np.nan,
+                      "gap_days": [np.nan, gap] * n, "gap_days_binned": [None, gap_bin] * n})
+    for col, pair in tokens.items():
+        v[col] = pd.array(list(pair) * n, dtype="string")
+    return v
+
+
 class TestCalendarParts:
     def test_known_dates(self):
         day = (np.datetime64("2017-03-06T14:23") - np.datetime64("1970-01-01T00:00")) / np.timedelta64(1, "D")
@@ -159,12 +170,7 @@ class TestReconstruction:
         _, _, _, _, tp, tv = qh_tables
         anchors, tod, _ = T.build_calendar_tables(tp, tv, min_count=3)
         year = str(int(tv["cal_year"].astype(int).min()))
-        n = 300
-        v = pd.DataFrame({"patient_id": np.repeat([f"p{i:03d}" for i in range(n)], 2),
-                          "visit_index": np.int32([0, 1] * n), "event_type": "ED", "start_offset_days": np.nan,
-                          "gap_days": [np.nan, 60.0] * n, "gap_days_binned": [None, "30-90"] * n,
-                          "cal_year": pd.array([year, None] * n, dtype="string"),
-                          "cal_month": pd.array(["05", None] * n, dtype="string")})
+        v = _follow_ons(300, 60.0, "30-90", cal_year=(year, None), cal_month=("05", None))
         months = pd.DataFrame({"event_type": "*", "month": range(1, 13), "weekday": 0,
                                "count": [10] * 6 + [200] + [10] * 5})
         pids = v[["patient_id"]].drop_duplicates()
@@ -184,10 +190,7 @@ class TestReconstruction:
         anchors, tod, _ = T.build_calendar_tables(tp, tv, min_count=3)
         year = str(int(tv["cal_year"].astype(int).min()))
         n = 300
-        v = pd.DataFrame({"patient_id": np.repeat([f"p{i:03d}" for i in range(n)], 2),
-                          "visit_index": np.int32([0, 1] * n), "event_type": "ED", "start_offset_days": np.nan,
-                          "gap_days": [np.nan, 60.0] * n, "gap_days_binned": [None, "30-90"] * n,
-                          "cal_year": year, "cal_month": ["05", "09"] * n})
+        v = _follow_ons(n, 60.0, "30-90", cal_year=(year, year), cal_month=("05", "09"))
         pids = v[["patient_id"]].drop_duplicates()
         aug = {}
         for decay in (0.25, 1.0):
@@ -219,11 +222,8 @@ class TestReconstruction:
         anchors, tod, _ = T.build_calendar_tables(tp, tv, min_count=3)
         year = str(int(tv["cal_year"].astype(int).min()))
         n = 20
-        v = pd.DataFrame({"patient_id": np.repeat([f"p{i:02d}" for i in range(n)], 2),
-                          "visit_index": np.int32([0, 1] * n), "event_type": "ED",
-                          "start_offset_days": np.nan, "gap_days": [np.nan, 120.0] * n,
-                          "gap_days_binned": [None, "90-180"] * n, "cal_year": year,
-                          "cal_month": ["09", "06"] * n, "cal_weekday": ["Mon", "Wed"] * n, "cal_hour": "06-11"})
+        v = _follow_ons(n, 120.0, "90-180", cal_year=(year, year), cal_month=("09", "06"), cal_weekday=("Mon", "Wed"),
+                        cal_hour=("06-11", "06-11"))
         out, rep = T.reconstruct_calendar_times(pd.DataFrame({"patient_id": v["patient_id"].unique()}), v, anchors,
                                                 tod, None, KDE["time"], rng=0)
         parts = T.calendar_parts(out["start_day"].to_numpy())
