@@ -101,7 +101,7 @@ def _grids(tables: str, kcfg: dict, out: str, calendar: bool) -> None:
 
 def run_dataset(name: str, work: Path, n_patients: int, epochs: int, preset: str, n_synth: int | None,
                 seed: int, batch_size: int = 256, lr: float = 3e-3, device: str | None = None,
-                reuse: bool = False) -> dict:
+                reuse: bool = False, arms: tuple[str, ...] = ("a", "b", "c")) -> dict:
     tokens, winter, summer = DATASETS[name]
     raw = None
     if name == "qh" and not (reuse and (work / "raw" / "encounters.csv").exists()):
@@ -113,6 +113,8 @@ def run_dataset(name: str, work: Path, n_patients: int, epochs: int, preset: str
     out, times = {}, {}
     for arm, toks, heads, constrain in (("a", None, False, False), ("b", tokens, True, True),
                                         ("c", tokens, False, True)):
+        if arm not in arms:
+            continue
         t0 = time.perf_counter()
         d = work / arm
         src = work / "b" if arm == "c" else d          # (c) = (b)'s tables, its own model
@@ -165,22 +167,25 @@ def run_dataset(name: str, work: Path, n_patients: int, epochs: int, preset: str
     return out
 
 
+TITLES = {"a": "(a) published: random anchor + event_day marginal", "b": "(b) calendar tokens + reconstruction",
+          "c": "(c) = (b) with HI's Bernoulli head"}
+
+
 def _print(name: str, res: dict) -> None:
-    ma, mb = res["a"]["metrics"], res["b"]["metrics"]
+    arms = [a for a in ("a", "b", "c") if a in res]
+    ms = [res[a]["metrics"] for a in arms]
+    seen = set().union(*ms)
     keys = [k for _, k in SHOW]
-    keys += sorted(k for k in set(ma) | set(mb) if k not in keys and not k.endswith(("real", "_real")))
-    keys += sorted(k for k in set(ma) | set(mb) if k.endswith(("real", "_real")))
-    print(f"\n### {name}: real train visits {res['a']['n_real']}, synthetic visits (a) {res['a']['n_visits']}, "
-          f"(b) {res['b']['n_visits']}, (c) {res['c']['n_visits']}; wall (a) {res['times']['a']:.0f}s, "
-          f"(b) {res['times']['b']:.0f}s, (c) {res['times']['c']:.0f}s\n")
-    mc = res["c"]["metrics"]
-    print("| metric | (a) published: random anchor + event_day marginal | (b) calendar tokens + reconstruction "
-          "| (c) = (b) with HI's Bernoulli head |")
-    print("|---|---|---|---|")
+    keys += sorted(k for k in seen if k not in keys and not k.endswith(("real", "_real")))
+    keys += sorted(k for k in seen if k.endswith(("real", "_real")))
+    print(f"\n### {name}: real train visits {res[arms[0]]['n_real']}; "
+          + ", ".join(f"({a}) {res[a]['n_visits']} synthetic visits, {res['times'][a]:.0f}s" for a in arms) + "\n")
+    print("| metric | " + " | ".join(TITLES[a] for a in arms) + " |")
+    print("|---|" + "---|" * len(arms))
     for k in keys:
-        cell = [f"{d[k]:.4f}" if k in d and np.isfinite(d[k]) else "-" for d in (ma, mb, mc)]
-        print(f"| {k} | {cell[0]} | {cell[1]} | {cell[2]} |")
-    for arm in ("a", "b", "c"):
+        cell = [f"{d[k]:.4f}" if k in d and np.isfinite(d[k]) else "-" for d in ms]
+        print(f"| {k} | " + " | ".join(cell) + " |")
+    for arm in arms:
         for k, v in res[arm]["extra"].items():
             print(f"| ({arm}) {k} | {v:.4f} |" if isinstance(v, float) else f"| ({arm}) {k} | {v} |")
 
@@ -200,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default=None, help="torch device for train and sample (default: train picks "
                     "cuda when present, sample uses the CPU)")
     ap.add_argument("--work", default="/tmp/synthehr_bench_temporal")
+    ap.add_argument("--arms", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
+                    help="which arms to run ((c) needs (b)'s tables)")
     ap.add_argument("--reuse", action="store_true", help="keep the raw data, tables, models and samples already in "
                     "--work (re-run only the KDE stage, the dating and the metrics)")
     a = ap.parse_args(argv)
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run_dataset(name, Path(a.work) / name, a.n_patients, a.epochs if name == "qh" else a.mimic_epochs,
                           a.preset, None if name == "qh" else a.mimic_synth, a.seed,
                           a.batch_size if name == "qh" else a.mimic_batch_size, a.lr, a.device,
-                          a.reuse)
+                          a.reuse, tuple(a.arms))
         _print(name, res)
 
 
