@@ -11,6 +11,11 @@ factorisation p(row_t | rows < t) = prod_j p(x_tj | rows < t, x_t,<j). Compared 
   cursor commits the smallest first-1 column across the whole batch, so it needs one pass per distinct column;
 * patients that sampled <end> leave the batch (HI keeps sampling them until everyone has ended).
 
+Single-valued variables (event type, a visit bin, a calendar kind, a label: ``vocab.token_groups``) are drawn as
+one categorical when a patient's cursor reaches them: from the model's categorical head where it has one
+(``HaloConfig.groups``), else from HI's Bernoulli chain restricted to one value (or none where the variable is
+optional). The checkpoint's ``token_groups.json`` says which are required.
+
 ``sample_reference`` is the plain reference algorithm, kept for the exactness tests and ``bench/sample.py``.
 Probabilities and Bernoulli draws are fp32; one ``torch.Generator`` per cohort seed, so the same model, seed and
 batch size give the same cohort.
