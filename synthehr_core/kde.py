@@ -46,6 +46,7 @@ from scipy.special import ndtr
 from . import storage
 from .errors import ConfigError, DataError, bullet_list
 from .schema import parse_bin, read_tables, write_tables
+from .temporal import MONTH_TOKEN_DECAY
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def _check_time(t: Any, at: str, problems: list[str]) -> dict | None:
            "offset_unit": t.get("offset_unit", "days"), "los": t.get("los"), "los_unit": t.get("los_unit", "days"),
            "allow_overlap": t.get("allow_overlap", False), "anchor_age": t.get("anchor_age"),
            "anchor_date": t.get("anchor_date"), "monotone": t.get("monotone", []),
-           "month_token_decay": t.get("month_token_decay", 0.25)}
+           "month_token_decay": t.get("month_token_decay", MONTH_TOKEN_DECAY)}
     mono = out["monotone"]
     if not isinstance(mono, list) or not all(isinstance(c, str) for c in mono):
         problems.append(f"{at}.monotone = {mono!r} must be a list of visit columns that never decrease within a "

@@ -20,14 +20,9 @@ from torch.utils.data import Dataset
 from . import storage
 from .errors import ConfigError, SchemaError
 from .schema import SYNTHETIC_SPLIT, read_tables
-from .vocab import Vocab, VocabRoles, vocab_roles  # noqa: F401  (re-exported)
+from .vocab import Vocab, VocabRoles, token_column, token_value, vocab_roles  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-def _token_value(token: str) -> str:
-    """``"label:sex=F" -> "F"``, ``"bin:los_days=2-5" -> "2-5"``."""
-    return token.split("=", 1)[1]
 
 
 def _lookup(vocab: Vocab, tokens: pd.Series) -> np.ndarray:
@@ -260,10 +255,8 @@ def decode_rows(patients_rows: list[list[list[int]]], vocab: Vocab, seed: int, s
         if vocab.label_row and rows:
             for t in sorted(rows[0]):
                 tok = toks[t]
-                if tok.kind != "label":
-                    continue
-                col = f"{tok.variable}_binned" if tok.lo is not None else tok.variable
-                lab.setdefault(col, []).append(_token_value(tok.token))
+                if tok.kind == "label":
+                    lab.setdefault(token_column(tok), []).append(token_value(tok))
         prec: dict[str, object] = pick(lab, "n_label_conflicts")
         visits, ended = [], False
         for row in rows[fvr - 1:]:
@@ -284,12 +277,9 @@ def decode_rows(patients_rows: list[list[list[int]]], vocab: Vocab, seed: int, s
             vals: dict[str, list[str]] = {}
             for t in vt:
                 tok = toks[t]
-                if tok.kind == "bin":
-                    vals.setdefault(f"{tok.variable}_binned", []).append(_token_value(tok.token))
-                elif tok.variable in col_vars:
-                    vals.setdefault(tok.variable, []).append(_token_value(tok.token))
-                elif tok.token.startswith("evt:"):
-                    vals.setdefault("event_type", []).append(tok.token[4:])
+                col = token_column(tok)
+                if col is not None:
+                    vals.setdefault(col, []).append(token_value(tok))
                 else:
                     crow.append((pid, vi, tok.token))
             vrow.append({"patient_id": pid, "visit_index": vi, "event_type": None,

@@ -111,6 +111,21 @@ class Vocab:
         return cls.from_json(storage.read_json(path), where=str(path))
 
 
+def token_column(t: Token) -> str | None:
+    """The table column a single-valued token decodes to (``event_type``, ``<var>_binned``, ``cal_<kind>``, a label
+    column), or None for a clinical code or a special. Decoding and the sampler's token groups share it."""
+    if t.kind in ("label", "bin"):
+        return f"{t.variable}_binned" if t.lo is not None else t.variable
+    if t.kind == "code" and t.variable is not None and (t.variable == "event_type" or "=" in t.token):
+        return t.variable
+    return None
+
+
+def token_value(t: Token) -> str:
+    """The column value of a ``token_column`` token: ``"evt:ED" -> "ED"``, ``"bin:los_days=2-5" -> "2-5"``."""
+    return t.token[4:] if t.token.startswith("evt:") else t.token.split("=", 1)[1]
+
+
 @dataclass(frozen=True)
 class VocabRoles:
     """How the vocabulary maps onto table columns (derived from token kinds, not typed in)."""
@@ -167,15 +182,9 @@ def token_groups(vocab: Vocab, patients=None, visits=None) -> list[TokenGroup]:
     ``build_vocab``; a hand-made vocab.json might)."""
     members: dict[tuple[str, str, str], list[int]] = {}
     for i, t in enumerate(vocab.tokens):
-        if t.kind == "label":
-            key = ("label", t.variable, f"{t.variable}_binned" if t.lo is not None else t.variable)
-        elif t.kind == "bin":
-            key = ("visit", t.variable, f"{t.variable}_binned")
-        elif t.kind == "code" and t.variable is not None and (t.variable == "event_type" or "=" in t.token):
-            key = ("visit", t.variable, t.variable)
-        else:
-            continue
-        members.setdefault(key, []).append(i)
+        col = token_column(t)
+        if col is not None:
+            members.setdefault(("label" if t.kind == "label" else "visit", t.variable, col), []).append(i)
     out = []
     for (row, var, col), idx in members.items():
         if idx != list(range(idx[0], idx[-1] + 1)):
