@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -166,8 +166,7 @@ class TokenGroup:
     required: bool = False
 
     def to_json(self) -> dict:
-        return {"variable": self.variable, "column": self.column, "row": self.row, "start": self.start,
-                "stop": self.stop, "required": self.required}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "TokenGroup":
