@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def mimic_demo_tables(out_dir: str | Path | None = None) -> Path:
     """Canonical tables of the bundled 100-patient MIMIC-III demo (vocabulary of 780 tokens)."""
-    from synthehr_core.preprocess import preprocess
+    from synthehr_core.data.preprocess import preprocess
 
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="bench-mimic-")) / "tables"
     preprocess("mimic3", out, overwrite=True)
@@ -24,11 +24,11 @@ def briefly_trained_halo(tables_dir: str | Path, preset: str = "small", steps: i
                          n_ctx: int = 48, seed: int = 0, lr: float = 1e-3, group_heads: bool = True):
     """A HALO model fitted for a few Adam steps on the train split: realistic code and end-token rates.
 
-    Not the train stage (synthehr_core.train); just enough fitting that sampled patients look like real ones.
+    Not the train stage (synthehr_core.model.train); just enough fitting that sampled patients look like real ones.
     Returns (model in eval mode, vocab, final training loss).
     """
-    from synthehr_core.models import load_model
-    from synthehr_core.train import train_to_dir
+    from synthehr_core.model.checkpoint import load_model
+    from synthehr_core.model.train import train_to_dir
 
     out = Path(tempfile.mkdtemp(prefix="bench-halo-")) / "model"
     info = train_to_dir(tables_dir, out, model_type="halo", preset=preset, max_steps=steps, batch_size=batch_size,
@@ -49,8 +49,8 @@ def synthetic_halo(n_codes: int = 6841, n_labels: int = 25, preset: str = "paper
 
     import torch
 
-    from synthehr_core.models import HALO, HaloConfig
-    from synthehr_core.vocab import build_vocab
+    from synthehr_core.data.vocab import build_vocab
+    from synthehr_core.model.halo import HALO, HaloConfig
 
     vocab = build_vocab([], {}, [], [f"dx:{i:05d}" for i in range(n_codes)],
                         {"phenotype": [f"p{i:02d}" for i in range(n_labels)]} if n_labels else {}, {}, ["dx"])

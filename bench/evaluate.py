@@ -3,7 +3,7 @@
     .venv/bin/python bench/evaluate.py                  # 10k and 100k patients; 13 codes (toy) and 2000 (Zipf)
     .venv/bin/python bench/evaluate.py --sizes 100000 --codes 13
 
-Inputs are made by a vectorised, seeded generator with the structure of ``synthehr_core.toy`` (a label, a binned
+Inputs are made by a vectorised, seeded generator with the structure of ``synthehr_core.data.toy`` (a label, a binned
 age, within-visit implication, persistent codes, a code excluded by a label; ``toy.make_toy_tables`` loops in
 Python and is quadratic at this size) and written to parquet outside the timed region. Prints one row per
 (size, vocabulary): total seconds and seconds per section.
@@ -22,8 +22,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from synthehr_core import storage
-from synthehr_core.schema import bin_values, write_tables
-from synthehr_core.toy import AGE_EDGES, GAP_EDGES, LOS_EDGES, toy_vocab
+from synthehr_core.data.schema import bin_values, write_tables
+from synthehr_core.data.toy import AGE_EDGES, GAP_EDGES, LOS_EDGES, toy_vocab
 
 SECTIONS = ("read", "load", "fidelity", "values", "rules", "privacy", "utility", "report")
 
@@ -82,7 +82,7 @@ def write_cohort(out_dir: Path, tables) -> None:
 
 
 def time_evaluate_to_dir(n_patients: int, n_codes: int, work: Path, privacy_sample: int = 2000) -> dict:
-    from synthehr_core.evaluation import evaluate_to_dir
+    from synthehr_core.evaluation.stage import evaluate_to_dir
 
     max_codes = 4 if n_codes <= 13 else 14
     real, synth = work / f"real-{n_patients}-{n_codes}", work / f"syn-{n_patients}-{n_codes}"
@@ -90,7 +90,7 @@ def time_evaluate_to_dir(n_patients: int, n_codes: int, work: Path, privacy_samp
     write_cohort(synth, make_cohort(n_patients, 1, n_codes, max_codes, synthetic=True))
     rules = None
     try:  # rules mined on the real train split (H2's miner), so the rules section is timed too
-        from synthehr_core.rules import mine_rules_to_dir
+        from synthehr_core.rules.mining import mine_rules_to_dir
 
         mine_rules_to_dir(real, work / f"rules-{n_patients}-{n_codes}")
         rules = work / f"rules-{n_patients}-{n_codes}" / "rules.json"

@@ -6,7 +6,7 @@
     .venv/bin/python bench/gpu_check.py --size demo --precisions fp32 --dp   # CPU cost of DP-SGD per step
 
 Prints one row per configuration: training steps/s and patients/s, peak memory while training, sampling
-patients/s and peak memory while sampling (``synthehr_core.sampling.sample``, in fp32 as the sample stage does,
+patients/s and peak memory while sampling (``synthehr_core.model.sampling.sample``, in fp32 as the sample stage does,
 from that configuration's trained weights; ``--sample-autocast`` samples under its precision), final loss and
 sampled rows per patient. Peak memory is ``torch.cuda.max_memory_allocated`` per phase on CUDA, and the process's peak RSS on the
 CPU (monotone over the run, so only the first row is meaningful there).
@@ -34,12 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from synthehr_core.data.vocab import build_vocab
 from synthehr_core.errors import ConfigError
-from synthehr_core.models.halo import HALO, HaloConfig
-from synthehr_core.precision import autocast, grad_scaler, validate_precision
-from synthehr_core.sampling import sample
-from synthehr_core.tensors import collate_halo
-from synthehr_core.vocab import build_vocab
+from synthehr_core.model.halo import HALO, HaloConfig
+from synthehr_core.model.precision import autocast, grad_scaler, validate_precision
+from synthehr_core.model.sampling import sample
+from synthehr_core.model.tensors import collate_halo
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def run_one(size: Size, vocab, batches, precision: str, device: torch.device, dp
     scaler = grad_scaler(precision, device)
     private = None
     if dp:
-        from synthehr_core.privacy import DPConfig, PrivateTraining
+        from synthehr_core.model.dp import DPConfig, PrivateTraining
 
         n_train = 100 * size.batch_size  # nominal: only the sample rate matters for the speed
         private = PrivateTraining(model, optimizer, n_train=n_train, batch_size=size.batch_size,

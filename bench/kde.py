@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python bench/kde.py [--n-visits 1000000] [--n-naive 20000]``. Prints one table.
 
 * ``time_generate_grids``: ``generate_kde_grids`` with the bundled ``kde_qh`` config on a seeded QH-style visits table
-  (``qh_like_tables`` below; used when ``synthehr_core.datasets.qh`` is not available).
+  (``qh_like_tables`` below; used when ``synthehr_core.data.adapters.qh`` is not available).
 * ``time_sample_*``: ``sample_from_kde_grid`` on N synthetic rows, vs ``naive_sample``: a per-row Python loop that
   restricts the stratum grid to the row's bin and calls ``rng.choice`` (timed on ``--n-naive`` rows and extrapolated
   linearly, since the loop is O(rows)).
@@ -24,8 +24,8 @@ import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from synthehr_core import kde
-from synthehr_core.schema import bin_values
+from synthehr_core.data.schema import bin_values
+from synthehr_core.postprocess import kde
 
 LOS_H_EDGES = [0, 1, 2, 4, 6, 8, 12, 24, 48, 72, 168, 336, 672, 1344, 4000]
 TRI_H_EDGES = [0, 0.25, 0.5, 1, 2, 4, 8, 24]
@@ -99,13 +99,13 @@ def time_generate_grids(patients, visits, cfg) -> tuple[float, dict]:
 def qh_simulator_tables(n_patients: int, seed: int):
     """The QH-style simulator at ``n_patients``, preprocessed with the bundled ``qh`` config (canonical tables,
     train split only, triage category joined from the tri: codes as the KDE stage does)."""
-    from synthehr_core.datasets import qh
-    from synthehr_core.preprocess import preprocess
-    from synthehr_core.schema import read_tables
+    from synthehr_core.data.fixtures import qh as qh_fixture
+    from synthehr_core.data.preprocess import preprocess
+    from synthehr_core.data.schema import read_tables
 
     with tempfile.TemporaryDirectory(prefix="bench-kde-") as tmp:
         t = time.perf_counter()
-        qh.write_encounters(qh.simulate(n_patients, seed=seed), f"{tmp}/raw/encounters.csv")
+        qh_fixture.write_encounters(qh_fixture.simulate(n_patients, seed=seed), f"{tmp}/raw/encounters.csv")
         preprocess("qh", f"{tmp}/tables", raw=f"{tmp}/raw")
         patients, visits, codes = read_tables(f"{tmp}/tables")
         print(f"simulated + preprocessed {n_patients:,} QH patients in {time.perf_counter() - t:.1f} s", flush=True)
@@ -113,7 +113,7 @@ def qh_simulator_tables(n_patients: int, seed: int):
     visits = visits[visits["patient_id"].isin(set(train["patient_id"]))]
     cfg = kde.load_kde_config("kde_qh")
     visits = kde.add_code_columns(visits, codes, cfg["code_columns"])
-    return train, visits, f"synthehr_core.datasets.qh.simulate({n_patients:,}) -> preprocess(qh), train split"
+    return train, visits, f"synthehr_core.data.fixtures.qh_fixture.simulate({n_patients:,}) -> preprocess(qh), train split"
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
     python -m bench.preprocess --sizes 100000 --profile
 
 For each size the simulator's ``encounters.csv`` is written first (setup, not timed); then one fresh
-subprocess per size runs the full ``synthehr_core.preprocess.preprocess`` (adapter + canonical tables + parquet)
+subprocess per size runs the full ``synthehr_core.data.preprocess.preprocess`` (adapter + canonical tables + parquet)
 and reports wall time and peak RSS (``getrusage`` maximum resident set, so nothing from setup or the other
 size leaks in). Goal (issue 2): 1M patients (~5M visits) in under 2 minutes and under 4 GB on 2 cores.
 """
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def setup_raw(n_patients: int, seed: int, where: Path) -> dict:
     """Simulate ``n_patients`` and write ``encounters.csv`` under ``where``; returns setup facts."""
-    from synthehr_core.datasets.qh import simulate, write_encounters
+    from synthehr_core.data.fixtures.qh import simulate, write_encounters
 
     t0 = time.perf_counter()
     df = simulate(n_patients, seed)
@@ -76,9 +76,9 @@ def worker(raw: str, out: str, profile: bool, memtrace: bool = False) -> None:
     import resource
 
     sys.path.insert(0, str(ROOT))
-    from synthehr_core.datasets import qh
-    from synthehr_core.datasets.base import DropReport
-    from synthehr_core.preprocess import preprocess
+    from synthehr_core.data.adapters import qh
+    from synthehr_core.data.adapters.base import DropReport
+    from synthehr_core.data.preprocess import preprocess
 
     def cpu() -> float:
         r = resource.getrusage(resource.RUSAGE_SELF)

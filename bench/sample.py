@@ -20,8 +20,8 @@ import time
 import torch
 
 from bench import briefly_trained_halo, mimic_demo_tables, synthetic_halo
-from synthehr_core import sampling
-from synthehr_core.sampling import sample, sample_reference
+from synthehr_core.model import sampling
+from synthehr_core.model.sampling import sample, sample_reference
 
 
 class _CountHead:

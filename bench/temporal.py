@@ -11,7 +11,7 @@ KDE grids -> ``sample_kde_to_dir``; they differ in the calendar, the head and th
     marginal ``value_counts`` grid by event type, independent of the date (the published pipeline);
 (b) calendar tokens (QH: year, month, weekday, hour; MIMIC-III: month, weekday, hour) learnt by the model with one
     categorical head per single-valued variable, sampled one value per variable, then
-    ``sample_kde_to_dir`` with the calendar tables in the grids dir (``synthehr_core.temporal``);
+    ``sample_kde_to_dir`` with the calendar tables in the grids dir (``synthehr_core.postprocess.temporal``);
 (c) = (b) with HI's Bernoulli head instead of categorical heads (``train_to_dir(group_heads=False)``), sampled
     with the token-group constraints (each variable drawn from the restricted Bernoulli chain): isolates the heads.
 (a) trains HI's head and samples it unconstrained, as the published pipeline did.
@@ -36,20 +36,20 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from synthehr_core import storage
-from synthehr_core.config import bundled_config_path
-from synthehr_core.datasets import qh
-from synthehr_core.kde import generate_kde_grids, load_kde_config, sample_kde_to_dir
-from synthehr_core.preprocess import preprocess
-from synthehr_core.sampling import sample_to_dir
-from synthehr_core.schema import read_tables
-from synthehr_core.temporal import (
+from synthehr_core.data.fixtures import qh as qh_fixture
+from synthehr_core.data.config import bundled_config_path
+from synthehr_core.data.preprocess import preprocess
+from synthehr_core.data.schema import read_tables
+from synthehr_core.model.sampling import sample_to_dir
+from synthehr_core.model.train import train_to_dir
+from synthehr_core.postprocess.kde import generate_kde_grids, load_kde_config, sample_kde_to_dir
+from synthehr_core.postprocess.temporal import (
     WEEKDAYS,
     build_calendar_tables,
     calendar_parts,
     temporal_metrics,
     write_calendar_tables,
 )
-from synthehr_core.train import train_to_dir
 
 QH_KDE = {   # the QH adapter's columns (kde_qh.yml still names a stand-in table's triage_category / event_day)
     "num_cores": 1, "min_count": 10,
@@ -107,7 +107,7 @@ def run_dataset(name: str, work: Path, n_patients: int, epochs: int, preset: str
     if name == "qh" and not (reuse and (work / "raw" / "encounters.csv").exists()):
         raw = str(work / "raw")
         Path(raw).mkdir(parents=True, exist_ok=True)
-        qh.write_encounters(qh.simulate(n_patients, seed=seed), Path(raw) / "encounters.csv")
+        qh_fixture.write_encounters(qh_fixture.simulate(n_patients, seed=seed), Path(raw) / "encounters.csv")
     elif name == "qh":
         raw = str(work / "raw")
     out, times = {}, {}

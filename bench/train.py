@@ -7,7 +7,7 @@
    BCEWithLogits) against a reference-style HALO (HI:model.py: a D x D int32 mask *buffer* multiplied into the
    head weight every forward, sigmoid probabilities + BCELoss on masked probabilities). Same weights, same batch.
 2. ``time_sample``: seconds to sample the same N patients from the same checkpoint with and without its mined
-   ConSequence rules (``synthehr_core.sampling.sample``), on the bundled MIMIC-III demo. Anchor: the ConSequence
+   ConSequence rules (``synthehr_core.model.sampling.sample``), on the bundled MIMIC-III demo. Anchor: the ConSequence
    paper reports generation < 13% slower than the unconstrained model (arXiv 2312.05964, abstract).
 Inputs are built outside the timed regions; each timing is the median of ``--repeats`` runs.
 """
@@ -27,8 +27,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from synthehr_core.models.halo import HALO, HaloConfig
-from synthehr_core.train import make_optimizer, train_step
+from synthehr_core.model.halo import HALO, HaloConfig
+from synthehr_core.model.train import make_optimizer, train_step
 
 
 # ---------------------------------------------------------------------------------------------- reference style
@@ -134,11 +134,12 @@ def time_train_step(preset: str, n_visit: int, n_labels: int, n_ctx: int, batch:
 
 def time_sample(n_patients: int, batch: int, preset: str, train_steps: int, repeats: int, device: torch.device,
                 seed: int = 0) -> dict:
-    from synthehr_core.models import load_model
-    from synthehr_core.preprocess import preprocess
-    from synthehr_core.rules import load_row_rules, mine_rules_to_dir
-    from synthehr_core.sampling import sample
-    from synthehr_core.train import train_to_dir
+    from synthehr_core.data.preprocess import preprocess
+    from synthehr_core.model.checkpoint import load_model
+    from synthehr_core.model.consequence import load_row_rules
+    from synthehr_core.model.sampling import sample
+    from synthehr_core.model.train import train_to_dir
+    from synthehr_core.rules.mining import mine_rules_to_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     preprocess("mimic3", tmp / "tables", overwrite=True)
@@ -149,7 +150,7 @@ def time_sample(n_patients: int, batch: int, preset: str, train_steps: int, repe
                  max_steps=train_steps, epochs=10_000, batch_size=16, lr=1e-3, eval_every=None, seed=seed,
                  device=device, progress=False)
     model, vocab, _ = load_model(tmp / "model", device)
-    rules = load_row_rules(tmp / "model" / "rules.json", vocab, model.config.n_ctx)
+    rules = load_row_rules(tmp / "model", vocab)
     out = {"n_rules": info["n_rules"], "by_family": info["by_family"], "groups": len(rules.groups),
            "vocab": vocab.size}
     timed = TimedRules(rules)

@@ -24,7 +24,7 @@ def evaluate(real: Input[Dataset], cohort: Input[Dataset], ruleset: Input[Artifa
     import shutil
 
     from synthehr_core import __version__
-    from synthehr_core.evaluation import evaluate_to_dir
+    from synthehr_core.evaluation.stage import evaluate_to_dir
 
     res = evaluate_to_dir(real.path, cohort.path, details.path, rules_path=f"{ruleset.path}/rules.json", seed=seed,
                           overwrite=True)

@@ -17,7 +17,7 @@ def merge(shards: Input[list[Dataset]], cohort: Output[Dataset]) -> int:
     Returns:
         Number of synthetic patients in the cohort.
     """
-    from synthehr_core.merge import merge_shards
+    from synthehr_core.data.merge import merge_shards
 
     meta = merge_shards([s.path for s in shards], cohort.path, overwrite=True)
     cohort.metadata.update({k: meta[k] for k in ("seeds", "n_shards", "n_patients", "n_visits", "n_codes",

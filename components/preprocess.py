@@ -15,7 +15,7 @@ def preprocess(raw: Input[Dataset], dataset_config: str, split_seed: int, tables
         split_seed: Seed of the patient-level train/val/test split.
         tables: Canonical tables directory (docs/canonical-tables.md).
     """
-    from synthehr_core.preprocess import preprocess as run
+    from synthehr_core.data.preprocess import preprocess as run
 
     meta = run(dataset_config, tables.path, seed=split_seed, raw=raw.path, overwrite=True)
     tables.metadata.update({k: meta[k] for k in ("dataset", "seed", "config_hash", "versions", "n_patients",

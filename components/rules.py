@@ -22,7 +22,7 @@ def rules(tables: Input[Dataset], ruleset: Output[Artifact], label_min_prevalenc
         min_confidence: Fraction of supporting cases a rule must hold in; 1.0 = exceptionless.
     """
     from synthehr_core import __version__
-    from synthehr_core.rules import mine_rules_to_dir
+    from synthehr_core.rules.mining import mine_rules_to_dir
 
     info = mine_rules_to_dir(tables.path, ruleset.path, label_min_prevalence=label_min_prevalence,
                              pair_min_prevalence=pair_min_prevalence,

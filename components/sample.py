@@ -29,7 +29,7 @@ def sample(model: Input[Model], seed: int, n_patients_per_seed: int, batch_size:
 
     import torch
 
-    from synthehr_core.sampling import sample_to_dir
+    from synthehr_core.model.sampling import sample_to_dir
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 

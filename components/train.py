@@ -27,8 +27,8 @@ def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, pre
         loss_curve: Train/val loss per step.
     """
     from synthehr_core import __version__
-    from synthehr_core.stage_reports import loss_curve_html
-    from synthehr_core.train import train_to_dir
+    from synthehr_core.model.loss_curve import loss_curve_html
+    from synthehr_core.model.train import train_to_dir
 
     info = train_to_dir(tables.path, model.path, model_type=model_type, preset=preset, epochs=epochs,
                         batch_size=batch_size, lr=lr, seed=seed, dp_target_epsilon=dp_target_epsilon, progress=False,

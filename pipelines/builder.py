@@ -75,7 +75,7 @@ _CONDITION_DOC = ('    condition: Label conditioning: "label_probs" = the traini
 
 def dataset_defaults(dataset: str) -> dict:
     """Per-dataset parameter defaults read from the bundled dataset config (raw location, split seed, KDE)."""
-    from synthehr_core.config import load_config  # pydantic + yaml only; no torch
+    from synthehr_core.data.config import load_config  # pydantic + yaml only; no torch
 
     if dataset not in DATASETS:
         raise ValueError(f"dataset {dataset!r} has no pipeline; choose one of {list(DATASETS)}.")

@@ -164,7 +164,7 @@ def run_cmd(
     builder = _kfp_imports()
     from kfp import local as kfp_local
 
-    from .config import load_config
+    from .data.config import load_config
 
     fn = builder.build_pipeline(dataset, conditional=conditional)
     raw_dir = raw or load_config(dataset).raw_path("local")
@@ -277,7 +277,7 @@ def preprocess(config: str = typer.Option(..., help="bundled config name (mimic3
                seed: int | None = typer.Option(None, help="split seed; default: the config's split.seed"),
                overwrite: bool = False):
     """Raw extract -> canonical tables directory."""
-    from .preprocess import preprocess as run
+    from .data.preprocess import preprocess as run
 
     meta = run(config, out, profile=profile, seed=seed, raw=raw, overwrite=overwrite)
     _echo_json({k: meta[k] for k in ("dataset", "n_patients", "n_visits", "n_codes", "vocab_size", "split_sizes")})
@@ -289,7 +289,7 @@ def rules(tables: str = typer.Option(..., help="tables directory from preprocess
           threshold: list[str] = typer.Option([], "--threshold", "-t",  # noqa: B008
                                               help="key=value, e.g. -t label_min_prevalence=5 (see rules.Thresholds)")):
     """Mine ConSequence rules from the train split."""
-    from .rules import mine_rules_to_dir
+    from .rules.mining import mine_rules_to_dir
 
     info = mine_rules_to_dir(tables, out, **parse_params(threshold))
     _echo_json({k: info[k] for k in ("n_rules", "by_family", "n_patients")})
@@ -308,7 +308,7 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
                                            "type, bins, calendar, labels); --no-group-heads = HALO's head only"),
           device: str | None = typer.Option(None, help="cpu, cuda, ...; default: cuda if available")):
     """Train HALO or ConSequence and write a checkpoint directory."""
-    from .train import train_to_dir
+    from .model.train import train_to_dir
 
     info = train_to_dir(tables, out, model_type=model_type, preset=preset, epochs=epochs, batch_size=batch_size,
                         lr=lr, rules_dir=rules_dir, seed=seed, resume_from=resume_from, device=device,
@@ -321,7 +321,7 @@ def kde_grids(tables: str = typer.Option(..., help="tables directory from prepro
               kde_config: str = typer.Option(..., help="bundled KDE config (kde_mimic3.yml) or YAML path"),
               out: str = typer.Option(..., help="output grids directory"), overwrite: bool = False):
     """Fit the KDE grids of continuous values and times on the train split."""
-    from .kde import generate_kde_grids_to_dir
+    from .postprocess.kde import generate_kde_grids_to_dir
 
     meta = generate_kde_grids_to_dir(tables, kde_config, out, overwrite=overwrite)
     _echo_json({k: meta[k] for k in ("config_hash", "n_patients", "n_visits")})
@@ -337,7 +337,7 @@ def sample(model: str = typer.Option(..., help="checkpoint directory from train"
            device: str | None = typer.Option(None, help="cpu (default, reproducible) or cuda"),
            overwrite: bool = False):
     """Sample one cohort shard from a checkpoint."""
-    from .sampling import sample_to_dir
+    from .model.sampling import sample_to_dir
 
     cond = json.loads(condition) if condition.strip().startswith("{") else (condition.strip() or None)
     meta = sample_to_dir(model, out, seed=seed, n_patients=n_patients, batch_size=batch_size,
@@ -351,7 +351,7 @@ def kde_sample(shard: str = typer.Option(..., help="shard directory from sample"
                out: str = typer.Option(..., help="output shard directory"),
                seed: int = typer.Option(..., help="RNG seed; use the shard's own seed"), overwrite: bool = False):
     """Fill a shard's continuous values and visit times from the KDE grids."""
-    from .kde import sample_kde_to_dir
+    from .postprocess.kde import sample_kde_to_dir
 
     meta = sample_kde_to_dir(shard, grids, out, seed=seed, overwrite=overwrite)
     _echo_json({k: meta[k] for k in ("seed", "n_patients", "n_visits", "backoff_counts")})
@@ -361,7 +361,7 @@ def kde_sample(shard: str = typer.Option(..., help="shard directory from sample"
 def merge(shards: list[str] = typer.Argument(..., help="shard directories (any order; sorted by their seed)"),  # noqa: B008
           out: str = typer.Option(..., help="output cohort directory"), overwrite: bool = False):
     """Merge shards into one cohort, ordered by seed, with unique patient ids."""
-    from .merge import merge_shards
+    from .data.merge import merge_shards
 
     meta = merge_shards(shards, out, overwrite=overwrite)
     _echo_json({k: meta[k] for k in ("seeds", "n_patients", "n_visits", "n_codes")})
@@ -375,7 +375,7 @@ def evaluate(real: str = typer.Option(..., help="real tables directory from prep
              seed: int = 0, overwrite: bool = False):
     """Fidelity, rule violations, privacy and utility of a synthetic cohort."""
     from . import storage
-    from .evaluation import evaluate_to_dir
+    from .evaluation.stage import evaluate_to_dir
 
     rules_path = storage.join(rules_dir, "rules.json") if rules_dir else None
     res = evaluate_to_dir(real, synthetic, out, rules_path=rules_path, seed=seed, overwrite=overwrite)

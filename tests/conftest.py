@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from synthehr_core.toy import write_toy_tables
+from synthehr_core.data.toy import write_toy_tables
 
-# A KDE config for the toy cohort (synthehr_core.toy): age per patient, los/gap per visit, times rebuilt.
+# A KDE config for the toy cohort (synthehr_core.data.toy): age per patient, los/gap per visit, times rebuilt.
 TOY_KDE_CONFIG = {
     "num_cores": 1,
     "variable_config": {

@@ -7,11 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synthehr_core.config import bundled_data_dir
-from synthehr_core.datasets import adni
-from synthehr_core.datasets.base import DropReport
+from synthehr_core.data.adapters import adni
+from synthehr_core.data.fixtures import adni as adni_fixture
+from synthehr_core.data.adapters.base import DropReport
+from synthehr_core.data.config import bundled_data_dir
+from synthehr_core.data.preprocess import preprocess
 from synthehr_core.errors import ConfigError, DataError, SchemaError
-from synthehr_core.preprocess import preprocess
 
 FIXTURE = bundled_data_dir("adni_fixture")
 
@@ -30,12 +31,12 @@ def _write(df: pd.DataFrame, tmp_path: Path) -> str:
 
 class TestFixture:
     def test_same_seed_same_bytes_other_seed_differs(self):
-        a = adni.make_adnimerge(40, seed=3).to_csv(index=False)
-        assert a == adni.make_adnimerge(40, seed=3).to_csv(index=False)
-        assert a != adni.make_adnimerge(40, seed=4).to_csv(index=False)
+        a = adni_fixture.make_adnimerge(40, seed=3).to_csv(index=False)
+        assert a == adni_fixture.make_adnimerge(40, seed=3).to_csv(index=False)
+        assert a != adni_fixture.make_adnimerge(40, seed=4).to_csv(index=False)
 
     def test_bundled_fixture_is_the_generator_output(self, tmp_path):
-        adni.write_fixture(tmp_path)  # defaults: 150 RIDs, seed 0, as the README says
+        adni_fixture.write_fixture(tmp_path)  # defaults: 150 RIDs, seed 0, as the README says
         assert (tmp_path / "ADNIMERGE.csv").read_bytes() == (FIXTURE / "ADNIMERGE.csv").read_bytes()
         assert "synthetic" in (FIXTURE / "README.md").read_text()
 
@@ -158,7 +159,7 @@ class TestAdapter:
 class TestBadInput:
     @pytest.fixture()
     def small(self) -> pd.DataFrame:
-        return adni.make_adnimerge(6, seed=1)
+        return adni_fixture.make_adnimerge(6, seed=1)
 
     def test_missing_column(self, small, tmp_path):
         with pytest.raises(SchemaError, match=r"ADNIMERGE table lacks column\(s\) \['EXAMDATE'\]"):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from synthehr_core.config import bundled_data_dir
+from synthehr_core.data.config import bundled_data_dir
+from synthehr_core.data.preprocess import preprocess
 from synthehr_core.errors import DataError, SchemaError
-from synthehr_core.preprocess import preprocess
 
 DEMO = bundled_data_dir("mimic3_demo")
 

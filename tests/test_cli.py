@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from synthehr_core.cli import app, parse_params, pipeline_args
-from synthehr_core.schema import read_tables
+from synthehr_core.data.schema import read_tables
 
 COMPILED = Path(__file__).resolve().parents[1] / "pipelines" / "compiled"
 runner = CliRunner()

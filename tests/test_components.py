@@ -24,10 +24,10 @@ from components.preprocess import preprocess
 from components.rules import rules
 from components.sample import sample
 from components.train import train
-from synthehr_core.config import bundled_data_dir
+from synthehr_core.data.config import bundled_data_dir
+from synthehr_core.data.merge import merge_shards
+from synthehr_core.data.schema import parse_bin, read_tables
 from synthehr_core.errors import ConfigError, DataError
-from synthehr_core.merge import merge_shards
-from synthehr_core.schema import parse_bin, read_tables
 
 COMPONENTS = Path(__file__).resolve().parents[1] / "components"
 

@@ -6,23 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synthehr_core.models import load_model
-from synthehr_core.models.consequence import CompiledRules, ConSequence, compile_rules
-from synthehr_core.models.halo import HALO, HaloConfig
-from synthehr_core.rules import (
-    Rule,
+from synthehr_core.data.schema import read_tables, write_tables
+from synthehr_core.data.toy import make_toy_tables, toy_vocab, write_toy_tables
+from synthehr_core.model.checkpoint import load_model
+from synthehr_core.model.consequence import CompiledRules, ConSequence, compile_rules
+from synthehr_core.model.halo import HALO, HaloConfig
+from synthehr_core.model.sampling import sample, sample_to_dir
+from synthehr_core.model.tensors import EHRParquetDataset, collate_halo, decode_rows
+from synthehr_core.model.train import train_to_dir
+from synthehr_core.rules.mining import (
     Thresholds,
     check_violations,
-    check_violations_dir,
-    load_rules,
     mine_rules,
     mine_rules_to_dir,
 )
-from synthehr_core.sampling import sample, sample_to_dir
-from synthehr_core.schema import read_tables, write_tables
-from synthehr_core.tensors import EHRParquetDataset, collate_halo, decode_rows
-from synthehr_core.toy import make_toy_tables, toy_vocab, write_toy_tables
-from synthehr_core.train import train_to_dir
+from synthehr_core.rules.ruleset import Rule, load_rules
 
 TOY_TH = Thresholds.make(label_min_prevalence=20)
 N_CTX = 8  # toy patients have at most 6 visits: start + labels + 6 rows
@@ -154,7 +152,7 @@ class TestLoss:
 def test_categorical_heads_still_learn_where_rules_fix_members(broken):
     """Label exclusivity fixes every other value of a label column once one is on: with categorical heads the row
     still trains its head (the categorical holds that rule by construction)."""
-    from synthehr_core.vocab import token_groups
+    from synthehr_core.data.vocab import token_groups
 
     d, vocab, rules = broken
     assert any(r.family == "label_exclusivity" for r in rules)
@@ -192,9 +190,9 @@ def test_consequence_samples_obey_the_rules_and_halo_samples_do_not(tmp_path):
     assert res["halo"]["total_violations"] > 0 and res["halo"]["percent_valid"] < 100.0
     assert res["consequence"]["total_violations"] == 0 and res["consequence"]["percent_valid"] == 100.0
     assert res["consequence"]["n_patients"] > 200
-    # the sample stage finds rules.json in the checkpoint (rules.load_row_rules) and applies it
+    # the sample stage finds rules.json in the checkpoint (consequence.load_row_rules) and applies it
     sample_to_dir(tmp_path / "m", tmp_path / "s", seed=4, n_patients=200, batch_size=100)
-    staged = check_violations_dir(tmp_path / "s", tmp_path / "m" / "rules.json")
+    staged = check_violations(load_rules(tmp_path / "m" / "rules.json"), *read_tables(tmp_path / "s"), vocab)
     assert staged["total_violations"] == 0 and staged["n_patients"] > 100
 
 

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from synthehr_core.distributed import DistContext
-from synthehr_core.toy import write_toy_tables
-from synthehr_core.train import CKPT_DIR, train_to_dir
+from synthehr_core.data.toy import write_toy_tables
+from synthehr_core.model.distributed import DistContext
+from synthehr_core.model.train import CKPT_DIR, train_to_dir
 
 # batch 7 over 2 ranks: shares of 4 and 3, so the uneven-share loss weighting is exercised on every step
 COMMON = dict(preset="tiny", batch_size=7, max_steps=4, ckpt_every=2, keep_checkpoints=None, eval_every=None,

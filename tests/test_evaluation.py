@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from synthehr_core.data.schema import write_tables
+from synthehr_core.data.toy import make_toy_tables, toy_vocab, write_toy_tables
 from synthehr_core.errors import ConfigError, DataError
-from synthehr_core.evaluation import evaluate_tables, evaluate_to_dir
+from synthehr_core.evaluation.attacks import nearest
 from synthehr_core.evaluation.cohort import Cohort, label_columns, make_space
 from synthehr_core.evaluation.fidelity import code_statistics
-from synthehr_core.evaluation.privacy import nearest
+from synthehr_core.evaluation.stage import evaluate_tables, evaluate_to_dir
 from synthehr_core.evaluation.utility import weighted_auc
-from synthehr_core.schema import write_tables
-from synthehr_core.toy import make_toy_tables, toy_vocab, write_toy_tables
 
 FAST = {"privacy_sample": 300, "utility_sample": 500}
 
@@ -135,7 +135,7 @@ class TestPrivacy:
 
 class TestRules:
     def test_violations_counted_exactly_on_a_hand_made_cohort(self, real, tmp_path):
-        from synthehr_core.rules import Rule, save_rules
+        from synthehr_core.rules.ruleset import Rule, save_rules
 
         rules = [Rule("within_visit", (), (), (), ("dx:4019",), (), "dx:25000", 1),
                  Rule("label_exclusion", (1,), ("label:sex=M",), (), (), (), "dx:V4581", 0)]
@@ -162,7 +162,7 @@ class TestRules:
         assert "Most violated rules" in render_html(res) and "dx:V4581" in render_html(res)
 
     def test_rules_without_vocabulary_is_a_note_not_a_crash(self, real, tmp_path):
-        from synthehr_core.rules import save_rules
+        from synthehr_core.rules.ruleset import save_rules
 
         save_rules(tmp_path / "rules.json", [])
         res = evaluate_tables(real, _cohort_of(real, _train_ids(real)), None, rules_path=tmp_path / "rules.json",

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-LIGHT = ["synthehr_core.preprocess", "synthehr_core.config", "synthehr_core.schema", "synthehr_core.storage",
-         "synthehr_core.datasets.mimic3", "synthehr_core.datasets.adni", "synthehr_core.datasets.qh",
-         "synthehr_core.kde", "synthehr_core.merge", "synthehr_core.evaluation", "synthehr_core.rules"]
-ALL = LIGHT + ["synthehr_core.tensors", "synthehr_core.models.halo", "synthehr_core.sampling", "synthehr_core.train"]
+LIGHT = ["synthehr_core.data.preprocess", "synthehr_core.data.config", "synthehr_core.data.schema", "synthehr_core.storage",
+         "synthehr_core.data.adapters.mimic3", "synthehr_core.data.adapters.adni", "synthehr_core.data.adapters.qh",
+         "synthehr_core.postprocess.kde", "synthehr_core.data.merge", "synthehr_core.evaluation", "synthehr_core.rules"]
+ALL = LIGHT + ["synthehr_core.model.tensors", "synthehr_core.model.halo", "synthehr_core.model.sampling", "synthehr_core.model.train"]
 
 
 @pytest.mark.parametrize("module", LIGHT)

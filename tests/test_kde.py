@@ -12,10 +12,11 @@ import pytest
 import yaml
 from scipy.stats import ks_2samp
 
-from synthehr_core import kde, storage
+from synthehr_core import storage
+from synthehr_core.data.schema import bin_values, parse_bin, read_tables
+from synthehr_core.data.toy import make_toy_tables, write_toy_tables
 from synthehr_core.errors import ConfigError, DataError
-from synthehr_core.schema import bin_values, parse_bin, read_tables
-from synthehr_core.toy import make_toy_tables, write_toy_tables
+from synthehr_core.postprocess import kde
 
 TOY_CFG = {
     "num_cores": 1,
@@ -499,7 +500,7 @@ class TestStage:
 
         shard = tmp_path / "shard"                        # a "sampled" shard: bins only, values and times null
         with storage.atomic_dir(shard) as tmp:
-            from synthehr_core.schema import write_tables
+            from synthehr_core.data.schema import write_tables
             write_tables(tmp, p.assign(split="synthetic", age=np.nan),
                          v.assign(los_days=np.nan, gap_days=np.nan, start_offset_days=np.nan), c)
             storage.write_bytes(storage.join(str(tmp), "vocab.json"), (real / "vocab.json").read_bytes())
@@ -516,7 +517,7 @@ class TestStage:
             assert (tmp_path / "out1" / f).read_bytes() == (tmp_path / "out2" / f).read_bytes()
 
     def test_module_imports_neither_torch_nor_kfp(self):
-        code = "import sys, synthehr_core.kde; sys.exit(int('torch' in sys.modules or 'kfp' in sys.modules))"
+        code = "import sys, synthehr_core.postprocess.kde; sys.exit(int('torch' in sys.modules or 'kfp' in sys.modules))"
         assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
     def test_bundled_qh_config_end_to_end_on_a_qh_shaped_table(self):
@@ -546,7 +547,7 @@ class TestStage:
         assert abs(real_r - syn_r) < 0.05
 
     def test_bundled_mimic3_config_on_the_demo_tables(self, tmp_path):
-        from synthehr_core.preprocess import preprocess
+        from synthehr_core.data.preprocess import preprocess
 
         preprocess("mimic3", tmp_path / "tables", overwrite=True)   # its meta names the KDE config: kde_mimic3.yml
         kde_name = storage.read_json(tmp_path / "tables" / "meta.json")["kde"]
@@ -554,7 +555,7 @@ class TestStage:
         assert set(meta["grids"]) == {"age", "los_days", "gap_days"}
         p, v, c = read_tables(tmp_path / "tables")
         with storage.atomic_dir(tmp_path / "shard") as tmp:
-            from synthehr_core.schema import write_tables
+            from synthehr_core.data.schema import write_tables
             write_tables(tmp, p.assign(split="synthetic", age=np.nan),
                          v.assign(los_days=np.nan, gap_days=np.nan, start_offset_days=np.nan), c)
         kde.sample_kde_to_dir(str(tmp_path / "shard"), str(tmp_path / "grids"), str(tmp_path / "out"), seed=0)
@@ -565,7 +566,7 @@ class TestStage:
 
 def test_code_columns_stratify_by_generated_codes(tmp_path):
     """QH-style: the KDE strata `triage_category` come from the visits' tri:<n> codes, real and synthetic."""
-    from synthehr_core.kde import add_code_columns
+    from synthehr_core.postprocess.kde import add_code_columns
 
     visits = pd.DataFrame({"patient_id": ["a", "a", "b"], "visit_index": [0, 1, 0]})
     codes = pd.DataFrame({"patient_id": ["a", "a", "b", "b"], "visit_index": [0, 0, 0, 0],

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from synthehr_core.cli import app
-from synthehr_core.schema import read_tables
+from synthehr_core.data.schema import read_tables
 
 
 @pytest.mark.slow

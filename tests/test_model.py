@@ -4,9 +4,10 @@ import torch
 import torch.nn.functional as F
 
 from synthehr_core import storage
+from synthehr_core.data.vocab import build_vocab
 from synthehr_core.errors import ConfigError
-from synthehr_core.models import HALO, HaloConfig, MaskedLinear, load_model, write_checkpoint
-from synthehr_core.vocab import build_vocab
+from synthehr_core.model.checkpoint import load_model, write_checkpoint
+from synthehr_core.model.halo import HALO, HaloConfig, MaskedLinear
 
 
 def _build(cfg, seed=0):

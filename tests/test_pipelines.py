@@ -162,7 +162,7 @@ def test_conditional_variant_passes_condition_to_sample_and_plain_passes_empty()
 
 
 def test_dataset_defaults_come_from_the_dataset_configs():
-    from synthehr_core.config import load_config
+    from synthehr_core.data.config import load_config
 
     for name in ("mimic3", "adni", "qh"):
         params = load(name)[0]["root"]["inputDefinitions"]["parameters"]

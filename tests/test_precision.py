@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from synthehr_core.data.toy import write_toy_tables
 from synthehr_core.errors import ConfigError
-from synthehr_core.models.halo import HALO, HaloConfig
-from synthehr_core.precision import autocast, grad_scaler, validate_precision
-from synthehr_core.toy import write_toy_tables
-from synthehr_core.train import CKPT_DIR, train_to_dir
+from synthehr_core.model.halo import HALO, HaloConfig
+from synthehr_core.model.precision import autocast, grad_scaler, validate_precision
+from synthehr_core.model.train import CKPT_DIR, train_to_dir
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16 autocast is CUDA-only)")
 

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from synthehr_core.config import bundled_config_path, bundled_data_dir, load_config
+from synthehr_core.data.config import bundled_config_path, bundled_data_dir, load_config
+from synthehr_core.data.preprocess import assign_split, preprocess
+from synthehr_core.data.schema import parse_bin, read_tables
+from synthehr_core.data.vocab import Vocab
 from synthehr_core.errors import ConfigError
-from synthehr_core.preprocess import assign_split, preprocess
-from synthehr_core.schema import parse_bin, read_tables
-from synthehr_core.vocab import Vocab
 
 DEMO = bundled_data_dir("mimic3_demo")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from synthehr_core.data.vocab import Vocab
 from synthehr_core.errors import ConfigError
-from synthehr_core.models.halo import HALO, HaloConfig, MaskedLinear
-from synthehr_core.privacy import (
+from synthehr_core.model.dp import (
     DPConfig,
     PrivateTraining,
     code_patient_counts,
@@ -20,7 +20,7 @@ from synthehr_core.privacy import (
     poisson_batch,
     register_grad_samplers,
 )
-from synthehr_core.vocab import Vocab
+from synthehr_core.model.halo import HALO, HaloConfig, MaskedLinear
 
 # Opacus' full backward hook on the visit embedding (whose input, the data, needs no gradient) warns harmlessly
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -94,10 +94,10 @@ class TestPerSampleGradients:
 
     def test_consequence_with_mined_rules_opacus_per_sample_equals_one_at_a_time(self):
         """Rule-fixed entries leave the loss per patient, so per-sample gradients stay exact for ConSequence."""
-        from synthehr_core.models.consequence import ConSequence, compile_rules
-        from synthehr_core.rules import Thresholds, mine_rules
-        from synthehr_core.tensors import collate_halo
-        from synthehr_core.toy import make_toy_tables, toy_vocab
+        from synthehr_core.data.toy import make_toy_tables, toy_vocab
+        from synthehr_core.model.consequence import ConSequence, compile_rules
+        from synthehr_core.model.tensors import collate_halo
+        from synthehr_core.rules.mining import Thresholds, mine_rules
 
         p, v, c = make_toy_tables(120, seed=1)
         vocab = toy_vocab(c, p)
@@ -224,7 +224,7 @@ class TestPrivateTrainingUnits:
 class TestMinCodeCount:
 
     def test_rare_codes_leave_the_vocabulary(self, tmp_path):
-        from synthehr_core.toy import write_toy_tables
+        from synthehr_core.data.toy import write_toy_tables
 
         write_toy_tables(tmp_path / "t", 60, seed=0)
         vocab = Vocab.load(tmp_path / "t" / "vocab.json")
@@ -241,7 +241,7 @@ class TestMinCodeCount:
 
 @pytest.fixture(scope="module")
 def mimic_demo(tmp_path_factory):
-    from synthehr_core.preprocess import preprocess
+    from synthehr_core.data.preprocess import preprocess
 
     d = tmp_path_factory.mktemp("mimic") / "t"
     preprocess("mimic3", d)  # the bundled MIMIC-III demo: 72 train / 8 val patients, vocab 780
@@ -257,7 +257,7 @@ class TestDPTraining:
     RUN = dict(preset="tiny", n_embd=16, batch_size=8, eval_every=None, progress=False, seed=0)
 
     def test_demo_run_reaches_the_target_epsilon(self, mimic_demo, tmp_path):
-        from synthehr_core.train import CKPT_DIR, train_to_dir
+        from synthehr_core.model.train import CKPT_DIR, train_to_dir
 
         info = train_to_dir(mimic_demo, tmp_path / "dp", epochs=2, dp_target_epsilon=3.0, dp_delta=1e-3,
                             dp_max_grad_norm=1.0, dp_physical_batch_size=4, **self.RUN)
@@ -276,7 +276,7 @@ class TestDPTraining:
         assert "_module." not in "".join(state)  # the plain model's keys, loadable by load_model
 
     def test_resumed_run_continues_its_privacy_accounting(self, mimic_demo, tmp_path):
-        from synthehr_core.train import CKPT_DIR, train_to_dir
+        from synthehr_core.model.train import CKPT_DIR, train_to_dir
 
         dp = dict(dp_noise_multiplier=1.1, dp_delta=1e-3)
         full = train_to_dir(mimic_demo, tmp_path / "full", max_steps=6, ckpt_every=3, keep_checkpoints=None,
@@ -297,7 +297,7 @@ class TestDPTraining:
 def _eps(sigma: float, q: float, steps: int, delta: float) -> float:
     from opacus.accountants import RDPAccountant
 
-    from synthehr_core.privacy import RDP_ALPHAS
+    from synthehr_core.model.dp import RDP_ALPHAS
 
     acc = RDPAccountant()
     acc.history = [(sigma, q, steps)]
@@ -305,7 +305,7 @@ def _eps(sigma: float, q: float, steps: int, delta: float) -> float:
 
 
 def test_train_stage_min_code_count_keeps_rare_codes_out_of_the_checkpoint(mimic_demo, tmp_path):
-    from synthehr_core.train import train_to_dir
+    from synthehr_core.model.train import train_to_dir
 
     counts = code_patient_counts(mimic_demo, "train")
     info = train_to_dir(mimic_demo, tmp_path / "o", preset="tiny", n_embd=16, max_steps=2, batch_size=8,

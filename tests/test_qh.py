@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synthehr_core.config import bundled_data_dir
-from synthehr_core.datasets import qh
-from synthehr_core.datasets.base import DropReport
+from synthehr_core.data.adapters import qh
+from synthehr_core.data.fixtures import qh as qh_fixture
+from synthehr_core.data.adapters.base import DropReport
+from synthehr_core.data.config import bundled_data_dir
+from synthehr_core.data.preprocess import preprocess
 from synthehr_core.errors import ConfigError, DataError, SchemaError
-from synthehr_core.preprocess import preprocess
 
 SAMPLE = bundled_data_dir("qh_sample")
 KTAS = bundled_data_dir("ktas_ed") / "ktas_triage_en.csv"
@@ -20,7 +21,7 @@ KTAS = bundled_data_dir("ktas_ed") / "ktas_triage_en.csv"
 
 @pytest.fixture(scope="module")
 def sim() -> pd.DataFrame:
-    return qh.simulate(40_000, seed=11)
+    return qh_fixture.simulate(40_000, seed=11)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,9 @@ def _write(df: pd.DataFrame, tmp_path: Path) -> str:
 
 class TestSimulator:
     def test_deterministic_per_seed(self, tmp_path):
-        a = qh.write_encounters(qh.simulate(2000, seed=5), tmp_path / "a.csv")
-        b = qh.write_encounters(qh.simulate(2000, seed=5), tmp_path / "b.csv")
-        c = qh.write_encounters(qh.simulate(2000, seed=6), tmp_path / "c.csv")
+        a = qh_fixture.write_encounters(qh_fixture.simulate(2000, seed=5), tmp_path / "a.csv")
+        b = qh_fixture.write_encounters(qh_fixture.simulate(2000, seed=5), tmp_path / "b.csv")
+        c = qh_fixture.write_encounters(qh_fixture.simulate(2000, seed=6), tmp_path / "c.csv")
         assert Path(a).read_bytes() == Path(b).read_bytes() != Path(c).read_bytes()
 
     def test_raw_schema_and_volumes(self, sim):
@@ -85,12 +86,12 @@ class TestSimulator:
 
     def test_rejects_bad_size(self):
         with pytest.raises(ConfigError, match="n_patients must be a positive int, got 0"):
-            qh.simulate(0)
+            qh_fixture.simulate(0)
 
 
 class TestSample:
     def test_bundled_sample_is_the_builder_output(self, tmp_path):
-        out = qh.write_encounters(qh.make_qh_sample(seed=0), tmp_path / "encounters.csv")
+        out = qh_fixture.write_encounters(qh_fixture.make_qh_sample(seed=0), tmp_path / "encounters.csv")
         assert Path(out).read_bytes() == (SAMPLE / "encounters.csv").read_bytes()
         prov = (SAMPLE / "PROVENANCE.md").read_text()
         assert "CC BY 4.0" in prov and "10.1371/journal.pone.0216972" in prov and "synthetic" in prov
@@ -155,8 +156,8 @@ class TestAdapter:
         assert v.loc[v["event_type"] == "ED", "los_hours"].max() == 168.0        # ed_los_clip_hours in qh.yml
 
     def test_simulated_extract_round_trip_gzipped(self, tmp_path):
-        df = qh.simulate(3000, seed=2)
-        csv = Path(qh.write_encounters(df, tmp_path / "x.csv")).read_bytes()
+        df = qh_fixture.simulate(3000, seed=2)
+        csv = Path(qh_fixture.write_encounters(df, tmp_path / "x.csv")).read_bytes()
         (tmp_path / "encounters.csv.gz").write_bytes(gzip.compress(csv))
         c = qh.load(str(tmp_path), {"include_disposition": False}, DropReport())
         assert len(c.patients) == 3000 and len(c.visits) == len(df)
@@ -166,7 +167,7 @@ class TestAdapter:
 class TestBadInput:
     @pytest.fixture()
     def small(self) -> pd.DataFrame:
-        return qh.simulate(30, seed=3)
+        return qh_fixture.simulate(30, seed=3)
 
     def test_missing_column(self, small, tmp_path):
         with pytest.raises(SchemaError, match=r"encounters table lacks column\(s\) \['los_triage'\]"):

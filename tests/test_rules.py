@@ -9,20 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from synthehr_core.data.toy import make_toy_tables, toy_vocab, write_toy_tables
+from synthehr_core.data.vocab import build_vocab
 from synthehr_core.errors import ConfigError, SchemaError
-from synthehr_core.rules import (
-    Rule,
-    Thresholds,
-    build_rows,
-    check_violations,
-    load_rules,
-    mine_rules,
-    mine_rules_to_dir,
-    save_rules,
-    validate_rules,
-)
-from synthehr_core.toy import make_toy_tables, toy_vocab, write_toy_tables
-from synthehr_core.vocab import build_vocab
+from synthehr_core.rules.mining import Thresholds, build_rows, check_violations, mine_rules, mine_rules_to_dir
+from synthehr_core.rules.ruleset import Rule, load_rules, save_rules, validate_rules
 
 TOY_TH = Thresholds.make(label_min_prevalence=20)  # the toy cohort has ~300 visits; KI's 500 finds nothing
 
@@ -242,7 +233,7 @@ class TestFiles:
 
 
 def test_rules_module_does_not_import_torch():
-    code = ("import sys, synthehr_core.rules as r, synthehr_core.toy as t; p, v, c = t.make_toy_tables(50);"
+    code = ("import sys, synthehr_core.rules.mining as r, synthehr_core.data.toy as t; p, v, c = t.make_toy_tables(50);"
             "r.check_violations(r.mine_rules(p, v, c, t.toy_vocab(c, p)), p, v, c, t.toy_vocab(c, p));"
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

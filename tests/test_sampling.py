@@ -8,11 +8,12 @@ import torch
 from scipy import stats
 
 from synthehr_core import storage
+from synthehr_core.data.schema import read_tables
+from synthehr_core.data.vocab import build_vocab
 from synthehr_core.errors import ConfigError
-from synthehr_core.models import HALO, HaloConfig, write_checkpoint
-from synthehr_core.sampling import labels_from_probs, sample, sample_reference, sample_to_dir
-from synthehr_core.schema import read_tables
-from synthehr_core.vocab import build_vocab
+from synthehr_core.model.checkpoint import write_checkpoint
+from synthehr_core.model.halo import HALO, HaloConfig
+from synthehr_core.model.sampling import labels_from_probs, sample, sample_reference, sample_to_dir
 
 
 def _vocab(n_codes=4, labels=False):
@@ -123,7 +124,7 @@ class TestExactness:
 
 
 def test_incremental_head_equals_model_head():
-    from synthehr_core.sampling import _IncrementalHead
+    from synthehr_core.model.sampling import _IncrementalHead
 
     vocab = _vocab(6, labels=True)
     m = _sharp_model(vocab, n_ctx=4)
@@ -168,7 +169,7 @@ def _group_vocab(labels=False):
     """2 event types (required), 2 LOS bins (optional), 3 weekdays (required), 1 code: V = 8 + specials."""
     from dataclasses import replace
 
-    from synthehr_core.vocab import token_groups
+    from synthehr_core.data.vocab import token_groups
 
     vocab = build_vocab(["ED", "IP"], {"los": [0, 1, 2]}, ["cal:weekday=Mon", "cal:weekday=Tue", "cal:weekday=Wed"],
                         ["dx:0"], {"sex": ["F", "M"]} if labels else {}, {}, ["dx"])
@@ -222,7 +223,7 @@ class TestTokenGroups:
         return _first_visit_law(m, vocab, groups, _constrained_log_prob)
 
     def test_groups_from_vocab_and_tables(self):
-        from synthehr_core.vocab import token_groups
+        from synthehr_core.data.vocab import token_groups
 
         vocab, _ = _group_vocab(labels=True)
         visits = pd.DataFrame({"event_type": ["ED", "IP"], "los_binned": ["0-1", None], "cal_weekday": ["Mon", "Tue"]})
@@ -409,7 +410,7 @@ class TestBehaviour:
 
 
 def test_sample_to_dir_writes_canonical_tables(tmp_path):
-    from synthehr_core.toy import make_toy_tables, toy_vocab
+    from synthehr_core.data.toy import make_toy_tables, toy_vocab
 
     p, _, c = make_toy_tables(30, seed=0)
     vocab = toy_vocab(c, p)

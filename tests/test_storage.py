@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 
 from synthehr_core import storage
-from synthehr_core.preprocess import preprocess
-from synthehr_core.schema import read_tables
+from synthehr_core.data.preprocess import preprocess
+from synthehr_core.data.schema import read_tables
 
 BUCKET = "synthehr-test"
 
@@ -71,7 +71,7 @@ class TestGCS:
 
     def test_preprocess_reads_and_writes_gcs(self, gcs, tmp_path):
         """Raw MIMIC demo uploaded to the emulator, preprocessed from gs:// to gs://, equals the local run."""
-        from synthehr_core.config import bundled_data_dir
+        from synthehr_core.data.config import bundled_data_dir
 
         src = bundled_data_dir("mimic3_demo")
         for f in src.iterdir():
@@ -119,7 +119,7 @@ class TestLocalAtomicity:
             storage.read_parquet(tmp_path / "nope.parquet")
 
     def test_pandas_roundtrip_keeps_string_codes(self, tmp_path):
-        from synthehr_core.schema import to_arrow
+        from synthehr_core.data.schema import to_arrow
 
         df = pd.DataFrame({"patient_id": ["1"], "visit_index": [0], "code": ["dx:03819"]})
         storage.write_parquet(tmp_path / "c.parquet", to_arrow(df, "codes"))

@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from synthehr_core import temporal as T
-from synthehr_core.config import bundled_config_path
-from synthehr_core.datasets import qh
+from synthehr_core.data.fixtures import qh as qh_fixture
+from synthehr_core.data.config import bundled_config_path
+from synthehr_core.data.preprocess import preprocess
+from synthehr_core.data.schema import parse_bin, read_tables
 from synthehr_core.errors import ConfigError, DataError
-from synthehr_core.kde import generate_kde_grids_to_dir, sample_kde_to_dir
-from synthehr_core.preprocess import preprocess
-from synthehr_core.schema import parse_bin, read_tables
+from synthehr_core.postprocess import temporal as T
+from synthehr_core.postprocess.kde import generate_kde_grids_to_dir, sample_kde_to_dir
 
 TOKENS = ["month", "weekday", "hour", "year"]
 KDE = {"num_cores": 1, "min_count": 10,
@@ -28,7 +28,7 @@ KDE = {"num_cores": 1, "min_count": 10,
 def qh_tables(tmp_path_factory):
     """A simulated QH extract (600 patients) preprocessed with all four calendar tokens; + its train split."""
     d = tmp_path_factory.mktemp("qh_cal")
-    qh.write_encounters(qh.simulate(600, seed=3), d / "raw" / "encounters.csv")
+    qh_fixture.write_encounters(qh_fixture.simulate(600, seed=3), d / "raw" / "encounters.csv")
     cfg = yaml.safe_load(bundled_config_path("qh").read_text())
     cfg["calendar"] = {**cfg["calendar"], "enabled": True, "tokens": TOKENS}   # hemisphere: south (qh.yml)
     preprocess(cfg, d / "tables", raw=str(d / "raw"))
@@ -78,8 +78,8 @@ class TestCalendarParts:
 class TestRoundTrip:
     def test_tokens_survive_tensors_and_decode(self, qh_tables):
         """preprocess -> HALO rows -> decode_rows (the sampler's decoder) gives back the cal_* columns."""
-        from synthehr_core.tensors import EHRParquetDataset, collate_halo, decode_rows
-        from synthehr_core.vocab import Vocab
+        from synthehr_core.data.vocab import Vocab
+        from synthehr_core.model.tensors import EHRParquetDataset, collate_halo, decode_rows
 
         d, *_ = qh_tables
         vocab = Vocab.load(d / "tables" / "vocab.json")
@@ -95,8 +95,8 @@ class TestRoundTrip:
 
     def test_sampled_tokens_are_honoured_or_counted(self, qh_tables, tmp_path):
         """train (2 steps) -> sample_to_dir -> sample_kde_to_dir -> reconstruct_calendar_times_to_dir."""
-        from synthehr_core.sampling import sample_to_dir
-        from synthehr_core.train import train_to_dir
+        from synthehr_core.model.sampling import sample_to_dir
+        from synthehr_core.model.train import train_to_dir
 
         d = qh_tables[0]
         train_to_dir(d / "tables", tmp_path / "m", "halo", "tiny", epochs=1, max_steps=2, batch_size=32,
@@ -315,8 +315,8 @@ def test_module_imports_neither_torch_nor_kfp():
 
 
 def test_evaluation_report_carries_the_temporal_section(qh_tables):
-    from synthehr_core.evaluation import evaluate_tables
     from synthehr_core.evaluation.report import render_html
+    from synthehr_core.evaluation.stage import evaluate_tables
 
     _, p, v, c, tp, _ = qh_tables
     synth = (tp.assign(split="synthetic"), v[v["patient_id"].isin(set(tp["patient_id"]))], c)
@@ -329,9 +329,9 @@ def test_evaluation_report_carries_the_temporal_section(qh_tables):
 def test_hemisphere_picks_the_winter_months(qh_tables, tmp_path):
     """qh.yml says calendar.hemisphere: south; preprocess records it and evaluate reads it: winter = Jun-Aug."""
     from synthehr_core import storage
+    from synthehr_core.data.schema import write_tables
     from synthehr_core.errors import ConfigError
-    from synthehr_core.evaluation import evaluate, evaluate_tables
-    from synthehr_core.schema import write_tables
+    from synthehr_core.evaluation.stage import evaluate, evaluate_tables
 
     d, p, v, c, tp, tv = qh_tables
     assert storage.read_json(d / "tables" / "meta.json")["calendar"]["hemisphere"] == "south"

@@ -6,11 +6,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from synthehr_core import storage
+from synthehr_core.data.schema import read_tables, write_tables
+from synthehr_core.data.toy import toy_vocab, write_toy_tables
+from synthehr_core.data.vocab import build_vocab
 from synthehr_core.errors import ConfigError, SchemaError
-from synthehr_core.schema import read_tables, write_tables
-from synthehr_core.tensors import EHRParquetDataset, HaloCollate, collate_halo, decode_rows
-from synthehr_core.toy import toy_vocab, write_toy_tables
-from synthehr_core.vocab import build_vocab
+from synthehr_core.model.tensors import EHRParquetDataset, HaloCollate, collate_halo, decode_rows
 
 
 def _write(tmp_path, patients, visits, codes, vocab, name="t"):
@@ -106,7 +106,7 @@ class TestToy:
         assert torch.equal(batches[0][0], X0) and torch.equal(batches[0][1], m0)
 
     def test_vocab_order_is_deterministic(self, tmp_path):
-        from synthehr_core.toy import make_toy_tables
+        from synthehr_core.data.toy import make_toy_tables
         p, v, c = make_toy_tables(50, seed=3)
         a = toy_vocab(c, p).to_json()
         b = toy_vocab(c.sample(frac=1.0, random_state=7), p.sample(frac=1.0, random_state=8)).to_json()
@@ -174,7 +174,7 @@ def test_patient_without_visits_is_left_out_and_counted(tmp_path):
 def test_two_tokens_of_one_variable_decode_to_a_random_one_counted(tmp_path):
     """A row holding two LOS bins keeps one drawn uniformly (seeded), not the first in vocabulary order."""
     write_toy_tables(tmp_path / "t", n_patients=20, seed=0)
-    from synthehr_core.vocab import Vocab
+    from synthehr_core.data.vocab import Vocab
 
     vocab = Vocab.load(tmp_path / "t" / "vocab.json")
     a, b = vocab.index("bin:los_days=0-2"), vocab.index("bin:los_days=10-30")

@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
+from synthehr_core.data.schema import write_tables
+from synthehr_core.data.toy import make_toy_tables, toy_vocab, write_toy_tables
 from synthehr_core.errors import ConfigError
-from synthehr_core.models import load_model
-from synthehr_core.sampling import sample
-from synthehr_core.schema import write_tables
-from synthehr_core.tensors import EHRParquetDataset, decode_rows
-from synthehr_core.toy import make_toy_tables, toy_vocab, write_toy_tables
-from synthehr_core.train import CKPT_DIR, KILL_ENV, epoch_order, evaluate, train_to_dir
+from synthehr_core.model.checkpoint import load_model
+from synthehr_core.model.sampling import sample
+from synthehr_core.model.tensors import EHRParquetDataset, decode_rows
+from synthehr_core.model.train import CKPT_DIR, KILL_ENV, epoch_order, evaluate, train_to_dir
 
 N_CTX = 8
 
@@ -101,7 +101,7 @@ def test_non_empty_out_dir_needs_resume_from(toy_dir, tmp_path):
         train_to_dir(toy_dir, tmp_path / "m", max_steps=1, n_ctx=N_CTX, progress=False, resume_from=tmp_path / "m")
 
 
-RUN = "import json, sys; from synthehr_core.train import train_to_dir; print(json.dumps(train_to_dir(**json.loads(sys.argv[1]))))"
+RUN = "import json, sys; from synthehr_core.model.train import train_to_dir; print(json.dumps(train_to_dir(**json.loads(sys.argv[1]))))"
 
 
 def _run(kw: dict, kill_after: int | None = None) -> subprocess.CompletedProcess:
@@ -146,8 +146,8 @@ def test_group_heads_and_token_groups_reach_the_checkpoint(toy_dir, tmp_path):
     """train writes HaloConfig.groups (one categorical head per single-valued variable) and token_groups.json;
     group_heads=False trains HI's head only; the sampler draws required groups exactly once per visit."""
     from synthehr_core import storage
-    from synthehr_core.sampling import sample_to_dir
-    from synthehr_core.schema import read_tables
+    from synthehr_core.data.schema import read_tables
+    from synthehr_core.model.sampling import sample_to_dir
 
     train_to_dir(toy_dir, tmp_path / "m", epochs=1, batch_size=16, n_ctx=N_CTX, eval_every=None, progress=False)
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..data.vocab import Vocab
 from ..errors import SchemaError
-from ..vocab import Vocab
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Cohort:
         if bad.any():
             raise SchemaError(f"{name}: {int(bad.sum())} codes point at visits that do not exist, e.g. "
                               f"{codes.loc[bad, ['patient_id', 'visit_index']].head(3).to_dict('records')}. "
-                              "Validate the tables with synthehr_core.schema.validate_tables.")
+                              "Validate the tables with synthehr_core.data.schema.validate_tables.")
         col = space.codes.get_indexer(codes["code"])
         X = sp.csr_matrix((np.ones(len(row), np.float32), (row, col)), shape=(len(vkey), space.n_codes))
         X.sum_duplicates()

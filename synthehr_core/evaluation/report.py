@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..schema import WEEKDAYS
+from ..data.schema import WEEKDAYS
 
 REAL, SYNTH, TEST = "#1f77b4", "#ff7f0e", "#2ca02c"
 HEADLINE = [
@@ -183,7 +183,7 @@ def render_html(res: dict) -> str:
     parts += [figs.get("values", ""), figs.get("time", ""), figs.get("calendar", "")]
     tem = res["details"].get("temporal") or {}
     if tem.get("result"):                        # visits per month, weekday/month/hour profiles (docs/temporal.md)
-        from ..temporal import temporal_figure
+        from ..postprocess.temporal import temporal_figure
 
         parts.append(temporal_figure(tem["result"]))
     parts.append(_table(_metric_rows(m, "values.") + _metric_rows(m, "time.") + _metric_rows(m, "temporal."),

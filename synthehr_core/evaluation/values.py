@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ..schema import WEEKDAYS, calendar_parts
+from ..data.schema import WEEKDAYS, calendar_parts
 from .cohort import Cohort
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)

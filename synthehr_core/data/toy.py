@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import storage
+from .. import storage
 from .schema import bin_values, write_tables
 from .vocab import Vocab, build_vocab
 

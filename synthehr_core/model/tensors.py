@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from . import storage
-from .errors import ConfigError, SchemaError
-from .schema import SYNTHETIC_SPLIT, read_tables
-from .vocab import Vocab, VocabRoles, token_column, token_value, vocab_roles  # noqa: F401  (re-exported)
+from .. import storage
+from ..data.schema import SYNTHETIC_SPLIT, read_tables
+from ..data.vocab import Vocab, VocabRoles, token_column, token_value, vocab_roles  # noqa: F401  (re-exported)
+from ..errors import ConfigError, SchemaError
 
 log = logging.getLogger(__name__)
 

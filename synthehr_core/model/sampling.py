@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import storage, versions
-from .errors import ConfigError, DataError
-from .models import load_model
-from .schema import write_tables
+from .. import storage, versions
+from ..data.schema import write_tables
+from ..data.vocab import TOKEN_GROUPS_FILE, TokenGroup, Vocab, load_token_groups
+from ..errors import ConfigError, DataError
+from .checkpoint import load_model
+from .consequence import load_row_rules
 from .tensors import decode_rows, vocab_roles
-from .vocab import TOKEN_GROUPS_FILE, TokenGroup, Vocab, load_token_groups
 
 log = logging.getLogger(__name__)
 
@@ -442,20 +443,6 @@ def sample_reference(model, vocab: Vocab, n_patients: int, seed: int, batch_size
 
 
 # ---------------------------------------------------------------------------------------------- stage API
-def _load_rules(model_dir, vocab: Vocab, n_ctx: int):
-    """The checkpoint's ConSequence rules as a ``RowRules`` object, or None when it has no rules.json."""
-    path = storage.join(model_dir, "rules.json")
-    if not storage.exists(path):
-        return None
-    from . import rules as rules_mod  # written by the rules owner; imported only when a checkpoint has rules
-
-    loader = getattr(rules_mod, "load_row_rules", None)
-    if loader is None:
-        raise ConfigError(f"{path} exists but synthehr_core.rules has no load_row_rules(path, vocab, n_ctx); "
-                          "update synthehr_core or remove rules.json to sample without rules.")
-    return loader(path, vocab, n_ctx)
-
-
 def sample_to_dir(model_dir, out_dir, seed: int, n_patients: int, batch_size: int = 256, temperature: float = 1.0,
                   condition: str | dict | None = None, device: str | None = None, overwrite: bool = False,
                   constrain: bool = True) -> dict:
@@ -493,7 +480,7 @@ def sample_to_dir(model_dir, out_dir, seed: int, n_patients: int, batch_size: in
         use_probs = labels_from_condition(condition, vocab, label_probs)
     else:
         raise ConfigError(f"condition must be None, 'label_probs' or a dict like {{'sex': 'F'}}; got {condition!r}.")
-    rules = _load_rules(model_dir, vocab, model.config.n_ctx)
+    rules = load_row_rules(model_dir, vocab)
     groups_path = storage.join(model_dir, TOKEN_GROUPS_FILE)
     groups = load_token_groups(groups_path, vocab) if constrain and storage.exists(groups_path) else []
     if constrain and not groups:

@@ -35,9 +35,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .models.halo import MaskedLinear
-from .vocab import Token, Vocab
+from ..data.vocab import Token, Vocab
+from ..errors import ConfigError
+from .halo import MaskedLinear
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def code_patient_counts(tables, split: str | None = "train") -> pd.Series:
 
     ``tables`` is a tables directory or the ``(patients, visits, codes)`` already read from one.
     """
-    from .schema import read_tables
+    from ..data.schema import read_tables
 
     patients, _, codes = tables if isinstance(tables, tuple) else read_tables(tables)
     if split is not None:

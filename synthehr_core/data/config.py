@@ -1,6 +1,6 @@
 """Dataset configuration: one YAML file per dataset, validated before any work starts.
 
-A dataset differs from another only by this file and its small adapter (``synthehr_core/datasets/<adapter>.py``).
+A dataset differs from another only by this file and its small adapter (``synthehr_core/data/adapters/<adapter>.py``).
 Bundled configs live in ``synthehr_core/configs/<name>.yml`` and are addressed by name (``mimic3``, ``adni``,
 ``qh``); any other value is read as a path (local or ``gs://``).
 
@@ -30,8 +30,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from . import storage
-from .errors import ConfigError, bullet_list
+from .. import storage
+from ..errors import ConfigError, bullet_list
 
 BUNDLED_PREFIX = "bundled:"
 
@@ -113,11 +113,11 @@ class DatasetConfig(_Strict):
     @field_validator("adapter")
     @classmethod
     def _adapter_exists(cls, v):
-        known = sorted(p.stem for p in Path(__file__).with_name("datasets").glob("*.py")
+        known = sorted(p.stem for p in (Path(__file__).parent / "adapters").glob("*.py")
                        if p.stem not in {"__init__", "base", "fixtures"})
         if v not in known:
             raise ValueError(f"unknown adapter {v!r}; available adapters: {known}. A new dataset needs "
-                             "synthehr_core/datasets/<adapter>.py with a load(raw, options, report) function")
+                             "synthehr_core/data/adapters/<adapter>.py with a load(raw, options, report) function")
         return v
 
     def config_hash(self) -> str:

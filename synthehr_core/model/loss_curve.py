@@ -4,7 +4,7 @@ from __future__ import annotations
 import html
 import os
 
-from . import storage
+from .. import storage
 
 
 def loss_curve_html(model_dir: str | os.PathLike, width: int = 640, height: int = 320) -> str:

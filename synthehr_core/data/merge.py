@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from . import storage, versions
-from .errors import ConfigError, DataError, bullet_list
+from .. import storage, versions
+from ..errors import ConfigError, DataError, bullet_list
 from .schema import read_tables, write_tables
 
 SYNTHETIC_ID = "syn-{seed}-{n}"

@@ -21,7 +21,7 @@ import contextlib
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .base import DropReport, RawCohort, read_csv_checked, require_not_null, require_unique, resolve_file
 
 log = logging.getLogger(__name__)

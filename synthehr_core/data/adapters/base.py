@@ -1,8 +1,8 @@
 """What every dataset adapter returns, and the checked CSV reader they share.
 
-An adapter is one function ``load(raw, options, report) -> RawCohort`` in ``synthehr_core/datasets/<name>.py``.
+An adapter is one function ``load(raw, options, report) -> RawCohort`` in ``synthehr_core/data/adapters/<name>.py``.
 It reads the raw extract, validates it, and returns three tidy frames; everything else (visit order, offsets,
-gaps, binning, split, vocabulary, parquet) is done once, for every dataset, by ``synthehr_core.preprocess``.
+gaps, binning, split, vocabulary, parquet) is done once, for every dataset, by ``synthehr_core.data.preprocess``.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Iterable
 
 import pandas as pd
 
-from .. import storage
-from ..errors import DataError, SchemaError, bullet_list
+from ... import storage
+from ...errors import DataError, SchemaError, bullet_list
 
 log = logging.getLogger(__name__)
 

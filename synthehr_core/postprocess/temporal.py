@@ -35,9 +35,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from . import storage
-from .errors import ConfigError, DataError
-from .schema import HOUR_BANDS, MONTHS, WEEKDAYS, calendar_parts, parse_bin, read_tables, write_tables
+from .. import storage
+from ..data.schema import HOUR_BANDS, MONTHS, WEEKDAYS, calendar_parts, parse_bin, read_tables, write_tables
+from ..errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

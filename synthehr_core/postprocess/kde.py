@@ -43,9 +43,9 @@ import pandas as pd
 import pyarrow as pa
 from scipy.special import ndtr
 
-from . import storage
-from .errors import ConfigError, DataError, bullet_list
-from .schema import parse_bin, read_tables, write_tables
+from .. import storage
+from ..data.schema import parse_bin, read_tables, write_tables
+from ..errors import ConfigError, DataError, bullet_list
 from .temporal import MONTH_TOKEN_DECAY
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,9 @@ def load_kde_config(config: Mapping | str | os.PathLike, where: str | None = Non
     text_path = str(config)
     if not storage.exists(text_path):             # a bundled name: "kde_qh" or "kde_qh.yml"
         name = Path(text_path).name
-        bundled = Path(__file__).parent / "configs" / (name if name.endswith((".yml", ".yaml")) else f"{name}.yml")
+        bundled = Path(__file__).parents[1] / "configs" / (name if name.endswith((".yml", ".yaml")) else f"{name}.yml")
         if not bundled.exists():
-            known = sorted(p.stem for p in (Path(__file__).parent / "configs").glob("kde_*.yml"))
+            known = sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("kde_*.yml"))
             raise ConfigError(f"KDE config {text_path!r}: no such file and no bundled config of that name; "
                               f"bundled: {known}. Pass a path, a bundled name or a dict.")
         text_path = str(bundled)

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from . import storage
-from .errors import SchemaError, bullet_list
+from .. import storage
+from ..errors import SchemaError, bullet_list
 
 PATIENTS_CORE = pa.schema([("patient_id", pa.string()), ("split", pa.string())])
 VISITS_CORE = pa.schema([

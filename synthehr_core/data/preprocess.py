@@ -1,7 +1,7 @@
 """Raw extract -> canonical tables, the same way for every dataset.
 
-The adapter (``synthehr_core/datasets/<adapter>.py``) reads and validates the raw files and returns a
-:class:`~synthehr_core.datasets.base.RawCohort`. This module then, for every dataset alike: drops orphans with
+The adapter (``synthehr_core/data/adapters/<adapter>.py``) reads and validates the raw files and returns a
+:class:`~synthehr_core.data.adapters.base.RawCohort`. This module then, for every dataset alike: drops orphans with
 a counted reason, orders visits in time (``visit_index``), derives ``start_offset_days`` and ``gap_days``,
 draws the seeded patient split, bins continuous variables, builds the deterministic vocabulary and writes the
 tables directory atomically. Same raw data + config + seed -> byte-identical parquet.
@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import storage, versions
+from .. import storage, versions
+from ..errors import ConfigError, SchemaError, bullet_list
+from .adapters.base import DropReport, RawCohort
 from .config import BinSpec, DatasetConfig, load_config
-from .datasets.base import DropReport, RawCohort
-from .errors import ConfigError, SchemaError, bullet_list
 from .schema import HOUR_BANDS, MONTHS, SPLITS, WEEKDAYS, bin_values, calendar_parts, fast_isin, write_tables
 from .vocab import build_vocab
 
@@ -210,7 +210,7 @@ def preprocess(config: str | Path | dict | DatasetConfig, out_dir: str | Path, p
     if raw is not None and not storage.exists(raw):
         raise ConfigError(f"raw data directory {raw!r} does not exist. Check --raw / the importer URI.")
     seed = cfg.split.seed if seed is None else int(seed)
-    adapter = importlib.import_module(f"synthehr_core.datasets.{cfg.adapter}")
+    adapter = importlib.import_module(f"synthehr_core.data.adapters.{cfg.adapter}")
     report = DropReport()
     log.info("reading %s with adapter %s", raw_dir, cfg.adapter)
     cohort = adapter.load(raw_dir, dict(cfg.adapter_options), report)

@@ -32,17 +32,17 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from . import storage, versions
+from .. import storage, versions
+from ..data.schema import read_tables
+from ..data.vocab import TOKEN_GROUPS_FILE, Vocab, save_token_groups, token_groups
+from ..errors import ConfigError
+from .checkpoint import model_class, write_checkpoint
 from .distributed import SINGLE, DistContext
 from .distributed import setup as setup_distributed
-from .errors import ConfigError
-from .models import model_class, write_checkpoint
-from .models.halo import HaloConfig
+from .dp import DPConfig, PrivateTraining
+from .halo import HaloConfig
 from .precision import autocast, grad_scaler, validate_precision
-from .privacy import DPConfig, PrivateTraining
 from .tensors import EHRParquetDataset, HaloCollate, collate_halo
-from .schema import read_tables
-from .vocab import TOKEN_GROUPS_FILE, Vocab, save_token_groups, token_groups
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +400,7 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
             visit gets one month drawn from one softmax. False = HI's head only. Ignored for HALO-Coarse.
         model_overrides: extra ``HaloConfig`` fields (e.g. ``n_embd=64``, ``coarse=True``).
     """
-    from .rules import RULES_FILE, load_rules, validate_rules
+    from ..rules.ruleset import RULES_FILE, load_rules, validate_rules
 
     args = TrainArgs(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, eval_every=eval_every,
                      patience=patience, ckpt_every=ckpt_every, keep_checkpoints=keep_checkpoints, seed=seed).validate()
@@ -414,7 +414,7 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
     tables = read_tables(tables_dir)   # once, for the rare-code filter and both datasets
     rare_codes: list[str] = []
     if min_code_count:
-        from .privacy import code_patient_counts, min_code_count_vocab
+        from .dp import code_patient_counts, min_code_count_vocab
         vocab, rare_codes = min_code_count_vocab(vocab, code_patient_counts(tables, "train"), min_code_count)
     meta_path = storage.join(tables_dir, "meta.json")
     tables_meta = storage.read_json(meta_path) if storage.exists(meta_path) else {}
@@ -428,10 +428,10 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
     if model_type == "consequence":
         if rules_dir is None:
             raise ConfigError("model_type='consequence' needs rules_dir: run the rules stage "
-                              "(synthehr_core.rules.mine_rules_to_dir) and pass its output directory.")
+                              "(synthehr_core.rules.mining.mine_rules_to_dir) and pass its output directory.")
         rules_path = storage.join(rules_dir, RULES_FILE)
         rules = validate_rules(load_rules(rules_path), vocab, rules_path)
-        from .models.consequence import compile_rules
+        from .consequence import compile_rules
         compiled = compile_rules(rules, vocab)
     train_ds = EHRParquetDataset(tables_dir, "train", n_ctx, vocab, tables)
     try:
@@ -468,7 +468,7 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
              "versions": versions("torch")}
     write_checkpoint(out_dir, model, vocab, model_type, extra_config=extra)
     if rules is not None:
-        from .rules import save_rules
+        from ..rules.ruleset import save_rules
         save_rules(storage.join(out_dir, RULES_FILE), rules, source=str(rules_dir))
     eps_col = ["epsilon"] if dp.enabled else []  # DP runs: epsilon spent at each validation
     hist = pd.DataFrame(res["history"], columns=["step", "epoch", "split", "loss", *eps_col])

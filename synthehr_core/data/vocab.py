@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import storage
-from .errors import SchemaError
+from .. import storage
+from ..errors import SchemaError
 from .schema import format_bin
 
 SPECIALS = ("<start>", "<end>", "<pad>")

@@ -12,14 +12,14 @@ import io
 import torch
 
 from .. import storage
+from ..data.vocab import Vocab
 from ..errors import ConfigError
-from ..vocab import Vocab
 from .halo import HALO, HaloConfig, MaskedLinear
 
 # model_type -> "module:class"; each class is built as cls(HaloConfig) and loads model.pt strictly
 MODEL_TYPES = {
-    "halo": "synthehr_core.models.halo:HALO",
-    "consequence": "synthehr_core.models.consequence:ConSequence",
+    "halo": "synthehr_core.model.halo:HALO",
+    "consequence": "synthehr_core.model.consequence:ConSequence",
 }
 
 __all__ = ["HALO", "HaloConfig", "MaskedLinear", "MODEL_TYPES", "model_class", "write_checkpoint", "load_model"]

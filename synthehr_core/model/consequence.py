@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..rules import Rule
-from ..vocab import Vocab
+from .. import storage
+from ..data.vocab import Vocab
+from ..rules.ruleset import RULES_FILE, Rule, load_rules, validate_rules
 from .halo import HALO, HaloConfig
 
 
@@ -243,3 +244,11 @@ class ConSequence(HALO):
             base = loss_weight if loss_weight is not None else mask[:, 1:]
             loss_weight = base * (~fired).to(x.dtype)  # fired entries: probability fixed, no loss, no gradient
         return super().forward(x, mask=mask, loss_weight=loss_weight)
+
+
+def load_row_rules(model_dir, vocab: Vocab) -> CompiledRules | None:
+    """A checkpoint's ``rules.json`` compiled for the sampler, or None when the checkpoint has none (HALO)."""
+    path = storage.join(model_dir, RULES_FILE)
+    if not storage.exists(path):
+        return None
+    return compile_rules(validate_rules(load_rules(path), vocab, str(path)), vocab)

@@ -1,0 +1,1 @@
+"""One small adapter per raw layout: ``load(raw, options, report) -> RawCohort`` (``base.py``)."""
