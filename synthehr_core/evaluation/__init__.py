@@ -1,7 +1,5 @@
-"""The evaluate stage: fidelity, values and time, rules, privacy and utility of a synthetic cohort.
+"""Stage 5, evaluation: fidelity, values and time, temporal realism, rules, privacy attacks and utility of a
+synthetic cohort, and the HTML / Markdown report (``stage.evaluate_to_dir``).
 
 No torch and no kfp anywhere below this package (the evaluate image has neither). Definitions: docs/evaluation.md.
 """
-from .stage import evaluate, evaluate_tables, evaluate_to_dir
-
-__all__ = ["evaluate", "evaluate_tables", "evaluate_to_dir"]

@@ -17,6 +17,8 @@ from .. import storage
 from ..data.schema import SEASONS, SYNTHETIC_SPLIT, read_tables
 from ..data.vocab import Vocab
 from ..errors import ConfigError, DataError
+from ..rules.mining import check_violations
+from ..rules.ruleset import load_rules
 from ..postprocess.temporal import temporal_section
 from .attacks import privacy
 from .cohort import Cohort, label_columns, make_space
@@ -45,13 +47,8 @@ def _load_vocab(tables_dir) -> Vocab | None:
 
 
 def rules_metrics(rules_path, synth: Tables, vocab: Vocab | None, baseline: Tables | None = None) -> tuple[dict, list[str], dict]:
-    """Rule violations of the synthetic cohort (and of the held-out real cohort as a reference) with H2's
-    ``synthehr_core.rules.mining.check_violations``; a note instead when the checker or the vocabulary is missing."""
-    try:
-        from ..rules.mining import check_violations
-        from ..rules.ruleset import load_rules
-    except ImportError as exc:
-        return {}, [f"rules: not checked: synthehr_core.rules.mining.check_violations is unavailable ({exc})."], {}
+    """Rule violations of the synthetic cohort (and of the held-out real cohort as a reference) with
+    ``rules.mining.check_violations``; a note instead when the real tables have no vocabulary to resolve tokens."""
     if vocab is None:
         return {}, ["rules: not checked: the real tables directory has no vocab.json to resolve rule tokens."], {}
     rules = load_rules(rules_path)
