@@ -89,20 +89,14 @@ def add_calendar_columns(visits: pd.DataFrame, kinds: list[str]) -> list[str]:
     return tokens
 
 
-def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropReport):
-    """Turn an adapter's RawCohort into canonical (patients, visits, codes, vocab, stats)."""
-    where = cfg.source or cfg.name
-    _check_raw_cohort(cohort, cfg.adapter)
-    patients = cohort.patients.copy()
-    visits = cohort.visits.copy()
-    codes = cohort.codes.copy()
+def _clean(cohort: RawCohort, report: DropReport) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """String keys; orphans, undated visits and repeated codes dropped, counted and logged."""
+    patients, visits, codes = cohort.patients.copy(), cohort.visits.copy(), cohort.codes.copy()
     patients["patient_id"] = patients["patient_id"].astype(str)
     visits["patient_id"] = visits["patient_id"].astype(str)
     visits["visit_id"] = visits["visit_id"].astype(str)
     codes["visit_id"] = codes["visit_id"].astype(str)
     codes["code"] = codes["code"].astype(str)
-
-    # --- orphans and duplicates: dropped, counted, logged
     orphan = ~fast_isin(visits["patient_id"], patients["patient_id"])
     report.drop("visits", "patient_id not in the patients table", int(orphan.sum()))
     visits = visits[~orphan]
@@ -117,21 +111,21 @@ def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropR
     codes = codes[~dup]
     no_visits = ~fast_isin(patients["patient_id"], visits["patient_id"])
     report.drop("patients", "no visits", int(no_visits.sum()))
-    patients = patients[~no_visits]
+    return patients[~no_visits], visits, codes
 
-    # --- visit order, offsets and gaps
+
+def _order_visits(visits: pd.DataFrame) -> pd.DataFrame:
+    """Visits in time order per patient, with ``visit_index``, ``start_offset_days`` and ``gap_days``."""
     visits = visits.sort_values(["patient_id", "start", "visit_id"], kind="stable").reset_index(drop=True)
     g = visits.groupby("patient_id", sort=False)
     visits["visit_index"] = g.cumcount().astype("int32")
     first = g["start"].transform("min")
     visits["start_offset_days"] = (visits["start"] - first).astype(float)
     visits["gap_days"] = g["start"].diff().astype(float)
+    return visits
 
-    # --- split
-    patients = patients.sort_values("patient_id", kind="stable").reset_index(drop=True)
-    patients.insert(1, "split", assign_split(patients["patient_id"], (cfg.split.train, cfg.split.val, cfg.split.test), seed).to_numpy())
 
-    # --- labels (categorical) and bins
+def _check_columns(cfg: DatasetConfig, patients: pd.DataFrame, visits: pd.DataFrame, where: str) -> None:
     problems = []
     for col in cfg.labels:
         if col not in patients.columns:
@@ -144,15 +138,24 @@ def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropR
             problems.append(f"visit_bins: {col!r} is not a visit column; visit columns: {sorted(visits.columns)}")
     if problems:
         raise ConfigError(f"{where}: config does not match the data of adapter {cfg.adapter!r}:\n" + bullet_list(problems))
+
+
+def _labels(patients: pd.DataFrame, columns) -> dict[str, list[str]]:
+    """Label columns as strings ('unknown' where missing), in place; returns each column's sorted values."""
     label_values: dict[str, list[str]] = {}
-    for col in cfg.labels:
+    for col in columns:
         missing = patients[col].isna()
         if missing.any():
             log.warning("%d patients have no %s; labelled 'unknown'", int(missing.sum()), col)
         patients[col] = patients[col].astype("object").where(~missing, "unknown").astype(str)
         label_values[col] = sorted(patients[col].unique())
+    return label_values
+
+
+def _bin_columns(cfg: DatasetConfig, patients: pd.DataFrame, visits: pd.DataFrame, where: str, stats: dict
+                 ) -> tuple[dict, dict]:
+    """``<col>_binned`` for every configured bin, edges from the train split only; returns (patient, visit) edges."""
     train_ids = patients.loc[patients["split"] == "train", "patient_id"]
-    stats: dict[str, Any] = {"clipped": {}}
     patient_edges, visit_edges = {}, {}
     for table, df, specs, edges_out in (("patients", patients, cfg.patient_bins, patient_edges),
                                         ("visits", visits, cfg.visit_bins, visit_edges)):
@@ -162,10 +165,11 @@ def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropR
             res = bin_values(df[col], edges_out[col])
             df[f"{col}_binned"] = res.labels
             stats["clipped"][f"{table}.{col}"] = res.n_clipped
+    return patient_edges, visit_edges
 
-    calendar_tokens = add_calendar_columns(visits, cfg.calendar.tokens) if cfg.calendar.enabled else []
 
-    # --- codes keyed by (patient, visit_index)
+def _key_codes(codes: pd.DataFrame, visits: pd.DataFrame) -> pd.DataFrame:
+    """Codes keyed by (patient, visit_index) instead of the raw visit id."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -173,9 +177,25 @@ def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropR
     pos = np.asarray(pc.index_in(pa.array(codes["visit_id"].astype(str), type=pa.string()),
                                  value_set=pa.array(visits["visit_id"].astype(str), type=pa.string())).fill_null(-1))
     found = pos >= 0
-    codes = pd.DataFrame({"patient_id": visits["patient_id"].take(pos[found]).reset_index(drop=True),
-                          "visit_index": visits["visit_index"].to_numpy()[pos[found]],
-                          "code": codes["code"][found].reset_index(drop=True)})
+    return pd.DataFrame({"patient_id": visits["patient_id"].take(pos[found]).reset_index(drop=True),
+                         "visit_index": visits["visit_index"].to_numpy()[pos[found]],
+                         "code": codes["code"][found].reset_index(drop=True)})
+
+
+def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropReport):
+    """Turn an adapter's RawCohort into canonical (patients, visits, codes, vocab, stats)."""
+    where = cfg.source or cfg.name
+    _check_raw_cohort(cohort, cfg.adapter)
+    patients, visits, codes = _clean(cohort, report)
+    visits = _order_visits(visits)
+    patients = patients.sort_values("patient_id", kind="stable").reset_index(drop=True)
+    patients.insert(1, "split", assign_split(patients["patient_id"], (cfg.split.train, cfg.split.val, cfg.split.test), seed).to_numpy())
+    _check_columns(cfg, patients, visits, where)
+    label_values = _labels(patients, cfg.labels)
+    stats: dict[str, Any] = {"clipped": {}}
+    patient_edges, visit_edges = _bin_columns(cfg, patients, visits, where, stats)
+    calendar_tokens = add_calendar_columns(visits, cfg.calendar.tokens) if cfg.calendar.enabled else []
+    codes = _key_codes(codes, visits)
     vocab = build_vocab(visits["event_type"].astype(str).unique(), visit_edges, calendar_tokens, codes["code"].unique(),
                         label_values, patient_edges, cfg.code_namespaces)
     visits["start_day"] = visits["start"].astype(float)  # absolute calendar position, for temporal metrics
