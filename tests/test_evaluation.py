@@ -119,7 +119,8 @@ class TestPrivacy:
         assert m["privacy.exact_copies"] >= len(copied[0])
         assert m["privacy.dcr_train.median"] < m["privacy.dcr_test.median"]
         honest = evaluate_tables(real, new, None, **FAST)["metrics"]
-        assert abs(honest["privacy.mia.accuracy"] - 0.5) < 0.08
+        # no member leaks: accuracy is a coin flip, within 3 standard errors of 0.5 for the records attacked
+        assert abs(honest["privacy.mia.accuracy"] - 0.5) < 3 * 0.5 / honest["privacy.mia.n_records"] ** 0.5
         assert honest["privacy.mia.accuracy"] < m["privacy.mia.accuracy"] - 0.1
 
     def test_nearest_is_the_aligned_hamming_distance(self):

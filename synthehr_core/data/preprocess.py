@@ -19,6 +19,7 @@ import pandas as pd
 
 from .. import storage, versions
 from ..errors import ConfigError, SchemaError, bullet_list
+from ..randomness import numpy_rng
 from .adapters.base import DropReport, RawCohort
 from .config import BinSpec, DatasetConfig, load_config
 from .schema import HOUR_BANDS, MONTHS, SPLITS, WEEKDAYS, bin_values, calendar_parts, fast_isin, write_tables
@@ -43,7 +44,7 @@ def _check_raw_cohort(c: RawCohort, adapter: str) -> None:
 def assign_split(patient_ids: pd.Series, fractions: tuple[float, float, float], seed: int) -> pd.Series:
     """Seeded split by patient: sort ids, permute with ``seed``, cut by the fractions."""
     ids = np.sort(patient_ids.to_numpy(dtype=object))
-    order = np.random.default_rng(seed).permutation(len(ids))
+    order = numpy_rng(seed).permutation(len(ids))
     n = len(ids)
     n_train = int(round(fractions[0] * n))
     n_val = int(round(fractions[1] * n))

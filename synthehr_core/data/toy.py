@@ -6,10 +6,10 @@ occurs with one label value, so rule mining, fidelity metrics and KDE all have s
 """
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from .. import storage
+from ..randomness import numpy_rng
 from .schema import bin_values, write_tables
 from .vocab import Vocab, build_vocab
 
@@ -22,7 +22,7 @@ CODES = [f"dx:{c}" for c in ("4019", "25000", "4280", "42731", "5849", "03819", 
 
 def make_toy_tables(n_patients: int = 200, seed: int = 0, max_visits: int = 6):
     """Return (patients, visits, codes) DataFrames in canonical form."""
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed)
     pids = [f"{10000 + i}" for i in range(n_patients)]
     sex = rng.choice(["F", "M"], n_patients)
     age = rng.uniform(18, 95, n_patients).round(1)

@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.metrics import roc_auc_score
 
+from ..randomness import numpy_rng
 from .cohort import Cohort
 
 CHUNK_CELLS = 8_000_000        # query rows x reference rows per chunk (~32 MB of float32)
@@ -137,7 +138,7 @@ def _f1(y: sp.spmatrix, p: sp.spmatrix) -> float:
 
 def privacy(train: Cohort, test: Cohort, synth: Cohort, privacy_sample: int, seed: int) -> dict:
     """All privacy metrics plus the DCR samples the report draws."""
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed, "privacy")   # not the utility stream
     m = exact_copies(train, test, synth)
     notes: list[str] = []
     out = {"metrics": m, "notes": notes, "dcr": None}
@@ -172,6 +173,7 @@ def privacy(train: Cohort, test: Cohort, synth: Cohort, privacy_sample: int, see
     guess[np.lexsort((rng.random(len(d)), d))[: len(d) // 2]] = True
     tp = float((guess & (y == 1)).sum())
     m["privacy.mia.accuracy"] = float((guess == (y == 1)).mean())
+    m["privacy.mia.n_records"] = float(len(d))      # members + non-members attacked: the accuracy's precision
     m["privacy.mia.precision"] = tp / guess.sum() if guess.sum() else 0.0
     m["privacy.mia.recall"] = tp / len(d_tr)
     pr, rc = m["privacy.mia.precision"], m["privacy.mia.recall"]

@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 
+from ..randomness import numpy_rng
 from .cohort import Cohort
 
 N_BOOT = 200        # bootstrap resamples of the test set
@@ -61,7 +62,7 @@ def _fit_score(Xtr: sp.csr_matrix, ytr: np.ndarray, Xte: sp.csr_matrix) -> np.nd
 
 
 def utility(train: Cohort, test: Cohort, synth: Cohort, utility_sample: int, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed, "utility")   # not the privacy stream
     m: dict[str, float] = {}
     notes: list[str] = []
     rows = []
