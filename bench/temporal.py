@@ -127,8 +127,9 @@ def run_dataset(name: str, work: Path, n_patients: int, epochs: int, preset: str
         if not (reuse and (d / "sample" / "meta.json").exists()):
             if (d / "model").exists():
                 shutil.rmtree(d / "model")
-            train_to_dir(src / "tables", d / "model", "halo", preset, epochs=epochs, batch_size=batch_size, lr=lr,
-                         seed=seed, eval_every=None, progress=False, device=device, group_heads=heads)
+            train_to_dir(src / "tables", d / "model", model_type="halo", preset=preset, epochs=epochs,
+                         batch_size=batch_size, lr=lr, seed=seed, eval_every=None, progress=False, device=device,
+                         group_heads=heads)
             sample_to_dir(d / "model", d / "sample", seed=seed + 1, n_patients=n, batch_size=512, device=device,
                           overwrite=True, constrain=constrain)
         if (d / "grids").exists():

@@ -25,17 +25,15 @@ def sample(model: Input[Model], seed: int, n_patients_per_seed: int, batch_size:
     Returns:
         Number of patients in the shard.
     """
-    import json
-
     import torch
 
+    from synthehr_core.model.config import SampleConfig, parse_condition
     from synthehr_core.model.sampling import sample_to_dir
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-    cond = json.loads(condition) if condition.strip().startswith("{") else (condition.strip() or None)
-    meta = sample_to_dir(model.path, shard.path, seed=seed, n_patients=n_patients_per_seed, batch_size=batch_size,
-                         temperature=temperature, condition=cond, device=dev, overwrite=True)
+    config = SampleConfig(seed=seed, n_patients=n_patients_per_seed, batch_size=batch_size, temperature=temperature,
+                          condition=parse_condition(condition))
+    meta = sample_to_dir(model.path, shard.path, config, device=dev, overwrite=True)
     shard.metadata.update({"seed": seed, "n_patients": meta["n_patients"], "n_visits": meta["n_visits"],
                            "n_dropped_no_visits": meta["n_dropped_no_visits"], "condition": condition, "device": dev,
                            "model_type": meta["model_type"], "versions": meta["versions"]})

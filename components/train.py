@@ -27,11 +27,14 @@ def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, pre
         loss_curve: Train/val loss per step.
     """
     from synthehr_core import __version__
+    from synthehr_core.model.config import TrainConfig
     from synthehr_core.model.loss_curve import loss_curve_html
     from synthehr_core.model.train import train_to_dir
 
-    info = train_to_dir(tables.path, model.path, model_type=model_type, preset=preset, epochs=epochs,
-                        batch_size=batch_size, lr=lr, seed=seed, dp_target_epsilon=dp_target_epsilon, progress=False,
+    config = TrainConfig.from_dict({"model_type": model_type, "preset": preset, "epochs": epochs,
+                                    "batch_size": batch_size, "lr": lr, "seed": seed,
+                                    "dp_target_epsilon": dp_target_epsilon})
+    info = train_to_dir(tables.path, model.path, config, progress=False,
                         rules_dir=ruleset.path if model_type == "consequence" else None)
     model.metadata.update({k: info.get(k) for k in ("model_type", "preset", "seed", "config_hash", "steps",
                                                     "n_train", "n_rules", "dp_epsilon", "dp_delta")})

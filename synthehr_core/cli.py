@@ -308,12 +308,13 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
                                            "type, bins, calendar, labels); --no-group-heads = HALO's head only"),
           device: str | None = typer.Option(None, help="cpu, cuda, ...; default: cuda if available")):
     """Train HALO or ConSequence and write a checkpoint directory."""
+    from .model.config import TrainConfig
     from .model.train import train_to_dir
 
-    info = train_to_dir(tables, out, model_type=model_type, preset=preset, epochs=epochs, batch_size=batch_size,
-                        lr=lr, rules_dir=rules_dir, seed=seed, resume_from=resume_from, device=device,
-                        dp_target_epsilon=dp_target_epsilon, group_heads=group_heads)
-    _echo_json(info)
+    config = TrainConfig.from_dict({"model_type": model_type, "preset": preset, "epochs": epochs,
+                                    "batch_size": batch_size, "lr": lr, "seed": seed,
+                                    "dp_target_epsilon": dp_target_epsilon, "group_heads": group_heads})
+    _echo_json(train_to_dir(tables, out, config, rules_dir=rules_dir, resume_from=resume_from, device=device))
 
 
 @app.command("kde-grids")
@@ -337,11 +338,12 @@ def sample(model: str = typer.Option(..., help="checkpoint directory from train"
            device: str | None = typer.Option(None, help="cpu (default, reproducible) or cuda"),
            overwrite: bool = False):
     """Sample one cohort shard from a checkpoint."""
+    from .model.config import SampleConfig, parse_condition
     from .model.sampling import sample_to_dir
 
-    cond = json.loads(condition) if condition.strip().startswith("{") else (condition.strip() or None)
-    meta = sample_to_dir(model, out, seed=seed, n_patients=n_patients, batch_size=batch_size,
-                         temperature=temperature, condition=cond, device=device, overwrite=overwrite)
+    config = SampleConfig(seed=seed, n_patients=n_patients, batch_size=batch_size, temperature=temperature,
+                          condition=parse_condition(condition))
+    meta = sample_to_dir(model, out, config, device=device, overwrite=overwrite)
     _echo_json({k: meta[k] for k in ("seed", "n_patients", "n_visits", "n_codes", "n_dropped_no_visits")})
 
 

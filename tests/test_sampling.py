@@ -1,5 +1,6 @@
 """The fast sampler is exact: it matches the model's enumerated distribution and the reference sampler."""
 import itertools
+import json
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ from synthehr_core.data.schema import read_tables
 from synthehr_core.data.vocab import build_vocab
 from synthehr_core.errors import ConfigError
 from synthehr_core.model.checkpoint import write_checkpoint
+from synthehr_core.model.config import SampleConfig, parse_condition
 from synthehr_core.model.halo import HALO, HaloConfig
 from synthehr_core.model.sampling import labels_from_probs, sample, sample_reference, sample_to_dir
 
@@ -450,3 +452,63 @@ def test_cuda_sampler_is_exact_and_deterministic():
     assert rows == sample(m, vocab, 12000, seed=11, batch_size=3000, progress=False)
     counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(pats))
     assert _chi2_p(counts, p_exact) > 1e-3
+
+
+class TestSampleConfig:
+    """One frozen, validated config for a shard; the CLI and the component build it from their parameters."""
+
+    def test_bad_values_are_collected_and_name_the_option_value_and_fix(self):
+        with pytest.raises(ConfigError) as err:
+            SampleConfig(seed=-1, n_patients=-5, batch_size=0, temperature=0.0, condition="sex=F", constrain="yes")
+        msg = str(err.value)
+        for want in ("seed must be an int >= 0; got -1.", "n_patients must be an int >= 0; got -5.",
+                     "batch_size must be an int >= 1; got 0.", "temperature must be a finite number > 0; got 0.0. "
+                     "Use 1.0", "condition must be None, 'label_probs' or a dict like {'sex': 'F'}; got 'sex=F'.",
+                     "constrain must be True or False; got 'yes'."):
+            assert want in msg, (want, msg)
+        assert msg.count("\n  - ") == 6
+        with pytest.raises(ConfigError, match=r"unknown \['temp'\], missing \['n_patients'\]"):
+            SampleConfig.from_dict({"seed": 1, "temp": 0.5})
+
+    def test_round_trip_frozen_and_condition_text(self):
+        c = SampleConfig(seed=3, n_patients=10, batch_size=4, temperature=0.5, condition={"sex": "F"}, constrain=False)
+        assert SampleConfig.from_dict(c.to_dict()) == c
+        with pytest.raises(__import__("dataclasses").FrozenInstanceError):
+            c.seed = 4
+        assert parse_condition("") is None and parse_condition(" label_probs ") == "label_probs"
+        assert parse_condition('{"sex": "F"}') == {"sex": "F"}
+        with pytest.raises(ConfigError, match="not valid JSON"):
+            parse_condition("{'sex': 'F'}")
+
+    def test_cli_and_component_sample_the_shard_the_library_samples(self, tmp_path):
+        kfp_dsl = pytest.importorskip("kfp.dsl")
+        from typer.testing import CliRunner
+
+        from components.sample import sample as sample_component
+        from synthehr_core.cli import app
+        from synthehr_core.data.toy import make_toy_tables, toy_vocab
+
+        p, _, c = make_toy_tables(30, seed=0)
+        vocab = toy_vocab(c, p)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            m = HALO(HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=6))
+        write_checkpoint(tmp_path / "ckpt", m, vocab)
+        storage.write_parquet(tmp_path / "ckpt" / "label_probs.parquet", __import__("pyarrow").Table.from_pandas(
+            pd.DataFrame({"labels": ["label:sex=F|label:age=18-40", "label:sex=M|label:age=60-80"],
+                          "probability": [0.5, 0.5]})))
+        config = SampleConfig(seed=5, n_patients=20, batch_size=8, temperature=0.9, condition={"sex": "M"})
+        sample_to_dir(tmp_path / "ckpt", tmp_path / "lib", config, device="cpu")
+        r = CliRunner().invoke(app, ["sample", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "cli"),
+                                     "--seed", "5", "--n-patients", "20", "--batch-size", "8", "--temperature", "0.9",
+                                     "--condition", '{"sex": "M"}', "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        sample_component.python_func(model=kfp_dsl.Model(name="m", uri=str(tmp_path / "ckpt"), metadata={}),
+                                     seed=5, n_patients_per_seed=20, batch_size=8, temperature=0.9,
+                                     condition='{"sex": "M"}', device="cpu",
+                                     shard=kfp_dsl.Dataset(name="s", uri=str(tmp_path / "comp"), metadata={}))
+        for d in ("cli", "comp"):
+            for f in ("patients.parquet", "visits.parquet", "codes.parquet"):
+                assert (tmp_path / d / f).read_bytes() == (tmp_path / "lib" / f).read_bytes(), (d, f)
+            meta = json.loads((tmp_path / d / "meta.json").read_text())
+            assert meta["condition"] == {"sex": "M"} and meta["seed"] == 5 and meta["temperature"] == 0.9

@@ -1,6 +1,8 @@
-"""The train stage: overfitting, keep-best and patience, and resume after a real SIGKILL (bit-identical)."""
+"""The train stage: overfitting, keep-best and patience, resume after a real SIGKILL (bit-identical), and the
+TrainConfig that every entry point (CLI, torchrun, component) builds."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -17,7 +19,7 @@ from synthehr_core.errors import ConfigError
 from synthehr_core.model.checkpoint import load_model
 from synthehr_core.model.sampling import sample
 from synthehr_core.model.tensors import EHRParquetDataset, decode_rows
-from synthehr_core.model.train import CKPT_DIR, KILL_ENV, epoch_order, evaluate, train_to_dir
+from synthehr_core.model.train import CKPT_DIR, TrainConfig, epoch_order, train_to_dir, validation_loss
 
 N_CTX = 8
 
@@ -77,7 +79,7 @@ def test_keep_best_and_early_stopping(toy_dir, tmp_path):
     assert info["steps"] == info["best_step"] + 2 == int(val["step"].iloc[-1])  # patience 2, eval every step
     model, vocab, _ = load_model(tmp_path / "m")  # model.pt holds the best weights, not the last
     ds = EHRParquetDataset(toy_dir, "val", N_CTX, vocab)
-    assert evaluate(model, ds, vocab, N_CTX, 16, torch.device("cpu")) == pytest.approx(info["best_val_loss"], rel=1e-6)
+    assert validation_loss(model, ds, vocab, N_CTX, 16, torch.device("cpu")) == pytest.approx(info["best_val_loss"], rel=1e-6)
     last = _state(tmp_path / "m" / CKPT_DIR / f"step_{info['steps']:08d}.pt")["model"]
     assert not _equal_states(last, model.state_dict())
     written = {f.name for f in (tmp_path / "m").iterdir()}
@@ -101,22 +103,30 @@ def test_non_empty_out_dir_needs_resume_from(toy_dir, tmp_path):
         train_to_dir(toy_dir, tmp_path / "m", max_steps=1, n_ctx=N_CTX, progress=False, resume_from=tmp_path / "m")
 
 
-RUN = "import json, sys; from synthehr_core.model.train import train_to_dir; print(json.dumps(train_to_dir(**json.loads(sys.argv[1]))))"
+# the run in a subprocess: kill_after > 0 makes the on_step hook SIGKILL the process right after that step
+RUN = """
+import json, os, signal, sys
+from synthehr_core.model.train import TrainConfig, train_to_dir
+kw, kill_after = json.loads(sys.argv[1]), int(sys.argv[2])
+def kill(step):
+    if step == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+config = TrainConfig.from_dict(kw.pop("config"))
+print(json.dumps(train_to_dir(config=config, on_step=kill if kill_after else None, **kw)))
+"""
 
 
-def _run(kw: dict, kill_after: int | None = None) -> subprocess.CompletedProcess:
+def _run(kw: dict, kill_after: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop(KILL_ENV, None)
-    if kill_after:
-        env[KILL_ENV] = str(kill_after)
-    return subprocess.run([sys.executable, "-c", RUN, json.dumps(kw)], check=False, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", RUN, json.dumps(kw), str(kill_after)], check=False, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(toy_dir, tmp_path):
-    kw = {"tables_dir": str(toy_dir), "epochs": 3, "batch_size": 16, "lr": 3e-3, "eval_every": 4, "ckpt_every": 5,
-          "keep_checkpoints": None, "n_ctx": N_CTX, "progress": False, "seed": 5, "device": "cpu"}  # bit-exact on CPU
+    config = {"epochs": 3, "batch_size": 16, "lr": 3e-3, "eval_every": 4, "ckpt_every": 5, "keep_checkpoints": None,
+              "n_ctx": N_CTX, "seed": 5}
+    kw = {"tables_dir": str(toy_dir), "config": config, "progress": False, "device": "cpu"}  # bit-exact on CPU
     steps = 3 * -(-len(EHRParquetDataset(toy_dir, "train", N_CTX)) // 16)
     assert steps > 12  # the kill lands after the step-10 checkpoint and before the end
     full = _run({**kw, "out_dir": str(tmp_path / "full")})
@@ -163,3 +173,94 @@ def test_group_heads_and_token_groups_reach_the_checkpoint(toy_dir, tmp_path):
     train_to_dir(toy_dir, tmp_path / "m2", epochs=1, batch_size=16, n_ctx=N_CTX, eval_every=None, progress=False,
                  group_heads=False)
     assert json.loads((tmp_path / "m2" / "config.json").read_text())["groups"] is None
+
+
+class TestTrainConfig:
+    """One frozen, validated config; the CLI, torchrun and the component each build it from their parameters."""
+
+    def test_bad_values_are_collected_and_name_the_option_value_and_fix(self):
+        with pytest.raises(ConfigError) as err:
+            TrainConfig.from_dict({"epochs": 0, "lr": -1.0, "dp_accountant": "gdp", "precision": "fp8",
+                                   "model_type": "gpt", "min_code_count": -1, "model_overrides": {"n_embdd": 3}})
+        msg = str(err.value)
+        for want in ("epochs must be an int >= 1; got 0.", "lr must be > 0; got -1.0.",
+                     "dp_accountant must be one of ('rdp', 'prv'); got 'gdp'.", "precision must be one of",
+                     "got 'fp8'. Use 'fp32'", "model_type must be one of ['consequence', 'halo']; got 'gpt'.",
+                     "min_code_count must be an int >= 0 (0 = keep all codes); got -1.", "['n_embdd']"):
+            assert want in msg, (want, msg)
+        assert msg.count("\n  - ") == 7  # one bullet per problem, one error
+        with pytest.raises(ConfigError, match=r"dp_target_epsilon \(3.0\) or dp_noise_multiplier"):
+            TrainConfig.from_dict({"dp_target_epsilon": 3.0, "dp_noise_multiplier": 1.0})
+        with pytest.raises(ConfigError, match="n_ctx=8 cannot be overridden: use the n_ctx option"):
+            TrainConfig(model_overrides={"n_ctx": 8})
+
+    def test_unknown_option_is_named_with_the_known_ones(self):
+        with pytest.raises(ConfigError, match=r"unknown training options \['epoch'\].*'epochs'"):
+            TrainConfig.from_dict({"epoch": 3})
+
+    def test_round_trip_and_frozen(self):
+        c = TrainConfig.from_dict({"model_type": "consequence", "preset": "small", "epochs": 3, "max_steps": 7,
+                                   "precision": "bf16", "dp_noise_multiplier": 0.8, "dp_delta": 1e-4,
+                                   "min_code_count": 5, "n_ctx": 16, "group_heads": False,
+                                   "model_overrides": {"n_embd": 64}})
+        assert c.loop.max_steps == 7 and c.dp.noise_multiplier == 0.8 and c.seed == 0
+        assert TrainConfig.from_dict(c.to_dict()) == c
+        assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+        assert tuple(c.to_dict()) == TrainConfig.option_names()
+        assert TrainConfig.from_dict({}) == TrainConfig()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            c.preset = "paper"
+        assert TrainConfig.from_options(epochs=3, n_embd=16) == TrainConfig.from_dict(
+            {"epochs": 3, "model_overrides": {"n_embd": 16}})  # train_to_dir(..., epochs=3, n_embd=16)
+
+    def test_train_to_dir_takes_a_config_or_its_options_not_both(self, toy_dir, tmp_path):
+        with pytest.raises(TypeError, match="not both"):
+            train_to_dir(toy_dir, tmp_path / "m", TrainConfig(), epochs=2)
+        with pytest.raises(TypeError, match="must be a TrainConfig"):
+            train_to_dir(toy_dir, tmp_path / "m", {"epochs": 2})
+
+    def test_torchrun_has_a_flag_per_option_with_the_config_default(self):
+        from synthehr_core.model.torchrun import RUN_FLAGS, _parser, config_from_args
+
+        p = _parser()
+        defaults = TrainConfig().to_dict()
+        options = {a.dest: a.default for a in p._actions if a.dest not in {"help", *RUN_FLAGS}}
+        assert set(options) == set(TrainConfig.option_names())
+        assert {k: v for k, v in options.items() if k != "model_overrides"} == \
+            {k: v for k, v in defaults.items() if k != "model_overrides"}
+        assert config_from_args(p.parse_args(["--tables", "t", "--out", "o"])) == TrainConfig()
+        a = p.parse_args(["--tables", "t", "--out", "o", "--epochs", "3", "--dp-noise-multiplier", "0.5",
+                          "--no-group-heads", "--model-override", "n_embd=16", "--eval-every", "7"])
+        assert config_from_args(a) == TrainConfig.from_dict({"epochs": 3, "dp_noise_multiplier": 0.5, "eval_every": 7,
+                                                             "group_heads": False, "model_overrides": {"n_embd": 16}})
+
+    def test_cli_and_component_train_the_run_the_library_trains(self, toy_dir, tmp_path):
+        """Same parameters through `synthehr train`, the train component and TrainConfig: same config.json,
+        config_hash and weights."""
+        kfp_dsl = pytest.importorskip("kfp.dsl")
+        from typer.testing import CliRunner
+
+        from components.train import train as train_component
+        from synthehr_core.cli import app
+
+        opts = {"model_type": "halo", "preset": "tiny", "epochs": 1, "batch_size": 16, "lr": 3e-3, "seed": 2,
+                "dp_target_epsilon": 0.0}
+        lib = train_to_dir(toy_dir, tmp_path / "lib", TrainConfig.from_dict(opts), progress=False, device="cpu")
+        r = CliRunner().invoke(app, ["train", "--tables", str(toy_dir), "--out", str(tmp_path / "cli"),
+                                     "--model-type", "halo", "--preset", "tiny", "--epochs", "1", "--batch-size",
+                                     "16", "--lr", "3e-3", "--seed", "2", "--dp-target-epsilon", "0", "--device",
+                                     "cpu"])
+        assert r.exit_code == 0, r.output
+        art = lambda cls, name: cls(name=name, uri=str(tmp_path / name), metadata={})  # noqa: E731
+        train_component.python_func(tables=kfp_dsl.Dataset(name="t", uri=str(toy_dir), metadata={}),
+                                     ruleset=art(kfp_dsl.Artifact, "r"), model=art(kfp_dsl.Model, "comp"),
+                                     metrics=art(kfp_dsl.Metrics, "x"), loss_curve=art(kfp_dsl.HTML, "c"), **opts)
+
+        def config_json(d):
+            cfg = json.loads((tmp_path / d / "config.json").read_text())
+            return {k: v for k, v in cfg.items() if k not in ("tables_dir", "versions")}
+
+        for d in ("cli", "comp"):
+            assert config_json(d) == config_json("lib"), d
+            assert json.loads((tmp_path / d / "meta.json").read_text())["config_hash"] == lib["config_hash"]
+            assert _equal_states(_state(tmp_path / d / "model.pt"), _state(tmp_path / "lib" / "model.pt"))

@@ -16,6 +16,7 @@ one categorical when a patient's cursor reaches them: from the model's categoric
 (``HaloConfig.groups``), else from HI's Bernoulli chain restricted to one value (or none where the variable is
 optional). The checkpoint's ``token_groups.json`` says which are required.
 
+``sample_to_dir`` is the stage: one shard of a checkpoint, defined by a ``SampleConfig`` (config.py).
 ``sample_reference`` is the plain reference algorithm, kept for the exactness tests and ``bench/sample.py``.
 Probabilities and Bernoulli draws are fp32; one ``torch.Generator`` per cohort seed, so the same model, seed and
 batch size give the same cohort.
@@ -37,6 +38,7 @@ from ..data.schema import write_tables
 from ..data.vocab import TOKEN_GROUPS_FILE, TokenGroup, Vocab, load_token_groups
 from ..errors import ConfigError, DataError
 from .checkpoint import load_model
+from .config import SampleConfig
 from .consequence import load_row_rules
 from .tensors import decode_rows, vocab_roles
 
@@ -284,6 +286,58 @@ def _decide_groups(head, pre, row, logits, live, decide, gnext, cursor, groups: 
         gnext[idx] = k + 1
 
 
+def _label_rows(labels, label_probs: pd.DataFrame | None, vocab: Vocab, n_patients: int, seed: int
+                ) -> torch.Tensor | None:
+    """The fixed label rows ``(n_patients, n_labels)``: given, drawn from ``label_probs``, or None (sampled)."""
+    if labels is None and label_probs is not None and vocab.label_row:
+        labels = labels_from_probs(label_probs, vocab, n_patients, torch.Generator().manual_seed(int(seed)))
+    if labels is None:
+        return None
+    if not vocab.label_row:
+        raise ConfigError("labels were given but this vocabulary has no label row (label_row: false).")
+    labels = torch.as_tensor(labels, dtype=torch.float32)
+    if labels.shape != (n_patients, vocab.n_labels):
+        raise ConfigError(f"labels must have shape (n_patients, n_labels) = ({n_patients}, {vocab.n_labels}); "
+                          f"got {tuple(labels.shape)}.")
+    return labels
+
+
+def _sample_batch(model, vocab: Vocab, B: int, labels: torch.Tensor | None, temperature: float,
+                  g: torch.Generator, row_groups: dict[str, _Groups], rules: RowRules | None, device
+                  ) -> list[list[list[int]]]:
+    """One batch of ``B`` patients, row by row with a KV cache; finished patients leave the batch."""
+    V, T, fvr = vocab.size, model.config.n_ctx, vocab.first_visit_row
+    X = torch.zeros(B, T, V, device=device)  # (B, T, V) rows sampled so far
+    X[:, 0, vocab.start_index] = 1.0
+    first = 1
+    if labels is not None:
+        X[:, 1, vocab.label_slice] = labels.to(device)
+        first = 2
+    h, kv = model.history(X[:, :first])
+    h = h[:, -1]  # (B, E) state that predicts row `first`
+    act = torch.arange(B, device=device)  # batch rows still being sampled
+    last_row = torch.full((B,), T - 1, dtype=torch.long)
+    for t in range(first, T):
+        row = _sample_row(model, h, V, temperature, g, row_groups["label" if t < fvr else "visit"])  # (n_act, V)
+        if rules is not None:
+            row = rules.apply_row(X[act, :t], row, t)
+        X[act, t] = row
+        if t == T - 1:
+            break
+        ended = (row[:, vocab.end_index] > 0) & (t >= fvr)  # <end> only counts on a visit row
+        if ended.any():
+            last_row[act[ended].cpu()] = t
+            keep = (~ended).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            act, row = act[keep], row[keep]
+            kv = _select_cache(kv, keep)
+        h, kv = model.history(row[:, None, :], kv)  # only the new row goes through the transformer
+        h = h[:, -1]
+    Xc = X.cpu()
+    return [[Xc[b, r].nonzero().flatten().tolist() for r in range(1, int(last_row[b]) + 1)] for b in range(B)]
+
+
 @torch.no_grad()
 def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 256, temperature: float = 1.0,
            labels: torch.Tensor | None = None, label_probs: pd.DataFrame | None = None, rules: RowRules | None = None,
@@ -313,57 +367,19 @@ def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 25
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     cfg = model.config
-    V, T, fvr = vocab.size, cfg.n_ctx, vocab.first_visit_row
     if (cfg.n_visit_tokens, cfg.n_labels) != (vocab.n_visit_tokens, vocab.n_labels):
         raise ConfigError(f"model sizes ({cfg.n_visit_tokens}, {cfg.n_labels}) do not match the vocabulary "
                           f"({vocab.n_visit_tokens}, {vocab.n_labels}); use the checkpoint's own vocab.json.")
     g = torch.Generator(device=device).manual_seed(int(seed))
     row_groups = {kind: _Groups(_with_model_heads(model, [grp for grp in groups or () if grp.row == kind]),
                                 device, model) for kind in ("label", "visit")}
-    if labels is None and label_probs is not None and vocab.label_row:
-        labels = labels_from_probs(label_probs, vocab, n_patients, torch.Generator().manual_seed(int(seed)))
-    if labels is not None:
-        if not vocab.label_row:
-            raise ConfigError("labels were given but this vocabulary has no label row (label_row: false).")
-        labels = torch.as_tensor(labels, dtype=torch.float32)
-        if labels.shape != (n_patients, vocab.n_labels):
-            raise ConfigError(f"labels must have shape (n_patients, n_labels) = ({n_patients}, {vocab.n_labels}); "
-                              f"got {tuple(labels.shape)}.")
+    labels = _label_rows(labels, label_probs, vocab, n_patients, seed)
     out: list[list[list[int]]] = []
     starts = range(0, n_patients, batch_size)
     for b0 in tqdm(starts, desc="sample", unit="batch", disable=not progress or len(starts) < 2):
         B = min(batch_size, n_patients - b0)
-        X = torch.zeros(B, T, V, device=device)  # (B, T, V) rows sampled so far
-        X[:, 0, vocab.start_index] = 1.0
-        first = 1
-        if labels is not None:
-            X[:, 1, vocab.label_slice] = labels[b0:b0 + B].to(device)
-            first = 2
-        h, kv = model.history(X[:, :first])
-        h = h[:, -1]  # (B, E) state that predicts row `first`
-        act = torch.arange(B, device=device)  # batch rows still being sampled
-        last_row = torch.full((B,), T - 1, dtype=torch.long)
-        for t in range(first, T):
-            row = _sample_row(model, h, V, temperature, g,
-                              row_groups["label" if t < fvr else "visit"])  # (n_act, V)
-            if rules is not None:
-                row = rules.apply_row(X[act, :t], row, t)
-            X[act, t] = row
-            if t == T - 1:
-                break
-            ended = (row[:, vocab.end_index] > 0) & (t >= fvr)  # <end> only counts on a visit row
-            if ended.any():
-                last_row[act[ended].cpu()] = t
-                keep = (~ended).nonzero().flatten()
-                if keep.numel() == 0:
-                    break
-                act, row = act[keep], row[keep]
-                kv = _select_cache(kv, keep)
-            h, kv = model.history(row[:, None, :], kv)  # only the new row goes through the transformer
-            h = h[:, -1]
-        Xc = X.cpu()
-        for b in range(B):
-            out.append([Xc[b, r].nonzero().flatten().tolist() for r in range(1, int(last_row[b]) + 1)])
+        out += _sample_batch(model, vocab, B, None if labels is None else labels[b0:b0 + B], temperature, g,
+                             row_groups, rules, device)
     return out
 
 
@@ -443,55 +459,69 @@ def sample_reference(model, vocab: Vocab, n_patients: int, seed: int, batch_size
 
 
 # ---------------------------------------------------------------------------------------------- stage API
-def sample_to_dir(model_dir, out_dir, seed: int, n_patients: int, batch_size: int = 256, temperature: float = 1.0,
-                  condition: str | dict | None = None, device: str | None = None, overwrite: bool = False,
-                  constrain: bool = True) -> dict:
-    """Sample a cohort shard from a checkpoint directory and write a canonical tables directory.
-
-    Args:
-        model_dir: train-stage output (model.pt, config.json, vocab.json[, rules.json, label_probs.parquet]).
-        out_dir: output tables directory (binned columns only; continuous values and times stay null).
-        seed: shard seed (shards differ only by seed).
-        n_patients: patients to sample; those with no visit are dropped and counted.
-        batch_size: patients sampled together.
-        temperature: 1.0 samples the model's distribution.
-        condition: None = the model samples the label row; ``"label_probs"`` = draw label rows from the training
-            label mix; a dict ``{variable: value}`` = only label rows matching it.
-        device: torch device; defaults to CPU.
-        constrain: with the checkpoint's ``token_groups.json``, sample at most one value per single-valued
-            variable per row and exactly one where every real row has one (event type, a visit's month ...).
-            False samples the unconstrained model (older checkpoints without the file always do).
-    Returns:
-        a JSON-able summary (also written to ``meta.json``).
-    """
-    model, vocab, info = load_model(model_dir, device)
+def _label_mix(model_dir, condition, vocab: Vocab) -> pd.DataFrame | None:
+    """The label distribution to draw label rows from: None (the model samples them), the checkpoint's
+    ``label_probs.parquet``, or its rows matching a ``{variable: value}`` condition."""
     label_probs = None
     lp_path = storage.join(model_dir, "label_probs.parquet")
     if storage.exists(lp_path):
         label_probs = storage.read_parquet(lp_path).to_pandas()
     if condition is None:
-        use_probs = None
-    elif condition == "label_probs":
-        if label_probs is None:
-            raise ConfigError(f"condition='label_probs' but {lp_path} does not exist; train with a label row, "
-                              "or pass condition=None to let the model sample labels.")
-        use_probs = label_probs
-    elif isinstance(condition, dict):
-        use_probs = labels_from_condition(condition, vocab, label_probs)
-    else:
-        raise ConfigError(f"condition must be None, 'label_probs' or a dict like {{'sex': 'F'}}; got {condition!r}.")
+        return None
+    if isinstance(condition, dict):
+        return labels_from_condition(condition, vocab, label_probs)
+    if label_probs is None:  # condition == "label_probs" (SampleConfig allows nothing else)
+        raise ConfigError(f"condition='label_probs' but {lp_path} does not exist; train with a label row, "
+                          "or pass condition=None to let the model sample labels.")
+    return label_probs
+
+
+def _sample_config(config: SampleConfig | None, options: dict) -> SampleConfig:
+    if config is None:
+        return SampleConfig.from_dict(options)
+    if not isinstance(config, SampleConfig):
+        raise TypeError(f"config must be a SampleConfig; got {type(config).__name__} {config!r}. Build one with "
+                        "SampleConfig(seed=..., n_patients=...), or pass the options as keywords.")
+    if options:
+        raise TypeError(f"give config or option keywords, not both; got config and {sorted(options)}. "
+                        "Use dataclasses.replace(config, ...).")
+    return config
+
+
+def sample_to_dir(model_dir, out_dir, config: SampleConfig | None = None, *, device: str | None = None,
+                  overwrite: bool = False, **options) -> dict:
+    """Sample a cohort shard from a checkpoint directory and write a canonical tables directory.
+
+    Args:
+        model_dir: train-stage output (model.pt, config.json, vocab.json[, rules.json, label_probs.parquet,
+            token_groups.json]).
+        out_dir: output tables directory (binned columns only; continuous values and times stay null).
+        config: what defines the shard (config.py): seed, n_patients, batch_size, temperature, condition
+            (None = the model samples the label row; ``"label_probs"`` = label rows from the training label mix;
+            ``{variable: value}`` = only label rows matching it) and constrain (one value per single-valued
+            variable per row, from the checkpoint's ``token_groups.json``; older checkpoints lack it).
+        device: torch device; defaults to CPU.
+        overwrite: replace an existing ``out_dir``.
+        options: instead of ``config``, its fields as keywords (``seed=3, n_patients=100``).
+    Returns:
+        a JSON-able summary (also written to ``meta.json``).
+    """
+    config = _sample_config(config, options)
+    model, vocab, info = load_model(model_dir, device)
+    use_probs = _label_mix(model_dir, config.condition, vocab)
     rules = load_row_rules(model_dir, vocab)
     groups_path = storage.join(model_dir, TOKEN_GROUPS_FILE)
+    constrain = config.constrain
     groups = load_token_groups(groups_path, vocab) if constrain and storage.exists(groups_path) else []
     if constrain and not groups:
         log.info("%s: no %s; sampling without single-value constraints.", model_dir, TOKEN_GROUPS_FILE)
-    rows = sample(model, vocab, n_patients, seed, batch_size, temperature, label_probs=use_probs, rules=rules,
-                  device=device, groups=groups)
-    patients, visits, codes, counts = decode_rows(rows, vocab, seed)
-    meta = {"stage": "sample", "seed": int(seed), "n_patients_requested": int(n_patients), **counts,
-            "n_visits": len(visits), "n_codes": len(codes), "batch_size": int(batch_size),
-            "temperature": float(temperature), "condition": condition, "model_type": info.get("model_type", "halo"),
-            "rules": rules is not None, "model_dir": str(model_dir),
+    rows = sample(model, vocab, config.n_patients, config.seed, config.batch_size, config.temperature,
+                  label_probs=use_probs, rules=rules, device=device, groups=groups)
+    patients, visits, codes, counts = decode_rows(rows, vocab, config.seed)
+    meta = {"stage": "sample", "seed": int(config.seed), "n_patients_requested": int(config.n_patients), **counts,
+            "n_visits": len(visits), "n_codes": len(codes), "batch_size": int(config.batch_size),
+            "temperature": float(config.temperature), "condition": config.condition,
+            "model_type": info.get("model_type", "halo"), "rules": rules is not None, "model_dir": str(model_dir),
             "token_groups": {"n": len(groups), "required": [grp.column for grp in groups if grp.required]},
             "versions": versions("torch")}
     with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:

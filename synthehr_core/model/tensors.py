@@ -63,7 +63,23 @@ class EHRParquetDataset(Dataset):
 
         patients = patients.sort_values("patient_id", kind="stable").reset_index(drop=True)
         pid_pos = pd.Series(np.arange(len(patients)), index=patients["patient_id"].to_numpy())
-        visits = visits[visits["patient_id"].isin(pid_pos.index)]
+        visits = self._first_visits(visits[visits["patient_id"].isin(pid_pos.index)], max_visits)
+        self._index_visits(visits, codes, roles)
+        # patients -> visit rows; patients with no visit at all are dropped (nothing to learn a sequence from)
+        nvis = np.bincount(pid_pos.loc[visits["patient_id"]].to_numpy(), minlength=len(patients))
+        has = nvis > 0
+        self.n_no_visits = int((~has).sum())
+        if self.n_no_visits:
+            log.warning("%s: %d patients have no visits and were left out.", self.tables_dir, self.n_no_visits)
+        self._patient_ptr = np.concatenate([[0], np.cumsum(nvis[has])]).astype(np.int64)
+        kept = patients[has].reset_index(drop=True)
+        self.patient_ids = kept["patient_id"].astype(str).tolist()
+        self._index_labels(kept, roles)
+        log.info("%s: %d patients (split=%s), %d visits, %d visit tokens.", self.tables_dir, len(self),
+                 split, len(visits), len(self._visit_tokens))
+
+    def _first_visits(self, visits: pd.DataFrame, max_visits: int) -> pd.DataFrame:
+        """Visits in (patient, visit_index) order, each patient's first ``max_visits`` only (the rest counted)."""
         visits = visits.sort_values(["patient_id", "visit_index"], kind="stable").reset_index(drop=True)
         rank = visits.groupby("patient_id", sort=False).cumcount().to_numpy()
         too_many = rank >= max_visits
@@ -72,9 +88,10 @@ class EHRParquetDataset(Dataset):
         if self.n_truncated:
             log.warning("%s: %d patients have more than %d visits (n_ctx=%d); kept their first %d visits, dropped %d.",
                         self.tables_dir, self.n_truncated, max_visits, self.n_ctx, max_visits, self.n_truncated_visits)
-        visits = visits[~too_many].reset_index(drop=True)
+        return visits[~too_many].reset_index(drop=True)
 
-        # (row id, token) pairs for every visit row: event type, visit bins, calendar columns, then codes
+    def _index_visits(self, visits: pd.DataFrame, codes: pd.DataFrame, roles: VocabRoles) -> None:
+        """Each visit row's sorted, unique tokens: event type, visit bins, calendar columns, then codes."""
         vkey = pd.MultiIndex.from_frame(visits[["patient_id", "visit_index"]])
         parts_row, parts_tok = [], []
         vrow = np.arange(len(visits))
@@ -115,17 +132,8 @@ class EHRParquetDataset(Dataset):
         self._visit_tokens = tok.astype(np.int32)
         self._visit_ptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=len(visits)))]).astype(np.int64)
 
-        # patients -> visit rows; patients with no visit at all are dropped (nothing to learn a sequence from)
-        nvis = np.bincount(pid_pos.loc[visits["patient_id"]].to_numpy(), minlength=len(patients))
-        has = nvis > 0
-        self.n_no_visits = int((~has).sum())
-        if self.n_no_visits:
-            log.warning("%s: %d patients have no visits and were left out.", self.tables_dir, self.n_no_visits)
-        self._patient_ptr = np.concatenate([[0], np.cumsum(nvis[has])]).astype(np.int64)
-        kept = patients[has].reset_index(drop=True)
-        self.patient_ids = kept["patient_id"].astype(str).tolist()
-
-        # labels: categorical columns and patient-level bins
+    def _index_labels(self, kept: pd.DataFrame, roles: VocabRoles) -> None:
+        """Each kept patient's sorted label tokens: categorical columns and patient-level bins."""
         lrow, ltok = [], []
         prow = np.arange(len(kept))
         for col in roles.label_cat:
@@ -141,8 +149,6 @@ class EHRParquetDataset(Dataset):
         order = np.lexsort((lt, lr))
         self._label_tokens = lt[order].astype(np.int32)
         self._label_ptr = np.concatenate([[0], np.cumsum(np.bincount(lr, minlength=len(kept)))]).astype(np.int64)
-        log.info("%s: %d patients (split=%s), %d visits, %d visit tokens.", self.tables_dir, len(self),
-                 split, len(visits), len(self._visit_tokens))
 
     def _check_columns(self, patients: pd.DataFrame, visits: pd.DataFrame, roles: VocabRoles) -> None:
         problems = []
@@ -215,6 +221,67 @@ class HaloCollate:
 
 
 # ---------------------------------------------------------------------------------------------- decode
+def _pick(cands: dict[str, list[str]], rng: np.random.Generator, counts: dict, key: str) -> dict[str, str]:
+    """One value per column; where a row holds several, one drawn uniformly (counted under ``key``)."""
+    out = {}
+    for col, vals in cands.items():
+        if len(vals) > 1:
+            counts[key] += 1
+            out[col] = vals[int(rng.integers(len(vals)))]
+        else:
+            out[col] = vals[0]
+    return out
+
+
+def _label_values(rows: list[list[int]], vocab: Vocab) -> dict[str, list[str]]:
+    lab: dict[str, list[str]] = {}
+    if vocab.label_row and rows:
+        for t in sorted(rows[0]):
+            tok = vocab.tokens[t]
+            if tok.kind == "label":
+                lab.setdefault(token_column(tok), []).append(token_value(tok))
+    return lab
+
+
+def _visit_rows(rows: list[list[int]], vocab: Vocab, counts: dict) -> list[list[int]]:
+    """The visit tokens of each non-empty visit row up to and including the row holding <end>."""
+    visits, ended = [], False
+    for row in rows[vocab.first_visit_row - 1:]:
+        vt = sorted(t for t in row if t < vocab.n_visit_tokens)
+        if vt:
+            visits.append(vt)
+        else:
+            counts["n_empty_rows_skipped"] += 1
+        if vocab.end_index in row:
+            ended = True
+            break
+    counts["n_no_end"] += int(not ended)
+    return visits
+
+
+def _frames(prow: list[dict], vrow: list[dict], crow: list[tuple], roles: VocabRoles
+            ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Decoded rows -> canonical tables; continuous columns and ``start_offset_days`` stay null."""
+    patients = pd.DataFrame(prow, columns=["patient_id", "split"]
+                            + list(roles.label_cat) + [f"{v}_binned" for v in roles.label_bin])
+    for var in roles.label_bin:
+        patients[var] = np.nan
+    visits = pd.DataFrame(vrow, columns=["patient_id", "visit_index", "event_type"]
+                          + [f"{v}_binned" for v in roles.visit_bin] + sorted({c for c, _ in roles.visit_col}))
+    visits.insert(2, "start_offset_days", np.nan)
+    visits.insert(4, "start_day", np.nan)  # anchored later by time reconstruction
+    for var in roles.visit_bin:
+        visits[var] = np.nan
+    visits["visit_index"] = visits["visit_index"].astype("int32")
+    codes = pd.DataFrame(crow, columns=["patient_id", "visit_index", "code"])
+    codes["visit_index"] = codes["visit_index"].astype("int32")
+    for df in (patients, visits, codes):
+        for c in df.columns:
+            if df[c].dtype == object:
+                df[c] = df[c].astype("string")
+    return patients, visits, codes
+
+
 def decode_rows(patients_rows: list[list[list[int]]], vocab: Vocab, seed: int, start: int = 0
                 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """Sampled rows -> canonical (patients, visits, codes) DataFrames and a dict of counts.
@@ -227,79 +294,31 @@ def decode_rows(patients_rows: list[list[list[int]]], vocab: Vocab, seed: int, s
     Patient ids are ``syn-<seed>-<start + n>``. Continuous columns and ``start_offset_days`` stay null for the
     KDE stage to fill.
     """
-    roles = vocab_roles(vocab)
-    toks = vocab.tokens
-    fvr = vocab.first_visit_row
-    nv = vocab.n_visit_tokens
-    col_vars = {c for c, _ in roles.visit_col}
     prow, vrow, crow = [], [], []
     counts = {"n_sampled": len(patients_rows), "n_dropped_no_visits": 0, "n_empty_rows_skipped": 0,
               "n_label_conflicts": 0, "n_visit_value_conflicts": 0, "n_no_end": 0}
     # A row may hold two tokens of one single-valued variable (two weekdays, two LOS bins): keep one drawn
     # uniformly, not the first in vocabulary order, which would bias the marginal toward early tokens.
     rng = np.random.default_rng([seed, start, 0x5EED])
-
-    def pick(cands: dict[str, list[str]], key: str) -> dict[str, str]:
-        out = {}
-        for col, vals in cands.items():
-            if len(vals) > 1:
-                counts[key] += 1
-                out[col] = vals[int(rng.integers(len(vals)))]
-            else:
-                out[col] = vals[0]
-        return out
-
     for n, rows in enumerate(patients_rows):
         pid = f"syn-{seed}-{start + n}"
-        lab: dict[str, list[str]] = {}
-        if vocab.label_row and rows:
-            for t in sorted(rows[0]):
-                tok = toks[t]
-                if tok.kind == "label":
-                    lab.setdefault(token_column(tok), []).append(token_value(tok))
-        prec: dict[str, object] = pick(lab, "n_label_conflicts")
-        visits, ended = [], False
-        for row in rows[fvr - 1:]:
-            vt = sorted(t for t in row if t < nv)
-            if vt:
-                visits.append(vt)
-            else:
-                counts["n_empty_rows_skipped"] += 1
-            if vocab.end_index in row:
-                ended = True
-                break
-        counts["n_no_end"] += int(not ended)
+        labels = _pick(_label_values(rows, vocab), rng, counts, "n_label_conflicts")  # drawn even if dropped
+        visits = _visit_rows(rows, vocab, counts)
         if not visits:
             counts["n_dropped_no_visits"] += 1
             continue
-        prow.append({"patient_id": pid, "split": SYNTHETIC_SPLIT, **prec})
+        prow.append({"patient_id": pid, "split": SYNTHETIC_SPLIT, **labels})
         for vi, vt in enumerate(visits):
             vals: dict[str, list[str]] = {}
             for t in vt:
-                tok = toks[t]
+                tok = vocab.tokens[t]
                 col = token_column(tok)
                 if col is not None:
                     vals.setdefault(col, []).append(token_value(tok))
                 else:
                     crow.append((pid, vi, tok.token))
             vrow.append({"patient_id": pid, "visit_index": vi, "event_type": None,
-                         **pick(vals, "n_visit_value_conflicts")})
-    patients = pd.DataFrame(prow, columns=["patient_id", "split"]
-                            + list(roles.label_cat) + [f"{v}_binned" for v in roles.label_bin])
-    for var in roles.label_bin:
-        patients[var] = np.nan
-    visits = pd.DataFrame(vrow, columns=["patient_id", "visit_index", "event_type"]
-                          + [f"{v}_binned" for v in roles.visit_bin] + sorted(col_vars))
-    visits.insert(2, "start_offset_days", np.nan)
-    visits.insert(4, "start_day", np.nan)  # anchored later by time reconstruction
-    for var in roles.visit_bin:
-        visits[var] = np.nan
-    visits["visit_index"] = visits["visit_index"].astype("int32")
-    codes = pd.DataFrame(crow, columns=["patient_id", "visit_index", "code"])
-    codes["visit_index"] = codes["visit_index"].astype("int32")
-    for df in (patients, visits, codes):
-        for c in df.columns:
-            if df[c].dtype == object:
-                df[c] = df[c].astype("string")
+                         **_pick(vals, rng, counts, "n_visit_value_conflicts")})
+    patients, visits, codes = _frames(prow, vrow, crow, vocab_roles(vocab))
     counts["n_patients"] = len(patients)
     return patients, visits, codes, counts

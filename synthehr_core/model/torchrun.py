@@ -1,6 +1,8 @@
 """The torchrun entry point: one process per GPU, each running the same ``train_to_dir`` (distributed.py).
 
     torchrun --nproc_per_node 4 -m synthehr_core.model.torchrun --tables TABLES --out OUT [--preset paper ...]
+
+One flag per ``TrainConfig`` option (``--dp-target-epsilon`` is ``dp_target_epsilon``), its default the config's.
 """
 from __future__ import annotations
 
@@ -12,59 +14,72 @@ import os
 import torch.distributed as dist
 
 from ..errors import ConfigError
+from .checkpoint import MODEL_TYPES
+from .config import TrainConfig
 from .distributed import teardown
+from .dp import ACCOUNTANTS
+from .precision import PRECISIONS
 from .train import train_to_dir
+
+RUN_FLAGS = ("tables", "out", "rules_dir", "resume_from")  # where the run reads and writes; the rest is config
 
 
 def _parser() -> argparse.ArgumentParser:
+    d = TrainConfig().to_dict()
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m synthehr_core.model.torchrun",
                                 description="Train HALO / ConSequence with DDP (one process per GPU).")
     p.add_argument("--tables", required=True, help="preprocess output (tables directory)")
     p.add_argument("--out", required=True, help="checkpoint directory (empty unless --resume-from)")
-    p.add_argument("--model-type", default="halo", choices=["halo", "consequence"])
-    p.add_argument("--preset", default="tiny")
     p.add_argument("--rules-dir", default=None)
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=48, help="global batch (split over the processes)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--patience", type=int, default=None)
-    p.add_argument("--ckpt-every", type=int, default=None)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume-from", default=None)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--dp-target-epsilon", type=float, default=0.0, help="0 = no differential privacy")
-    p.add_argument("--dp-delta", type=float, default=None, help="default: min(1e-5, 1 / (10 n_train))")
-    p.add_argument("--dp-noise-multiplier", type=float, default=None)
-    p.add_argument("--dp-max-grad-norm", type=float, default=1.0)
-    p.add_argument("--dp-physical-batch-size", type=int, default=None)
-    p.add_argument("--model-override", action="append", default=[], metavar="KEY=JSON",
+    p.add_argument("--model-type", default=d["model_type"], choices=sorted(MODEL_TYPES))
+    p.add_argument("--preset", default=d["preset"])
+    p.add_argument("--epochs", type=int, default=d["epochs"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch (split over the processes)")
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--max-steps", type=int, default=d["max_steps"])
+    p.add_argument("--eval-every", type=int, default=d["eval_every"])
+    p.add_argument("--patience", type=int, default=d["patience"])
+    p.add_argument("--ckpt-every", type=int, default=d["ckpt_every"])
+    p.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--precision", default=d["precision"], choices=sorted(PRECISIONS))
+    p.add_argument("--dp-target-epsilon", type=float, default=d["dp_target_epsilon"],
+                   help="0 = no differential privacy")
+    p.add_argument("--dp-delta", type=float, default=d["dp_delta"], help="default: min(1e-5, 1 / (10 n_train))")
+    p.add_argument("--dp-noise-multiplier", type=float, default=d["dp_noise_multiplier"])
+    p.add_argument("--dp-max-grad-norm", type=float, default=d["dp_max_grad_norm"])
+    p.add_argument("--dp-physical-batch-size", type=int, default=d["dp_physical_batch_size"])
+    p.add_argument("--dp-accountant", default=d["dp_accountant"], choices=list(ACCOUNTANTS))
+    p.add_argument("--min-code-count", type=int, default=d["min_code_count"], help="0 = keep every code")
+    p.add_argument("--n-ctx", type=int, default=d["n_ctx"], help="default: the tables' meta.json n_ctx")
+    p.add_argument("--group-heads", action=argparse.BooleanOptionalAction, default=d["group_heads"])
+    p.add_argument("--model-override", dest="model_overrides", action="append", default=[], metavar="KEY=JSON",
                    help="HaloConfig field, e.g. n_embd=64 (repeatable)")
     return p
+
+
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of parsed flags (every flag but the ``RUN_FLAGS`` is an option)."""
+    overrides = {}
+    for kv in a.model_overrides:
+        if "=" not in kv:
+            raise ConfigError(f"--model-override {kv!r} must be KEY=JSON, e.g. n_embd=64.")
+        k, v = kv.split("=", 1)
+        overrides[k] = json.loads(v)
+    options = {k: v for k, v in vars(a).items() if k not in RUN_FLAGS}
+    return TrainConfig.from_dict({**options, "model_overrides": overrides})
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {}
-    for kv in a.model_override:
-        if "=" not in kv:
-            raise ConfigError(f"--model-override {kv!r} must be KEY=JSON, e.g. n_embd=64.")
-        k, v = kv.split("=", 1)
-        overrides[k] = json.loads(v)
+    config = config_from_args(a)
     owns_group = not dist.is_initialized()  # a caller that set up the group keeps it (several runs per launch)
     try:
-        info = train_to_dir(a.tables, a.out, model_type=a.model_type, preset=a.preset, epochs=a.epochs,
-                            batch_size=a.batch_size, lr=a.lr, rules_dir=a.rules_dir, seed=a.seed,
-                            resume_from=a.resume_from, max_steps=a.max_steps, eval_every=a.eval_every,
-                            patience=a.patience, ckpt_every=a.ckpt_every, keep_checkpoints=a.keep_checkpoints,
-                            precision=a.precision, dp_target_epsilon=a.dp_target_epsilon, dp_delta=a.dp_delta,
-                            dp_noise_multiplier=a.dp_noise_multiplier, dp_max_grad_norm=a.dp_max_grad_norm,
-                            dp_physical_batch_size=a.dp_physical_batch_size, distributed=True, progress=False,
-                            **overrides)
+        info = train_to_dir(a.tables, a.out, config, rules_dir=a.rules_dir, resume_from=a.resume_from,
+                            distributed=True, progress=False)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(info, default=str))
         return info

@@ -9,8 +9,11 @@ best) plus early stopping with patience (KI), and what the references lack:
   ``(seed, e)``, so resuming from any step checkpoint reaches bit-identical weights on CPU;
 * the model is built under a forked, seeded RNG (no global seeding).
 
-``make_optimizer`` / ``train_step`` are the seams for AMP, DP-SGD (Opacus) and DDP: the loss is a per-sample
-constant-normalised mean (HALO's scale) and the model has no buffers.
+What defines a run is one ``TrainConfig`` (config.py); ``train_to_dir`` adds where it reads and writes. The loop
+state lives in ``LoopState``, which is also what a step checkpoint restores. ``on_step(step)`` is called after
+every step's checkpoint (the resume test kills its own process there). ``make_optimizer`` / ``train_step`` are
+the seams for AMP, DP-SGD (Opacus) and DDP: the loss is a per-sample constant-normalised mean (HALO's scale)
+and the model has no buffers.
 """
 from __future__ import annotations
 
@@ -19,10 +22,9 @@ import hashlib
 import io
 import json
 import logging
-import os
-import signal
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +36,10 @@ from tqdm.auto import tqdm
 
 from .. import storage, versions
 from ..data.schema import read_tables
-from ..data.vocab import TOKEN_GROUPS_FILE, Vocab, save_token_groups, token_groups
+from ..data.vocab import TOKEN_GROUPS_FILE, TokenGroup, Vocab, save_token_groups, token_groups
 from ..errors import ConfigError
 from .checkpoint import model_class, write_checkpoint
+from .config import TrainArgs, TrainConfig
 from .distributed import SINGLE, DistContext
 from .distributed import setup as setup_distributed
 from .dp import DPConfig, PrivateTraining
@@ -44,38 +47,12 @@ from .halo import HaloConfig
 from .precision import autocast, grad_scaler, validate_precision
 from .tensors import EHRParquetDataset, HaloCollate, collate_halo
 
+__all__ = ["CKPT_DIR", "LoopState", "TrainArgs", "TrainConfig", "epoch_order", "make_model", "make_optimizer",
+           "pick_device", "resolve_resume", "run_identity", "train", "train_step", "train_to_dir", "validation_loss"]
+
 log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
-KILL_ENV = "SYNTHEHR_TRAIN_KILL_AFTER_STEP"  # fault injection for the resume test: SIGKILL after this step
-
-
-@dataclass(frozen=True)
-class TrainArgs:
-    epochs: int = 50                  # HI:train_model.py
-    batch_size: int = 48              # HI:train_model.py (KI: 32)
-    lr: float = 1e-4                  # HI and KI, constant
-    max_steps: int | None = None      # stop after this many optimiser steps (None = epochs decide)
-    eval_every: int | None = 500      # HI: full validation every 500 iterations; None = at each epoch end
-    patience: int | None = None       # KI:train_consequence.py uses 5 (evaluations); None = no early stopping
-    ckpt_every: int | None = None     # step checkpoint period; None = at every evaluation
-    keep_checkpoints: int | None = 2  # newest step checkpoints kept (None = all); arbitrary
-    seed: int = 0                     # model init and data order
-
-    def validate(self) -> "TrainArgs":
-        problems = []
-        for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                problems.append(f"{name} must be an int >= 1; got {getattr(self, name)!r}.")
-        for name in ("max_steps", "eval_every", "patience", "ckpt_every", "keep_checkpoints"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                problems.append(f"{name} must be None or an int >= 1; got {v!r}.")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            problems.append(f"lr must be > 0; got {self.lr!r}.")
-        if problems:
-            raise ConfigError("invalid training arguments:\n" + "\n".join(f"  - {p}" for p in problems))
-        return self
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -134,8 +111,8 @@ def _batch(ds: EHRParquetDataset, idx, vocab: Vocab, n_ctx: int, device: torch.d
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, ds: EHRParquetDataset, vocab: Vocab, n_ctx: int, batch_size: int,
-             device: torch.device) -> float:
+def validation_loss(model: torch.nn.Module, ds: EHRParquetDataset, vocab: Vocab, n_ctx: int, batch_size: int,
+                    device: torch.device) -> float:
     """Mean loss over a dataset (batch losses weighted by batch size), in a fixed order."""
     model.eval()
     total, n = 0.0, 0
@@ -193,152 +170,222 @@ def resolve_resume(resume_from: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+@dataclass
+class LoopState:
+    """Where a run is and what it has kept; with the model, optimiser and RNG states it is a step checkpoint."""
+    step: int = 0
+    epoch: int = 0
+    batch_pos: int = 0                # batches of `epoch` done
+    best_val: float = float("inf")
+    best_step: int = -1
+    bad_evals: int = 0                # evaluations since the best one (patience)
+    best_state: dict | None = None    # the best weights so far, on the CPU
+    history: list[dict] = field(default_factory=list)
+    done: bool = False
+    stopped_early: bool = False
+    last_eval_step: int = -1
+
+    @classmethod
+    def from_checkpoint(cls, ck: dict) -> LoopState:
+        history = list(ck["history"])
+        return cls(step=int(ck["step"]), epoch=int(ck["epoch"]), batch_pos=int(ck["batch_pos"]),
+                   best_val=float(ck["best_val"]), best_step=int(ck["best_step"]), bad_evals=int(ck["bad_evals"]),
+                   best_state=ck.get("best_model"), history=history, done=bool(ck["done"]),
+                   stopped_early=bool(ck["stopped_early"]),
+                   last_eval_step=max((h["step"] for h in history if h["split"] == "val"), default=-1))
+
+    def checkpoint_fields(self) -> dict:
+        """The checkpoint keys of the loop state, in checkpoint order."""
+        return {"step": self.step, "epoch": self.epoch, "batch_pos": self.batch_pos, "best_val": self.best_val,
+                "best_step": self.best_step, "bad_evals": self.bad_evals, "best_model": self.best_state,
+                "history": self.history, "done": self.done, "stopped_early": self.stopped_early}
+
+
+class _Loop:
+    """One run's moving parts (model, optimiser, loss scaler, DP-SGD, DDP) around its ``LoopState``."""
+
+    def __init__(self, model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParquetDataset | None,
+                 vocab: Vocab, work_dir, args: TrainArgs, run_hash: str, device: torch.device, precision: str,
+                 dist: DistContext):
+        self.model, self.train_ds, self.val_ds, self.vocab = model, train_ds, val_ds, vocab
+        self.work_dir, self.args, self.run_hash = work_dir, args, run_hash
+        self.device, self.precision, self.dist = device, precision, dist
+        self.n_ctx = model.config.n_ctx
+        self.scaler = grad_scaler(precision, device)
+        self.optimizer = make_optimizer(model, args.lr)
+        self.state = LoopState()
+        self.per_epoch = -(-len(train_ds) // args.batch_size)
+        planned = self.per_epoch * args.epochs
+        self.total = planned if args.max_steps is None else min(args.max_steps, planned)
+        self.private: PrivateTraining | None = None
+        self.step_model = model
+        self.collate = HaloCollate(vocab, self.n_ctx)
+
+    def amp(self) -> contextlib.AbstractContextManager:
+        return autocast(self.precision, self.device)
+
+    def resume(self, resume_from: str | Path) -> dict:
+        """Restore model, optimiser, loop state and RNG from a step checkpoint; returns the checkpoint."""
+        path = resolve_resume(resume_from)
+        ck = _load(path)
+        if self.run_hash and ck.get("run_hash") != self.run_hash:
+            raise ConfigError(f"resume_from={path} was written by a different run (hash {ck.get('run_hash')} != "
+                              f"{self.run_hash}): model, data, lr, batch size, seed, precision or dp_* options "
+                              "differ. Resume with the same arguments, or start fresh in an empty out_dir.")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.state = LoopState.from_checkpoint(ck)
+        torch.set_rng_state(ck["torch_rng"])  # nothing in HALO draws from it today; dropout would
+        if self.device.type == "cuda" and "cuda_rng" in ck:
+            torch.cuda.set_rng_state(ck["cuda_rng"], self.device)
+        s = self.state
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, s.step, s.epoch, s.batch_pos)
+        return ck
+
+    def prepare_step(self, dp: DPConfig | None, ck: dict, resume_from) -> None:
+        """DP-SGD or DDP around the model, and the resumed privacy accounting and loss scale."""
+        if dp is not None and dp.enabled:  # DP-SGD: the noise is calibrated for the `total` planned steps
+            self.private = PrivateTraining(self.model, self.optimizer, n_train=len(self.train_ds),
+                                           batch_size=self.args.batch_size, steps=self.total, config=dp,
+                                           seed=self.args.seed, device=self.device, precision=self.precision,
+                                           rank=self.dist.rank, world_size=self.dist.world_size)
+            if resume_from is not None:
+                self.private.load_state_dict(ck.get("privacy"), where=str(resume_from))
+        elif ck.get("privacy"):
+            raise ConfigError(f"resume_from={resume_from} is a DP-SGD run: resume it with the same dp_* options, "
+                              "or its privacy accounting would be lost.")
+        if "scaler" in ck:
+            self.scaler.load_state_dict(ck["scaler"])
+        # DDP; Opacus wraps the model itself under DP
+        self.step_model = self.dist.wrap(self.model) if self.private is None else self.model
+
+    def run(self, progress: bool, on_step: Callable[[int], None] | None) -> None:
+        s, args = self.state, self.args
+        bar = tqdm(total=self.total, initial=min(s.step, self.total), desc="train", unit="step",
+                   disable=not progress or not self.dist.is_main)
+        while not s.done and s.epoch < args.epochs:
+            order = epoch_order(len(self.train_ds), args.seed, s.epoch)
+            while s.batch_pos < self.per_epoch:
+                loss = self.train_batch(order)
+                s.step += 1
+                s.batch_pos += 1
+                s.history.append({"step": s.step, "epoch": s.epoch, "split": "train", "loss": loss})
+                bar.update(1)
+                eps = self.private is not None and s.step % 50 == 0
+                bar.set_postfix(loss=f"{loss:.4g}", best_val=f"{s.best_val:.4g}",
+                                **({"eps": f"{self.private.epsilon():.3g}"} if eps else {}))
+                epoch_end = self.after_step()
+                if on_step is not None:
+                    on_step(s.step)
+                if s.done or epoch_end:
+                    break
+        bar.close()
+
+    def train_batch(self, order: torch.Tensor) -> float:
+        """One optimiser step; returns the loss of the whole (global) batch."""
+        s, bs, dist = self.state, self.args.batch_size, self.dist
+        if self.private is not None:  # a Poisson batch of expected size batch_size, this rank's share
+            idx = self.private.batch_indices(s.step)
+            total_loss, n_loss = dist.sum(*self.private.step(s.step, idx, self.train_ds, self.collate, self.amp))
+            return total_loss / n_loss if n_loss else float("nan")  # nan: an empty Poisson batch
+        idx = order[s.batch_pos * bs:(s.batch_pos + 1) * bs]
+        local = dist.shard(idx)  # the whole batch unless under torchrun
+        X, mask = _batch(self.train_ds, local, self.vocab, self.n_ctx, self.device)
+        loss = float(train_step(self.step_model, self.optimizer, X, mask, self.amp, self.scaler,
+                                dist.loss_weight(len(local), len(idx))))
+        if dist.enabled:  # the global-batch mean, as one process would log it
+            total_loss, n_loss = dist.sum(loss * len(local) if len(local) else 0.0, len(local))
+            loss = total_loss / n_loss
+        return loss
+
+    def after_step(self) -> bool:
+        """Validate, stop, advance the epoch and checkpoint as due; returns whether the epoch ended."""
+        s, args = self.state, self.args
+        epoch_end = s.batch_pos == self.per_epoch
+        due = (s.step % args.eval_every == 0) if args.eval_every else epoch_end
+        has_val = self.val_ds is not None and len(self.val_ds) > 0
+        if has_val and due:
+            self.validate()
+            if args.patience is not None and s.bad_evals >= args.patience:
+                s.stopped_early = s.done = True
+                log.info("early stop at step %d: no val improvement in %d evaluations (best %.5g at %d)",
+                         s.step, s.bad_evals, s.best_val, s.best_step)
+        if args.max_steps is not None and s.step >= args.max_steps:
+            s.done = True
+        if epoch_end:
+            s.epoch, s.batch_pos = s.epoch + 1, 0
+            s.done = s.done or s.epoch >= args.epochs
+        if s.done and has_val and s.last_eval_step != s.step:
+            self.validate()  # the final weights always get a validation score
+        if self.dist.is_main and (s.done or (s.step % args.ckpt_every == 0 if args.ckpt_every else due)):
+            self.checkpoint()
+        return epoch_end
+
+    def validate(self) -> None:
+        s = self.state
+        val = validation_loss(self.model, self.val_ds, self.vocab, self.n_ctx, self.args.batch_size, self.device)
+        s.history.append({"step": s.step, "epoch": s.epoch, "split": "val", "loss": val,
+                          **({"epsilon": self.private.epsilon()} if self.private is not None else {})})  # DP: so far
+        s.last_eval_step = s.step
+        if val < s.best_val:
+            s.best_val, s.best_step, s.bad_evals, s.best_state = val, s.step, 0, _cpu_state(self.model)
+        else:
+            s.bad_evals += 1
+
+    def checkpoint(self) -> None:
+        s = self.state
+        state = {"model": _cpu_state(self.model), "optimizer": self.optimizer.state_dict(), **s.checkpoint_fields(),
+                 "run_hash": self.run_hash,
+                 "data_order": {"seed": self.args.seed, "epoch": s.epoch, "batch_pos": s.batch_pos},
+                 "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        if self.private is not None:
+            state["privacy"] = self.private.state_dict()  # accountant history: a resumed run keeps counting
+        _save(storage.join(self.work_dir, CKPT_DIR, _ckpt_name(s.step)), state)
+        keep = self.args.keep_checkpoints
+        if keep and not storage.is_gcs(self.work_dir):
+            for old in _list_ckpts(self.work_dir)[:-keep]:
+                Path(self.work_dir, CKPT_DIR, old).unlink(missing_ok=True)
+
+    def finish(self) -> dict:
+        s, privacy = self.state, None
+        if self.private is not None:
+            self.private.close()
+            privacy = self.private.metrics()
+            log.info("DP-SGD: epsilon %.4g at delta %g after %d steps", privacy["dp_epsilon"], privacy["dp_delta"],
+                     s.step)
+        if s.best_state is None:  # no validation set: the last weights are the result
+            s.best_state, s.best_step = _cpu_state(self.model), s.step
+        return {"best_state": s.best_state, "history": s.history, "step": s.step, "epoch": s.epoch,
+                "best_val": s.best_val, "best_step": s.best_step, "stopped_early": s.stopped_early,
+                "privacy": privacy}
+
+
 def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParquetDataset | None, vocab: Vocab,
           work_dir: str | Path, args: TrainArgs, run_hash: str = "", resume_from: str | Path | None = None,
           device: str | torch.device | None = None, progress: bool = True, precision: str = "fp32",
-          dp: DPConfig | None = None, dist: DistContext | None = None) -> dict:
+          dp: DPConfig | None = None, dist: DistContext | None = None,
+          on_step: Callable[[int], None] | None = None) -> dict:
     """Train ``model`` in place; step checkpoints go to ``work_dir/checkpoints``.
 
     Returns ``{"best_state", "history", "step", "epoch", "best_val", "best_step", "stopped_early", "privacy"}``;
     the model ends holding its *last* weights, ``best_state`` the best by validation loss (the last when there is
-    no val set). ``precision``: "fp32" | "bf16" | "fp16" (precision.py); ``dp``: DP-SGD options (privacy.py);
-    ``dist``: this process's rank under torchrun (distributed.py; rank 0 alone writes checkpoints).
+    no val set). ``precision``: "fp32" | "bf16" | "fp16" (precision.py); ``dp``: DP-SGD options (dp.py);
+    ``dist``: this process's rank under torchrun (distributed.py; rank 0 alone writes checkpoints);
+    ``on_step(step)``: called after each step, once that step's checkpoint (if due) is written.
     """
     args = args.validate()
     device = pick_device(device)
     model.to(device)
-    n_ctx = model.config.n_ctx
-    precision = validate_precision(precision, device)
-    dist = dist or SINGLE
-    amp = lambda: autocast(precision, device)
-    scaler = grad_scaler(precision, device)
-    optimizer = make_optimizer(model, args.lr)
-    ck: dict = {}
-    step, epoch, batch_pos = 0, 0, 0
-    best_val, best_step, bad_evals, best_state = float("inf"), -1, 0, None
-    history: list[dict] = []
-    done = stopped_early = False
-    if resume_from is not None:
-        path = resolve_resume(resume_from)
-        ck = _load(path)
-        if run_hash and ck.get("run_hash") != run_hash:
-            raise ConfigError(f"resume_from={path} was written by a different run (hash {ck.get('run_hash')} != "
-                              f"{run_hash}): model, data, lr, batch size, seed, precision or dp_* options "
-                              "differ. Resume with the same arguments, or start fresh in an empty out_dir.")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        step, epoch, batch_pos = int(ck["step"]), int(ck["epoch"]), int(ck["batch_pos"])
-        best_val, best_step, bad_evals = float(ck["best_val"]), int(ck["best_step"]), int(ck["bad_evals"])
-        best_state = ck.get("best_model")
-        history = list(ck["history"])
-        done, stopped_early = bool(ck["done"]), bool(ck["stopped_early"])
-        torch.set_rng_state(ck["torch_rng"])  # nothing in HALO draws from it today; dropout would
-        if device.type == "cuda" and "cuda_rng" in ck:
-            torch.cuda.set_rng_state(ck["cuda_rng"], device)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, step, epoch, batch_pos)
-
-    n = len(train_ds)
-    per_epoch = -(-n // args.batch_size)
-    total = per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, per_epoch * args.epochs)
-    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
-    private = None
-    if dp is not None and dp.enabled:  # DP-SGD: the noise is calibrated for the `total` planned steps
-        private = PrivateTraining(model, optimizer, n_train=n, batch_size=args.batch_size, steps=total, config=dp,
-                                  seed=args.seed, device=device, precision=precision, rank=dist.rank,
-                                  world_size=dist.world_size)
-        if resume_from is not None:
-            private.load_state_dict(ck.get("privacy"), where=str(resume_from))
-    elif ck.get("privacy"):
-        raise ConfigError(f"resume_from={resume_from} is a DP-SGD run: resume it with the same dp_* options, "
-                          "or its privacy accounting would be lost.")
-    if "scaler" in ck:
-        scaler.load_state_dict(ck["scaler"])
-    step_model = dist.wrap(model) if private is None else model  # DDP; Opacus wraps the model itself under DP
-    collate = HaloCollate(vocab, n_ctx)
-    last_eval_step = max((h["step"] for h in history if h["split"] == "val"), default=-1)
-
-    def do_eval() -> None:
-        nonlocal best_val, best_step, bad_evals, best_state, last_eval_step
-        val = evaluate(model, val_ds, vocab, n_ctx, args.batch_size, device)
-        history.append({"step": step, "epoch": epoch, "split": "val", "loss": val,
-                        **({"epsilon": private.epsilon()} if private is not None else {})})  # DP: spent so far
-        last_eval_step = step
-        if val < best_val:
-            best_val, best_step, bad_evals, best_state = val, step, 0, _cpu_state(model)
-        else:
-            bad_evals += 1
-
-    def checkpoint() -> None:
-        state = {"model": _cpu_state(model), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                 "batch_pos": batch_pos, "best_val": best_val, "best_step": best_step, "bad_evals": bad_evals,
-                 "best_model": best_state, "history": history, "done": done, "stopped_early": stopped_early,
-                 "run_hash": run_hash, "data_order": {"seed": args.seed, "epoch": epoch, "batch_pos": batch_pos},
-                 "torch_rng": torch.get_rng_state()}
-        if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(device)
-        if scaler.is_enabled():
-            state["scaler"] = scaler.state_dict()
-        if private is not None:
-            state["privacy"] = private.state_dict()  # accountant history: a resumed run keeps counting
-        _save(storage.join(work_dir, CKPT_DIR, _ckpt_name(step)), state)
-        if args.keep_checkpoints and not storage.is_gcs(work_dir):
-            for old in _list_ckpts(work_dir)[:-args.keep_checkpoints]:
-                Path(work_dir, CKPT_DIR, old).unlink(missing_ok=True)
-
-    bar = tqdm(total=total, initial=min(step, total), desc="train", unit="step", disable=not progress or not dist.is_main)
-    while not done and epoch < args.epochs:
-        order = epoch_order(n, args.seed, epoch)
-        while batch_pos < per_epoch:
-            if private is not None:  # a Poisson batch of expected size batch_size, this rank's share
-                total_loss, n_loss = dist.sum(*private.step(step, private.batch_indices(step), train_ds, collate, amp))
-                loss = total_loss / n_loss if n_loss else float("nan")  # nan: an empty Poisson batch
-            else:
-                idx = order[batch_pos * args.batch_size:(batch_pos + 1) * args.batch_size]
-                local = dist.shard(idx)  # the whole batch unless under torchrun
-                X, mask = _batch(train_ds, local, vocab, n_ctx, device)
-                loss = float(train_step(step_model, optimizer, X, mask, amp, scaler,
-                                        dist.loss_weight(len(local), len(idx))))
-                if dist.enabled:  # the global-batch mean, as one process would log it
-                    total_loss, n_loss = dist.sum(loss * len(local) if len(local) else 0.0, len(local))
-                    loss = total_loss / n_loss
-            step += 1
-            batch_pos += 1
-            history.append({"step": step, "epoch": epoch, "split": "train", "loss": loss})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}", best_val=f"{best_val:.4g}",
-                            **({"eps": f"{private.epsilon():.3g}"} if private is not None and step % 50 == 0 else {}))
-            epoch_end = batch_pos == per_epoch
-            due = (step % args.eval_every == 0) if args.eval_every else epoch_end
-            if val_ds is not None and len(val_ds) and due:
-                do_eval()
-                if args.patience is not None and bad_evals >= args.patience:
-                    stopped_early = done = True
-                    log.info("early stop at step %d: no val improvement in %d evaluations (best %.5g at %d)",
-                             step, bad_evals, best_val, best_step)
-            if args.max_steps is not None and step >= args.max_steps:
-                done = True
-            if epoch_end:
-                epoch, batch_pos = epoch + 1, 0
-                done = done or epoch >= args.epochs
-            if done and val_ds is not None and len(val_ds) and last_eval_step != step:
-                do_eval()  # the final weights always get a validation score
-            if dist.is_main and (done or (step % args.ckpt_every == 0 if args.ckpt_every else due)):
-                checkpoint()
-            if kill_at and step == kill_at:
-                log.warning("%s=%d: killing this process (fault injection)", KILL_ENV, kill_at)
-                os.kill(os.getpid(), signal.SIGKILL)
-            if done or epoch_end:
-                break
-    bar.close()
-    privacy = None
-    if private is not None:
-        private.close()
-        privacy = private.metrics()
-        log.info("DP-SGD: epsilon %.4g at delta %g after %d steps", privacy["dp_epsilon"], privacy["dp_delta"], step)
-    if best_state is None:  # no validation set: the last weights are the result
-        best_state, best_step = _cpu_state(model), step
-    return {"best_state": best_state, "history": history, "step": step, "epoch": epoch, "best_val": best_val,
-            "best_step": best_step, "stopped_early": stopped_early, "privacy": privacy}
+    loop = _Loop(model, train_ds, val_ds, vocab, work_dir, args, run_hash, device,
+                 validate_precision(precision, device), dist or SINGLE)
+    ck = loop.resume(resume_from) if resume_from is not None else {}
+    loop.prepare_step(dp, ck, resume_from)
+    loop.run(progress, on_step)
+    return loop.finish()
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -361,16 +408,136 @@ def _dir_is_empty(path) -> bool:
     return not p.exists() or not any(p.iterdir())
 
 
-def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = "halo", preset: str = "tiny",
-                 epochs: int = 50, batch_size: int = 48, lr: float = 1e-4, rules_dir: str | Path | None = None,
-                 seed: int = 0, resume_from: str | Path | None = None, max_steps: int | None = None,
-                 eval_every: int | None = 500, patience: int | None = None, ckpt_every: int | None = None,
-                 keep_checkpoints: int | None = 2, n_ctx: int | None = None,
-                 device: str | torch.device | None = None, progress: bool = True, precision: str = "fp32",
-                 dp_target_epsilon: float = 0.0, dp_delta: float | None = None, dp_noise_multiplier: float | None = None,
-                 dp_max_grad_norm: float = 1.0, dp_physical_batch_size: int | None = None,
-                 dp_accountant: str = "rdp", min_code_count: int = 0, distributed: bool = False,
-                 group_heads: bool = True, **model_overrides: Any) -> dict:
+def run_identity(config: TrainConfig, model_config: HaloConfig, n_train: int, rules) -> dict:
+    """What decides the weights, hashed into ``config_hash``: a checkpoint resumes only a run of the same hash."""
+    loop = config.loop
+    out = {"config": model_config.to_dict(), "model_type": config.model_type, "lr": loop.lr,
+           "batch_size": loop.batch_size, "seed": loop.seed, "n_train": n_train,
+           "rules": [r.to_json() for r in rules] if rules else None}
+    if config.dp.enabled:  # options at their defaults stay out, so older runs keep their hash
+        out["dp"] = config.dp.to_dict()
+    if config.precision != "fp32":
+        out["precision"] = config.precision
+    if config.min_code_count:
+        out["min_code_count"] = config.min_code_count
+    return out
+
+
+@dataclass
+class _TrainData:
+    """What the train stage reads before training: vocabulary, datasets, model config, rules and the run hash."""
+    vocab: Vocab
+    groups: list[TokenGroup]
+    rare_codes: list[str]
+    model_config: HaloConfig
+    rules: list | None
+    compiled_rules: Any
+    train_ds: EHRParquetDataset
+    val_ds: EHRParquetDataset | None
+    run_hash: str
+
+
+def _model_config(config: TrainConfig, vocab: Vocab, n_ctx: int, groups: list[TokenGroup]) -> HaloConfig:
+    overrides = dict(config.model_overrides)
+    if config.group_heads and not overrides.get("coarse") and "groups" not in overrides:
+        overrides["groups"] = [(g.start, g.stop) for g in groups]
+    return HaloConfig.preset(config.preset, vocab.n_visit_tokens, vocab.n_labels, n_ctx=n_ctx, **overrides)
+
+
+def _read_rules(model_type: str, rules_dir, vocab: Vocab):
+    """``(rules, compiled rules)`` for ConSequence, ``(None, None)`` for HALO."""
+    if model_type != "consequence":
+        return None, None
+    from ..rules.ruleset import RULES_FILE, load_rules, validate_rules
+    from .consequence import compile_rules
+
+    if rules_dir is None:
+        raise ConfigError("model_type='consequence' needs rules_dir: run the rules stage "
+                          "(synthehr_core.rules.mining.mine_rules_to_dir) and pass its output directory.")
+    rules_path = storage.join(rules_dir, RULES_FILE)
+    rules = validate_rules(load_rules(rules_path), vocab, rules_path)
+    return rules, compile_rules(rules, vocab)
+
+
+def _read_data(tables_dir, config: TrainConfig, rules_dir) -> _TrainData:
+    vocab = Vocab.load(storage.join(tables_dir, "vocab.json"))
+    tables = read_tables(tables_dir)   # once, for the rare-code filter and both datasets
+    rare_codes: list[str] = []
+    if config.min_code_count:
+        from .dp import code_patient_counts, min_code_count_vocab
+        vocab, rare_codes = min_code_count_vocab(vocab, code_patient_counts(tables, "train"), config.min_code_count)
+    meta_path = storage.join(tables_dir, "meta.json")
+    tables_meta = storage.read_json(meta_path) if storage.exists(meta_path) else {}
+    n_ctx = int(config.n_ctx or tables_meta.get("n_ctx") or 48)  # HI:config.py n_ctx
+    tp = tables[0][tables[0]["split"] == "train"]
+    groups = token_groups(vocab, tp, tables[1][tables[1]["patient_id"].isin(tp["patient_id"])])
+    model_config = _model_config(config, vocab, n_ctx, groups)
+    rules, compiled = _read_rules(config.model_type, rules_dir, vocab)
+    train_ds = EHRParquetDataset(tables_dir, "train", n_ctx, vocab, tables)
+    try:
+        val_ds = EHRParquetDataset(tables_dir, "val", n_ctx, vocab, tables)
+    except ConfigError:
+        val_ds = None
+        log.warning("%s has no val split: keeping the last weights, no early stopping.", tables_dir)
+    run_hash = _hash(run_identity(config, model_config, len(train_ds), rules))
+    return _TrainData(vocab, groups, rare_codes, model_config, rules, compiled, train_ds, val_ds, run_hash)
+
+
+def _write_outputs(out_dir, model: torch.nn.Module, data: _TrainData, config: TrainConfig, res: dict,
+                   tables_dir, rules_dir) -> pd.DataFrame:
+    """Everything but meta.json: checkpoint, rules, history, label priors, token groups; returns the history."""
+    extra = {"training": asdict(config.loop), "seed": config.seed, "preset": config.preset,
+             "config_hash": data.run_hash, "tables_dir": str(tables_dir), "versions": versions("torch")}
+    write_checkpoint(out_dir, model, data.vocab, config.model_type, extra_config=extra)
+    if data.rules is not None:
+        from ..rules.ruleset import RULES_FILE, save_rules
+        save_rules(storage.join(out_dir, RULES_FILE), data.rules, source=str(rules_dir))
+    eps_col = ["epsilon"] if config.dp.enabled else []  # DP runs: epsilon spent at each validation
+    hist = pd.DataFrame(res["history"], columns=["step", "epoch", "split", "loss", *eps_col])
+    storage.write_parquet(storage.join(out_dir, "history.parquet"), pa.Table.from_pandas(
+        hist.astype({"step": "int64", "epoch": "int64", "split": "object", "loss": "float64",
+                     **dict.fromkeys(eps_col, "float64")}), preserve_index=False))
+    storage.write_parquet(storage.join(out_dir, "label_probs.parquet"),
+                          pa.Table.from_pandas(label_probs(data.train_ds, data.vocab), preserve_index=False))
+    save_token_groups(storage.join(out_dir, TOKEN_GROUPS_FILE), data.groups)
+    return hist
+
+
+def _run_info(config: TrainConfig, data: _TrainData, res: dict, hist: pd.DataFrame, device: torch.device,
+              seconds: float, resume_from, dist: DistContext) -> dict:
+    """meta.json of the checkpoint directory."""
+    train_losses = hist.loc[hist["split"] == "train", "loss"]
+    mcc = config.min_code_count
+    return {"model_type": config.model_type, "preset": config.preset, "seed": config.seed,
+            "config_hash": data.run_hash, "steps": res["step"], "epochs_run": res["epoch"],
+            "best_step": res["best_step"],
+            "best_val_loss": None if not np.isfinite(res["best_val"]) else res["best_val"],
+            "first_train_loss": float(train_losses.iloc[0]) if len(train_losses) else None,
+            "final_train_loss": float(train_losses.iloc[-1]) if len(train_losses) else None,
+            "stopped_early": res["stopped_early"], "n_train": len(data.train_ds),
+            "n_val": len(data.val_ds) if data.val_ds is not None else 0,
+            "n_rules": len(data.rules) if data.rules else 0, "device": str(device), "seconds": round(seconds, 3),
+            "resumed_from": str(resume_from) if resume_from else None, "precision": config.precision,
+            "world_size": dist.world_size, **(res["privacy"] or {}),
+            **({"min_code_count": mcc, "n_rare_codes_dropped": len(data.rare_codes)} if mcc else {})}
+
+
+def _config_of(config: TrainConfig | None, options: dict) -> TrainConfig:
+    if config is None:
+        return TrainConfig.from_options(**options)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig; got {type(config).__name__} {config!r}. Build one with "
+                        "TrainConfig.from_dict({...}), or pass the options as keywords (model_type='halo', ...).")
+    if options:
+        raise TypeError(f"give config or option keywords, not both; got config and {sorted(options)}. "
+                        "Use dataclasses.replace(config, ...) or TrainConfig.from_dict({**config.to_dict(), ...}).")
+    return config
+
+
+def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *,
+                 rules_dir: str | Path | None = None, resume_from: str | Path | None = None,
+                 device: str | torch.device | None = None, progress: bool = True, distributed: bool = False,
+                 on_step: Callable[[int], None] | None = None, **options: Any) -> dict:
     """The train stage: fit HALO or ConSequence on the train split, validate on val, write a checkpoint dir.
 
     Args:
@@ -379,116 +546,39 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, model_type: str = 
             weights), ``config.json``, ``vocab.json``, ``rules.json`` (ConSequence), ``history.parquet``,
             ``label_probs.parquet``, ``token_groups.json`` (``vocab.token_groups``: the sampler's one-value-per-
             variable constraints), ``meta.json`` (written last) and ``checkpoints/step_*.pt``.
-        model_type: ``"halo"`` or ``"consequence"`` (needs ``rules_dir``).
-        preset: model size from ``HaloConfig.preset`` (``"tiny"`` runs on a laptop CPU in seconds).
-        rules_dir: rules-stage output holding ``rules.json``.
-        seed: model init and data order.
+        config: what defines the run (config.py: model, loop, precision, DP-SGD, vocabulary filter).
+        rules_dir: rules-stage output holding ``rules.json`` (``model_type="consequence"``).
         resume_from: a ``step_*.pt`` checkpoint, or a run directory (its newest checkpoint).
-        n_ctx: rows per patient; default from the tables' ``meta.json`` (``n_ctx``), else 48.
-        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA, with loss scaling); see precision.py.
-        dp_target_epsilon: DP-SGD privacy budget; 0 = no differential privacy (privacy.py, docs/privacy.md).
-        dp_delta: DP delta, < 1 / n_train; None = min(1e-5, 1 / (10 n_train)).
-        dp_noise_multiplier: fixed noise multiplier instead of a target epsilon (epsilon is then reported).
-        dp_max_grad_norm: per-patient gradient clipping norm.
-        dp_physical_batch_size: largest batch put through the model at once (BatchMemoryManager).
-        dp_accountant: ``"rdp"`` or ``"prv"``.
-        min_code_count: leave out of the vocabulary (and so of the model and the synthetic data) every clinical
-            code held by fewer than this many training patients; 0 = keep all (privacy.py, docs/privacy.md).
+        device: torch device; default cuda when available (under torchrun: this rank's GPU).
+        progress: show a tqdm bar (rank 0).
         distributed: join the torchrun process group (distributed.py); rank 0 alone writes ``out_dir``.
-        group_heads: give each single-valued variable (event type, visit bins, calendar kinds, labels:
-            ``vocab.token_groups``) a categorical head instead of a chain of per-token Bernoullis (HALO's), so a
-            visit gets one month drawn from one softmax. False = HI's head only. Ignored for HALO-Coarse.
-        model_overrides: extra ``HaloConfig`` fields (e.g. ``n_embd=64``, ``coarse=True``).
+        on_step: called with the step number after every step (and its checkpoint, when one is due).
+        options: instead of ``config``, its option names as keywords (``epochs=3, dp_target_epsilon=1.0``); other
+            names are extra ``HaloConfig`` fields (``n_embd=64``): ``TrainConfig.from_options``.
+    Returns:
+        the run summary, also written to ``meta.json``.
     """
-    from ..rules.ruleset import RULES_FILE, load_rules, validate_rules
-
-    args = TrainArgs(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, eval_every=eval_every,
-                     patience=patience, ckpt_every=ckpt_every, keep_checkpoints=keep_checkpoints, seed=seed).validate()
-    dp = DPConfig(dp_target_epsilon, dp_delta, dp_noise_multiplier, dp_max_grad_norm, dp_physical_batch_size,
-                  dp_accountant).validate()
+    config = _config_of(config, options)
     if resume_from is None and not _dir_is_empty(out_dir):
         raise FileExistsError(f"{out_dir} is not empty: pass resume_from={storage.join(out_dir, CKPT_DIR)} to "
                               "continue that run, or choose an empty out_dir.")
-    model_class(model_type)
-    vocab = Vocab.load(storage.join(tables_dir, "vocab.json"))
-    tables = read_tables(tables_dir)   # once, for the rare-code filter and both datasets
-    rare_codes: list[str] = []
-    if min_code_count:
-        from .dp import code_patient_counts, min_code_count_vocab
-        vocab, rare_codes = min_code_count_vocab(vocab, code_patient_counts(tables, "train"), min_code_count)
-    meta_path = storage.join(tables_dir, "meta.json")
-    tables_meta = storage.read_json(meta_path) if storage.exists(meta_path) else {}
-    n_ctx = int(n_ctx or tables_meta.get("n_ctx") or 48)  # HI:config.py n_ctx
-    tp = tables[0][tables[0]["split"] == "train"]
-    groups = token_groups(vocab, tp, tables[1][tables[1]["patient_id"].isin(tp["patient_id"])])
-    if group_heads and not model_overrides.get("coarse") and "groups" not in model_overrides:
-        model_overrides["groups"] = [(g.start, g.stop) for g in groups]
-    config = HaloConfig.preset(preset, vocab.n_visit_tokens, vocab.n_labels, n_ctx=n_ctx, **model_overrides)
-    rules, compiled = None, None
-    if model_type == "consequence":
-        if rules_dir is None:
-            raise ConfigError("model_type='consequence' needs rules_dir: run the rules stage "
-                              "(synthehr_core.rules.mining.mine_rules_to_dir) and pass its output directory.")
-        rules_path = storage.join(rules_dir, RULES_FILE)
-        rules = validate_rules(load_rules(rules_path), vocab, rules_path)
-        from .consequence import compile_rules
-        compiled = compile_rules(rules, vocab)
-    train_ds = EHRParquetDataset(tables_dir, "train", n_ctx, vocab, tables)
-    try:
-        val_ds = EHRParquetDataset(tables_dir, "val", n_ctx, vocab, tables)
-    except ConfigError:
-        val_ds = None
-        log.warning("%s has no val split: keeping the last weights, no early stopping.", tables_dir)
-    train_args = {k: v for k, v in asdict(args).items()}
-    hashed = {"config": config.to_dict(), "model_type": model_type, "lr": lr, "batch_size": batch_size,
-              "seed": seed, "n_train": len(train_ds), "rules": [r.to_json() for r in rules] if rules else None}
-    if dp.enabled:
-        hashed["dp"] = dp.to_dict()
-    if precision != "fp32":
-        hashed["precision"] = precision
-    if min_code_count:
-        hashed["min_code_count"] = min_code_count
-    run_hash = _hash(hashed)
-    model = make_model(model_type, config, seed, compiled)
+    data = _read_data(tables_dir, config, rules_dir)
+    model = make_model(config.model_type, data.model_config, config.seed, data.compiled_rules)
     dist = setup_distributed() if distributed else SINGLE
     dev = pick_device(device)
     if dist.enabled and (device is None or (dev.type == "cuda" and dev.index is None)):
         dev = dist.device()  # one GPU per rank: cuda:<LOCAL_RANK>
     t0 = time.perf_counter()
-    res = train(model, train_ds, val_ds, vocab, out_dir, args, run_hash=run_hash, resume_from=resume_from,
-                device=dev, progress=progress, precision=precision, dp=dp, dist=dist)
+    res = train(model, data.train_ds, data.val_ds, data.vocab, out_dir, config.loop, run_hash=data.run_hash,
+                resume_from=resume_from, device=dev, progress=progress, precision=config.precision, dp=config.dp,
+                dist=dist, on_step=on_step)
     seconds = time.perf_counter() - t0
     if not dist.is_main:  # rank 0 writes the checkpoint directory; the others wait for it
         dist.barrier()
         return {"rank": dist.rank, "steps": res["step"], "seconds": round(seconds, 3)}
-
     model.load_state_dict(res["best_state"])
-    extra = {"training": train_args, "seed": seed, "preset": preset, "config_hash": run_hash,
-             "tables_dir": str(tables_dir),
-             "versions": versions("torch")}
-    write_checkpoint(out_dir, model, vocab, model_type, extra_config=extra)
-    if rules is not None:
-        from ..rules.ruleset import save_rules
-        save_rules(storage.join(out_dir, RULES_FILE), rules, source=str(rules_dir))
-    eps_col = ["epsilon"] if dp.enabled else []  # DP runs: epsilon spent at each validation
-    hist = pd.DataFrame(res["history"], columns=["step", "epoch", "split", "loss", *eps_col])
-    storage.write_parquet(storage.join(out_dir, "history.parquet"), pa.Table.from_pandas(
-        hist.astype({"step": "int64", "epoch": "int64", "split": "object", "loss": "float64",
-                     **dict.fromkeys(eps_col, "float64")}), preserve_index=False))
-    storage.write_parquet(storage.join(out_dir, "label_probs.parquet"),
-                          pa.Table.from_pandas(label_probs(train_ds, vocab), preserve_index=False))
-    save_token_groups(storage.join(out_dir, TOKEN_GROUPS_FILE), groups)
-    train_losses = hist.loc[hist["split"] == "train", "loss"]
-    info = {"model_type": model_type, "preset": preset, "seed": seed, "config_hash": run_hash,
-            "steps": res["step"], "epochs_run": res["epoch"], "best_step": res["best_step"],
-            "best_val_loss": None if not np.isfinite(res["best_val"]) else res["best_val"],
-            "first_train_loss": float(train_losses.iloc[0]) if len(train_losses) else None,
-            "final_train_loss": float(train_losses.iloc[-1]) if len(train_losses) else None,
-            "stopped_early": res["stopped_early"], "n_train": len(train_ds),
-            "n_val": len(val_ds) if val_ds is not None else 0, "n_rules": len(rules) if rules else 0,
-            "device": str(dev), "seconds": round(seconds, 3), "resumed_from": str(resume_from) if resume_from else None,
-            "precision": precision, "world_size": dist.world_size, **(res["privacy"] or {}),
-            **({"min_code_count": min_code_count, "n_rare_codes_dropped": len(rare_codes)} if min_code_count else {})}
+    hist = _write_outputs(out_dir, model, data, config, res, tables_dir, rules_dir)
+    info = _run_info(config, data, res, hist, dev, seconds, resume_from, dist)
     storage.write_json(storage.join(out_dir, "meta.json"), info)  # written last: the directory is complete
     dist.barrier()
     return info
