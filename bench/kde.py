@@ -24,8 +24,10 @@ import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from synthehr_core.data.schema import bin_values
-from synthehr_core.postprocess import kde
+from synthehr_core.data.schema import bin_values, parse_bin
+from synthehr_core.postprocess.draw import sample_from_kde_grid
+from synthehr_core.postprocess.grids import KDEGrid, add_code_columns, fit_kde_grid, generate_kde_grids
+from synthehr_core.postprocess.kde_config import load_kde_config, validate_kde_config
 
 LOS_H_EDGES = [0, 1, 2, 4, 6, 8, 12, 24, 48, 72, 168, 336, 672, 1344, 4000]
 TRI_H_EDGES = [0, 0.25, 0.5, 1, 2, 4, 8, 24]
@@ -65,7 +67,7 @@ def qh_like_tables(n_visits: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataF
     return patients, visits
 
 
-def naive_sample(grid: kde.KDEGrid, syn: pd.DataFrame, var: str, rng: np.random.Generator) -> np.ndarray:
+def naive_sample(grid: KDEGrid, syn: pd.DataFrame, var: str, rng: np.random.Generator) -> np.ndarray:
     """Baseline: one Python iteration per row (stratum lookup, restrict to bin, rng.choice, uniform in cell)."""
     levels = grid.levels()
     strat = grid.spec["stratify_by"]
@@ -73,7 +75,7 @@ def naive_sample(grid: kde.KDEGrid, syn: pd.DataFrame, var: str, rng: np.random.
     keys = [syn[c].astype("string").to_numpy(dtype=object) for c in strat]
     bins = syn[f"{var}_binned"].to_numpy(dtype=object)
     for i in range(len(syn)):
-        lo, hi = kde.parse_bin(bins[i])
+        lo, hi = parse_bin(bins[i])
         st = tuple(k[i] for k in keys)
         for lvl in range(len(strat), -1, -1):
             cell = levels[lvl].get(st[:lvl])
@@ -92,7 +94,7 @@ def naive_sample(grid: kde.KDEGrid, syn: pd.DataFrame, var: str, rng: np.random.
 def time_generate_grids(patients, visits, cfg) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        summary = kde.generate_kde_grids(cfg, patients, visits, tmp)
+        summary = generate_kde_grids(cfg, patients, visits, tmp)
         return time.perf_counter() - t, summary
 
 
@@ -111,8 +113,8 @@ def qh_simulator_tables(n_patients: int, seed: int):
         print(f"simulated + preprocessed {n_patients:,} QH patients in {time.perf_counter() - t:.1f} s", flush=True)
     train = patients[patients["split"] == "train"]
     visits = visits[visits["patient_id"].isin(set(train["patient_id"]))]
-    cfg = kde.load_kde_config("kde_qh")
-    visits = kde.add_code_columns(visits, codes, cfg["code_columns"])
+    cfg = load_kde_config("kde_qh")
+    visits = add_code_columns(visits, codes, cfg.code_columns)
     return train, visits, f"synthehr_core.data.fixtures.qh_fixture.simulate({n_patients:,}) -> preprocess(qh), train split"
 
 
@@ -130,33 +132,33 @@ def main() -> None:
     if visits is None:
         patients, visits = qh_like_tables(args.n_visits, args.seed)
         source = "bench/kde.py qh_like_tables (stand-in table)"
-    cfg = kde.load_kde_config("kde_qh")
+    cfg = load_kde_config("kde_qh")
     load0 = os.getloadavg()
     rows = []
     for cores in (1, -1):
-        gen_s, summary = time_generate_grids(patients, visits, {**cfg, "num_cores": cores})
+        gen_s, summary = time_generate_grids(patients, visits, cfg.model_copy(update={"num_cores": cores}))
         rows.append((f"time_generate_grids (kde_qh, num_cores={cores})", f"{len(visits):,} visits", f"{gen_s:.2f} s",
                      f"{len(visits) / gen_s / 1e6:.2f} M rows/s", f"machine cores={os.cpu_count()}"))
 
     # sampling: the inpatient-style univariate grid and the ED joint grid, on N synthetic rows drawn from the real
     syn_rng = np.random.default_rng(args.seed + 1)
     real_ed = visits.loc[visits["event_type"] == "ED"]
-    grid_1d = kde.fit_kde_grid("los_hours_ed", kde.validate_kde_config({"variable_config": {"los_hours_ed": {
+    grid_1d = fit_kde_grid("los_hours_ed", validate_kde_config({"variable_config": {"los_hours_ed": {
         "method": "kde_range", "data_source": "visits", "column": "los_hours", "stratify_by": ["triage_category"],
         "filter": {"event_type": "ED"}, "grid_params": {"method": "fine_bins", "step": 0.25,
-                                                         "filter": {"threshold": 72, "modulo": 24}}}}})[
-        "variable_config"]["los_hours_ed"], patients, visits)
-    grid_2d = kde.fit_kde_grid("ed_los", cfg["variable_config"]["ed_los"], patients, visits)
+                                                         "filter": {"threshold": 72, "modulo": 24}}}}}
+    ).variable_config["los_hours_ed"], patients, visits)
+    grid_2d = fit_kde_grid("ed_los", cfg.variable_config["ed_los"], patients, visits)
     n = args.n_visits
     syn = real_ed.iloc[syn_rng.integers(0, len(real_ed), n)].reset_index(drop=True)
     syn[["los_hours", "los_triage_hours"]] = np.nan
     syn = pa.Table.from_pandas(syn, preserve_index=False).to_pandas()   # column layout as read from parquet
     for label, grid in (("kde_range", grid_1d), ("kde_joint", grid_2d)):
-        kde.sample_from_kde_grid(grid, syn.iloc[:1000], None, 0)        # warm-up (levels cache)
+        sample_from_kde_grid(grid, syn.iloc[:1000], None, 0)        # warm-up (levels cache)
         times = []
         for _ in range(args.repeat):
             t = time.perf_counter()
-            _, rep = kde.sample_from_kde_grid(grid, syn, None, np.random.default_rng(args.seed))
+            _, rep = sample_from_kde_grid(grid, syn, None, np.random.default_rng(args.seed))
             times.append(time.perf_counter() - t)
         dt = float(np.median(times))
         n_vals = n * len(grid.spec["variables"])

@@ -11,7 +11,7 @@ KDE grids -> ``sample_kde_to_dir``; they differ in the calendar, the head and th
     marginal ``value_counts`` grid by event type, independent of the date (the published pipeline);
 (b) calendar tokens (QH: year, month, weekday, hour; MIMIC-III: month, weekday, hour) learnt by the model with one
     categorical head per single-valued variable, sampled one value per variable, then
-    ``sample_kde_to_dir`` with the calendar tables in the grids dir (``synthehr_core.postprocess.temporal``);
+    ``sample_kde_to_dir`` with the calendar tables in the grids dir (``synthehr_core.postprocess.dating``);
 (c) = (b) with HI's Bernoulli head instead of categorical heads (``train_to_dir(group_heads=False)``), sampled
     with the token-group constraints (each variable drawn from the restricted Bernoulli chain): isolates the heads.
 (a) trains HI's head and samples it unconstrained, as the published pipeline did.
@@ -39,17 +39,14 @@ from synthehr_core import storage
 from synthehr_core.data.fixtures import qh as qh_fixture
 from synthehr_core.data.config import bundled_config_path
 from synthehr_core.data.preprocess import preprocess
-from synthehr_core.data.schema import read_tables
+from synthehr_core.data.schema import WEEKDAYS, calendar_parts, read_tables
 from synthehr_core.model.sampling import sample_to_dir
 from synthehr_core.model.train import train_to_dir
-from synthehr_core.postprocess.kde import generate_kde_grids, load_kde_config, sample_kde_to_dir
-from synthehr_core.postprocess.temporal import (
-    WEEKDAYS,
-    build_calendar_tables,
-    calendar_parts,
-    temporal_metrics,
-    write_calendar_tables,
-)
+from synthehr_core.evaluation.temporal import temporal_metrics
+from synthehr_core.postprocess.calendar_tables import build_calendar_tables, write_calendar_tables
+from synthehr_core.postprocess.grids import generate_kde_grids
+from synthehr_core.postprocess.kde_config import CONFIG_FILE, load_kde_config
+from synthehr_core.postprocess.stage import sample_kde_to_dir
 
 QH_KDE = {   # the QH adapter's columns (kde_qh.yml still names a stand-in table's triage_category / event_day)
     "num_cores": 1, "min_count": 10,
@@ -77,7 +74,7 @@ def _dataset_config(name: str, tokens: list[str] | None) -> dict:
 
 
 def _kde_config(name: str, real_span: tuple[int, int] | None) -> dict:
-    cfg = copy.deepcopy(QH_KDE) if name == "qh" else load_kde_config("kde_mimic3")
+    cfg = copy.deepcopy(QH_KDE) if name == "qh" else load_kde_config("kde_mimic3").to_dict()
     cfg["variable_config"]["event_day"] = dict(EVENT_DAY)
     cfg["num_cores"] = 1
     if real_span is not None:
@@ -94,7 +91,7 @@ def _grids(tables: str, kcfg: dict, out: str, calendar: bool) -> None:
     tv["event_day"] = np.asarray(WEEKDAYS, dtype=object)[calendar_parts(tv["start_day"].to_numpy(float))["weekday"]]
     Path(out).mkdir(parents=True, exist_ok=True)
     generate_kde_grids(kcfg, tp, tv, out)
-    storage.write_json(storage.join(out, "kde_config.json"), load_kde_config(kcfg))
+    storage.write_json(storage.join(out, CONFIG_FILE), load_kde_config(kcfg).to_dict())
     if calendar:
         write_calendar_tables(*build_calendar_tables(tp, tv), out)
 

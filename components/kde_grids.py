@@ -15,7 +15,7 @@ def kde_grids(tables: Input[Dataset], kde_config: str, grids: Output[Artifact]):
         grids: Directory of grid_<var>_kde.parquet files, kde_config.json and meta.json.
     """
     from synthehr_core import __version__
-    from synthehr_core.postprocess.kde import generate_kde_grids_to_dir
+    from synthehr_core.postprocess.stage import generate_kde_grids_to_dir
 
     meta = generate_kde_grids_to_dir(tables.path, kde_config, grids.path, overwrite=True)
     grids.metadata.update({"kde_config": kde_config, "config_hash": meta["config_hash"],

@@ -16,7 +16,7 @@ def kde_sample(shard: Input[Dataset], grids: Input[Artifact], seed: int, restore
         restored: The shard's tables directory with continuous values and times filled in.
     """
     from synthehr_core import __version__
-    from synthehr_core.postprocess.kde import sample_kde_to_dir
+    from synthehr_core.postprocess.stage import sample_kde_to_dir
 
     meta = sample_kde_to_dir(shard.path, grids.path, restored.path, seed=seed, overwrite=True)
     restored.metadata.update({"seed": seed, "config_hash": meta["config_hash"], "n_patients": meta["n_patients"],

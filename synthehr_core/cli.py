@@ -322,7 +322,7 @@ def kde_grids(tables: str = typer.Option(..., help="tables directory from prepro
               kde_config: str = typer.Option(..., help="bundled KDE config (kde_mimic3.yml) or YAML path"),
               out: str = typer.Option(..., help="output grids directory"), overwrite: bool = False):
     """Fit the KDE grids of continuous values and times on the train split."""
-    from .postprocess.kde import generate_kde_grids_to_dir
+    from .postprocess.stage import generate_kde_grids_to_dir
 
     meta = generate_kde_grids_to_dir(tables, kde_config, out, overwrite=overwrite)
     _echo_json({k: meta[k] for k in ("config_hash", "n_patients", "n_visits")})
@@ -353,7 +353,7 @@ def kde_sample(shard: str = typer.Option(..., help="shard directory from sample"
                out: str = typer.Option(..., help="output shard directory"),
                seed: int = typer.Option(..., help="RNG seed; use the shard's own seed"), overwrite: bool = False):
     """Fill a shard's continuous values and visit times from the KDE grids."""
-    from .postprocess.kde import sample_kde_to_dir
+    from .postprocess.stage import sample_kde_to_dir
 
     meta = sample_kde_to_dir(shard, grids, out, seed=seed, overwrite=overwrite)
     _echo_json({k: meta[k] for k in ("seed", "n_patients", "n_visits", "backoff_counts")})

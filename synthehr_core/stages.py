@@ -28,9 +28,9 @@ STAGES: dict[str, str] = {
     "preprocess": "synthehr_core.data.preprocess:preprocess",
     "rules": "synthehr_core.rules.mining:mine_rules_to_dir",
     "train": "synthehr_core.model.train:train_to_dir",
-    "kde_grids": "synthehr_core.postprocess.kde:generate_kde_grids_to_dir",
+    "kde_grids": "synthehr_core.postprocess.stage:generate_kde_grids_to_dir",
     "sample": "synthehr_core.model.sampling:sample_to_dir",
-    "kde_sample": "synthehr_core.postprocess.kde:sample_kde_to_dir",
+    "kde_sample": "synthehr_core.postprocess.stage:sample_kde_to_dir",
     "merge": "synthehr_core.data.merge:merge_shards",
     "evaluate": "synthehr_core.evaluation.stage:evaluate_to_dir",
 }

@@ -16,13 +16,17 @@ from synthehr_core import storage
 from synthehr_core.data.schema import bin_values, parse_bin, read_tables
 from synthehr_core.data.toy import make_toy_tables, write_toy_tables
 from synthehr_core.errors import ConfigError, DataError
-from synthehr_core.postprocess import kde
+from synthehr_core.postprocess import axes
+from synthehr_core.postprocess.draw import inverse_cdf, reconstruct_times, sample_from_kde_grid
+from synthehr_core.postprocess.grids import add_code_columns, fit_kde_grid, generate_kde_grids, read_kde_grid
+from synthehr_core.postprocess.kde_config import load_kde_config, validate_kde_config
+from synthehr_core.postprocess.stage import generate_kde_grids_to_dir, sample_kde_to_dir
 
 TOY_CFG = {
     "num_cores": 1,
     "variable_config": {
         "age": {"method": "kde_range", "data_source": "patients", "stratify_by": ["sex"],
-                "grid_params": {"method": "range", "min": 18, "max": 99, "offset": 1}, "bandwidth": [2.0]},
+                "grid_params": {"method": "points", "min": 18, "max": 99, "offset": 1}, "bandwidth": [2.0]},
         "los_days": {"method": "kde_range", "data_source": "visits", "stratify_by": ["sex"],
                      "grid_params": {"method": "fine_bins", "step": 0.1, "filter": {"threshold": 30, "modulo": 1}}},
         "gap_days": {"method": "kde_range", "data_source": "visits", "filter": {"gap_days": {"notnull": True}},
@@ -38,12 +42,12 @@ def toy():
 
 
 def _cfg(**variables) -> dict:
-    return kde.validate_kde_config({"num_cores": 1, "variable_config": variables})
+    return validate_kde_config({"num_cores": 1, "variable_config": variables})
 
 
 def _one(name, spec, patients, visits, **kw):
     cfg = _cfg(**{name: spec})
-    return kde.fit_kde_grid(name, cfg["variable_config"][name], patients, visits, **kw)
+    return fit_kde_grid(name, cfg.variable_config[name], patients, visits, **kw)
 
 
 def _assert_inside_bins(values: pd.Series, bins: pd.Series, top: float | None = None) -> int:
@@ -72,14 +76,15 @@ def _correlated(n: int, seed: int, rho: float = 0.7) -> pd.DataFrame:
 class TestConfig:
     @pytest.mark.parametrize("name", ["kde_mimic3", "kde_adni", "kde_qh"])
     def test_bundled_configs_validate_and_normalise_idempotently(self, name):
-        cfg = kde.load_kde_config(name)
-        assert kde.validate_kde_config(cfg) == cfg
-        assert cfg["min_count"] == 10
+        cfg = load_kde_config(name)
+        again = validate_kde_config(cfg.to_dict())
+        assert again.to_dict() == cfg.to_dict() and again.config_hash() == cfg.config_hash()
+        assert cfg.min_count == 10
 
     def test_yaml_file_and_dict_give_the_same_config(self, tmp_path):
         path = tmp_path / "kde.yml"
         path.write_text(yaml.safe_dump(TOY_CFG))
-        assert kde.load_kde_config(str(path)) == kde.load_kde_config(TOY_CFG)
+        assert load_kde_config(str(path)).to_dict() == load_kde_config(TOY_CFG).to_dict()
 
     BAD: ClassVar[list] = [  # (path into the config, bad value, text the message must contain)
         (("num_cores",), 0, "num_cores = 0 must be -1 (all cores) or an integer >= 1"),
@@ -96,7 +101,7 @@ class TestConfig:
         (("variable_config", "age", "grid_params", "step"), -1, "grid_params.step = -1 must be a positive number"),
         (("variable_config", "age", "grid_params", "max"), 10, "max = 10 < min = 18; swap them"),
         (("variable_config", "age", "grid_params", "min"), None, "grid_params.min = None must be a number (or set use_data_bounds"),
-        (("variable_config", "age", "grid_params", "modulo"), 7, "unknown keys ['modulo'] for grid method 'range'"),
+        (("variable_config", "age", "grid_params", "modulo"), 7, "unknown keys ['modulo'] for grid method 'points' (old name 'range')"),
         (("variable_config", "los_days", "grid_params", "filter"), {"threshold": 3},
          "filter = {'threshold': 3} must be {threshold: NUMBER, modulo: POSITIVE_NUMBER}"),
         (("variable_config", "los_days", "grid_params", "points_per_bin"), 5, "give either step or points_per_bin"),
@@ -119,13 +124,13 @@ class TestConfig:
             node = node[k]
         node[path[-1]] = value
         with pytest.raises(ConfigError) as exc:
-            kde.validate_kde_config(cfg, where="kde_toy.yml")
+            validate_kde_config(cfg, where="kde_toy.yml")
         assert message in str(exc.value)
         assert "kde_toy.yml" in str(exc.value)
 
     def test_joint_config_errors(self):
         spec = {"method": "kde_joint", "data_source": "visits", "variables": ["a"],
-                "grid_params": {"a": {"method": "arange", "min": 0, "max": 1, "step": 0.1}}}
+                "grid_params": {"a": {"method": "cells", "min": 0, "max": 1, "step": 0.1}}}
         with pytest.raises(ConfigError, match=r"variables = \['a'\] must list two distinct column names"):
             _cfg(j=spec)
         spec = {**spec, "variables": ["a", "b"]}
@@ -137,35 +142,50 @@ class TestConfig:
         cfg["num_cores"] = "all"
         cfg["variable_config"]["age"]["method"] = "kde"
         with pytest.raises(ConfigError) as exc:
-            kde.validate_kde_config(cfg)
+            validate_kde_config(cfg)
         assert "2 problem(s)" in str(exc.value) and "num_cores = 'all'" in str(exc.value)
 
     def test_invalid_yaml_names_the_file(self, tmp_path):
         path = tmp_path / "broken.yml"
         path.write_text("variable_config: [unclosed\n")
         with pytest.raises(ConfigError, match="broken.yml: not valid YAML"):
-            kde.load_kde_config(str(path))
+            load_kde_config(str(path))
 
 
 # ============================================================================================ grids
+def _axis(grid_params: dict, values=(), bins: list | None = None) -> axes.Axis:
+    table = pd.DataFrame({"b": bins}) if bins is not None else pd.DataFrame()
+    return axes.grid_params(grid_params).axis("x", np.asarray(values, dtype=float), table, "t")
+
+
 class TestGridMethods:
-    def test_range_gives_integer_points_including_max_via_offset(self):
-        ax = kde.build_axis({"method": "range", "min": 0, "max": 30, "step": 1, "offset": 1, "use_data_bounds": False},
-                            np.array([]), None, "t")
+    def test_points_gives_integer_points_including_max_via_offset(self):
+        ax = _axis({"method": "points", "min": 0, "max": 30, "step": 1, "offset": 1})
         assert ax.kind == "points" and ax.start[0] == 0 and ax.start[-1] == 30 and len(ax.start) == 31
         assert np.all(ax.start == np.round(ax.start))
 
-    def test_arange_gives_float_cells_and_use_data_bounds(self):
-        ax = kde.build_axis({"method": "arange", "use_data_bounds": True, "step": 0.5, "offset": 0.5},
-                            np.array([1.2, 3.9]), None, "t")
+    def test_cells_gives_float_cells_and_use_data_bounds(self):
+        ax = _axis({"method": "cells", "use_data_bounds": True, "step": 0.5, "offset": 0.5}, [1.2, 3.9])
         assert ax.kind == "ranges"
         assert ax.start[0] == pytest.approx(1.2) and ax.end[-1] >= 3.9
         assert np.allclose(ax.end - ax.start, 0.5)
 
+    @pytest.mark.parametrize("new,old", [("points", "range"), ("cells", "arange")])
+    def test_old_names_are_aliases_stored_under_the_old_name(self, new, old):
+        """range/arange were renamed; configs that use them keep working and keep their config_hash."""
+        gp = {"min": 0, "max": 3, "step": 0.5}
+        a, b = axes.grid_params({"method": new, **gp}), axes.grid_params({"method": old, **gp})
+        assert type(a) is type(b) and a.to_dict() == b.to_dict() and a.to_dict()["method"] == old
+        cfg = {"variable_config": {"x": {"method": "kde_range", "data_source": "visits", "grid_params": None}}}
+        hashes = set()
+        for name in (new, old):
+            cfg["variable_config"]["x"]["grid_params"] = {"method": name, **gp}
+            hashes.add(validate_kde_config(cfg).config_hash())
+        assert len(hashes) == 1
+
     def test_fine_bins_with_threshold_modulo_keeps_bin_edges(self):
-        bins = pd.Series(["0-24", "24-72", "1300-1400"])
-        ax = kde.build_axis({"method": "fine_bins", "column": "b", "step": 1, "filter": {"threshold": 1344, "modulo": 24}},
-                            np.array([]), bins, "t")
+        ax = _axis({"method": "fine_bins", "column": "b", "step": 1, "filter": {"threshold": 1344, "modulo": 24}},
+                   bins=["0-24", "24-72", "1300-1400"])
         widths = ax.end - ax.start
         assert np.all(widths[ax.start < 1344] <= 1.0 + 1e-9)          # hourly before day 56
         assert ax.start[ax.start > 1344].tolist() == [1368.0, 1392.0]  # then daily points only
@@ -174,25 +194,77 @@ class TestGridMethods:
             assert not any(lo < e < hi for e in edges)
 
     def test_fine_bins_points_per_bin_and_decimal_bins(self):
-        ax = kde.build_axis({"method": "fine_bins", "column": "b", "points_per_bin": 4}, np.array([]),
-                            pd.Series(["2.5-3.5", "1-2.5", None]), "t")
+        ax = _axis({"method": "fine_bins", "column": "b", "points_per_bin": 4}, bins=["2.5-3.5", "1-2.5", None])
         assert len(ax.start) == 8 and ax.start[0] == 1 and ax.end[-1] == 3.5
         assert np.allclose(ax.end[4:] - ax.start[4:], 0.25)
 
+    def test_fine_bins_without_its_bins_column_names_it(self):
+        with pytest.raises(DataError, match=r"fine_bins needs the column 'x_binned'"):
+            _axis({"method": "fine_bins", "step": 1})
+
     def test_custom_cut_points(self):
-        ax = kde.build_axis({"method": "custom", "cut_points": [0, 1, 5, 20]}, np.array([]), None, "t")
+        ax = _axis({"method": "custom", "cut_points": [0, 1, 5, 20]})
         assert ax.start.tolist() == [0, 1, 5] and ax.end.tolist() == [1, 5, 20]
 
     def test_grid_file_layout_and_round_trip(self, toy, tmp_path):
         p, v, _ = toy
-        summary = kde.generate_kde_grids(TOY_CFG, p, v, tmp_path)
+        summary = generate_kde_grids(TOY_CFG, p, v, tmp_path)
         assert set(summary) == {"age", "los_days", "gap_days"}
-        g = kde.read_kde_grid(str(tmp_path / "grid_los_days_kde.parquet"))
+        g = read_kde_grid(str(tmp_path / "grid_los_days_kde.parquet"))
         assert {"_level", "sex", "_n", "los_days_start", "los_days_end", "range_probability"} <= set(g.table.columns)
         sums = g.table.groupby(["_level", "sex"], dropna=False)["range_probability"].sum()
         assert np.allclose(sums, 1.0)
-        age = kde.read_kde_grid(str(tmp_path / "grid_age_kde.parquet")).table
+        age = read_kde_grid(str(tmp_path / "grid_age_kde.parquet")).table
         assert {"age", "probability"} <= set(age.columns) and "age_start" not in age.columns
+
+
+# ============================================================================================ registry
+class TestGridRegistry:
+    SPEC: ClassVar[dict] = {"method": "kde_range", "data_source": "visits"}
+
+    def test_unknown_method_is_an_error_naming_the_known_ones(self):
+        with pytest.raises(ConfigError) as exc:
+            _cfg(x={**self.SPEC, "grid_params": {"method": "log_cells", "min": 1, "max": 9}})
+        msg = str(exc.value)
+        assert "variable_config.x.grid_params.method = 'log_cells' is not one of" in msg
+        assert all(repr(m) in msg for m in ("points", "cells", "fine_bins", "custom")), msg
+        assert "range = points" in msg and "register_grid_method" in msg
+
+    def test_a_registered_method_is_picked_up(self, toy, monkeypatch):
+        monkeypatch.setattr(axes, "GRID_METHODS", dict(axes.GRID_METHODS))     # registered for this test only
+
+        @axes.register_grid_method("log_cells")
+        class LogCells(axes.GridMethod):
+            min: float
+            max: float
+            n: int = 20
+
+            def axis(self, var, values, table, at):
+                cuts = np.geomspace(self.min, self.max, self.n + 1)
+                return axes.Axis("ranges", cuts[:-1], cuts[1:])
+
+        p, v, _ = toy
+        spec = {**self.SPEC, "grid_params": {"method": "log_cells", "min": 0.05, "max": 400, "n": 30}}
+        assert _cfg(los_days=spec).to_dict()["variable_config"]["los_days"]["grid_params"] == spec["grid_params"]
+        g = _one("los_days", spec, p, v)
+        ratio = g.table["los_days_end"] / g.table["los_days_start"]
+        assert np.allclose(ratio, ratio.iloc[0]) and g.table["range_probability"].sum() == pytest.approx(1.0)
+        with pytest.raises(ConfigError, match=r"unknown keys \['k'\] for grid method 'log_cells'; allowed: "
+                                              r"\['max', 'method', 'min', 'n'\]"):
+            _cfg(x={**spec, "grid_params": {**spec["grid_params"], "k": 3}})
+        with pytest.raises(ConfigError, match=r"grid_params.min: required key is missing"):
+            _cfg(x={**spec, "grid_params": {"method": "log_cells", "max": 3}})
+
+    def test_huge_values_are_cut_in_messages(self):
+        """Hostile input: a shown value is at most ~80 characters, however big the value."""
+        cfg = copy.deepcopy(TOY_CFG)
+        cfg["variable_config"]["age"]["stratify_by"] = list(range(100_000))
+        cfg["variable_config"]["age"]["x" * 10_000] = 1
+        cfg["variable_config"]["los_days"]["grid_params"] = {"method": "custom", "cut_points": list(range(10**5, 0, -1))}
+        with pytest.raises(ConfigError) as exc:
+            validate_kde_config(cfg)
+        msg = str(exc.value)
+        assert "3 problem(s)" in msg and len(msg) < 1500 and msg.count("...") >= 3
 
 
 # ============================================================================================ fitting
@@ -204,7 +276,7 @@ class TestFitting:
         assert g.table["_n"].iloc[0] == v["gap_days"].notna().sum()
         g = _one("los_days", {**base, "filter": {"visit_index": 0}}, p, v)
         assert g.table["_n"].iloc[0] == (v["visit_index"] == 0).sum()
-        fine = {**base, "grid_params": {"method": "arange", "min": 0, "max": 40, "step": 0.1}}
+        fine = {**base, "grid_params": {"method": "cells", "min": 0, "max": 40, "step": 0.1}}
         g = _one("los_days", {**fine, "filter": {"los_days_binned": ["0-2", "2-5"]}}, p, v)
         assert g.table["_n"].iloc[0] == v["los_days_binned"].isin(["0-2", "2-5"]).sum()
         beyond = g.table.loc[g.table["los_days_start"] >= 5.0, "range_probability"].sum()
@@ -229,7 +301,7 @@ class TestFitting:
     def test_bandwidth_floor_spreads_a_single_value(self):
         v = pd.DataFrame({"patient_id": [f"{i}" for i in range(20)], "x": np.full(20, 5.03)})
         spec = {"method": "kde_range", "data_source": "visits", "bandwidth": [1e-6],
-                "grid_params": {"method": "arange", "min": 0, "max": 10, "step": 0.1}}
+                "grid_params": {"method": "cells", "min": 0, "max": 10, "step": 0.1}}
         g = _one("x", spec, None, v)
         assert g.table["_bandwidth_x"].iloc[0] == pytest.approx(0.1)      # floor = 1 x median cell width
         assert g.table["range_probability"].max() < 0.5                    # no cell holds the real value alone
@@ -268,8 +340,8 @@ class TestFitting:
 @pytest.fixture(scope="module")
 def grids(toy):
     p, v, _ = toy
-    cfg = kde.validate_kde_config(TOY_CFG)
-    return {n: kde.fit_kde_grid(n, c, p, v) for n, c in cfg["variable_config"].items()}
+    cfg = validate_kde_config(TOY_CFG)
+    return {n: fit_kde_grid(n, c, p, v) for n, c in cfg.variable_config.items()}
 
 
 class TestSampling:
@@ -279,7 +351,7 @@ class TestSampling:
         real = p if name == "age" else v
         syn = real.sample(n=20_000, replace=True, random_state=0).reset_index(drop=True)
         syn[name] = np.nan
-        out, rep = kde.sample_from_kde_grid(grids[name], syn, name, rng=7, top_edges={"age": 100.0},
+        out, rep = sample_from_kde_grid(grids[name], syn, name, rng=7, top_edges={"age": 100.0},
                                             patients=p)
         n = _assert_inside_bins(out[name], out[f"{name}_binned"], top=100.0)
         assert rep["n_filled"] == n and rep["n_uniform_fallback"] == 0
@@ -289,21 +361,21 @@ class TestSampling:
 
     @pytest.mark.parametrize("grid_params", [
         {"method": "custom", "cut_points": [0, 0.7, 1.9, 3.3, 7.1, 12.5, 31, 200]},
-        {"method": "arange", "min": 0, "max": 200, "step": 0.7},
-    ], ids=["custom", "arange"])
+        {"method": "cells", "min": 0, "max": 200, "step": 0.7},
+    ], ids=["custom", "cells"])
     def test_cells_straddling_bin_edges_are_clipped_to_the_bin(self, toy, grid_params):
         p, v, _ = toy
         g = _one("los_days", {"method": "kde_range", "data_source": "visits", "grid_params": grid_params}, p, v)
-        out, rep = kde.sample_from_kde_grid(g, v.assign(los_days=np.nan), "los_days", rng=2)
+        out, rep = sample_from_kde_grid(g, v.assign(los_days=np.nan), "los_days", rng=2)
         _assert_inside_bins(out["los_days"], out["los_days_binned"])
         assert rep["n_uniform_fallback"] == 0
-        if grid_params["method"] == "arange":        # the coarse custom grid is uniform inside wide cells by design
+        if grid_params["method"] == "cells":        # the coarse custom grid is uniform inside wide cells by design
             assert ks_2samp(out["los_days"], v["los_days"]).pvalue > 0.01
 
     def test_fine_grid_recovers_an_unbinned_marginal(self, toy, grids):
         p, v, _ = toy
         syn = v.drop(columns=["los_days_binned"]).assign(los_days=np.nan)
-        out, _ = kde.sample_from_kde_grid(grids["los_days"], syn, "los_days", rng=1, patients=p)
+        out, _ = sample_from_kde_grid(grids["los_days"], syn, "los_days", rng=1, patients=p)
         assert ks_2samp(out["los_days"], v["los_days"]).pvalue > 0.01
 
     def test_guide_table_search_equals_binary_search(self):
@@ -315,13 +387,13 @@ class TestSampling:
         group = rng.integers(0, 50, 200_000)
         u = np.concatenate([rng.random(199_990), np.nextafter(1.0, 0.0) * np.ones(5), np.zeros(5)])
         expected = np.clip(np.searchsorted(cum, group + u, side="right"), first[group], last[group])
-        assert np.array_equal(kde.inverse_cdf(cum, first, last, group, u), expected)
+        assert np.array_equal(inverse_cdf(cum, first, last, group, u), expected)
 
     def test_deterministic_given_the_seed(self, toy, grids):
         p, v, _ = toy
-        a, _ = kde.sample_from_kde_grid(grids["los_days"], v, "los_days", rng=5, patients=p)
-        b, _ = kde.sample_from_kde_grid(grids["los_days"], v, "los_days", rng=np.random.default_rng(5), patients=p)
-        c, _ = kde.sample_from_kde_grid(grids["los_days"], v, "los_days", rng=6, patients=p)
+        a, _ = sample_from_kde_grid(grids["los_days"], v, "los_days", rng=5, patients=p)
+        b, _ = sample_from_kde_grid(grids["los_days"], v, "los_days", rng=np.random.default_rng(5), patients=p)
+        c, _ = sample_from_kde_grid(grids["los_days"], v, "los_days", rng=6, patients=p)
         assert a["los_days"].equals(b["los_days"]) and not a["los_days"].equals(c["los_days"])
         assert v["los_days"].equals(make_toy_tables(3000, seed=3)[1]["los_days"])   # input untouched
 
@@ -332,9 +404,9 @@ class TestSampling:
                              "b": rng.choice(["u", "v"], n), "val": rng.gamma(2, 2, n)})
         real.loc[(real["a"] == "y") & (real["b"] == "v"), "b"] = "u"      # stratum (y, v) never occurs
         g = _one("val", {"method": "kde_range", "data_source": "visits", "stratify_by": ["a", "b"],
-                         "grid_params": {"method": "arange", "min": 0, "max": 30, "step": 0.5}}, None, real)
+                         "grid_params": {"method": "cells", "min": 0, "max": 30, "step": 0.5}}, None, real)
         syn = pd.DataFrame({"patient_id": ["s"] * 4, "a": ["x", "y", "z", None], "b": ["u", "v", "u", "u"]})
-        out, rep = kde.sample_from_kde_grid(g, syn, "val", rng=0)
+        out, rep = sample_from_kde_grid(g, syn, "val", rng=0)
         assert rep["n_backoff"] == 3
         assert rep["rows_by_level"] == {0: 2, 1: 1, 2: 1}   # (y, v) -> (y,); z and null -> unstratified
         assert out["val"].notna().all()
@@ -344,16 +416,16 @@ class TestSampling:
         real = pd.DataFrame({"patient_id": [f"{i}" for i in range(400)], "a": ["x", "y"] * 200,
                              "val": np.where(np.arange(400) % 2 == 0, rng.uniform(0, 4, 400), rng.uniform(10, 20, 400))})
         g = _one("val", {"method": "kde_range", "data_source": "visits", "stratify_by": ["a"], "bandwidth": [0.1],
-                         "grid_params": {"method": "arange", "min": 0, "max": 30, "step": 0.1}}, None, real)
+                         "grid_params": {"method": "cells", "min": 0, "max": 30, "step": 0.1}}, None, real)
         syn = pd.DataFrame({"patient_id": ["s"] * 3, "a": ["x", "x", "y"], "val_binned": ["10-20", "0-4", "10-20"]})
-        out, rep = kde.sample_from_kde_grid(g, syn, "val", rng=0)
+        out, rep = sample_from_kde_grid(g, syn, "val", rng=0)
         assert rep["rows_by_level"] == {0: 1, 1: 2} and rep["n_backoff"] == 1 and rep["n_uniform_fallback"] == 0
         _assert_inside_bins(out["val"], out["val_binned"])
 
     def test_bin_without_real_mass_falls_back_to_uniform_and_is_counted(self, toy, grids):
         p, v, _ = toy
         syn = v.head(50).assign(los_days_binned="300-400")
-        out, rep = kde.sample_from_kde_grid(grids["los_days"], syn, "los_days", rng=0, patients=p)
+        out, rep = sample_from_kde_grid(grids["los_days"], syn, "los_days", rng=0, patients=p)
         assert rep["n_uniform_fallback"] == 50 and rep["n_backoff"] == 0 and rep["rows_by_level"] == {-1: 50}
         assert out["los_days"].between(300, 400).all()
 
@@ -368,7 +440,7 @@ class TestSampling:
         assert g.prob_column == "range_probability"
         syn = real.sample(n=20_000, replace=True, random_state=1).reset_index(drop=True)
         syn[["los_hours", "los_triage_hours"]] = np.nan
-        out, _ = kde.sample_from_kde_grid(g, syn, "los_hours", rng=3)
+        out, _ = sample_from_kde_grid(g, syn, "los_hours", rng=3)
         for c in ("los_hours", "los_triage_hours"):
             _assert_inside_bins(out[c], out[f"{c}_binned"])
             assert ks_2samp(out[c], real[c]).pvalue > 0.01
@@ -376,13 +448,13 @@ class TestSampling:
         r_syn = np.corrcoef(out["los_hours"], out["los_triage_hours"])[0, 1]
         assert abs(r_syn - r_real) < 0.05, (r_real, r_syn)
         # without bins the correlation must come from the joint density itself
-        free, _ = kde.sample_from_kde_grid(g, syn.drop(columns=["los_hours_binned", "los_triage_hours_binned"]),
+        free, _ = sample_from_kde_grid(g, syn.drop(columns=["los_hours_binned", "los_triage_hours_binned"]),
                                            None, rng=4)
         r_free = np.corrcoef(free["los_hours"], free["los_triage_hours"])[0, 1]
         assert abs(r_free - r_real) < 0.05, (r_real, r_free)
 
     def test_empty_synthetic_table(self, grids):
-        out, rep = kde.sample_from_kde_grid(grids["gap_days"], pd.DataFrame({"gap_days_binned": pd.Series([], dtype="string")}),
+        out, rep = sample_from_kde_grid(grids["gap_days"], pd.DataFrame({"gap_days_binned": pd.Series([], dtype="string")}),
                                             "gap_days", rng=0)
         assert len(out) == 0 and rep["n_filled"] == 0
 
@@ -390,10 +462,10 @@ class TestSampling:
         real = pd.DataFrame({"patient_id": [f"{i}" for i in range(400)], "event_type": ["ED", "Inpatient"] * 200,
                              "los_hours": np.r_[np.tile([3.0, 300.0], 200)] + np.linspace(0, 1, 400)})
         ed = _one("ed_los", {"method": "kde_range", "data_source": "visits", "column": "los_hours",
-                             "filter": {"event_type": "ED"}, "grid_params": {"method": "arange", "min": 0, "max": 400,
+                             "filter": {"event_type": "ED"}, "grid_params": {"method": "cells", "min": 0, "max": 400,
                                                                              "step": 1}}, None, real)
         syn = real.assign(los_hours=np.nan)
-        out, rep = kde.sample_from_kde_grid(ed, syn, "los_hours", rng=0)
+        out, rep = sample_from_kde_grid(ed, syn, "los_hours", rng=0)
         assert rep["n_filled"] == 200
         assert out.loc[out["event_type"] == "ED", "los_hours"].lt(20).all()
         assert out.loc[out["event_type"] == "Inpatient", "los_hours"].isna().all()
@@ -407,7 +479,7 @@ class TestSampling:
         g = _one("event_day", {"method": "value_counts", "data_source": "visits", "stratify_by": ["event_type"]},
                  None, real)
         syn = real.sample(n=50_000, replace=True, random_state=0).assign(event_day=None).reset_index(drop=True)
-        out, _ = kde.sample_from_kde_grid(g, syn, "event_day", rng=0)
+        out, _ = sample_from_kde_grid(g, syn, "event_day", rng=0)
         for et in ("ED", "Inpatient"):
             a = out.loc[out["event_type"] == et, "event_day"].value_counts(normalize=True)
             b = real.loc[real["event_type"] == et, "event_day"].value_counts(normalize=True)
@@ -420,8 +492,8 @@ class TestTime:
     def test_gap_mode_offsets_order_and_no_overlap(self, toy):
         p, v, _ = toy
         v = v.assign(start_offset_days=np.nan)
-        tcfg = kde.validate_kde_config(TOY_CFG)["time"]
-        out, rep = kde.reconstruct_times(p, v, tcfg, rng=0)
+        tcfg = validate_kde_config(TOY_CFG).time
+        out, rep = reconstruct_times(p, v, tcfg, rng=0)
         first = out["visit_index"] == 0
         assert (out.loc[first, "start_offset_days"] == 0).all()
         assert (out.groupby("patient_id")["start_offset_days"].diff().dropna() >= 0).all()
@@ -439,23 +511,23 @@ class TestTime:
 
     def test_allow_overlap_keeps_gaps(self, toy):
         p, v, _ = toy
-        tcfg = {**kde.validate_kde_config(TOY_CFG)["time"], "allow_overlap": True}
-        out, rep = kde.reconstruct_times(p, v, tcfg, rng=0)
+        tcfg = validate_kde_config(TOY_CFG).time.model_copy(update={"allow_overlap": True})
+        out, rep = reconstruct_times(p, v, tcfg, rng=0)
         assert rep["n_gap_resampled"] == 0
         assert np.allclose(out["start_offset_days"], v.sort_values(["patient_id", "visit_index"])["start_offset_days"])
 
     def test_missing_time_column_is_a_data_error(self, toy):
         p, v, _ = toy
-        tcfg = {**kde.validate_kde_config(TOY_CFG)["time"], "los": "los_hours"}
+        tcfg = validate_kde_config(TOY_CFG).time.model_copy(update={"los": "los_hours"})
         with pytest.raises(DataError, match=r"columns \['visits.los_hours'\] are missing"):
-            kde.reconstruct_times(p, v, tcfg, rng=0)
+            reconstruct_times(p, v, tcfg, rng=0)
 
     def test_monotone_visit_age(self):
         v = pd.DataFrame({"patient_id": ["a"] * 3 + ["b"] * 2, "visit_index": np.array([0, 1, 2, 0, 1], dtype="int32"),
                           "gap_days": [np.nan, 10.0, 10.0, np.nan, 5.0], "age": [34.0, 31.0, 52.0, 70.0, 60.0],
                           "age_binned": ["30-40", "30-40", "50-60", "70-80", "60-70"]})
-        tcfg = kde.validate_kde_config({**TOY_CFG, "time": {"gap": "gap_days", "monotone": ["age"]}})["time"]
-        out, rep = kde.reconstruct_times(pd.DataFrame({"patient_id": ["a", "b"]}), v, tcfg, rng=0)
+        tcfg = validate_kde_config({**TOY_CFG, "time": {"gap": "gap_days", "monotone": ["age"]}}).time
+        out, rep = reconstruct_times(pd.DataFrame({"patient_id": ["a", "b"]}), v, tcfg, rng=0)
         assert out["age"].tolist() == [31.0, 34.0, 52.0, 70.0, 70.0]   # reordered within a bin, then raised
         assert rep["n_order_fixed_age"] == 2 and rep["n_raised_age"] == 1
         assert out["start_offset_days"].tolist() == [0.0, 10.0, 20.0, 0.0, 5.0]
@@ -469,10 +541,10 @@ class TestTime:
                           "months_since_baseline": m})
         v["months_since_baseline_binned"] = bin_values(v["months_since_baseline"], [-1, 3, 9, 15, 30]).labels
         v.loc[1::4, "months_since_baseline_binned"] = v.loc[2::4, "months_since_baseline_binned"].to_numpy()
-        tcfg = kde.validate_kde_config({**TOY_CFG, "time": {"offset": "months_since_baseline", "offset_unit": "months",
-                                                             "anchor_date": {"min": "2020-01-01", "max": "2020-12-31"}}})["time"]
+        tcfg = validate_kde_config({**TOY_CFG, "time": {"offset": "months_since_baseline", "offset_unit": "months",
+                                                             "anchor_date": {"min": "2020-01-01", "max": "2020-12-31"}}}).time
         pts = pd.DataFrame({"patient_id": np.unique(pid)})
-        out, rep = kde.reconstruct_times(pts, v, tcfg, rng=0)
+        out, rep = reconstruct_times(pts, v, tcfg, rng=0)
         assert rep["n_order_fixed"] > 0
         assert (out.groupby("patient_id")["start_offset_days"].diff().dropna() >= 0).all()
         assert (out.loc[out["visit_index"] == 0, "start_offset_days"] == 0).all()
@@ -489,10 +561,10 @@ class TestStage:
     def test_grids_from_train_split_then_fill_a_shard(self, tmp_path):
         real = tmp_path / "real"
         write_toy_tables(real, n_patients=400, seed=1)
-        meta = kde.generate_kde_grids_to_dir(str(real), TOY_CFG, str(tmp_path / "grids"))
+        meta = generate_kde_grids_to_dir(str(real), TOY_CFG, str(tmp_path / "grids"))
         p, v, c = read_tables(real)
         assert meta["n_patients"] == (p["split"] == "train").sum()
-        los = kde.read_kde_grid(str(tmp_path / "grids" / "grid_los_days_kde.parquet")).table
+        los = read_kde_grid(str(tmp_path / "grids" / "grid_los_days_kde.parquet")).table
         n_train_visits = v["patient_id"].isin(p.loc[p["split"] == "train", "patient_id"]).sum()
         assert los.loc[los["_level"] == 0, "_n"].iloc[0] == n_train_visits < len(v)
         assert (tmp_path / "grids" / "grid_gap_days_kde.parquet").exists()
@@ -504,8 +576,8 @@ class TestStage:
             write_tables(tmp, p.assign(split="synthetic", age=np.nan),
                          v.assign(los_days=np.nan, gap_days=np.nan, start_offset_days=np.nan), c)
             storage.write_bytes(storage.join(str(tmp), "vocab.json"), (real / "vocab.json").read_bytes())
-        m1 = kde.sample_kde_to_dir(str(shard), str(tmp_path / "grids"), str(tmp_path / "out1"), seed=11)
-        kde.sample_kde_to_dir(str(shard), str(tmp_path / "grids"), str(tmp_path / "out2"), seed=11)
+        m1 = sample_kde_to_dir(str(shard), str(tmp_path / "grids"), str(tmp_path / "out1"), seed=11)
+        sample_kde_to_dir(str(shard), str(tmp_path / "grids"), str(tmp_path / "out2"), seed=11)
         sp, sv, _ = read_tables(tmp_path / "out1")
         _assert_inside_bins(sp["age"], sp["age_binned"], top=100.0)
         _assert_inside_bins(sv["los_days"], sv["los_days_binned"])
@@ -517,7 +589,7 @@ class TestStage:
             assert (tmp_path / "out1" / f).read_bytes() == (tmp_path / "out2" / f).read_bytes()
 
     def test_module_imports_neither_torch_nor_kfp(self):
-        code = "import sys, synthehr_core.postprocess.kde; sys.exit(int('torch' in sys.modules or 'kfp' in sys.modules))"
+        code = "import sys, synthehr_core.postprocess.stage; sys.exit(int('torch' in sys.modules or 'kfp' in sys.modules))"
         assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
     def test_bundled_qh_config_end_to_end_on_a_qh_shaped_table(self):
@@ -528,18 +600,18 @@ class TestStage:
         bench = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench)                  # by path: bench/__init__.py imports torch
         patients, visits = bench.qh_like_tables(30_000, seed=0)
-        cfg = kde.load_kde_config("kde_qh")
-        grids = {n: kde.fit_kde_grid(n, c, patients, visits) for n, c in cfg["variable_config"].items()}
+        cfg = load_kde_config("kde_qh")
+        grids = {n: fit_kde_grid(n, c, patients, visits) for n, c in cfg.variable_config.items()}
         syn_v = visits.assign(los_hours=np.nan, los_triage_hours=np.nan, age=np.nan, gap_days=np.nan, event_day=None)
         for name, g in grids.items():
-            syn_v, rep = kde.sample_from_kde_grid(g, syn_v, None, rng=1, patients=patients)
+            syn_v, rep = sample_from_kde_grid(g, syn_v, None, rng=1, patients=patients)
             assert rep["n_uniform_fallback"] == 0, name
         ed = syn_v["event_type"] == "ED"
         assert syn_v["los_hours"].notna().all() and syn_v.loc[ed, "los_triage_hours"].notna().all()
         assert syn_v.loc[~ed, "los_triage_hours"].isna().all()
         for c in ("los_hours", "los_triage_hours", "age", "gap_days"):
             _assert_inside_bins(syn_v[c], syn_v[f"{c}_binned"])
-        out, rep = kde.reconstruct_times(patients, syn_v, cfg["time"], rng=2)
+        out, rep = reconstruct_times(patients, syn_v, cfg.time, rng=2)
         assert out["start_date"].notna().all()
         assert (out.groupby("patient_id")["age"].diff().dropna() >= 0).all()
         real_r = visits.loc[visits["event_type"] == "ED", ["los_hours", "los_triage_hours"]].corr().iloc[0, 1]
@@ -551,14 +623,14 @@ class TestStage:
 
         preprocess("mimic3", tmp_path / "tables", overwrite=True)   # its meta names the KDE config: kde_mimic3.yml
         kde_name = storage.read_json(tmp_path / "tables" / "meta.json")["kde"]
-        meta = kde.generate_kde_grids_to_dir(str(tmp_path / "tables"), kde_name, str(tmp_path / "grids"))
+        meta = generate_kde_grids_to_dir(str(tmp_path / "tables"), kde_name, str(tmp_path / "grids"))
         assert set(meta["grids"]) == {"age", "los_days", "gap_days"}
         p, v, c = read_tables(tmp_path / "tables")
         with storage.atomic_dir(tmp_path / "shard") as tmp:
             from synthehr_core.data.schema import write_tables
             write_tables(tmp, p.assign(split="synthetic", age=np.nan),
                          v.assign(los_days=np.nan, gap_days=np.nan, start_offset_days=np.nan), c)
-        kde.sample_kde_to_dir(str(tmp_path / "shard"), str(tmp_path / "grids"), str(tmp_path / "out"), seed=0)
+        sample_kde_to_dir(str(tmp_path / "shard"), str(tmp_path / "grids"), str(tmp_path / "out"), seed=0)
         sp, sv, _ = read_tables(tmp_path / "out")
         _assert_inside_bins(sv["los_days"], sv["los_days_binned"])
         assert sp["age"].between(0, 90).all() and sv["start_offset_days"].notna().all()
@@ -566,8 +638,6 @@ class TestStage:
 
 def test_code_columns_stratify_by_generated_codes(tmp_path):
     """QH-style: the KDE strata `triage_category` come from the visits' tri:<n> codes, real and synthetic."""
-    from synthehr_core.postprocess.kde import add_code_columns
-
     visits = pd.DataFrame({"patient_id": ["a", "a", "b"], "visit_index": [0, 1, 0]})
     codes = pd.DataFrame({"patient_id": ["a", "a", "b", "b"], "visit_index": [0, 0, 0, 0],
                           "code": ["tri:3", "disp:1", "tri:2", "tri:5"]})
@@ -576,4 +646,4 @@ def test_code_columns_stratify_by_generated_codes(tmp_path):
     assert out["triage_category"].tolist()[2] == "2"       # first in code order
     assert out[["patient_id", "visit_index"]].equals(visits)
     with pytest.raises(ConfigError, match="code_columns = .* must map a new visit column to a code namespace"):
-        kde.validate_kde_config({"code_columns": ["tri"], "variable_config": {}})
+        validate_kde_config({"code_columns": ["tri"], "variable_config": {}})

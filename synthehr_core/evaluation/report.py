@@ -183,7 +183,7 @@ def render_html(res: dict) -> str:
     parts += [figs.get("values", ""), figs.get("time", ""), figs.get("calendar", "")]
     tem = res["details"].get("temporal") or {}
     if tem.get("result"):                        # visits per month, weekday/month/hour profiles (docs/temporal.md)
-        from ..postprocess.temporal import temporal_figure
+        from .temporal import temporal_figure
 
         parts.append(temporal_figure(tem["result"]))
     parts.append(_table(_metric_rows(m, "values.") + _metric_rows(m, "time.") + _metric_rows(m, "temporal."),

@@ -19,10 +19,10 @@ from ..data.vocab import Vocab
 from ..errors import ConfigError, DataError
 from ..rules.mining import check_violations
 from ..rules.ruleset import load_rules
-from ..postprocess.temporal import temporal_section
 from .attacks import privacy
 from .cohort import Cohort, label_columns, make_space
 from .fidelity import code_statistics, fidelity
+from .temporal import temporal_section
 from .utility import utility
 from .values import values
 
