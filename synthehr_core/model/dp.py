@@ -37,6 +37,7 @@ from torch import nn
 
 from ..data.vocab import Token, Vocab
 from ..errors import ConfigError
+from ..randomness import torch_seed
 from .halo import MaskedLinear
 
 log = logging.getLogger(__name__)
@@ -150,21 +151,13 @@ def check_model_supported(model: nn.Module, precision: str = "fp32") -> None:
 
 
 # ---------------------------------------------------------------------------------------------- seeded draws
-def _stream_seed(seed: int, stream: str, step: int) -> int:
-    """A 63-bit generator seed for draw ``step`` of ``stream``; distinct streams never share a seed."""
-    import hashlib
-
-    digest = hashlib.sha256(f"{int(seed)}:{stream}:{int(step)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
-
-
 def poisson_batch(n: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
     """Indices of the logical batch of ``step``: each of the n patients independently with probability q.
 
     A pure function of ``(seed, step)``: every DDP rank draws the same batch and keeps its share, and a resumed
     run draws the batches an uninterrupted run would. The batch may be empty; its size is Binomial(n, q).
     """
-    g = torch.Generator().manual_seed(_stream_seed(seed, "poisson", step))
+    g = torch.Generator().manual_seed(torch_seed(seed, "poisson", step))
     return (torch.rand(n, generator=g) < sample_rate).nonzero().flatten()
 
 
@@ -257,7 +250,7 @@ class PrivateTraining:
 
         self.module.train()
         self.optimizer.generator = torch.Generator(device=self.device).manual_seed(
-            _stream_seed(self.seed, "noise", step))
+            torch_seed(self.seed, "noise", step))
         loader = DataLoader(dataset, batch_sampler=[idx.tolist()], collate_fn=collate)
         total, n = 0.0, 0
         with BatchMemoryManager(data_loader=loader, max_physical_batch_size=self.physical_batch_size,

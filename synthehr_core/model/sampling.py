@@ -37,6 +37,7 @@ from .. import storage, versions
 from ..data.schema import write_tables
 from ..data.vocab import TOKEN_GROUPS_FILE, TokenGroup, Vocab, load_token_groups
 from ..errors import ConfigError, DataError
+from ..randomness import torch_seed
 from .checkpoint import load_model
 from .config import SampleConfig
 from .consequence import load_row_rules
@@ -290,7 +291,8 @@ def _label_rows(labels, label_probs: pd.DataFrame | None, vocab: Vocab, n_patien
                 ) -> torch.Tensor | None:
     """The fixed label rows ``(n_patients, n_labels)``: given, drawn from ``label_probs``, or None (sampled)."""
     if labels is None and label_probs is not None and vocab.label_row:
-        labels = labels_from_probs(label_probs, vocab, n_patients, torch.Generator().manual_seed(int(seed)))
+        labels = labels_from_probs(label_probs, vocab, n_patients,   # not the row stream: its own bits
+                                   torch.Generator().manual_seed(torch_seed(seed, "labels")))
     if labels is None:
         return None
     if not vocab.label_row:
@@ -370,7 +372,7 @@ def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 25
     if (cfg.n_visit_tokens, cfg.n_labels) != (vocab.n_visit_tokens, vocab.n_labels):
         raise ConfigError(f"model sizes ({cfg.n_visit_tokens}, {cfg.n_labels}) do not match the vocabulary "
                           f"({vocab.n_visit_tokens}, {vocab.n_labels}); use the checkpoint's own vocab.json.")
-    g = torch.Generator(device=device).manual_seed(int(seed))
+    g = torch.Generator(device=device).manual_seed(torch_seed(seed))   # rows: the root stream
     row_groups = {kind: _Groups(_with_model_heads(model, [grp for grp in groups or () if grp.row == kind]),
                                 device, model) for kind in ("label", "visit")}
     labels = _label_rows(labels, label_probs, vocab, n_patients, seed)
@@ -397,7 +399,7 @@ def sample_reference(model, vocab: Vocab, n_patients: int, seed: int, batch_size
     cfg = model.config
     device = next(model.parameters()).device
     V, T, fvr = vocab.size, cfg.n_ctx, vocab.first_visit_row
-    g = torch.Generator(device=device).manual_seed(int(seed))
+    g = torch.Generator(device=device).manual_seed(torch_seed(seed))   # rows: the root stream
     cols = torch.arange(V, device=device)
     heads = {tuple(r): k for k, r in enumerate(cfg.groups or ())} if not cfg.coarse else {}
     out = []

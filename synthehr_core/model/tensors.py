@@ -21,6 +21,7 @@ from .. import storage
 from ..data.schema import SYNTHETIC_SPLIT, read_tables
 from ..data.vocab import Vocab, VocabRoles, token_column, token_value, vocab_roles  # noqa: F401  (re-exported)
 from ..errors import ConfigError, SchemaError
+from ..randomness import numpy_rng
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ def decode_rows(patients_rows: list[list[list[int]]], vocab: Vocab, seed: int, s
               "n_label_conflicts": 0, "n_visit_value_conflicts": 0, "n_no_end": 0}
     # A row may hold two tokens of one single-valued variable (two weekdays, two LOS bins): keep one drawn
     # uniformly, not the first in vocabulary order, which would bias the marginal toward early tokens.
-    rng = np.random.default_rng([seed, start, 0x5EED])
+    rng = numpy_rng(seed, "decode", start)
     for n, rows in enumerate(patients_rows):
         pid = f"syn-{seed}-{start + n}"
         labels = _pick(_label_values(rows, vocab), rng, counts, "n_label_conflicts")  # drawn even if dropped

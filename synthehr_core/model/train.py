@@ -38,6 +38,7 @@ from .. import storage, versions
 from ..data.schema import read_tables
 from ..data.vocab import TOKEN_GROUPS_FILE, TokenGroup, Vocab, save_token_groups, token_groups
 from ..errors import ConfigError
+from ..randomness import torch_seed
 from .checkpoint import model_class, write_checkpoint
 from .config import TrainArgs, TrainConfig
 from .distributed import SINGLE, DistContext
@@ -66,7 +67,7 @@ def make_model(model_type: str, config: HaloConfig, seed: int, rules=None) -> to
     """Build the model with its weights drawn from ``seed`` only (forked RNG: the caller's state is untouched)."""
     cls = model_class(model_type)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(torch_seed(seed))             # the root stream of the train seed
         model = cls(config)
     if rules is not None:
         model.attach_rules(rules)
@@ -101,7 +102,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, X: torc
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """Patient order of one epoch: a pure function of (seed, epoch), so any step can be resumed."""
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    g = torch.Generator().manual_seed(torch_seed(seed, "epoch", epoch))
     return torch.randperm(n, generator=g)
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 from .. import storage
 from ..data.schema import read_tables, write_tables
 from ..errors import DataError
+from ..randomness import numpy_rng
 from .calendar_tables import build_calendar_tables, read_calendar_tables, write_calendar_tables
 from .dating import reconstruct_calendar_times
 from .draw import reconstruct_times, sample_from_kde_grid
@@ -106,8 +107,8 @@ def _calendar_times_from_grids(patients: pd.DataFrame, visits: pd.DataFrame, gri
 def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, overwrite: bool = False) -> dict:
     """Stage entry point: fill every configured variable and the visit times of a sampled shard; write a tables dir.
 
-    Each variable gets its own child stream of ``SeedSequence(seed)`` (by config order), so adding a variable does
-    not change the values of the others.
+    Each variable draws from its own stream ``numpy_rng(seed, i)`` (i = config order), the visit times from stream
+    ``n`` and the calendar dating from ``n + 1`` (randomness.py), so adding a variable does not change the others.
     """
     cfg = load_kde_config(storage.read_json(storage.join(grids_dir, CONFIG_FILE)),
                           where=storage.join(grids_dir, CONFIG_FILE))
@@ -118,11 +119,10 @@ def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, o
     vocab = storage.read_json(vocab_path) if storage.exists(vocab_path) else None
     tops = _top_edges(vocab)
     names = list(cfg.variable_config)
-    streams = np.random.SeedSequence(seed).spawn(len(names) + 2)    # variables, time, calendar
     reports = {}
-    for name, ss in zip(names, streams):
+    for i, name in enumerate(names):
         grid = read_kde_grid(storage.join(grids_dir, GRID_FILE.format(name)))
-        rng = np.random.default_rng(ss)
+        rng = numpy_rng(seed, i)
         if grid.spec["data_source"] == "patients":
             patients, reports[name] = sample_from_kde_grid(grid, patients, None, rng, tops)
         else:
@@ -130,10 +130,10 @@ def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, o
         log.info("kde %s: %s", name, reports[name])
     time_report = None
     if cfg.time is not None:
-        visits, time_report = reconstruct_times(patients, visits, cfg.time, np.random.default_rng(streams[len(names)]))
+        visits, time_report = reconstruct_times(patients, visits, cfg.time, numpy_rng(seed, len(names)))
     # dates that agree with the sampled cal_* tokens, when the grids dir holds calendar tables (docs/temporal.md)
     visits, calendar_report = _calendar_times_from_grids(patients, visits, grids_dir, cfg,
-                                                         np.random.default_rng(streams[len(names) + 1]))
+                                                         numpy_rng(seed, len(names) + 1))
     visits = visits.drop(columns=derived)   # code-derived strata stay codes in the output
     with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_tables(tmp, patients, visits, codes)
