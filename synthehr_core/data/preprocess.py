@@ -38,7 +38,7 @@ def _check_raw_cohort(c: RawCohort, adapter: str) -> None:
         if missing:
             problems.append(f"adapter {adapter!r} returned a {table} frame without {missing}")
     if problems:
-        raise SchemaError("dataset adapter output does not follow datasets/base.py RawCohort:\n" + bullet_list(problems))
+        raise SchemaError("dataset adapter output does not follow data/adapters/base.py RawCohort:\n" + bullet_list(problems))
 
 
 def assign_split(patient_ids: pd.Series, fractions: tuple[float, float, float], seed: int) -> pd.Series:

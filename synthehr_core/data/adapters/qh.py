@@ -111,7 +111,7 @@ def load(raw: str, options: dict, report: DropReport) -> RawCohort:
         problems.append(f"column 'gender' must be F or M (or empty), got {sorted(set(df.loc[bad, 'gender']))[:5]}")
     if problems:
         raise SchemaError(f"{path}: invalid values in the encounters table:\n{bullet_list(problems)}\n"
-                          "Fix those rows in the export (see synthehr_core/datasets/qh.py for the schema).")
+                          "Fix those rows in the export (see synthehr_core/data/adapters/qh.py for the schema).")
 
     # order once by (patient, arrival): the first encounter carries the patient's static columns
     pcode, pids = pd.factorize(df["patient_id"], sort=False)
