@@ -113,11 +113,10 @@ class DatasetConfig(_Strict):
     @field_validator("adapter")
     @classmethod
     def _adapter_exists(cls, v):
-        known = sorted(p.stem for p in (Path(__file__).parent / "adapters").glob("*.py")
-                       if p.stem not in {"__init__", "base", "fixtures"})
-        if v not in known:
-            raise ValueError(f"unknown adapter {v!r}; available adapters: {known}. A new dataset needs "
-                             "synthehr_core/data/adapters/<adapter>.py with a load(raw, options, report) function")
+        from .adapters.registry import is_known, unknown_adapter_message
+
+        if not is_known(v):
+            raise ValueError(unknown_adapter_message(v))
         return v
 
     def config_hash(self) -> str:

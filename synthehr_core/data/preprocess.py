@@ -8,7 +8,6 @@ tables directory atomically. Same raw data + config + seed -> byte-identical par
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from .. import storage, versions
 from ..errors import ConfigError, SchemaError, bullet_list
 from ..randomness import numpy_rng
 from .adapters.base import DropReport, RawCohort
+from .adapters.registry import resolve_adapter
 from .config import BinSpec, DatasetConfig, load_config
 from .schema import HOUR_BANDS, MONTHS, SPLITS, WEEKDAYS, bin_values, calendar_parts, fast_isin, write_tables
 from .vocab import build_vocab
@@ -231,9 +231,9 @@ def preprocess(config: str | Path | dict | DatasetConfig, out_dir: str | Path, p
     if raw is not None and not storage.exists(raw):
         raise ConfigError(f"raw data directory {raw!r} does not exist. Check --raw / the importer URI.")
     seed = cfg.split.seed if seed is None else int(seed)
-    adapter = importlib.import_module(f"synthehr_core.data.adapters.{cfg.adapter}")
+    adapter = resolve_adapter(cfg.adapter)
     report = DropReport()
-    log.info("reading %s with adapter %s", raw_dir, cfg.adapter)
+    log.info("reading %s with adapter %s (%s)", raw_dir, cfg.adapter, adapter.origin)
     cohort = adapter.load(raw_dir, dict(cfg.adapter_options), report)
     patients, visits, codes, vocab, stats = canonicalize(cohort, cfg, seed, report)
     split_sizes = {s: int((patients["split"] == s).sum()) for s in SPLITS}
