@@ -246,6 +246,8 @@ def preprocess(config: str | Path | dict | DatasetConfig, out_dir: str | Path, p
         "labels": list(cfg.labels), "patient_binned": list(cfg.patient_bins), "visit_binned": list(cfg.visit_bins),
         "kde": cfg.kde, "n_ctx": cfg.n_ctx, "calendar": cfg.calendar.model_dump(), **stats,
     }
+    if cohort.notes:   # only adapters that report something (bundled datasets' meta.json stays as it was)
+        meta["adapter_notes"] = cohort.notes
     with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_tables(tmp, patients, visits, codes)
         vocab.save(storage.join(tmp, "vocab.json"))

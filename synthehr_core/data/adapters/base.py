@@ -35,6 +35,7 @@ class RawCohort:
     visits: pd.DataFrame
     codes: pd.DataFrame
     source_rows: dict[str, int] = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)   # counts worth a look (e.g. code strings under two versions); meta.json
 
 
 @dataclass
@@ -66,7 +67,7 @@ def resolve_file(raw: str, stem: str, suffixes: Iterable[str] = (".csv", ".csv.g
 
 
 def read_csv_checked(path: str, table: str, required: dict[str, str], *, sep: str = ",",
-                     normalise_case: bool = False) -> pd.DataFrame:
+                     normalise_case: bool = False, nrows: int | None = None) -> pd.DataFrame:
     """Read a CSV with clear errors for the usual raw-data problems.
 
     ``required`` maps column -> kind ('str', 'int', 'float', 'datetime'). Columns are read as strings first so
@@ -91,9 +92,15 @@ def read_csv_checked(path: str, table: str, required: dict[str, str], *, sep: st
     if not text.strip():
         raise DataError(f"{path}: the {table} table is empty (0 bytes of data). Check the export.")
     try:
-        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_values=[""])
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_values=[""], nrows=nrows)
     except pd.errors.ParserError as exc:
         raise DataError(f"{path}: could not parse the {table} table as CSV: {exc}") from exc
+    return convert_checked(df, path, table, required, normalise_case=normalise_case)
+
+
+def convert_checked(df: pd.DataFrame, path: str, table: str, required: dict[str, str], *,
+                    normalise_case: bool = False) -> pd.DataFrame:
+    """The checks of :func:`read_csv_checked` on a frame of strings (also used for parquet files)."""
     if normalise_case:
         lowered = {c: c.lower() for c in df.columns}
         if any(c != c.lower() for c in df.columns):
