@@ -34,6 +34,7 @@ from .. import storage
 from ..errors import ConfigError, bullet_list
 
 BUNDLED_PREFIX = "bundled:"
+HASHED_WHEN_SET = ("visit_categories",)
 
 
 class _Strict(BaseModel):
@@ -107,6 +108,9 @@ class DatasetConfig(_Strict):
     patient_bins: dict[str, BinSpec] = Field(default_factory=dict)
     visit_bins: dict[str, BinSpec] = Field(default_factory=dict)
     calendar: CalendarSpec = CalendarSpec()
+    # single-valued string visit columns (e.g. the code-system version of a visit) -> one token group each:
+    # the model draws exactly one ``cat:<column>=<value>`` per visit
+    visit_categories: list[str] = Field(default_factory=list)
     kde: str | None = None
     source: str = Field(default="", exclude=True)
 
@@ -121,7 +125,11 @@ class DatasetConfig(_Strict):
 
     def config_hash(self) -> str:
         """sha256 of the normalised config (independent of YAML formatting and key order)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        for key in HASHED_WHEN_SET:   # keys added later: a config that leaves them unset keeps its old hash
+            if not data[key]:
+                del data[key]
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def raw_path(self, profile: str = "local") -> str:

@@ -137,6 +137,9 @@ def _check_columns(cfg: DatasetConfig, patients: pd.DataFrame, visits: pd.DataFr
     for col in cfg.visit_bins:
         if col not in visits.columns:
             problems.append(f"visit_bins: {col!r} is not a visit column; visit columns: {sorted(visits.columns)}")
+    for col in cfg.visit_categories:
+        if col not in visits.columns:
+            problems.append(f"visit_categories: {col!r} is not a visit column; visit columns: {sorted(visits.columns)}")
     if problems:
         raise ConfigError(f"{where}: config does not match the data of adapter {cfg.adapter!r}:\n" + bullet_list(problems))
 
@@ -169,6 +172,16 @@ def _bin_columns(cfg: DatasetConfig, patients: pd.DataFrame, visits: pd.DataFram
     return patient_edges, visit_edges
 
 
+def _categories(visits: pd.DataFrame, columns) -> dict[str, list[str]]:
+    """Visit category columns as strings (null stays null: no token), in place; returns each column's values."""
+    out = {}
+    for col in columns:
+        s = visits[col]
+        visits[col] = s.astype("object").where(s.notna(), None).map(lambda v: None if v is None else str(v).strip())
+        out[col] = sorted(set(visits[col].dropna()))
+    return out
+
+
 def _key_codes(codes: pd.DataFrame, visits: pd.DataFrame) -> pd.DataFrame:
     """Codes keyed by (patient, visit_index) instead of the raw visit id."""
     import pyarrow as pa
@@ -196,9 +209,10 @@ def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropR
     stats: dict[str, Any] = {"clipped": {}}
     patient_edges, visit_edges = _bin_columns(cfg, patients, visits, where, stats)
     calendar_tokens = add_calendar_columns(visits, cfg.calendar.tokens) if cfg.calendar.enabled else []
+    categories = _categories(visits, cfg.visit_categories)
     codes = _key_codes(codes, visits)
     vocab = build_vocab(visits["event_type"].astype(str).unique(), visit_edges, calendar_tokens, codes["code"].unique(),
-                        label_values, patient_edges, cfg.code_namespaces)
+                        label_values, patient_edges, cfg.code_namespaces, categories)
     visits["start_day"] = visits["start"].astype(float)  # absolute calendar position, for temporal metrics
     visits = visits.drop(columns=["visit_id", "start"])
     core = ["patient_id", "visit_index", "start_offset_days", "event_type"]

@@ -221,14 +221,19 @@ def load_token_groups(path, vocab: Vocab) -> list[TokenGroup]:
 
 def build_vocab(event_types: Iterable[str], visit_bins: dict[str, list[float]], calendar_tokens: Iterable[str],
                 codes: Iterable[str], label_values: dict[str, list[str]], label_bins: dict[str, list[float]],
-                namespace_order: list[str] | None = None) -> Vocab:
-    """Build the deterministic vocabulary from the distinct values found in the canonical tables."""
+                namespace_order: list[str] | None = None, categories: dict[str, list[str]] | None = None) -> Vocab:
+    """Build the deterministic vocabulary from the distinct values found in the canonical tables.
+
+    ``categories``: visit category column -> its values; tokens ``cat:<column>=<value>`` after the calendar ones.
+    """
     toks: list[Token] = [Token(f"evt:{e}", "code", "event_type") for e in sorted(set(event_types))]
     for var, edges in visit_bins.items():
         toks += [Token(f"bin:{var}={format_bin(lo, hi)}", "bin", var, float(lo), float(hi))
                  for lo, hi in zip(edges[:-1], edges[1:])]
     # calendar tokens "cal:<kind>=<value>" come from the visit column "cal_<kind>"
     toks += [Token(t, "code", "cal_" + t[4:].split("=", 1)[0]) for t in calendar_tokens]
+    for col, values in (categories or {}).items():
+        toks += [Token(f"cat:{col}={v}", "code", col) for v in sorted(set(map(str, values)))]
     order = {ns: i for i, ns in enumerate(namespace_order or [])}
 
     def key(c: str):

@@ -22,6 +22,7 @@ from ..rules.ruleset import load_rules
 from .attacks import privacy
 from .cohort import Cohort, label_columns, make_space
 from .fidelity import code_statistics, fidelity
+from .mixing import category_mixing
 from .temporal import temporal_section
 from .utility import utility
 from .values import values
@@ -149,7 +150,8 @@ def evaluate_tables(real: Tables, synthetic: Tables, vocab: Vocab | None = None,
     t = time.perf_counter()
     util = utility(train, test, synth, utility_sample, seed)
     timings["utility"] = time.perf_counter() - t
-    for part in (fid, val, tem, priv, util):
+    mix = category_mixing(rc[rc["patient_id"].isin(rp.loc[rp["split"] == "train", "patient_id"])], sc)  # {} unless versioned
+    for part in (fid, val, tem, priv, util, mix):
         metrics.update(part["metrics"])
         notes += part.get("notes", [])
     dropped = sorted(k for k, v in metrics.items() if not math.isfinite(v))

@@ -400,7 +400,7 @@ def _codes(raw: str, opts: TablesOptions, vdf: pd.DataFrame, visits: pd.DataFram
         if spec.from_visits:
             df, table, path, visit_ids = vdf, "visits", "visits", visits["visit_id"]
         else:
-            table = Path(spec.file).name.split(".")[0]
+            table = Path(resolve_files(raw, spec.file)[0]).name.split(".")[0]   # "dx" for hosp/dx.csv.gz
             df, path = read_table(raw, spec.file, table, {spec.visit: "str", **{f: "str" for f in fields + extra}},
                                   opts.normalise_case, max_rows)
             require_not_null(df, [spec.visit], path, table)
