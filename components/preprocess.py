@@ -11,12 +11,12 @@ def preprocess(raw: Input[Dataset], dataset_config: str, split_seed: int, tables
 
     Args:
         raw: Raw extract directory (e.g. MIMIC-III CSVs), brought in by an importer.
-        dataset_config: Bundled dataset config name (mimic3, adni, qh) or a YAML path readable in the pod.
-        split_seed: Seed of the patient-level train/val/test split.
+        dataset_config: Bundled dataset config name or a YAML path/URI readable in the pod.
+        split_seed: Seed of the patient-level train/val/test split; -1 = the dataset config's split.seed.
         tables: Canonical tables directory (docs/canonical-tables.md).
     """
     from synthehr_core.data.preprocess import preprocess as run
 
-    meta = run(dataset_config, tables.path, seed=split_seed, raw=raw.path, overwrite=True)
+    meta = run(dataset_config, tables.path, seed=None if split_seed < 0 else split_seed, raw=raw.path, overwrite=True)
     tables.metadata.update({k: meta[k] for k in ("dataset", "seed", "config_hash", "versions", "n_patients",
                                                  "n_visits", "n_codes", "vocab_size", "split_sizes")})

@@ -1,7 +1,9 @@
-"""The one synthehr DAG. A dataset is only a config passed in: ``build_pipeline("mimic3")``.
+"""The one synthehr DAG. A dataset is only a config passed in: ``build_pipeline()`` is the generic pipeline
+(``dataset_config`` and ``raw_uri`` are run parameters), ``build_pipeline("mimic3")`` the same DAG with a bundled
+config's defaults. The bundled pipelines are derived from ``synthehr_core/configs/*.yml``: no list to keep.
 
     exit handler (notify records the final status)
-    └─ importer(raw_uri) → preprocess ─┬─ rules ───────────────┐
+    └─ importer(raw_uri) → check → preprocess ─┬─ rules ───────────────┐
                                        ├─ train (GPU) ─────────┤
                                        └─ kde-grids ───────────┤
        ParallelFor(sample_seeds): sample (GPU, retried) → kde-sample
@@ -15,6 +17,7 @@ import inspect
 
 from kfp import dsl, kubernetes
 
+from components.check import check
 from components.evaluate import evaluate
 from components.kde_grids import kde_grids
 from components.kde_sample import kde_sample
@@ -25,7 +28,7 @@ from components.rules import rules
 from components.sample import sample
 from components.train import train
 
-DATASETS = ("mimic3", "adni", "qh")
+GENERIC = "synthehr"                 # the generic pipeline's file stem and name
 MAX_PARALLEL_SHARDS = 4              # arbitrary; GPUs one run may hold at once while sampling (static in the IR)
 TRAIN_MEMORY_LIMIT = "32G"           # arbitrary; tune (the "paper" preset on the full MIMIC-III fits)
 SAMPLE_MEMORY_LIMIT = "16G"          # arbitrary; tune
@@ -47,8 +50,8 @@ _DOC = """Synthetic {dataset} cohort: preprocess → rules → train → KDE gri
 
 Args:
     raw_uri: Raw {dataset} extract directory (gs://, s3:// or minio:// on a cluster; a local path for local runs).
-    dataset_config: Bundled dataset config name or a YAML path readable in the pods.
-    split_seed: Seed of the patient-level train/val/test split (dataset config default).
+    dataset_config: Bundled dataset config name or a YAML path/URI readable in the pods (gs://, s3://, a mount).
+    split_seed: Seed of the patient-level train/val/test split; -1 = the dataset config's split.seed.
     model_type: "halo" or "consequence" (rule-enforcing); validated by the train stage.
     preset: Model size: "tiny" (CPU, seconds), "small" or "paper" (HALO paper size).
     epochs: Training passes over the train split; early stopping on val may end sooner.
@@ -61,7 +64,7 @@ Args:
     rules_persistence_min_prevalence: Patients with a code before a persistence rule is mined.
     rules_prerequisite_min_prevalence: Patients with a code before a prerequisite rule is mined.
     rules_min_confidence: Fraction of cases a rule must hold in (1.0 = exceptionless).
-    kde_config: KDE config (bundled file name or YAML path) for continuous values and times.
+    kde_config: KDE config (bundled file name or YAML path) for continuous values and times; "" = the dataset config's kde:.
     sample_seeds: One shard per seed; at most {parallel} shards are sampled at once.
     n_patients_per_seed: Synthetic patients per shard (cohort size = this x number of seeds, minus empty ones).
     sample_batch_size: Patients sampled together in one shard.
@@ -73,23 +76,36 @@ _CONDITION_DOC = ('    condition: Label conditioning: "label_probs" = the traini
                   '        {"gender": "F"} = only patients with those labels.\n')
 
 
-def dataset_defaults(dataset: str) -> dict:
-    """Per-dataset parameter defaults read from the bundled dataset config (raw location, split seed, KDE)."""
-    from synthehr_core.data.config import load_config  # pydantic + yaml only; no torch
+def bundled_datasets() -> list[str]:
+    """The bundled dataset configs (``synthehr_core/configs/*.yml``): each gets a convenience pipeline."""
+    from synthehr_core.data.config import bundled_configs  # pydantic + yaml only; no torch
 
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset {dataset!r} has no pipeline; choose one of {list(DATASETS)}.")
+    return bundled_configs()
+
+
+def dataset_defaults(dataset: str | None) -> dict:
+    """Parameter defaults: from a bundled dataset config, or placeholders for the generic pipeline (None)."""
+    from synthehr_core.data.config import load_config
+
+    if dataset is None:
+        return {"raw_uri": "gs://CHANGE-ME/raw-extract", "dataset_config": "gs://CHANGE-ME/dataset.yml",
+                "split_seed": -1, "kde_config": ""}
+    if dataset not in bundled_datasets():
+        raise ValueError(f"dataset {dataset!r} is not a bundled config (synthehr_core/configs/*.yml: "
+                         f"{bundled_datasets()}); choose one of those, or run the generic pipeline with your config: "
+                         "synthehr run --local --config PATH / synthehr submit --config URI.")
     cfg = load_config(dataset)
-    return {"raw_uri": cfg.profiles["kubeflow"].raw, "dataset_config": dataset, "split_seed": cfg.split.seed,
-            "kde_config": cfg.kde or f"kde_{dataset}.yml"}
+    return {"raw_uri": cfg.profiles["kubeflow"].raw if "kubeflow" in cfg.profiles else "gs://CHANGE-ME/raw-extract",
+            "dataset_config": dataset, "split_seed": cfg.split.seed, "kde_config": cfg.kde or ""}
 
 
-def pipeline_name(dataset: str, conditional: bool = False) -> str:
-    return f"synthehr-{dataset}" + ("-conditional" if conditional else "")
+def pipeline_name(dataset: str | None, conditional: bool = False) -> str:
+    return (GENERIC if dataset is None else f"synthehr-{dataset}") + ("-conditional" if conditional else "")
 
 
-def build_pipeline(dataset: str, conditional: bool = False):
-    """Return the ``@dsl.pipeline`` function for ``dataset``; ``conditional`` adds a label ``condition`` parameter."""
+def build_pipeline(dataset: str | None = None, conditional: bool = False):
+    """The ``@dsl.pipeline`` function: generic (``None``) or with a bundled ``dataset``'s defaults;
+    ``conditional`` adds a label ``condition`` parameter."""
     d = dataset_defaults(dataset)
 
     def synthehr(raw_uri: str = d["raw_uri"], dataset_config: str = d["dataset_config"],
@@ -118,8 +134,10 @@ def build_pipeline(dataset: str, conditional: bool = False):
         with dsl.ExitHandler(exit_task, name="synthehr"):
             raw = dsl.importer(artifact_uri=raw_uri, artifact_class=dsl.Dataset, reimport=False)
             raw.set_display_name("raw-extract")
+            checked = check(raw=raw.output, dataset_config=dataset_config, kde_config=kde_config)
+            checked.set_caching_options(False)
             prep = preprocess(raw=raw.output, dataset_config=dataset_config, split_seed=split_seed)
-            prep.set_caching_options(True).set_memory_limit("16G")
+            prep.set_caching_options(True).set_memory_limit("16G").after(checked)
             tables = prep.outputs["tables"]
 
             mined = rules(tables=tables, label_min_prevalence=rules_label_min_prevalence,
@@ -137,7 +155,7 @@ def build_pipeline(dataset: str, conditional: bool = False):
             kubernetes.empty_dir_mount(fit, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                        size_limit=SHM_SIZE)
 
-            grids = kde_grids(tables=tables, kde_config=kde_config)
+            grids = kde_grids(tables=tables, kde_config=checked.output)   # the dataset config's kde: unless given
             grids.set_caching_options(True)
 
             with dsl.ParallelFor(sample_seeds, parallelism=MAX_PARALLEL_SHARDS, name="sample-shards") as seed:
@@ -160,7 +178,7 @@ def build_pipeline(dataset: str, conditional: bool = False):
     sig = inspect.signature(synthehr)
     if not conditional:   # the plain variant samples labels from the model: no condition parameter at all
         synthehr.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "condition"])
-    synthehr.__doc__ = _DOC.format(dataset=dataset, parallel=MAX_PARALLEL_SHARDS,
+    synthehr.__doc__ = _DOC.format(dataset=dataset or "EHR", parallel=MAX_PARALLEL_SHARDS,
                                    condition_doc=_CONDITION_DOC if conditional else "")
     synthehr.__name__ = synthehr.__qualname__ = pipeline_name(dataset, conditional).replace("-", "_")
     return dsl.pipeline(name=pipeline_name(dataset, conditional),
@@ -168,7 +186,9 @@ def build_pipeline(dataset: str, conditional: bool = False):
 
 
 def all_pipelines() -> dict:
-    """``{file stem: pipeline function}`` for every committed pipeline (compile and the IR tests use this)."""
-    out = {dataset: build_pipeline(dataset) for dataset in DATASETS}
+    """``{file stem: pipeline function}`` for every committed pipeline (compile and the IR tests use this): the
+    generic one, one per bundled config, and MIMIC-III's label-conditioned variant."""
+    out = {GENERIC: build_pipeline(None)}
+    out.update({dataset: build_pipeline(dataset) for dataset in bundled_datasets()})
     out["mimic3_conditional"] = build_pipeline("mimic3", conditional=True)
     return out

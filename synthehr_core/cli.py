@@ -23,7 +23,13 @@ sampled shards -> KDE values -> merge -> evaluation.
 Pipelines (need the "pipelines" extra: kfp, kfp-kubernetes):
   synthehr compile                       # -> pipelines/compiled/*.yaml
   synthehr run --local -d mimic3         # whole DAG here, kfp.local, CPU
+  synthehr run --local --config my.yml   # your own dataset config (README "Adding a dataset")
   synthehr submit -d mimic3 --host URL -p raw_uri=gs://b/mimic3 -p epochs=50
+  synthehr submit --config gs://b/my.yml --host URL -p raw_uri=gs://b/raw
+\b
+Your own extract:
+  synthehr init-dataset mydata --raw DIR # draft mydata.yml + kde_mydata.yml
+  synthehr check --config mydata.yml     # every problem at once, before any work
 \b
 One stage at a time, without Kubeflow (HPC, debugging):
   synthehr preprocess --config mimic3 --out w/tables
@@ -129,7 +135,7 @@ def pipeline_args(fn, pairs: list[str], defaults: dict | None = None) -> dict:
 # ------------------------------------------------------------------------------------------- pipelines
 @app.command("compile")
 def compile_cmd(out: Path = typer.Option(DEFAULT_COMPILED, "--out", help="folder for the YAML files")):  # noqa: B008
-    """Compile every pipeline (mimic3, adni, qh, mimic3_conditional) to OUT/<name>.yaml."""
+    """Compile every pipeline (the generic synthehr.yaml, one per bundled config, mimic3_conditional) to OUT/<name>.yaml."""
     builder = _kfp_imports()
     from kfp import compiler
 
@@ -145,9 +151,32 @@ def _find_output(run_dir: Path, task: str, name: str) -> Path | None:
     return hits[-1] if hits else None
 
 
+def _bundled_help() -> str:
+    from .data.config import bundled_configs
+
+    return "bundled dataset config: " + ", ".join(bundled_configs())
+
+
+def _pipeline_for(builder, dataset: str | None, config: str | None, conditional: bool):
+    """(pipeline function, its name, dataset_config value): --config -> the generic pipeline."""
+    if config is not None and dataset is not None:
+        raise typer.BadParameter("give --dataset NAME or --config PATH, not both.")
+    if config is not None:
+        if conditional:
+            raise typer.BadParameter("--conditional has a bundled variant only (mimic3); with --config pass "
+                                     "-p condition=... to a conditional build of your own.")
+        return builder.build_pipeline(None), builder.pipeline_name(None), config
+    dataset = dataset or "mimic3"
+    try:
+        return builder.build_pipeline(dataset, conditional=conditional), builder.pipeline_name(dataset, conditional), dataset
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 @app.command("run")
 def run_cmd(
-    dataset: str = typer.Option("mimic3", "--dataset", "-d", help="mimic3, adni or qh"),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help=_bundled_help() + " (default mimic3)"),
+    config: str | None = typer.Option(None, "--config", "-c", help="your dataset config (a YAML path): the generic pipeline"),
     local: bool = typer.Option(True, "--local/--no-local", help="run here with kfp.local (the only mode so far)"),
     params: list[str] = typer.Option([], "--param", "-p", help="pipeline parameter key=value (repeatable)"),  # noqa: B008
     conditional: bool = typer.Option(False, help="use the label-conditioned variant (adds -p condition=...)"),
@@ -166,16 +195,21 @@ def run_cmd(
 
     from .data.config import load_config
 
-    fn = builder.build_pipeline(dataset, conditional=conditional)
-    raw_dir = raw or load_config(dataset).raw_path("local")
-    args = pipeline_args(fn, params, {**builder.LOCAL_OVERRIDES, "raw_uri": str(Path(raw_dir).resolve())})
+    fn, name, dataset_config = _pipeline_for(builder, dataset, config, conditional)
+    if config is not None:
+        dataset_config = str(Path(config).resolve()) if Path(config).exists() else config
+    raw_dir = raw or load_config(dataset_config).raw_path("local")
+    defaults = {**builder.LOCAL_OVERRIDES, "raw_uri": str(Path(raw_dir).resolve())}
+    if config is not None:
+        defaults["dataset_config"] = dataset_config
+    args = pipeline_args(fn, params, defaults)
     root = pipeline_root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = set(root.iterdir())
     warnings.filterwarnings("ignore", message=LOCAL_WARNING, category=RuntimeWarning)
     warnings.filterwarnings("ignore", message=LOCAL_WARNING, category=UserWarning)
     kfp_local.init(runner=kfp_local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    typer.echo(f"running {builder.pipeline_name(dataset, conditional)} with {json.dumps(args)}")
+    typer.echo(f"running {name} with {json.dumps(args)}")
     t0 = time.perf_counter()
     try:
         fn(**args)
@@ -228,7 +262,9 @@ def _run_summary(run_dir: Path) -> str:
 
 @app.command("submit")
 def submit_cmd(
-    dataset: str = typer.Option("mimic3", "--dataset", "-d", help="mimic3, adni or qh"),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help=_bundled_help() + " (default mimic3)"),
+    config: str | None = typer.Option(None, "--config", "-c",
+                                      help="dataset config path or URI readable in the pods: the generic pipeline"),
     params: list[str] = typer.Option([], "--param", "-p", help="pipeline parameter key=value (repeatable)"),  # noqa: B008
     conditional: bool = typer.Option(False, help="submit the label-conditioned variant"),
     host: str | None = typer.Option(None, envvar="KFP_HOST", help="KFP API endpoint [env KFP_HOST]"),
@@ -245,13 +281,13 @@ def submit_cmd(
 
     from . import __version__
 
-    stem = f"{dataset}_conditional" if conditional else dataset
+    fn, name, dataset_config = _pipeline_for(builder, dataset, config, conditional)
+    stem = builder.GENERIC if config is not None else (f"{dataset or 'mimic3'}_conditional" if conditional
+                                                       else dataset or "mimic3")
     package = package or DEFAULT_COMPILED / f"{stem}.yaml"
     if not package.exists():
         raise typer.BadParameter(f"{package} does not exist: run `synthehr compile` (or make compile) first.")
-    fn = builder.build_pipeline(dataset, conditional=conditional)
-    args = pipeline_args(fn, params)
-    name = builder.pipeline_name(dataset, conditional)
+    args = pipeline_args(fn, params, _submit_defaults(config) if config is not None else None)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     client = kfp.Client(host=host, namespace=namespace, existing_token=token)
     version = version or f"{__version__}-{stamp}"
@@ -266,6 +302,38 @@ def submit_cmd(
     run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=run_name or f"{name}-{stamp}",
                               params=args, pipeline_id=pipeline_id, version_id=version_id)
     typer.echo(f"submitted run {run.run_id} of {name} (version {version_id}) to {host or 'in-cluster KFP'}")
+
+
+def _submit_defaults(config: str) -> dict:
+    """dataset_config = the URI; raw_uri from the config's kubeflow profile when the config is readable here."""
+    from .data.config import load_config
+    from .errors import ConfigError
+
+    out = {"dataset_config": config}
+    try:
+        cfg = load_config(config)
+    except ConfigError:
+        return out          # e.g. a gs:// URI without credentials here: the pods read it; pass -p raw_uri=...
+    if "kubeflow" in cfg.profiles:
+        out["raw_uri"] = cfg.profiles["kubeflow"].raw
+    return out
+
+
+@app.command("check")
+def check_cmd(config: str = typer.Option(..., "--config", "-c", help="bundled config name or YAML path/URI"),
+              raw: str | None = typer.Option(None, help="raw extract directory; default: the profile's"),
+              profile: str = typer.Option("local", help="config profile giving the raw location"),
+              kde_config: str | None = typer.Option(None, help="KDE config; default: the dataset config's kde:"),
+              sample_rows: int = typer.Option(2000, help="rows read per file (tables adapter)")):
+    """Check a dataset before any work: config, KDE config, adapter, files, columns; every problem at once."""
+    from .check import check_dataset
+
+    res = check_dataset(config, raw=raw, profile=profile, kde_config=kde_config, sample_rows=sample_rows)
+    if not res.ok:
+        typer.echo(res.message(config), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok: {config} is ready to run")
+    _echo_json(res.summary)
 
 
 # ---------------------------------------------------------------------------------------------- stages

@@ -15,7 +15,7 @@ from components import _images
 from pipelines import builder
 
 COMPILED = Path(__file__).resolve().parents[1] / "pipelines" / "compiled"
-NAMES = ["mimic3", "adni", "qh", "mimic3_conditional"]
+NAMES = [builder.GENERIC, *builder.bundled_datasets(), "mimic3_conditional"]   # derived: no list to keep
 STAGE_OF_EXECUTOR = {"exec-preprocess": "preprocess", "exec-rules": "rules", "exec-train": "train",
                      "exec-kde-grids": "kde-grids", "exec-sample": "sample", "exec-kde-sample": "kde-sample",
                      "exec-merge": "merge", "exec-evaluate": "evaluate"}
@@ -62,7 +62,7 @@ def test_spec_parses_into_the_kfp_protos(compiled):
     parsed = json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())
     json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec())
     assert parsed.sdk_version == "kfp-2.17.3"
-    assert parsed.pipeline_info.name == "synthehr-" + name.replace("_", "-")
+    assert parsed.pipeline_info.name == ("synthehr" if name == builder.GENERIC else "synthehr-" + name.replace("_", "-"))
 
 
 def test_parameters_are_typed_defaulted_and_described(compiled):
@@ -124,7 +124,8 @@ def test_exit_handler_wraps_the_dag_and_notify_gets_the_final_status(compiled):
 def test_each_executor_runs_its_own_pinned_image_without_pip(compiled):
     _, spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert set(executors) == {*STAGE_OF_EXECUTOR, "exec-notify", "exec-importer"}
+    assert set(executors) == {*STAGE_OF_EXECUTOR, "exec-notify", "exec-importer", "exec-check"}
+    assert executors["exec-check"]["container"]["image"] == _images.image("preprocess")
     for ex, stage in STAGE_OF_EXECUTOR.items():
         image = executors[ex]["container"]["image"]
         assert image == _images.image(stage), ex
@@ -164,7 +165,7 @@ def test_conditional_variant_passes_condition_to_sample_and_plain_passes_empty()
 def test_dataset_defaults_come_from_the_dataset_configs():
     from synthehr_core.data.config import load_config
 
-    for name in ("mimic3", "adni", "qh"):
+    for name in builder.bundled_datasets():
         params = load(name)[0]["root"]["inputDefinitions"]["parameters"]
         cfg = load_config(name)
         assert params["dataset_config"]["defaultValue"] == name
@@ -174,5 +175,16 @@ def test_dataset_defaults_come_from_the_dataset_configs():
 
 
 def test_unknown_dataset_is_refused():
-    with pytest.raises(ValueError, match="choose one of"):
-        builder.build_pipeline("eicu")
+    with pytest.raises(ValueError, match=r"not a bundled config \(synthehr_core/configs/\*.yml.*--config"):
+        builder.build_pipeline("not_a_bundled_dataset")
+
+
+def test_the_generic_pipeline_takes_dataset_config_and_raw_uri_and_checks_first():
+    spec, _ = load(builder.GENERIC)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["dataset_config"]["defaultValue"].startswith("gs://")
+    assert params["kde_config"]["defaultValue"] == "" and params["split_seed"]["defaultValue"] == -1
+    tasks = all_tasks(spec)
+    assert "check" in tasks["preprocess"]["dependentTasks"]
+    kde = tasks["kde-grids"]["inputs"]["parameters"]["kde_config"]
+    assert kde["taskOutputParameter"] == {"outputParameterKey": "Output", "producerTask": "check"}
