@@ -55,8 +55,8 @@ def test_mimic3_pipeline_runs_locally_end_to_end(tmp_path):
 
 
 def test_failed_stage_exits_nonzero_and_names_the_task(tmp_path):
-    """A bad dataset config fails preprocess at once (a few seconds, so not marked slow); the exit handler still
-    runs and the CLI says which task failed."""
+    """A bad dataset config fails the first task, check, at once (a few seconds, so not marked slow); the exit
+    handler still runs and the CLI says which task failed."""
     from kfp.local import config as local_config
 
     args = ["run", "--local", "--dataset", "mimic3", "--pipeline-root", str(tmp_path / "runs"),
@@ -66,6 +66,6 @@ def test_failed_stage_exits_nonzero_and_names_the_task(tmp_path):
     finally:
         local_config.LocalExecutionConfig.instance = None
     assert result.exit_code == 1, result.output
-    assert "Inner task failed: 'preprocess'" in result.output
+    assert "Inner task failed: 'check'" in result.output
     notify_out = next((tmp_path / "runs").glob("*/notify/executor_output.json"))
     assert "FAILED" in notify_out.read_text()
