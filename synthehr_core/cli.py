@@ -336,6 +336,28 @@ def check_cmd(config: str = typer.Option(..., "--config", "-c", help="bundled co
     _echo_json(res.summary)
 
 
+@app.command("init-dataset")
+def init_dataset_cmd(name: str = typer.Argument(..., help="dataset name (letters, digits, _ or -)"),
+                     raw: Path = typer.Option(..., help="raw extract folder: .csv, .csv.gz, .parquet, subfolders"),  # noqa: B008
+                     out: Path | None = typer.Option(None, help="dataset config to write; default NAME.yml; the KDE "  # noqa: B008
+                                                     "config goes beside it as kde_NAME.yml"),
+                     overwrite: bool = typer.Option(False, help="replace existing files"),
+                     sample_rows: int = typer.Option(100_000, help="rows read per file")):
+    """Draft a dataset config (adapter: tables) and KDE config from the raw files, with TODO comments."""
+    from .data.draft import init_dataset
+    from .errors import ConfigError, DataError
+
+    try:
+        cfg, kde, draft = init_dataset(name, raw, out, overwrite=overwrite, sample_rows=sample_rows)
+    except (ConfigError, DataError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    roles = [f"visits: {draft.visits.file}", f"patients: {draft.patients.file if draft.patients else '(from visits)'}",
+             *(f"codes: {t.file}" for t, *_ in draft.codes)]
+    typer.echo(f"wrote {cfg} and {kde} ({'; '.join(roles)})\nnext: read the TODO lines, then "
+               f"synthehr check --config {cfg}")
+
+
 # ---------------------------------------------------------------------------------------------- stages
 @app.command()
 def preprocess(config: str = typer.Option(..., help="bundled config name (mimic3, adni, qh) or YAML path"),
