@@ -18,7 +18,7 @@ EXAMPLE = ROOT / "examples" / "mimic3_tables.yml"
 
 
 def test_every_bundled_config_and_the_example_pass():
-    for name in [*bundled_configs(), str(EXAMPLE)]:
+    for name in [*bundled_configs(), str(EXAMPLE), str(ROOT / "examples" / "qh_tables.yml")]:
         res = check_dataset(name)
         assert res.ok, (name, res.problems)
 

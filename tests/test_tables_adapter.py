@@ -18,6 +18,7 @@ from synthehr_core.errors import ConfigError, DataError, SchemaError
 
 ROOT = Path(__file__).resolve().parents[1]
 MIMIC_TABLES = ROOT / "examples" / "mimic3_tables.yml"
+QH_TABLES = ROOT / "examples" / "qh_tables.yml"
 
 
 def _sha(path: Path) -> str:
@@ -27,6 +28,14 @@ def _sha(path: Path) -> str:
 def test_mimic3_by_config_gives_the_dedicated_adapters_tables_byte_for_byte(tmp_path):
     preprocess("mimic3", tmp_path / "dedicated")
     preprocess(str(MIMIC_TABLES), tmp_path / "tables")
+    for name in ("patients.parquet", "visits.parquet", "codes.parquet", "vocab.json"):
+        assert _sha(tmp_path / "dedicated" / name) == _sha(tmp_path / "tables" / name), name
+
+
+def test_qh_by_config_gives_the_dedicated_adapters_tables_byte_for_byte(tmp_path):
+    """One table, patients from their first encounter, a clip on ED rows only, a weekday column, codes of ED rows."""
+    preprocess("qh", tmp_path / "dedicated")
+    preprocess(str(QH_TABLES), tmp_path / "tables")
     for name in ("patients.parquet", "visits.parquet", "codes.parquet", "vocab.json"):
         assert _sha(tmp_path / "dedicated" / name) == _sha(tmp_path / "tables" / name), name
 
@@ -106,6 +115,37 @@ class TestLayouts:
         assert len(c.visits) == 10
 
 
+class TestRowRules:
+    """`where`, `clip` and `calendar`: what QH needs, said generically."""
+
+    def test_clip_applies_only_to_the_rows_where_says(self, tmp_path):
+        raw = write_versioned_extract(tmp_path / "raw")
+        opts = {**VERSIONED, "visits": {**VERSIONED["visits"], "clip": {"los_hours": {"max": 10, "where": {"Kind": ["ed"]}}}}}
+        c = tables.load(str(raw), opts, DropReport())
+        los = c.visits.set_index("event_type")["los_hours"]
+        assert set(los["ed"]) == {10.0} and set(los["ward"]) == {25.5}
+
+    def test_codes_of_the_rows_where_says_and_nothing_counted_as_dropped(self, tmp_path):
+        raw = write_versioned_extract(tmp_path / "raw")
+        opts = {**VERSIONED, "codes": [{**VERSIONED["codes"][0], "where": {"dx_version": [10]}},
+                                       {"from_visits": True, "key": "kind:{Kind}", "where": {"Kind": ["ward"]}}]}
+        report = DropReport()
+        c = tables.load(str(raw), opts, report)
+        assert set(c.codes["code"]) == {"dx:10:250", "dx:10:E11", "kind:ward"}
+        assert (c.codes["code"] == "kind:ward").sum() == 80 and report.as_dict() == {}
+
+    def test_calendar_weekday_of_the_start(self, tmp_path):
+        raw = write_versioned_extract(tmp_path / "raw")
+        opts = {**VERSIONED, "visits": {**VERSIONED["visits"], "calendar": {"day": "weekday", "m": "month"}}}
+        c = tables.load(str(raw), opts, DropReport())
+        assert c.visits["day"].iloc[0] == "Thu" and c.visits["m"].iloc[0] == "3"     # 2012-03-01 was a Thursday
+        assert {"day", "m"} <= set(tables.declared_columns(opts)["visits"])
+
+    def test_clip_of_a_column_that_is_not_declared(self):
+        with pytest.raises(ConfigError, match=r"`clip` names \['los'\], which are not continuous or duration"):
+            tables.check_options({**VERSIONED, "visits": {**VERSIONED["visits"], "clip": {"los": {"max": 1}}}})
+
+
 class TestErrors:
     def test_no_file_matches_lists_the_files_there(self, tmp_path):
         raw = write_versioned_extract(tmp_path / "raw")
@@ -133,7 +173,8 @@ class TestErrors:
         assert "`duration` and `end` go together" in msg and "exactly one of `file`" in msg and "extra" in msg
 
 
-def test_the_example_config_is_valid_yaml_with_the_tables_adapter():
-    data = yaml.safe_load(MIMIC_TABLES.read_text())
-    assert data["adapter"] == "tables"
-    tables.check_options(data["adapter_options"])
+def test_the_example_configs_are_valid_yaml_with_the_tables_adapter():
+    for path in (MIMIC_TABLES, QH_TABLES):
+        data = yaml.safe_load(path.read_text())
+        assert data["adapter"] == "tables"
+        tables.check_options(data["adapter_options"])

@@ -18,11 +18,14 @@ adapter_options:
     formats: {admittime: "%Y-%m-%d %H:%M:%S"}    # optional strftime formats (default: parsed as mixed ISO)
     event_type: inpatient                 # a constant, or {column: encounter_type}
     continuous: {weight_kg: weight}       # float visit columns: out name: raw column
+    clip: {los_hours: {max: 168, where: {kind: [ED]}}}   # bounds on a float visit column, on the rows `where` says
+    calendar: {event_day: weekday}        # a string visit column from `start`: weekday (Mon..Sun), month, year
     categories: {}                        # string visit columns (declare them in the config's visit_categories)
   codes:                                  # one entry per code table; join codes -> visits by `visit`
     - {file: "hosp/diagnoses.csv", visit: hadm_id, key: "dx:{icd_version}:{icd_code}", version: icd_version,
        category: icd_version}
     - {from_visits: true, key: "adm:{admission_type}", fill: UNKNOWN}
+    - {from_visits: true, key: "tri:{triage}", where: {kind: [ED]}}   # `where`: only rows with these values
   normalise_case: true                    # match headers case-insensitively (MIMIC exports differ)
 ```
 
@@ -30,7 +33,8 @@ Every declared column is read with the checked reader (``base.read_csv_checked``
 date or a non-number is one message naming file, column and values. ``version`` names the code-system version
 column of a code table: one code string under two versions is counted and logged (and merged silently unless the
 version is part of ``key``). ``category`` makes the table's value of that column a visit column (one per visit),
-which ``visit_categories`` in the config turns into a token group.
+which ``visit_categories`` in the config turns into a token group. ``where`` (in ``clip`` and code tables) keeps
+the rows whose raw column value, as text, is one of those listed; the other rows are left alone (not dropped).
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ... import storage
 from ...errors import ConfigError, DataError, bullet_list
+from ..schema import WEEKDAYS, calendar_parts
 from .base import DropReport, RawCohort, convert_checked, read_csv_checked, require_not_null, require_unique
 
 log = logging.getLogger(__name__)
@@ -82,6 +87,22 @@ class Age(_Strict):
         return self
 
 
+Where = dict[str, list[str | int]]        # raw column -> the values (compared as text) of the rows it applies to
+CALENDAR_PARTS = ("weekday", "month", "year")
+
+
+class Clip(_Strict):
+    min: float | None = None
+    max: float | None = None
+    where: Where = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _a_bound(self):
+        if self.min is None and self.max is None:
+            raise ValueError("give `min`, `max` or both")
+        return self
+
+
 class Duration(_Strict):
     name: str
     unit: Literal["days", "hours", "minutes"] = "days"
@@ -104,6 +125,8 @@ class VisitsTable(_Strict):
     formats: dict[str, str] = Field(default_factory=dict)
     event_type: str | Column = "visit"
     continuous: dict[str, str] = Field(default_factory=dict)
+    clip: dict[str, Clip] = Field(default_factory=dict)             # out name (continuous or duration) -> bounds
+    calendar: dict[str, Literal["weekday", "month", "year"]] = Field(default_factory=dict)
     categories: dict[str, str] = Field(default_factory=dict)
     static: dict[str, str | Column] = Field(default_factory=dict)   # patient columns from the first visit's row
 
@@ -111,6 +134,11 @@ class VisitsTable(_Strict):
     def _duration_needs_end(self):
         if (self.duration is None) != (self.end is None):
             raise ValueError("`duration` and `end` go together: the duration is end - start")
+        floats = list(self.continuous) + ([self.duration if isinstance(self.duration, str) else self.duration.name]
+                                          if self.duration is not None else [])
+        unknown = [k for k in self.clip if k not in floats]
+        if unknown:
+            raise ValueError(f"`clip` names {unknown}, which are not continuous or duration columns ({floats})")
         return self
 
 
@@ -122,6 +150,7 @@ class CodesTable(_Strict):
     fill: str | None = None               # value for empty key fields (default: the row is dropped, counted)
     version: str | None = None            # code-system version column
     category: str | None = None           # a column whose per-visit value becomes a visit column
+    where: Where = Field(default_factory=dict)   # only the rows with these values (e.g. {kind: [ED]})
 
     @model_validator(mode="after")
     def _source(self):
@@ -184,12 +213,14 @@ def _lower(opts: TablesOptions) -> TablesOptions:
     v["event_type"] = v["event_type"] if isinstance(v["event_type"], str) else {**v["event_type"],
                                                                                  "column": v["event_type"]["column"].lower()}
     v["continuous"] = {k: c.lower() for k, c in v["continuous"].items()}
+    v["clip"] = {k: {**c, "where": {col.lower(): vals for col, vals in c["where"].items()}} for k, c in v["clip"].items()}
     v["categories"] = {k: c.lower() for k, c in v["categories"].items()}
     v["static"] = {k: low(c) for k, c in v["static"].items()}
     for c in data["codes"]:
         c.update(visit=c["visit"].lower() if c["visit"] else None, key=key(c["key"]),
                  version=c["version"].lower() if c["version"] else None,
-                 category=c["category"].lower() if c["category"] else None)
+                 category=c["category"].lower() if c["category"] else None,
+                 where={col.lower(): vals for col, vals in c["where"].items()})
     return TablesOptions(**data)
 
 
@@ -277,9 +308,11 @@ def _visits(raw: str, opts: TablesOptions, max_rows) -> tuple[pd.DataFrame, pd.D
         required[v.event_type.column] = "str"
     required.update({c: "float" for c in v.continuous.values()})
     required.update({c: "str" for c in v.categories.values()})
+    required.update({col: "str" for c in v.clip.values() for col in c.where})
     for c in opts.codes:
         if c.from_visits:
             required.update({f: "str" for _, f in key_fields(c.key) if f})
+            required.update({col: "str" for col in c.where})
     df, path = read_table(raw, v.file, "visits", required, opts.normalise_case, max_rows)
     _parse_formats(df, {c: f for c, f in v.formats.items() if c in (v.start, v.end)}, path)
     require_not_null(df, [v.patient, v.id, v.start], path, "visits")
@@ -300,9 +333,37 @@ def _visits(raw: str, opts: TablesOptions, max_rows) -> tuple[pd.DataFrame, pd.D
         visits[dur.name] = length.clip(lower=0).astype(float).to_numpy()
     for name, col in v.continuous.items():
         visits[name] = df[col].astype(float).to_numpy()
+    for name, clip in v.clip.items():
+        visits[name] = _clip(visits[name], clip, df, f"{path}: {name}")
+    if v.calendar:
+        parts = calendar_parts(visits["start"].to_numpy(float))
+        for name, part in v.calendar.items():
+            visits[name] = np.asarray(WEEKDAYS, dtype=object)[parts["weekday"]] if part == "weekday" else \
+                parts[part].astype(str).astype(object)
     for name, col in v.categories.items():
         visits[name] = df[col].astype("object").to_numpy()
     return df, visits, path
+
+
+def rows_where(df: pd.DataFrame, where: Where) -> pd.Series:
+    """The rows whose value of every ``where`` column, as stripped text, is one of its listed values."""
+    keep = pd.Series(True, index=df.index)
+    for col, values in where.items():
+        keep &= df[col].astype("object").map(lambda s: s.strip() if isinstance(s, str) else s).isin(
+            [str(x) for x in values])
+    return keep
+
+
+def _clip(values: pd.Series, clip: Clip, df: pd.DataFrame, where: str) -> np.ndarray:
+    """``values`` within [min, max] on the rows ``clip.where`` selects (all rows without it); counted in the log."""
+    x = values.to_numpy(dtype=float)
+    rows = rows_where(df, clip.where).to_numpy()
+    lo = -np.inf if clip.min is None else clip.min
+    hi = np.inf if clip.max is None else clip.max
+    out = rows & ((x < lo) | (x > hi))
+    if out.any():
+        log.info("%s: clipped %d values outside [%g, %g]", where, int(out.sum()), lo, hi)
+    return np.where(out, np.clip(x, lo, hi), x)
 
 
 def _age(first: pd.Series, pat: pd.DataFrame, age: Age, path: str) -> dict[str, np.ndarray]:
@@ -401,10 +462,14 @@ def _codes(raw: str, opts: TablesOptions, vdf: pd.DataFrame, visits: pd.DataFram
             df, table, path, visit_ids = vdf, "visits", "visits", visits["visit_id"]
         else:
             table = Path(resolve_files(raw, spec.file)[0]).name.split(".")[0]   # "dx" for hosp/dx.csv.gz
-            df, path = read_table(raw, spec.file, table, {spec.visit: "str", **{f: "str" for f in fields + extra}},
+            df, path = read_table(raw, spec.file, table, {spec.visit: "str", **{f: "str" for f in fields + extra},
+                                                          **{c: "str" for c in spec.where}},
                                   opts.normalise_case, max_rows)
             require_not_null(df, [spec.visit], path, table)
             visit_ids = df[spec.visit].str.strip()
+        if spec.where:
+            selected = rows_where(df, spec.where)
+            df, visit_ids = df[selected], visit_ids[selected]
         code, keep = _render_key(df, spec.key, spec.fill, table, report)
         frames.append(pd.DataFrame({"visit_id": visit_ids[keep].reset_index(drop=True),
                                     "code": code[keep].reset_index(drop=True)}))
@@ -449,7 +514,7 @@ def declared_columns(options: dict) -> dict[str, list[str]]:
     labels, bins and KDE variables with them before any file is read)."""
     opts = check_options(options)
     v, p = opts.visits, opts.patients
-    visit_cols = ["patient_id", "visit_id", "start", "event_type", *v.continuous, *v.categories]
+    visit_cols = ["patient_id", "visit_id", "start", "event_type", *v.continuous, *v.calendar, *v.categories]
     if v.duration is not None:
         visit_cols.append(v.duration if isinstance(v.duration, str) else v.duration.name)
     visit_cols += [c.category for c in opts.codes if c.category]
