@@ -28,7 +28,8 @@ from .. import storage
 from ..data.schema import read_tables
 from ..data.vocab import Vocab, vocab_roles
 from ..errors import ConfigError, SchemaError, bullet_list
-from .ruleset import FAMILIES, RULES_FILE, STATIC_FAMILIES, Rule, save_rules, validate_rules
+from .ruleset import (ALL_FAMILIES, CATEGORY_FAMILY, FAMILIES, RULES_FILE, STATIC_FAMILIES, Rule, save_rules,
+                      validate_rules)
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,9 @@ class Thresholds:
                 if not 0.0 < v <= 1.0:
                     problems.append(f"min_confidence must be in (0, 1]; got {v!r}.")
             elif f.name == "families":
-                bad = [x for x in v if x not in FAMILIES]
+                bad = [x for x in v if x not in ALL_FAMILIES]
                 if bad:
-                    problems.append(f"families has unknown names {bad}; choose from {list(FAMILIES)}.")
+                    problems.append(f"families has unknown names {bad}; choose from {list(ALL_FAMILIES)}.")
             elif f.type == "int" and (not isinstance(v, int) or v < 0):
                 problems.append(f"{f.name} must be an int >= 0; got {v!r}.")
         if problems:
@@ -320,6 +321,9 @@ def mine_rules(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame
     prev = np.asarray(Rv.sum(axis=0)).ravel()
     slack = lambda n: (1.0 - th.min_confidence) * n + 1e-9
     specs: dict[str, list[tuple]] = {f: [] for f in FAMILIES}
+    categories = _category_tokens(vocab)
+    if categories and (th.families == FAMILIES or CATEGORY_FAMILY in th.families):   # on by default when declared
+        specs[CATEGORY_FAMILY] = _category_exclusions(rows, vocab, categories, cand, Rv, slack)
 
     if "label_exclusion" in th.families and vocab.n_labels and vocab.label_row:
         lab = rows.X[~rows.is_visit][:, vocab.label_slice]               # (P, n_labels), patients in order
@@ -377,11 +381,35 @@ def mine_rules(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame
         _close(specs)
     _order_pairs(specs["within_visit"])
     rules: list[Rule] = []
-    for f in FAMILIES:
-        rules += _stat_rules(specs[f], rows, vocab, th)
-    log.info("mined %d rules from %d patients: %s", len(rules), len(rows.patient_ids),
-             {f: sum(r.family == f for r in rules) for f in FAMILIES})
+    for f in ALL_FAMILIES:
+        rules += _stat_rules(specs[f], rows, vocab, th) if f in specs else []
+    log.info("mined %d rules from %d patients: %s", len(rules), len(rows.patient_ids), _by_family(rules))
     return rules
+
+
+def _by_family(rules: list[Rule]) -> dict[str, int]:
+    """Rules per family; the category family only where it was mined (outputs of datasets without it unchanged)."""
+    fams = [*FAMILIES, *([CATEGORY_FAMILY] if any(r.family == CATEGORY_FAMILY for r in rules) else [])]
+    return {f: sum(r.family == f for r in rules) for f in fams}
+
+
+def _category_tokens(vocab: Vocab) -> list[int]:
+    return [i for i, t in enumerate(vocab.tokens) if t.kind == "code" and t.variable is not None
+            and t.token.startswith("cat:")]
+
+
+def _category_exclusions(rows: _Rows, vocab: Vocab, categories: list[int], cand: np.ndarray, Rv, slack) -> list[tuple]:
+    """``cur +k => c = 0`` for each visit category token k and clinical code c that (almost) no real visit of
+    category k holds (``min_confidence``). No prevalence floor: the point is to exclude every code of another
+    code system, rare ones included."""
+    K = rows.X[rows.is_visit][:, categories].astype(np.int64).tocsc()   # (n_visits, n_categories)
+    n_k = np.asarray(K.sum(axis=0)).ravel()
+    both = (K.T @ Rv).toarray()                                          # (n_categories, n_cand) visits with both
+    seen = np.asarray(Rv.sum(axis=0)).ravel() > 0
+    out = []
+    for ki, ci in zip(*np.nonzero((both <= slack(n_k)[:, None]) & (n_k[:, None] > 0) & seen[None, :])):
+        out.append((CATEGORY_FAMILY, (), (), (), (categories[ki],), (), cand[ci], 0, "mined"))
+    return out
 
 
 def _past_all(rows: _Rows, cand: np.ndarray) -> sp.csr_matrix:
@@ -423,6 +451,16 @@ def _close(specs: dict[str, list[tuple]]) -> None:
     implies: dict[int, set[int]] = {}
     for s in specs["within_visit"]:
         implies.setdefault(s[6], set()).add(s[4][0])  # b -> {a : a => b}
+    cats = specs.get(CATEGORY_FAMILY, [])                 # k => b = 0 and a => b: k => a = 0 too
+    seen_cat, todo = {(s[4], s[6]) for s in cats}, list(cats)
+    while todo:
+        s = todo.pop()
+        for a in sorted(implies.get(s[6], ())):
+            if (s[4], a) not in seen_cat:
+                seen_cat.add((s[4], a))
+                new = (CATEGORY_FAMILY, (), (), (), s[4], (), a, 0, "closure")
+                cats.append(new)
+                todo.append(new)
     for fam in ("label_exclusion", "prerequisite"):
         seen = {(s[1], s[2], s[3], s[6]) for s in specs[fam]}
         todo = list(specs[fam])
@@ -446,7 +484,7 @@ def mine_rules_to_dir(tables_dir: str | Path, out_dir: str | Path, split: str = 
     patients, visits, codes = read_tables(tables_dir)
     rules = mine_rules(patients, visits, codes, vocab, th, split=split)
     n_train = int((patients["split"] == split).sum())
-    by_family = {f: sum(r.family == f for r in rules) for f in FAMILIES}
+    by_family = _by_family(rules)
     th_json = {**asdict(th), "families": list(th.families)}
     with storage.atomic_dir(out_dir, overwrite=True) as tmp:
         save_rules(storage.join(tmp, RULES_FILE), rules, split=split, thresholds=th_json,

@@ -28,7 +28,11 @@ from ..data.vocab import Vocab
 from ..errors import SchemaError, bullet_list
 
 FAMILIES = ("label_exclusion", "prerequisite", "persistence", "label_exclusivity", "within_visit")
-STATIC_FAMILIES = ("label_exclusivity", "within_visit")  # no temporal part (KI's "static" rules)
+# Mined only when the dataset declares visit categories (data config ``visit_categories``): ``cur +cat:<col>=v =>
+# code c = 0`` for every code no real visit of category v holds (e.g. ICD-10 codes in an ICD-9 visit).
+CATEGORY_FAMILY = "category_exclusion"
+ALL_FAMILIES = (*FAMILIES[:4], CATEGORY_FAMILY, FAMILIES[4])   # rule order: exclusions before within-visit pairs
+STATIC_FAMILIES = ("label_exclusivity", CATEGORY_FAMILY, "within_visit")  # no temporal part (KI's "static" rules)
 RULES_FILE = "rules.json"
 
 
