@@ -360,7 +360,7 @@ def init_dataset_cmd(name: str = typer.Argument(..., help="dataset name (letters
 
 # ---------------------------------------------------------------------------------------------- stages
 @app.command()
-def preprocess(config: str = typer.Option(..., help="bundled config name (mimic3, adni, qh) or YAML path"),
+def preprocess(config: str = typer.Option(..., help=_bundled_help() + ", or a YAML path"),
                out: str = typer.Option(..., help="output tables directory (local or gs://)"),
                raw: str | None = typer.Option(None, help="raw extract directory; default: the profile's"),
                profile: str = typer.Option("local", help="config profile giving the raw location (local/hpc/kubeflow)"),
