@@ -200,3 +200,23 @@ def test_group_config_is_validated_and_round_trips(tmp_path):
         write_checkpoint(tmp, _build(cfg), vocab)
     m2, _, _ = load_model(tmp_path / "ckpt")
     assert m2.config == cfg and len(m2.group_heads) == 2
+
+
+def test_masked_weight_cache_follows_a_fused_adam_step():
+    """The no_grad tril cache (sampling, validation) must not outlive an optimizer step: the fused Adam updates
+    weights in place without bumping their version counter."""
+    m = _model()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2, fused=True)
+    x = _batch(m.config)
+    mask = torch.ones(x.size(0), x.size(1), 1)
+    with torch.no_grad():
+        before = m(x)[0]  # fills the cache
+    m.train()
+    _, loss = m(x, mask)
+    loss.backward()
+    opt.step()
+    m.eval()
+    with torch.no_grad():
+        after = m(x)[0]
+        torch.testing.assert_close(m.fine_1.masked_weight(), torch.tril(m.fine_1.weight))
+    assert not torch.allclose(before, after)

@@ -48,13 +48,13 @@ def _one_at_a_time(model: nn.Module, X: torch.Tensor, mask: torch.Tensor) -> dic
     return {n: torch.stack(g) for n, g in out.items()}
 
 
-def _opacus_per_sample(model: nn.Module, X: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def _opacus_per_sample(model: nn.Module, X: torch.Tensor, mask: torch.Tensor, **kw) -> dict[str, torch.Tensor]:
     from opacus.grad_sample import GradSampleModule
 
     register_grad_samplers()
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
     try:
-        _, loss = gsm(X, mask)  # batch-mean loss: Opacus rescales backprops by the batch size
+        _, loss = gsm(X, mask, **kw)  # batch-mean loss: Opacus rescales backprops by the batch size
         loss.backward()
         return {n: p.grad_sample.detach().clone() for n, p in model.named_parameters()}
     finally:
@@ -119,6 +119,38 @@ class TestPerSampleGradients:
         got = _opacus_per_sample(model, X, mask)
         for n in ref:
             torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+    @pytest.mark.parametrize("consequence", [False, True])
+    def test_trimmed_batch_gives_the_padded_per_sample_gradients(self, consequence):
+        """A batch cut after its longest patient (nominal n_ctx kept as the normaliser) has the padded batch's
+        per-sample gradients, so clipping, noise and the accounting are unchanged."""
+        from synthehr_core.data.toy import make_toy_tables, toy_vocab
+        from synthehr_core.model.consequence import ConSequence, compile_rules
+        from synthehr_core.model.tensors import collate_halo
+        from synthehr_core.rules.mining import Thresholds, mine_rules
+
+        p, v, c = make_toy_tables(120, seed=1)
+        vocab = toy_vocab(c, p)
+        cfg = HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=12, n_embd=8, n_head=2)
+        torch.manual_seed(4)
+        if consequence:
+            model = ConSequence(cfg, compile_rules(mine_rules(p, v, c, vocab, Thresholds.make(label_min_prevalence=20)),
+                                                   vocab))
+        else:
+            model = HALO(cfg)
+        sex = p.set_index("patient_id")["sex"]
+        items = []
+        for pid in p["patient_id"].iloc[:6]:
+            visits = [sorted(vocab.index(t) for t in c[(c["patient_id"] == pid) & (c["visit_index"] == k)]["code"])
+                      for k in sorted(v.loc[v["patient_id"] == pid, "visit_index"])]
+            items.append(([vocab.index(f"label:sex={sex[pid]}")], visits))
+        X, mask = collate_halo(items, vocab, 12)
+        Xt, mt = collate_halo(items, vocab, 12, trim=True)
+        assert Xt.size(1) < 12
+        ref = _opacus_per_sample(model, X, mask)
+        got = _opacus_per_sample(model, Xt, mt, n_ctx=12)
+        for n in ref:
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
 
     def test_stock_linear_rule_would_be_wrong_for_the_masked_head(self):
         """Why the custom sampler exists: the unmasked outer product differs (larger norm) from the true gradient."""
@@ -292,6 +324,18 @@ class TestDPTraining:
         for other in ({}, dict(dp_noise_multiplier=2.0, dp_delta=1e-3)):  # dropping or changing the DP options
             with pytest.raises(ConfigError, match="dp_"):
                 train_to_dir(mimic_demo, tmp_path / "other", max_steps=6, resume_from=mid, **other, **self.RUN)
+
+
+def test_dp_training_on_trimmed_batches_follows_the_padded_run(mimic_demo, tmp_path):
+    """DP-SGD on trimmed physical batches: same Poisson batches and noise, same epsilon, weights to float rounding."""
+    from synthehr_core.model.train import train_to_dir
+
+    run = dict(max_steps=3, dp_noise_multiplier=1.1, dp_delta=1e-3, dp_physical_batch_size=4, **TestDPTraining.RUN)
+    pad = train_to_dir(mimic_demo, tmp_path / "pad", legacy_step=True, **run)
+    trim = train_to_dir(mimic_demo, tmp_path / "trim", **run)
+    assert trim["dp_epsilon"] == pad["dp_epsilon"] and trim["dp_steps"] == pad["dp_steps"] == 3
+    a, b = _ckpt(tmp_path / "pad" / "model.pt"), _ckpt(tmp_path / "trim" / "model.pt")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 def _eps(sigma: float, q: float, steps: int, delta: float) -> float:

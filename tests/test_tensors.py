@@ -63,6 +63,19 @@ class TestLayout:
         assert mask[1, :, 0].tolist() == [0, 1, 1, 0, 0, 0, 0]
         assert X[:, 0].sum().item() == 2  # start row holds only <start>
 
+    def test_trim_keeps_rows_up_to_the_longest_patient(self, tmp_path):
+        """collate_halo(trim=True) is the padded batch cut after the longest patient's last visit row: the rows
+        cut are <pad> rows with mask 0 for everyone (the model's loss is unchanged given the nominal n_ctx)."""
+        d, vocab = _hand_made(tmp_path)
+        ds = EHRParquetDataset(d, split="train", n_ctx=7)
+        X, mask = collate_halo([ds[0], ds[1]], ds.vocab, 7)
+        Xt, mt = collate_halo([ds[0], ds[1]], ds.vocab, 7, trim=True)
+        assert Xt.shape == (2, 5, vocab.size) and mt.shape == (2, 5, 1)  # A: start, labels, 3 visits
+        assert torch.equal(Xt, X[:, :5]) and torch.equal(mt, mask[:, :5]) and mask[:, 5:].sum() == 0
+        assert collate_halo([ds[1]], ds.vocab, 7, trim=True)[0].shape == (1, 3, vocab.size)  # B: one visit
+        assert HaloCollate(vocab, 7, trim=True)([ds[1]])[0].shape[1] == 3
+        assert collate_halo([], ds.vocab, 7, trim=True)[0].shape == (0, 7, vocab.size)  # empty: nothing to cut to
+
     def test_label_free_switch_puts_first_visit_on_row_1(self, tmp_path):
         d, vocab = _hand_made(tmp_path, with_labels=False)
         assert vocab.label_row is False and vocab.first_visit_row == 1

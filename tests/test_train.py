@@ -17,6 +17,7 @@ from synthehr_core.data.schema import write_tables
 from synthehr_core.data.toy import make_toy_tables, toy_vocab, write_toy_tables
 from synthehr_core.errors import ConfigError
 from synthehr_core.model.checkpoint import load_model
+from synthehr_core.model.halo import HaloConfig
 from synthehr_core.model.sampling import sample
 from synthehr_core.model.tensors import EHRParquetDataset, decode_rows
 from synthehr_core.model.train import CKPT_DIR, TrainConfig, epoch_order, train_to_dir, validation_loss
@@ -264,3 +265,110 @@ class TestTrainConfig:
             assert config_json(d) == config_json("lib"), d
             assert json.loads((tmp_path / d / "meta.json").read_text())["config_hash"] == lib["config_hash"]
             assert _equal_states(_state(tmp_path / d / "model.pt"), _state(tmp_path / "lib" / "model.pt"))
+
+
+# ---------------------------------------------------------------------------------------------- trimmed batches
+def _toy_batch(toy_dir, n_ctx: int, n: int = 24, trim: bool = False):
+    from synthehr_core.model.tensors import collate_halo
+
+    ds = EHRParquetDataset(toy_dir, "train", n_ctx)
+    return collate_halo([ds[i] for i in range(n)], ds.vocab, n_ctx, trim=trim), ds.vocab
+
+
+def _loss_and_grads(model, X, mask, **kw):
+    model.zero_grad()
+    _, loss = model(X, mask, **kw)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _toy_model(toy_dir, kind: str, vocab, n_ctx: int):
+    from synthehr_core.data.vocab import token_groups
+    from synthehr_core.model.train import make_model
+
+    cfg = dict(n_ctx=n_ctx, n_embd=16, n_head=2)
+    if kind == "groups":  # categorical heads and a positive-target weight: the loss's other branch
+        cfg.update(groups=[(g.start, g.stop) for g in token_groups(vocab)], pos_loss_weight=2.0)
+    rules = None
+    if kind == "consequence":
+        from synthehr_core.data.schema import read_tables
+        from synthehr_core.model.consequence import compile_rules
+        from synthehr_core.rules.mining import Thresholds, mine_rules
+
+        p, v, c = read_tables(toy_dir)
+        rules = compile_rules(mine_rules(p, v, c, vocab, Thresholds.make(label_min_prevalence=20)), vocab)
+        assert len(rules)
+    model_type = "consequence" if kind == "consequence" else "halo"
+    return make_model(model_type, HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, **cfg), seed=1, rules=rules)
+
+
+class TestTrimmedBatches:
+    """A batch cut after its longest patient, with the nominal n_ctx as the loss normaliser, is the padded batch:
+    same loss, same gradient of every parameter (float tolerance), and the training loop follows the same path."""
+    N_CTX = 16  # toy patients have at most 6 visits: the padded batch is mostly padding
+
+    @pytest.mark.parametrize("kind", ["halo", "groups", "consequence"])
+    def test_loss_and_every_gradient_equal_the_padded_batch(self, toy_dir, kind):
+        (X, mask), vocab = _toy_batch(toy_dir, self.N_CTX)
+        (Xt, mt), _ = _toy_batch(toy_dir, self.N_CTX, trim=True)
+        assert Xt.size(1) < X.size(1) // 2 and torch.equal(X[:, :Xt.size(1)], Xt) and mask[:, Xt.size(1):].sum() == 0
+        model = _toy_model(toy_dir, kind, vocab, self.N_CTX)
+        if kind == "consequence":
+            assert model.rules.fired(Xt)[0].any()  # rules take entries out of the loss in this batch
+        loss, grads = _loss_and_grads(model, X, mask)
+        loss_t, grads_t = _loss_and_grads(model, Xt, mt, n_ctx=self.N_CTX)
+        torch.testing.assert_close(loss_t, loss, rtol=1e-6, atol=0)
+        assert grads.keys() == grads_t.keys() and len(grads) == len(list(model.parameters()))
+        for n in grads:
+            torch.testing.assert_close(grads_t[n], grads[n], rtol=1e-5, atol=1e-8, msg=lambda m, n=n: f"{n}: {m}")
+        _, loss_short = model(Xt, mt)  # without the nominal n_ctx the scale would change: the test has power
+        assert float(loss_short.detach()) > float(loss) * 1.5
+
+    def test_training_follows_the_padded_run(self, toy_dir, tmp_path):
+        """Same data order, same objective: the loss curves and weights agree to float rounding (the trimmed
+        run sums in another order, so its last bits may differ; docs/speed.md)."""
+        run = dict(max_steps=12, batch_size=16, lr=3e-3, eval_every=4, n_ctx=self.N_CTX, progress=False, seed=3)
+        train_to_dir(toy_dir, tmp_path / "pad", legacy_step=True, **run)
+        train_to_dir(toy_dir, tmp_path / "trim", **run)
+        a, b = (pd.read_parquet(tmp_path / d / "history.parquet") for d in ("pad", "trim"))
+        assert a[["step", "split"]].equals(b[["step", "split"]]) and (a["split"] == "val").sum() == 3
+        assert (a["loss"] - b["loss"]).abs().max() < 1e-5 * a["loss"].abs().max()
+        sa, sb = _state(tmp_path / "pad" / "model.pt"), _state(tmp_path / "trim" / "model.pt")
+        assert sa.keys() == sb.keys() and all(torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6) for k in sa)
+        ca, cb = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("pad", "trim"))
+        assert ca["config_hash"] == cb["config_hash"] and "length_buckets" not in cb["training"]
+
+
+class TestLengthBuckets:
+    """Optional length-bucketed batches: same patients each epoch, similar lengths per batch, off by default."""
+
+    def test_bucket_order_is_a_seeded_permutation_of_sorted_runs(self):
+        from synthehr_core.model.train import bucket_order
+
+        n, bs, window = 103, 8, 4
+        rows = torch.randint(3, 20, (n,), generator=torch.Generator().manual_seed(0))
+        order = epoch_order(n, 5, 2)
+        out = bucket_order(order, rows, bs, seed=5, epoch=2, window=window)
+        assert torch.equal(out, bucket_order(order, rows, bs, seed=5, epoch=2, window=window))
+        assert not torch.equal(out, bucket_order(order, rows, bs, seed=5, epoch=3, window=window))
+        assert sorted(out.tolist()) == list(range(n))
+        assert torch.equal(out[n // bs * bs:], order[n // bs * bs:])  # the partial batch stays last
+        # every full batch comes from one run of `window` batches, as a contiguous slice of that run sorted by length
+        runs = [order[a:min(a + window * bs, n // bs * bs)] for a in range(0, n // bs * bs, window * bs)]
+        sorted_runs = [r[torch.argsort(rows[r], stable=True)] for r in runs]
+        slices = {tuple(r[i:i + bs].tolist()) for r in sorted_runs for i in range(0, len(r), bs)}
+        assert {tuple(b) for b in out[:n // bs * bs].view(-1, bs).tolist()} == slices
+
+    def test_train_with_buckets_records_them_and_refuses_dp(self, toy_dir, tmp_path):
+        run = dict(epochs=1, batch_size=16, n_ctx=16, eval_every=None, progress=False, seed=0)
+        off = train_to_dir(toy_dir, tmp_path / "off", **run)
+        on = train_to_dir(toy_dir, tmp_path / "on", length_buckets=3, **run)
+        assert on["length_buckets"] == 3 and "length_buckets" not in off
+        assert on["config_hash"] != off["config_hash"] and on["steps"] == off["steps"]
+        assert json.loads((tmp_path / "on" / "config.json").read_text())["training"]["length_buckets"] == 3
+        with pytest.raises(ConfigError, match="different run"):  # a bucketed run resumes only as one
+            train_to_dir(toy_dir, tmp_path / "on", resume_from=tmp_path / "on", **run)
+        with pytest.raises(ConfigError, match="length_buckets=3 cannot be combined with DP-SGD"):
+            train_to_dir(toy_dir, tmp_path / "dp", length_buckets=3, dp_noise_multiplier=1.0, dp_delta=1e-3, **run)
+        with pytest.raises(ConfigError, match="length_buckets must be an int >= 0"):
+            train_to_dir(toy_dir, tmp_path / "bad", length_buckets=-1, **run)

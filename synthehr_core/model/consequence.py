@@ -237,13 +237,14 @@ class ConSequence(HALO):
         self.rules = rules
         return self
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None,
+                n_ctx: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.rules is not None and (mask is not None or loss_weight is not None):
+            # rules read the current and earlier rows only, so a trimmed batch fires where the padded one does
             fired, _ = self.rules.fired(x)  # (B, T-1, V)
             base = loss_weight if loss_weight is not None else mask[:, 1:]
             loss_weight = base * (~fired).to(x.dtype)  # fired entries: probability fixed, no loss, no gradient
-        return super().forward(x, mask=mask, loss_weight=loss_weight)
+        return super().forward(x, mask=mask, loss_weight=loss_weight, n_ctx=n_ctx)
 
 
 def load_row_rules(model_dir, vocab: Vocab) -> CompiledRules | None:

@@ -236,12 +236,14 @@ class PrivateTraining:
         idx = poisson_batch(self.n_train, self.sample_rate, self.seed, step)
         return idx[self.rank::self.world_size]
 
-    def step(self, step: int, idx: torch.Tensor, dataset, collate: Callable, autocast_ctx: Callable
-             ) -> tuple[float, int]:
+    def step(self, step: int, idx: torch.Tensor, dataset, collate: Callable, autocast_ctx: Callable,
+             n_ctx: int | None = None) -> tuple[float, int]:
         """One DP-SGD step on this rank's indices ``idx``; returns ``(sum of per-patient losses, patients)``.
 
         The logical batch goes through ``BatchMemoryManager`` in physical batches of at most
         ``physical_batch_size``; the optimizer clips each, accumulates, and steps (noise + update) after the last.
+        ``n_ctx``: the nominal rows of batches that ``collate`` trims to their longest patient (each per-patient
+        loss keeps the constant normaliser ``(n_ctx-1)*V``, so clipping and noise see the padded gradients).
         """
         import warnings
 
@@ -259,7 +261,7 @@ class PrivateTraining:
                 X, mask = X.to(self.device), mask.to(self.device)
                 with autocast_ctx(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "full backward hook ... no inputs require gradients"
-                    _, loss = self.module(X, mask)
+                    _, loss = self.module(X, mask) if n_ctx is None else self.module(X, mask, n_ctx=n_ctx)
                     if len(X) == 0:  # an empty Poisson batch still takes a (pure noise) step
                         loss = torch.nan_to_num(loss, nan=0.0)
                     loss.backward()

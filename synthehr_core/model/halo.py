@@ -106,8 +106,10 @@ class MaskedLinear(nn.Module):
 
     def masked_weight(self) -> torch.Tensor:
         """``tril(weight)``; under no_grad it is computed once per weight version (sampling calls the head
-        hundreds of times per row) and kept as a plain attribute, not a buffer."""
+        hundreds of times per row) and kept as a plain attribute, not a buffer. A forward with gradients drops
+        it: the fused Adam updates weights in place without bumping their version."""
         if torch.is_grad_enabled():
+            self.__dict__.pop("_tril_key", None)
             return torch.tril(self.weight)
         key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
         if self.__dict__.get("_tril_key") != key:
@@ -253,8 +255,8 @@ class HALO(nn.Module):
         a, _ = self.config.groups[k]
         return self.group_heads[k](hidden[..., :self.config.n_embd + a])
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None,
+                n_ctx: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced logits for rows 1..T-1: ``(B, T-1, V)``; and the loss when mask or loss_weight is given.
 
         Args:
@@ -262,8 +264,15 @@ class HALO(nn.Module):
             mask: ``(B, T, 1)`` row mask before the shift; the loss weight is ``mask[:, 1:]``.
             loss_weight: replaces ``mask[:, 1:]`` as the per-element BCE weight, broadcastable to ``(B, T-1, V)``
                 (ConSequence passes ``mask[:, 1:] * not_fired`` to leave rule-fixed entries out of the loss).
-        The loss is the weighted BCE averaged over all ``B*(T-1)*V`` elements, masked ones included: HI's scale.
+            n_ctx: the rows per patient the loss is averaged as; default T. A batch trimmed to its longest patient
+                (``collate_halo(..., trim=True)``) passes the nominal n_ctx: the cut rows are masked and, attention
+                being causal, change no earlier output, so loss, gradients and DP-SGD's per-sample losses are the
+                padded batch's.
+        The loss is the weighted BCE averaged over all ``B*(n_ctx-1)*V`` elements, masked ones included: HI's scale.
         """
+        B, T, V = x.shape  # batch, rows, vocab
+        assert n_ctx is None or n_ctx >= T, f"n_ctx={n_ctx} < the batch's {T} rows"
+        n_elem = B * ((n_ctx or T) - 1) * V  # the loss normaliser: fixed, never a count of unmasked entries
         h, _ = self.history(x[:, :-1])  # (B, T-1, E)
         targets = x[:, 1:]  # (B, T-1, V)
         hidden, logits = self._fine(h, targets)  # (B, T-1, V)
@@ -273,12 +282,16 @@ class HALO(nn.Module):
         pos_weight = None
         if self.config.pos_loss_weight is not None:
             pos_weight = torch.tensor(self.config.pos_loss_weight, device=x.device, dtype=logits.dtype)
-        if not self.config.groups:
+        if not self.config.groups and n_elem == targets.numel():  # not trimmed: HI's mean, bit for bit
             loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), weight=weight,
                                                       pos_weight=pos_weight)
             return logits, loss
+        if not self.config.groups:
+            loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), weight=weight,
+                                                      pos_weight=pos_weight, reduction="sum")
+            return logits, loss / n_elem
         # a group's tokens are scored by its categorical (one cross-entropy per row), every other token by BCE;
-        # the sum is divided by the element count, HI's scale
+        # the sum is divided by the nominal element count, HI's scale
         in_group = torch.zeros(targets.size(-1), dtype=torch.bool, device=x.device)
         total = 0.0
         for k, (a, b) in enumerate(self.config.groups):
@@ -291,4 +304,4 @@ class HALO(nn.Module):
             total = total + (ce * weight[..., a:b].amax(-1).flatten()).sum()
         bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), weight=weight * ~in_group,
                                                  pos_weight=pos_weight, reduction="sum")
-        return logits, (bce + total) / targets.numel()
+        return logits, (bce + total) / n_elem

@@ -183,26 +183,30 @@ class EHRParquetDataset(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- collate
-def collate_halo(batch: list[tuple[list[int], list[list[int]]]], vocab: Vocab, n_ctx: int = 48
+def collate_halo(batch: list[tuple[list[int], list[list[int]]]], vocab: Vocab, n_ctx: int = 48, trim: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense HALO batch: ``X (B, n_ctx, V)`` float32 multi-hot and ``mask (B, n_ctx, 1)`` (before the shift).
 
     Row 0 = <start>; row 1 = labels (if ``vocab.label_row``); then one row per visit with <end> on the last
     visit's row; <pad> rows after. Mask is 1 on rows 1..last visit. Visits beyond the context are cut.
+    ``trim=True`` keeps rows 0..the longest patient's last row only (``(B, T, V)``, T <= n_ctx): the rows cut are
+    masked <pad> rows for everyone, so the model gives the same loss when told the nominal ``n_ctx``
+    (``HALO.forward(..., n_ctx=)``) for a fraction of the work (a MIMIC-like patient has 1.3 visits, n_ctx 48).
     """
     B, V, fvr = len(batch), vocab.size, vocab.first_visit_row
-    X = torch.zeros(B, n_ctx, V)
-    mask = torch.zeros(B, n_ctx, 1)
+    visits_of = [visits[:n_ctx - fvr] for _, visits in batch]
+    lasts = [fvr + len(visits) - 1 for visits in visits_of]  # row of each patient's last visit (holds <end>)
+    T = max(lasts) + 1 if trim and batch else n_ctx
+    X = torch.zeros(B, T, V)
+    mask = torch.zeros(B, T, 1)
     X[:, 0, vocab.start_index] = 1.0
     b_idx, r_idx, t_idx = [], [], []
-    for b, (labels, visits) in enumerate(batch):
-        visits = visits[:n_ctx - fvr]
+    for b, ((labels, _), visits, last) in enumerate(zip(batch, visits_of, lasts)):
         rows = ([(1, labels)] if vocab.label_row else []) + [(fvr + v, toks) for v, toks in enumerate(visits)]
         for r, toks in rows:
             b_idx += [b] * len(toks)
             r_idx += [r] * len(toks)
             t_idx += list(toks)
-        last = fvr + len(visits) - 1                  # row of the last visit (holds <end>)
         X[b, last, vocab.end_index] = 1.0
         X[b, last + 1:, vocab.pad_index] = 1.0
         mask[b, 1:last + 1] = 1.0
@@ -214,11 +218,11 @@ def collate_halo(batch: list[tuple[list[int], list[list[int]]]], vocab: Vocab, n
 class HaloCollate:
     """Picklable ``collate_fn`` for DataLoader(num_workers>0): ``DataLoader(ds, collate_fn=HaloCollate(vocab))``."""
 
-    def __init__(self, vocab: Vocab, n_ctx: int = 48):
-        self.vocab, self.n_ctx = vocab, n_ctx
+    def __init__(self, vocab: Vocab, n_ctx: int = 48, trim: bool = False):
+        self.vocab, self.n_ctx, self.trim = vocab, n_ctx, trim
 
     def __call__(self, batch):
-        return collate_halo(batch, self.vocab, self.n_ctx)
+        return collate_halo(batch, self.vocab, self.n_ctx, self.trim)
 
 
 # ---------------------------------------------------------------------------------------------- decode

@@ -48,8 +48,9 @@ from .halo import HaloConfig
 from .precision import autocast, grad_scaler, validate_precision
 from .tensors import EHRParquetDataset, HaloCollate, collate_halo
 
-__all__ = ["CKPT_DIR", "LoopState", "TrainArgs", "TrainConfig", "epoch_order", "make_model", "make_optimizer",
-           "pick_device", "resolve_resume", "run_identity", "train", "train_step", "train_to_dir", "validation_loss"]
+__all__ = ["CKPT_DIR", "LoopState", "TrainArgs", "TrainConfig", "bucket_order", "epoch_order", "make_model",
+           "make_optimizer", "pick_device", "resolve_resume", "run_identity", "train", "train_step", "train_to_dir",
+           "validation_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +75,29 @@ def make_model(model_type: str, config: HaloConfig, seed: int, rules=None) -> to
     return model
 
 
-def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=lr)  # HI/KI: Adam, no weight decay, no schedule
+def make_optimizer(model: torch.nn.Module, lr: float, fused: bool | None = None) -> torch.optim.Optimizer:
+    """HI/KI's Adam: no weight decay, no schedule. ``fused`` (default: on CPU and CUDA) updates each parameter in
+    one kernel instead of a pass over memory per operation: the same update up to float rounding in the last
+    bits, and most of a trimmed tiny-model step (docs/speed.md). ``fused=False`` is the for-loop Adam, bit for bit."""
+    params = list(model.parameters())
+    if fused is None:
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, mask: torch.Tensor,
-               amp=None, scaler: torch.amp.GradScaler | None = None, loss_weight: float = 1.0) -> torch.Tensor:
+               amp=None, scaler: torch.amp.GradScaler | None = None, loss_weight: float = 1.0,
+               n_ctx: int | None = None) -> torch.Tensor:
     """One optimiser step on a batch; returns the detached loss.
 
     ``amp`` makes the autocast context (precision.py), ``scaler`` is the fp16 GradScaler, ``loss_weight`` scales
-    the loss for the backward only (a rank's share of an uneven global batch under DDP, distributed.py).
+    the loss for the backward only (a rank's share of an uneven global batch under DDP, distributed.py), ``n_ctx``
+    is the nominal row count of a trimmed batch (``collate_halo(..., trim=True)``; the loss keeps HI's normaliser).
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with amp() if amp is not None else contextlib.nullcontext():
-        _, loss = model(X, mask)
+        _, loss = model(X, mask) if n_ctx is None else model(X, mask, n_ctx=n_ctx)
     scaled = loss * loss_weight if loss_weight != 1.0 else loss
     if scaler is not None:
         scaler.scale(scaled).backward()
@@ -106,21 +115,37 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def _batch(ds: EHRParquetDataset, idx, vocab: Vocab, n_ctx: int, device: torch.device):
-    X, mask = collate_halo([ds[int(i)] for i in idx], vocab, n_ctx)
+def bucket_order(order: torch.Tensor, rows: torch.Tensor, batch_size: int, seed: int, epoch: int, window: int
+                 ) -> torch.Tensor:
+    """Length-bucketed epoch order: ``order`` cut into runs of ``window`` full batches, each run sorted by the
+    patients' row counts ``rows`` (stable) and cut into batches, then the full batches shuffled (stream
+    ``("buckets", epoch)``); the last, partial batch stays last. Every patient is still seen once per epoch, but a
+    batch now holds patients of similar length, so trimmed batches are shorter (docs/speed.md)."""
+    n_full = len(order) // batch_size * batch_size
+    run = window * batch_size
+    parts = [order[a:min(a + run, n_full)] for a in range(0, n_full, run)]
+    parts = [p[torch.argsort(rows[p], stable=True)] for p in parts]
+    batches = torch.cat(parts).view(-1, batch_size) if parts else order[:0].view(0, batch_size)
+    g = torch.Generator().manual_seed(torch_seed(seed, "buckets", epoch))
+    return torch.cat([batches[torch.randperm(len(batches), generator=g)].flatten(), order[n_full:]])
+
+
+def _batch(ds: EHRParquetDataset, idx, vocab: Vocab, n_ctx: int, device: torch.device, trim: bool = True):
+    X, mask = collate_halo([ds[int(i)] for i in idx], vocab, n_ctx, trim=trim)
     return X.to(device), mask.to(device)
 
 
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, ds: EHRParquetDataset, vocab: Vocab, n_ctx: int, batch_size: int,
-                    device: torch.device) -> float:
-    """Mean loss over a dataset (batch losses weighted by batch size), in a fixed order."""
+                    device: torch.device, trim: bool = True) -> float:
+    """Mean loss over a dataset (batch losses weighted by batch size), in a fixed order; ``trim``: each batch
+    trimmed to its longest patient (the same loss, HI's normaliser kept)."""
     model.eval()
     total, n = 0.0, 0
     for b0 in range(0, len(ds), batch_size):
         idx = range(b0, min(b0 + batch_size, len(ds)))
-        X, mask = _batch(ds, idx, vocab, n_ctx, device)
-        _, loss = model(X, mask)
+        X, mask = _batch(ds, idx, vocab, n_ctx, device, trim)
+        _, loss = model(X, mask, n_ctx=n_ctx) if trim else model(X, mask)
         total += float(loss) * len(idx)
         n += len(idx)
     return total / max(n, 1)
@@ -207,20 +232,21 @@ class _Loop:
 
     def __init__(self, model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParquetDataset | None,
                  vocab: Vocab, work_dir, args: TrainArgs, run_hash: str, device: torch.device, precision: str,
-                 dist: DistContext):
+                 dist: DistContext, legacy_step: bool = False, length_buckets: int = 0):
         self.model, self.train_ds, self.val_ds, self.vocab = model, train_ds, val_ds, vocab
         self.work_dir, self.args, self.run_hash = work_dir, args, run_hash
         self.device, self.precision, self.dist = device, precision, dist
         self.n_ctx = model.config.n_ctx
+        self.trim, self.length_buckets = not legacy_step, length_buckets
         self.scaler = grad_scaler(precision, device)
-        self.optimizer = make_optimizer(model, args.lr)
+        self.optimizer = make_optimizer(model, args.lr, fused=False if legacy_step else None)
         self.state = LoopState()
         self.per_epoch = -(-len(train_ds) // args.batch_size)
         planned = self.per_epoch * args.epochs
         self.total = planned if args.max_steps is None else min(args.max_steps, planned)
         self.private: PrivateTraining | None = None
         self.step_model = model
-        self.collate = HaloCollate(vocab, self.n_ctx)
+        self.collate = HaloCollate(vocab, self.n_ctx, self.trim)
 
     def amp(self) -> contextlib.AbstractContextManager:
         return autocast(self.precision, self.device)
@@ -245,6 +271,9 @@ class _Loop:
 
     def prepare_step(self, dp: DPConfig | None, ck: dict, resume_from) -> None:
         """DP-SGD or DDP around the model, and the resumed privacy accounting and loss scale."""
+        if dp is not None and dp.enabled and self.length_buckets:
+            raise ConfigError(f"length_buckets={self.length_buckets} cannot be combined with DP-SGD: its batches are "
+                              "Poisson samples, which the privacy accounting assumes. Use length_buckets=0.")
         if dp is not None and dp.enabled:  # DP-SGD: the noise is calibrated for the `total` planned steps
             self.private = PrivateTraining(self.model, self.optimizer, n_train=len(self.train_ds),
                                            batch_size=self.args.batch_size, steps=self.total, config=dp,
@@ -266,6 +295,8 @@ class _Loop:
                    disable=not progress or not self.dist.is_main)
         while not s.done and s.epoch < args.epochs:
             order = epoch_order(len(self.train_ds), args.seed, s.epoch)
+            if self.length_buckets:
+                order = bucket_order(order, self.rows(), args.batch_size, args.seed, s.epoch, self.length_buckets)
             while s.batch_pos < self.per_epoch:
                 loss = self.train_batch(order)
                 s.step += 1
@@ -282,18 +313,26 @@ class _Loop:
                     break
         bar.close()
 
+    def rows(self) -> torch.Tensor:
+        """Rows of each training patient up to its last visit (what a trimmed batch of it needs)."""
+        if not hasattr(self, "_rows"):
+            fvr, ds = self.vocab.first_visit_row, self.train_ds
+            self._rows = torch.tensor([fvr + min(ds.n_visits(i), self.n_ctx - fvr) for i in range(len(ds))])
+        return self._rows
+
     def train_batch(self, order: torch.Tensor) -> float:
         """One optimiser step; returns the loss of the whole (global) batch."""
         s, bs, dist = self.state, self.args.batch_size, self.dist
         if self.private is not None:  # a Poisson batch of expected size batch_size, this rank's share
             idx = self.private.batch_indices(s.step)
-            total_loss, n_loss = dist.sum(*self.private.step(s.step, idx, self.train_ds, self.collate, self.amp))
+            total_loss, n_loss = dist.sum(*self.private.step(s.step, idx, self.train_ds, self.collate, self.amp,
+                                                             n_ctx=self.n_ctx if self.trim else None))
             return total_loss / n_loss if n_loss else float("nan")  # nan: an empty Poisson batch
         idx = order[s.batch_pos * bs:(s.batch_pos + 1) * bs]
         local = dist.shard(idx)  # the whole batch unless under torchrun
-        X, mask = _batch(self.train_ds, local, self.vocab, self.n_ctx, self.device)
+        X, mask = _batch(self.train_ds, local, self.vocab, self.n_ctx, self.device, self.trim)
         loss = float(train_step(self.step_model, self.optimizer, X, mask, self.amp, self.scaler,
-                                dist.loss_weight(len(local), len(idx))))
+                                dist.loss_weight(len(local), len(idx)), n_ctx=self.n_ctx if self.trim else None))
         if dist.enabled:  # the global-batch mean, as one process would log it
             total_loss, n_loss = dist.sum(loss * len(local) if len(local) else 0.0, len(local))
             loss = total_loss / n_loss
@@ -324,7 +363,8 @@ class _Loop:
 
     def validate(self) -> None:
         s = self.state
-        val = validation_loss(self.model, self.val_ds, self.vocab, self.n_ctx, self.args.batch_size, self.device)
+        val = validation_loss(self.model, self.val_ds, self.vocab, self.n_ctx, self.args.batch_size, self.device,
+                              self.trim)
         s.history.append({"step": s.step, "epoch": s.epoch, "split": "val", "loss": val,
                           **({"epsilon": self.private.epsilon()} if self.private is not None else {})})  # DP: so far
         s.last_eval_step = s.step
@@ -369,7 +409,7 @@ def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParque
           work_dir: str | Path, args: TrainArgs, run_hash: str = "", resume_from: str | Path | None = None,
           device: str | torch.device | None = None, progress: bool = True, precision: str = "fp32",
           dp: DPConfig | None = None, dist: DistContext | None = None,
-          on_step: Callable[[int], None] | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None, legacy_step: bool = False, length_buckets: int = 0) -> dict:
     """Train ``model`` in place; step checkpoints go to ``work_dir/checkpoints``.
 
     Returns ``{"best_state", "history", "step", "epoch", "best_val", "best_step", "stopped_early", "privacy"}``;
@@ -377,12 +417,21 @@ def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParque
     no val set). ``precision``: "fp32" | "bf16" | "fp16" (precision.py); ``dp``: DP-SGD options (dp.py);
     ``dist``: this process's rank under torchrun (distributed.py; rank 0 alone writes checkpoints);
     ``on_step(step)``: called after each step, once that step's checkpoint (if due) is written.
+    ``legacy_step``: False (default) cuts each batch after its longest patient, HI's loss normaliser kept, and
+    uses the fused Adam (the same objective, gradients and update up to float rounding, for a fraction of the
+    work: docs/speed.md); True is the step before that, bit for bit: every padding row computed, as HI does, and
+    the for-loop Adam.
+    ``length_buckets``: 0 = off; W > 0 sorts each run of W batches of the epoch by patient length
+    (``bucket_order``), which changes which patients share a batch (not DP-SGD: its batches are Poisson).
     """
     args = args.validate()
+    if not (isinstance(length_buckets, int) and not isinstance(length_buckets, bool) and length_buckets >= 0):
+        raise ConfigError(f"length_buckets must be an int >= 0 (0 = off; W = sort each run of W batches by "
+                          f"patient length); got {length_buckets!r}.")
     device = pick_device(device)
     model.to(device)
     loop = _Loop(model, train_ds, val_ds, vocab, work_dir, args, run_hash, device,
-                 validate_precision(precision, device), dist or SINGLE)
+                 validate_precision(precision, device), dist or SINGLE, legacy_step, length_buckets)
     ck = loop.resume(resume_from) if resume_from is not None else {}
     loop.prepare_step(dp, ck, resume_from)
     loop.run(progress, on_step)
@@ -409,12 +458,15 @@ def _dir_is_empty(path) -> bool:
     return not p.exists() or not any(p.iterdir())
 
 
-def run_identity(config: TrainConfig, model_config: HaloConfig, n_train: int, rules) -> dict:
+def run_identity(config: TrainConfig, model_config: HaloConfig, n_train: int, rules, length_buckets: int = 0
+                 ) -> dict:
     """What decides the weights, hashed into ``config_hash``: a checkpoint resumes only a run of the same hash."""
     loop = config.loop
     out = {"config": model_config.to_dict(), "model_type": config.model_type, "lr": loop.lr,
            "batch_size": loop.batch_size, "seed": loop.seed, "n_train": n_train,
            "rules": [r.to_json() for r in rules] if rules else None}
+    if length_buckets:  # the batches' make-up; off (0) stays out, so other runs keep their hash
+        out["length_buckets"] = length_buckets
     if config.dp.enabled:  # options at their defaults stay out, so older runs keep their hash
         out["dp"] = config.dp.to_dict()
     if config.precision != "fp32":
@@ -436,6 +488,7 @@ class _TrainData:
     train_ds: EHRParquetDataset
     val_ds: EHRParquetDataset | None
     run_hash: str
+    length_buckets: int = 0
 
 
 def _model_config(config: TrainConfig, vocab: Vocab, n_ctx: int, groups: list[TokenGroup]) -> HaloConfig:
@@ -460,7 +513,7 @@ def _read_rules(model_type: str, rules_dir, vocab: Vocab):
     return rules, compile_rules(rules, vocab)
 
 
-def _read_data(tables_dir, config: TrainConfig, rules_dir) -> _TrainData:
+def _read_data(tables_dir, config: TrainConfig, rules_dir, length_buckets: int = 0) -> _TrainData:
     vocab = Vocab.load(storage.join(tables_dir, "vocab.json"))
     tables = read_tables(tables_dir)   # once, for the rare-code filter and both datasets
     rare_codes: list[str] = []
@@ -480,8 +533,9 @@ def _read_data(tables_dir, config: TrainConfig, rules_dir) -> _TrainData:
     except ConfigError:
         val_ds = None
         log.warning("%s has no val split: keeping the last weights, no early stopping.", tables_dir)
-    run_hash = _hash(run_identity(config, model_config, len(train_ds), rules))
-    return _TrainData(vocab, groups, rare_codes, model_config, rules, compiled, train_ds, val_ds, run_hash)
+    run_hash = _hash(run_identity(config, model_config, len(train_ds), rules, length_buckets))
+    return _TrainData(vocab, groups, rare_codes, model_config, rules, compiled, train_ds, val_ds, run_hash,
+                      length_buckets)
 
 
 def _write_outputs(out_dir, model: torch.nn.Module, data: _TrainData, config: TrainConfig, res: dict,
@@ -489,6 +543,8 @@ def _write_outputs(out_dir, model: torch.nn.Module, data: _TrainData, config: Tr
     """Everything but meta.json: checkpoint, rules, history, label priors, token groups; returns the history."""
     extra = {"training": asdict(config.loop), "seed": config.seed, "preset": config.preset,
              "config_hash": data.run_hash, "tables_dir": str(tables_dir), "versions": versions("torch")}
+    if data.length_buckets:  # off (0) stays out of config.json
+        extra["training"]["length_buckets"] = data.length_buckets
     write_checkpoint(out_dir, model, data.vocab, config.model_type, extra_config=extra)
     if data.rules is not None:
         from ..rules.ruleset import RULES_FILE, save_rules
@@ -520,7 +576,8 @@ def _run_info(config: TrainConfig, data: _TrainData, res: dict, hist: pd.DataFra
             "n_rules": len(data.rules) if data.rules else 0, "device": str(device), "seconds": round(seconds, 3),
             "resumed_from": str(resume_from) if resume_from else None, "precision": config.precision,
             "world_size": dist.world_size, **(res["privacy"] or {}),
-            **({"min_code_count": mcc, "n_rare_codes_dropped": len(data.rare_codes)} if mcc else {})}
+            **({"min_code_count": mcc, "n_rare_codes_dropped": len(data.rare_codes)} if mcc else {}),
+            **({"length_buckets": data.length_buckets} if data.length_buckets else {})}
 
 
 def _config_of(config: TrainConfig | None, options: dict) -> TrainConfig:
@@ -538,7 +595,8 @@ def _config_of(config: TrainConfig | None, options: dict) -> TrainConfig:
 def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *,
                  rules_dir: str | Path | None = None, resume_from: str | Path | None = None,
                  device: str | torch.device | None = None, progress: bool = True, distributed: bool = False,
-                 on_step: Callable[[int], None] | None = None, **options: Any) -> dict:
+                 on_step: Callable[[int], None] | None = None, legacy_step: bool = False, length_buckets: int = 0,
+                 **options: Any) -> dict:
     """The train stage: fit HALO or ConSequence on the train split, validate on val, write a checkpoint dir.
 
     Args:
@@ -554,6 +612,9 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfi
         progress: show a tqdm bar (rank 0).
         distributed: join the torchrun process group (distributed.py); rank 0 alone writes ``out_dir``.
         on_step: called with the step number after every step (and its checkpoint, when one is due).
+        legacy_step: True = the training step before trimmed batches and the fused Adam, bit for bit (``train``).
+        length_buckets: 0 = off; W > 0 = batches of similar-length patients (``bucket_order``; part of the run's
+            hash, recorded in config.json and meta.json; not with DP-SGD).
         options: instead of ``config``, its option names as keywords (``epochs=3, dp_target_epsilon=1.0``); other
             names are extra ``HaloConfig`` fields (``n_embd=64``): ``TrainConfig.from_options``.
     Returns:
@@ -563,7 +624,7 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfi
     if resume_from is None and not _dir_is_empty(out_dir):
         raise FileExistsError(f"{out_dir} is not empty: pass resume_from={storage.join(out_dir, CKPT_DIR)} to "
                               "continue that run, or choose an empty out_dir.")
-    data = _read_data(tables_dir, config, rules_dir)
+    data = _read_data(tables_dir, config, rules_dir, length_buckets)
     model = make_model(config.model_type, data.model_config, config.seed, data.compiled_rules)
     dist = setup_distributed() if distributed else SINGLE
     dev = pick_device(device)
@@ -572,7 +633,7 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfi
     t0 = time.perf_counter()
     res = train(model, data.train_ds, data.val_ds, data.vocab, out_dir, config.loop, run_hash=data.run_hash,
                 resume_from=resume_from, device=dev, progress=progress, precision=config.precision, dp=config.dp,
-                dist=dist, on_step=on_step)
+                dist=dist, on_step=on_step, legacy_step=legacy_step, length_buckets=length_buckets)
     seconds = time.perf_counter() - t0
     if not dist.is_main:  # rank 0 writes the checkpoint directory; the others wait for it
         dist.barrier()
