@@ -125,6 +125,95 @@ class TestExactness:
         assert 1.5 < np.mean([len(r) for r in fast]) < 5  # the test exercises several visit rows
 
 
+class TestBlockHead:
+    """The block-lazy head (``head_block`` columns per block) samples the same law for any block size, the
+    full-row head (``head_block=None``) included; sizes that do not divide V leave a short last block."""
+    N = 12000
+
+    @pytest.mark.parametrize("block", [None, 1, 3, 5])
+    def test_first_visit_matches_enumeration_for_any_block_size(self, block):
+        vocab = _vocab(4)  # V = 7: blocks of 3 and 5 leave a last block of 1 and 2
+        V = vocab.size
+        m = _sharp_model(vocab, n_ctx=3, seed=3)
+        with torch.no_grad():  # dense rows: several codes per block, so the re-draws after a commit matter
+            m.fine_2.bias[m.config.n_embd - 1:m.config.n_embd - 1 + V] += 1.0
+        pats = _patterns(V)
+        with torch.no_grad():
+            h, _ = m.history(torch.eye(V)[vocab.start_index][None, None, :])
+            p_exact = _log_prob(m, h[0, -1].expand(len(pats), -1), pats).exp().numpy()
+        rows = sample(m, vocab, self.N, seed=12, batch_size=3000, progress=False, head_block=block)
+        counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(pats))
+        assert _chi2_p(counts, p_exact) > 1e-3
+
+    @pytest.mark.parametrize("block", [3, 4])
+    def test_groups_and_group_heads_across_block_edges(self, block):
+        """Token groups split the blocks they fall in (V = 11: groups at 0:2, 2:4, 4:7); both group kinds stay exact."""
+        vocab, groups = _group_vocab()
+        V = vocab.size
+        for m, log_prob in ((_sharp_model(vocab, n_ctx=3, seed=5), _constrained_log_prob),
+                            (_head_model(vocab, groups, seed=8), _head_log_prob)):
+            p_exact = _first_visit_law(m, vocab, groups, log_prob)
+            rows = sample(m, vocab, self.N, seed=2, batch_size=3000, progress=False, groups=groups, head_block=block)
+            counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(p_exact))
+            assert counts[p_exact == 0].sum() == 0
+            assert _chi2_p(counts[p_exact > 0], p_exact[p_exact > 0]) > 1e-3
+
+    def test_later_visits_and_the_reference_agree_with_small_blocks(self):
+        vocab = _vocab(5, labels=True)  # V = 10 with a label row: blocks of 3 end at 9, a block of 1
+        m = _sharp_model(vocab, n_ctx=6, seed=2)
+        with torch.no_grad():
+            m.fine_2.bias[m.config.n_embd - 1 + vocab.end_index] += 3.0
+        fast = sample(m, vocab, 6000, seed=3, batch_size=500, progress=False, head_block=3)
+        ref = sample_reference(m, vocab, 6000, seed=4, batch_size=500)
+        V = vocab.size
+        for feature in (lambda r: len(r), lambda r: _key(r[0], V), lambda r: _key(r[1], V) if len(r) > 1 else -1,
+                        lambda r: sum(len(x) for x in r)):
+            a, b = [feature(r) for r in fast], [feature(r) for r in ref]
+            cats = sorted(set(a) | set(b))
+            table = np.array([[a.count(c) for c in cats], [b.count(c) for c in cats]])
+            table = table[:, table.sum(0) >= 10]
+            assert stats.chi2_contingency(table).pvalue > 1e-3
+
+    def test_block_logits_equal_the_model_head(self):
+        """Every block's first-pass logits, and its split into a fixed part and the block's own units after a
+        commit, are the model's logits (same column, same prefix)."""
+        from synthehr_core.model.sampling import _BlockHead, _Groups, _segments
+
+        vocab = _vocab(9, labels=True)  # V = 14
+        m = _sharp_model(vocab, n_ctx=4)
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(5, m.config.n_embd, generator=g)
+        with torch.no_grad():
+            head = _BlockHead(m)
+            for seg in _segments(head, _Groups([], "cpu"), vocab.size, 4):
+                row = torch.zeros(5, vocab.size)
+                row[:, :seg.start] = (torch.rand(5, seg.start, generator=g) < 0.4).float()
+                pre = head.start(h) + row @ head.w1_row
+                lg = torch.addmm(seg.bias, torch.relu(pre[:, :seg.width]), seg.weight)
+                torch.testing.assert_close(lg, m.head(h, row)[:, seg.start:seg.stop], rtol=1e-5, atol=1e-5)
+                lo = seg.width - seg.inner.size(0)
+                fixed = torch.addmm(seg.bias, torch.relu(pre[:, :lo]), seg.weight[:lo])
+                own = pre[:, lo:seg.width]
+                for j in (0, seg.stop - seg.start - 1):  # two commits in the block: its first and last column
+                    row[:, seg.start + j] = 1.0
+                    own = own + seg.commit_in[j]
+                    after = torch.addmm(fixed, torch.relu(own), seg.inner)
+                    torch.testing.assert_close(after, m.head(h, row)[:, seg.start:seg.stop], rtol=1e-5, atol=1e-5)
+
+    def test_determinism_per_seed_batch_and_block(self):
+        vocab = _vocab(6, labels=True)
+        m = _sharp_model(vocab, n_ctx=8)
+        a = sample(m, vocab, 50, seed=7, batch_size=16, progress=False, head_block=3)
+        assert a == sample(m, vocab, 50, seed=7, batch_size=16, progress=False, head_block=3)
+        assert a != sample(m, vocab, 50, seed=8, batch_size=16, progress=False, head_block=3)
+
+    def test_bad_head_block(self):
+        vocab = _vocab(3)
+        for bad in (0, -2, 2.5, True):
+            with pytest.raises(ConfigError, match="head_block"):
+                sample(_sharp_model(vocab, 4), vocab, 2, seed=0, head_block=bad, progress=False)
+
+
 def test_incremental_head_equals_model_head():
     from synthehr_core.model.sampling import _IncrementalHead
 

@@ -9,7 +9,13 @@ factorisation p(row_t | rows < t) = prod_j p(x_tj | rows < t, x_t,<j). Compared 
   patient's own first drawn 1 (the zeros before it were drawn under the right, all-zero prefix), move that
   patient's cursor past it and repeat. Head passes per row = max over patients of (codes + 1); HI's batch-shared
   cursor commits the smallest first-1 column across the whole batch, so it needs one pass per distinct column;
-* patients that sampled <end> leave the batch (HI keeps sampling them until everyone has ended).
+* patients that sampled <end> leave the batch (HI keeps sampling them until everyone has ended);
+* a **block-lazy head** (``head_block`` columns per block, default ``HEAD_BLOCK``): the row is filled block by block
+  for all patients at once; a block's logits come from only the hidden units they can see, with the weights
+  transposed once per shard, and after a commit only the rest of that patient's block is re-drawn, from the
+  block's own hidden units. Each logit is then computed about once per row over the non-zero half of the masked
+  weight, where the full-row head (``head_block=None``, the sampler before it) recomputes all V logits over all
+  D units for every commit. Row 0 (<start>, the same for everyone) goes through the transformer once per batch.
 
 Single-valued variables (event type, a visit bin, a calendar kind, a label: ``vocab.token_groups``) are drawn as
 one categorical when a patient's cursor reaches them: from the model's categorical head where it has one
@@ -18,14 +24,15 @@ optional). The checkpoint's ``token_groups.json`` says which are required.
 
 ``sample_to_dir`` is the stage: one shard of a checkpoint, defined by a ``SampleConfig`` (config.py).
 ``sample_reference`` is the plain reference algorithm, kept for the exactness tests and ``bench/sample.py``.
-Probabilities and Bernoulli draws are fp32; one ``torch.Generator`` per cohort seed, so the same model, seed and
-batch size give the same cohort.
+Probabilities and Bernoulli draws are fp32; one ``torch.Generator`` per cohort seed, so the same model, seed,
+batch size and head block give the same cohort. The block head draws its uniforms in another order than the
+full-row head, so a seed gives other patients from the same distribution (tests/test_sampling.py).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
@@ -287,6 +294,151 @@ def _decide_groups(head, pre, row, logits, live, decide, gnext, cursor, groups: 
         gnext[idx] = k + 1
 
 
+# ---------------------------------------------------------------------------------------------- block-lazy head
+HEAD_BLOCK = 128  # logit columns per block: 64-256 within noise on CPU, 128 best at the paper size (docs/speed.md)
+
+
+class _BlockHead(_IncrementalHead):
+    """The incremental head, evaluated lazily in column blocks; built once per model and shard.
+
+    Logit j is unit E-1+j of the second masked layer, so it reads hidden units 0..E-1+j only, and those read h and
+    row[:j]. The logits of a block [c0, c1) therefore need hidden units 0..E+c1-2 and their K weight rows over
+    them, which are transposed and made contiguous here once: a pass over a block costs K * (E + c1) per patient,
+    and the V logits of a row cost about the non-zero half of the (V x D) masked weight instead of all of it.
+    """
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.E = model.config.n_embd
+        self.V = model.config.vocab_size
+        self._blocks: dict[tuple[int, int], tuple] = {}
+
+    def block(self, a: int, b: int) -> tuple:
+        """The ``_Segment`` tensors of columns a..b-1, made once (label and visit rows share most blocks)."""
+        if (a, b) not in self._blocks:
+            E, width, cols = self.E, self.E + b - 1, torch.arange(b - a, device=self.b2.device)
+            weight = self.w2[a:b, :width].t().contiguous()
+            self._blocks[a, b] = (weight, self.b2[a:b].contiguous(), width, self.w1_row[a:b],
+                                  weight[E + a:].contiguous(), self.w1_row[a:b, E + a:width].contiguous(),
+                                  cols[:, None] < cols[None, :])
+        return self._blocks[a, b]
+
+
+class _Segment(NamedTuple):
+    """Columns ``start:stop`` of a row, drawn together: a block of Bernoulli columns, or one token group. The
+    tensors are views and copies made once per shard, so a pass indexes them without slicing anything."""
+    start: int
+    stop: int
+    weight: torch.Tensor            # (width, K): the block's logit units over the hidden units they read
+    bias: torch.Tensor              # (K,)
+    width: int                      # E + stop - 1: hidden units the block's logits read
+    commit: torch.Tensor            # (K, D): what committing each column adds to the pre-activation
+    inner: torch.Tensor             # (K - 1, K): the weight rows of the block's own units E+start .. width-1
+    commit_in: torch.Tensor         # (K, K - 1): what committing each column adds to those units
+    later: torch.Tensor             # (K, K) bool: later[j] = the columns after j (what a patient re-draws)
+    group: TokenGroup | None = None
+    group_head: tuple[torch.Tensor, torch.Tensor] | None = None  # the model's categorical head (weight, bias)
+
+
+def _segments(head: _BlockHead, groups: _Groups, V: int, block: int) -> list[_Segment]:
+    """The row cut into blocks on the grid of multiples of ``block``, and each token group as a segment of its
+    own (a group splits the block it falls in)."""
+    def blocks(a: int, b: int) -> list[tuple[int, int]]:
+        edges = sorted({a, b, *range((a // block + 1) * block, b, block)})
+        return list(zip(edges, edges[1:]))
+
+    cuts, c = [], 0
+    for k, grp in enumerate(groups.groups if groups else ()):
+        cuts += [(a, b, None, None) for a, b in blocks(c, grp.start)]
+        gh = head.model.group_heads[groups.heads[k]] if groups.heads[k] is not None else None
+        cuts.append((grp.start, grp.stop, grp, None if gh is None else (gh.weight, gh.bias)))
+        c = grp.stop
+    cuts += [(a, b, None, None) for a, b in blocks(c, V)]
+    return [_Segment(a, b, *head.block(a, b), grp, gh) for a, b, grp, gh in cuts]
+
+
+def _fill_block(seg: _Segment, pre: torch.Tensor, row: torch.Tensor, temperature: float, g: torch.Generator
+                ) -> None:
+    """Draw columns ``seg.start:seg.stop`` of every patient's row, exactly (skip-zeros within the block).
+
+    Each pass draws the rest of the block from the logits given the row so far; a patient with a drawn 1 commits
+    its first one (the zeros before it were drawn under the right prefix) and re-draws the columns after it in
+    the next pass, a patient without one is done with the block. Passes = 1 + the most codes one patient has here.
+    A code of the block moves only the block's own K-1 hidden units, so the logits are split into a fixed part
+    (units before the block, once per block) and those units, which each patient carries: a later pass is a
+    (K-1) x K product. The block's codes reach ``pre`` once, at the end. The loop is the sampler's hot path, one
+    tensor op per line.
+    """
+    lo = seg.width - seg.inner.size(0)  # E + start: the block's first own unit
+    fixed = torch.addmm(seg.bias, torch.relu(pre[:, :lo]), seg.weight[:lo])  # (B, K): what no code here moves
+    own = pre[:, lo:seg.width]  # (B, K - 1): the block's own units (pre-activations)
+    lg = torch.addmm(fixed, torch.relu(own), seg.inner)  # (B, K)
+    act = open_ = None  # patients still in the block (None = everyone) and the columns they still draw
+    who, what = [], []
+    while True:
+        if lg.dtype != torch.float32:  # probabilities and draws in fp32 whatever the model's dtype
+            lg = lg.float()
+        if temperature != 1.0:
+            lg = lg / temperature
+        draw = torch.rand(lg.shape, generator=g, device=lg.device) < lg.sigmoid_()
+        if open_ is not None:
+            draw &= open_  # columns up to the last commit are decided
+        has, first = draw.max(dim=1)  # first drawn 1 among the open columns (max returns the first maximum)
+        hit = torch.where(has)[0]
+        if not hit.numel():
+            break
+        j = first[hit]
+        act = hit if act is None else act[hit]
+        fixed, own = fixed[hit], own[hit] + seg.commit_in[j]
+        open_ = seg.later[j]  # a patient whose 1 was the block's last column draws nothing next pass
+        who.append(act)
+        what.append(j)
+        lg = torch.addmm(fixed, torch.relu(own), seg.inner)  # (n, K)
+    if who:
+        idx, j = (torch.cat(who), torch.cat(what)) if len(who) > 1 else (who[0], what[0])
+        row[:, seg.start:seg.stop][idx, j] = 1.0
+        pre.index_add_(0, idx, seg.commit[j])
+
+
+def _draw_group(head: _BlockHead, seg: _Segment, pre: torch.Tensor, row: torch.Tensor, temperature: float,
+                g: torch.Generator) -> None:
+    """One token group for every patient, as one categorical given the row so far (see ``_decide_groups``)."""
+    grp, kk = seg.group, seg.stop - seg.start
+    if grp.required and kk == 1:  # one member, required: nothing to draw
+        row[:, grp.start] = 1.0
+        pre += seg.commit[0]
+        return
+    if seg.group_head is not None:  # the model's own categorical over the group (+ "none"): HALO.group_logits
+        lg = F.linear(torch.relu(pre[:, :head.E + grp.start]), *seg.group_head).float()
+        lg = lg[:, :kk] if grp.required else lg
+        pick = _draw_categorical(lg / temperature if temperature != 1.0 else lg, g)
+    else:  # a Bernoulli chain over the members, restricted to at most (exactly) one
+        lg0 = torch.addmm(seg.bias, torch.relu(pre[:, :seg.width]), seg.weight).float() / temperature
+        pick = _draw_categorical(_group_log_weights(lg0, _after_logits(head, pre, grp, temperature), grp.required), g)
+    if grp.required:  # every patient takes a member
+        row[:, grp.start:grp.stop].scatter_(1, pick[:, None], 1.0)
+        pre += seg.commit[pick]
+        return
+    on = torch.where(pick < kk)[0]
+    row[on, grp.start + pick[on]] = 1.0
+    pre.index_add_(0, on, seg.commit[pick[on]])
+
+
+@torch.no_grad()
+def _sample_row_blocks(head: _BlockHead, segments: list[_Segment], h: torch.Tensor, temperature: float,
+                       g: torch.Generator) -> torch.Tensor:
+    """Exact draw of one row for every patient, block by block in column order (the same law as ``_sample_row``,
+    other uniforms). ``h (B, E)`` -> ``(B, V)``."""
+    row = torch.zeros(h.size(0), head.V, device=h.device, dtype=h.dtype)
+    pre = head.start(h)  # (B, D)
+    for seg in segments:
+        if seg.group is None:
+            _fill_block(seg, pre, row, temperature, g)
+        else:
+            _draw_group(head, seg, pre, row, temperature, g)
+    return row
+
+
 def _label_rows(labels, label_probs: pd.DataFrame | None, vocab: Vocab, n_patients: int, seed: int
                 ) -> torch.Tensor | None:
     """The fixed label rows ``(n_patients, n_labels)``: given, drawn from ``label_probs``, or None (sampled)."""
@@ -304,23 +456,47 @@ def _label_rows(labels, label_probs: pd.DataFrame | None, vocab: Vocab, n_patien
     return labels
 
 
-def _sample_batch(model, vocab: Vocab, B: int, labels: torch.Tensor | None, temperature: float,
-                  g: torch.Generator, row_groups: dict[str, _Groups], rules: RowRules | None, device
-                  ) -> list[list[list[int]]]:
-    """One batch of ``B`` patients, row by row with a KV cache; finished patients leave the batch."""
+RowDrawer = Callable[[torch.Tensor, str], torch.Tensor]  # (h (n, E), "label" | "visit") -> one row (n, V)
+
+
+def _row_drawer(model, V: int, temperature: float, g: torch.Generator, row_groups: dict[str, _Groups],
+                head_block: int | None) -> RowDrawer:
+    """How each row is drawn: the block-lazy head (its weights transposed once, here), or with ``head_block=None``
+    (and for HALO-Coarse) the full-row head of ``_sample_row``."""
+    if head_block is None or getattr(model.config, "coarse", False):
+        return lambda h, kind: _sample_row(model, h, V, temperature, g, row_groups[kind])
+    head = _BlockHead(model)
+    segments = {kind: _segments(head, grp, V, head_block) for kind, grp in row_groups.items()}
+    return lambda h, kind: _sample_row_blocks(head, segments[kind], h, temperature, g)
+
+
+def _sample_batch(model, vocab: Vocab, B: int, labels: torch.Tensor | None, draw_row: RowDrawer,
+                  rules: RowRules | None, device, shared_start: bool = False) -> list[list[list[int]]]:
+    """One batch of ``B`` patients, row by row with a KV cache; finished patients leave the batch.
+
+    ``shared_start``: row 0 is <start> for everyone, so its transformer states are computed once and broadcast
+    (a third of the transformer's work for a one-visit patient; the full-row head path keeps HI's batched row 0).
+    """
     V, T, fvr = vocab.size, model.config.n_ctx, vocab.first_visit_row
-    X = torch.zeros(B, T, V, device=device)  # (B, T, V) rows sampled so far
+    # (B, T, V) rows sampled so far; a patient's rows are read (rules, decoding) only once written, so no zero fill
+    X = torch.empty(B, T, V, device=device)
+    first = 2 if labels is not None else 1
+    X[:, :first] = 0.0
     X[:, 0, vocab.start_index] = 1.0
-    first = 1
     if labels is not None:
         X[:, 1, vocab.label_slice] = labels.to(device)
-        first = 2
-    h, kv = model.history(X[:, :first])
+    if shared_start:
+        h, kv = model.history(X[:1, :1])
+        h, kv = h.expand(B, -1, -1), [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv]
+        if labels is not None:
+            h, kv = model.history(X[:, 1:2], kv)
+    else:
+        h, kv = model.history(X[:, :first])
     h = h[:, -1]  # (B, E) state that predicts row `first`
     act = torch.arange(B, device=device)  # batch rows still being sampled
     last_row = torch.full((B,), T - 1, dtype=torch.long)
     for t in range(first, T):
-        row = _sample_row(model, h, V, temperature, g, row_groups["label" if t < fvr else "visit"])  # (n_act, V)
+        row = draw_row(h, "label" if t < fvr else "visit")  # (n_act, V)
         if rules is not None:
             row = rules.apply_row(X[act, :t], row, t)
         X[act, t] = row
@@ -336,15 +512,28 @@ def _sample_batch(model, vocab: Vocab, B: int, labels: torch.Tensor | None, temp
             kv = _select_cache(kv, keep)
         h, kv = model.history(row[:, None, :], kv)  # only the new row goes through the transformer
         h = h[:, -1]
-    Xc = X.cpu()
-    return [[Xc[b, r].nonzero().flatten().tolist() for r in range(1, int(last_row[b]) + 1)] for b in range(B)]
+    return _row_tokens(X, last_row)
+
+
+def _row_tokens(X: torch.Tensor, last_row: torch.Tensor) -> list[list[list[int]]]:
+    """Per patient b, the token indices of rows 1..last_row[b] of ``X (B, T, V)``, in one nonzero."""
+    B, T, _ = X.shape
+    keep = torch.arange(T)[None, :] <= last_row[:, None]  # (B, T): the rows written for each patient
+    keep[:, 0] = False
+    rows = keep.nonzero().tolist()  # (b, r), sorted
+    out: list[list[list[int]]] = [[[] for _ in range(int(last_row[p]))] for p in range(B)]
+    k, v = X.cpu()[keep].nonzero().T.tolist()  # (k-th kept row, token), sorted
+    for ki, vi in zip(k, v):
+        bi, ri = rows[ki]
+        out[bi][ri - 1].append(vi)
+    return out
 
 
 @torch.no_grad()
 def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 256, temperature: float = 1.0,
            labels: torch.Tensor | None = None, label_probs: pd.DataFrame | None = None, rules: RowRules | None = None,
            device: str | torch.device | None = None, progress: bool = True,
-           groups: Sequence[TokenGroup] | None = None) -> list[list[list[int]]]:
+           groups: Sequence[TokenGroup] | None = None, head_block: int | None = HEAD_BLOCK) -> list[list[list[int]]]:
     """Sample ``n_patients`` patients; returns, per patient, the token indices of rows 1, 2, ... (``decode_rows`` input).
 
     Args:
@@ -361,7 +550,14 @@ def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 25
         progress: show a tqdm bar over batches.
         groups: single-valued token groups (``vocab.token_groups``, the checkpoint's ``token_groups.json``): each
             sampled row holds at most one member of each, exactly one where ``required`` (see ``_sample_row``).
+        head_block: logit columns per block of the block-lazy head; None = the full-row head (the sampler before
+            the block head, kept for benchmarks). Same distribution either way; other sizes draw other uniforms,
+            so the same seed gives other (equally exact) patients.
     """
+    if head_block is not None and (isinstance(head_block, bool) or not isinstance(head_block, int)
+                                   or head_block < 1):
+        raise ConfigError(f"head_block must be None (full-row head) or an int >= 1; got {head_block!r}. "
+                          f"The default is {HEAD_BLOCK}.")
     if n_patients < 0 or batch_size < 1:
         raise ConfigError(f"n_patients must be >= 0 and batch_size >= 1; got {n_patients} and {batch_size}.")
     if not temperature > 0:
@@ -376,12 +572,13 @@ def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 25
     row_groups = {kind: _Groups(_with_model_heads(model, [grp for grp in groups or () if grp.row == kind]),
                                 device, model) for kind in ("label", "visit")}
     labels = _label_rows(labels, label_probs, vocab, n_patients, seed)
+    draw_row = _row_drawer(model, vocab.size, temperature, g, row_groups, head_block)
     out: list[list[list[int]]] = []
     starts = range(0, n_patients, batch_size)
     for b0 in tqdm(starts, desc="sample", unit="batch", disable=not progress or len(starts) < 2):
         B = min(batch_size, n_patients - b0)
-        out += _sample_batch(model, vocab, B, None if labels is None else labels[b0:b0 + B], temperature, g,
-                             row_groups, rules, device)
+        out += _sample_batch(model, vocab, B, None if labels is None else labels[b0:b0 + B], draw_row, rules,
+                             device, shared_start=head_block is not None)
     return out
 
 
