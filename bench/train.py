@@ -1,8 +1,17 @@
 """Benchmark the train stage and ConSequence's generation overhead.
 
-    .venv/bin/python bench/train.py                       # CPU, ~2-4 minutes on a shared 2-core box
+    .venv/bin/python bench/train.py                       # CPU, ~5-8 minutes on a shared 2-core box
+    .venv/bin/python bench/train.py --only trim           # trimmed vs padded batches only
     .venv/bin/python bench/train.py --preset small --vocab 800 --batch 16 --steps 20 --n-patients 300
 
+0. ``time_trimmed_step``: CPU seconds per training step (collate + forward/backward + Adam) on MIMIC-shaped
+   batches (the bundled demo's train split, and ``bench.simulated_cohort``): the step before issue 18 (padded to
+   n_ctx as HI does, for-loop Adam: ``train(legacy_step=True)``), the batch trimmed to its longest patient with
+   the loss normaliser kept at n_ctx, and trimmed with the fused Adam (the train stage's step now). All start
+   from the same weights and take the same batches, interleaved within each repeat, so each repeat's ratio is
+   measured side by side; the loss and gradient differences of the first batch are printed with them.
+   ``time_buckets``: rows computed and time per epoch, trimmed, with and without length-bucketed batches
+   (``train(length_buckets=W)``). docs/speed.md has the tables.
 1. ``time_train_step``: optimiser steps/s of our HALO (head mask = ``tril(weight)`` in forward, logits +
    BCEWithLogits) against a reference-style HALO (HI:model.py: a D x D int32 mask *buffer* multiplied into the
    head weight every forward, sigmoid probabilities + BCELoss on masked probabilities). Same weights, same batch.
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -28,7 +38,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from synthehr_core.model.halo import HALO, HaloConfig
-from synthehr_core.model.train import make_optimizer, train_step
+from synthehr_core.model.tensors import collate_halo
+from synthehr_core.model.train import bucket_order, epoch_order, make_optimizer, train_step
 
 
 # ---------------------------------------------------------------------------------------------- reference style
@@ -97,6 +108,129 @@ def _median_time(fn, repeats: int, device: torch.device | None = None) -> float:
         _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------- trimmed batches
+def demo_batches(batch: int, epochs: int, n_ctx: int, seed: int = 0):
+    """The bundled MIMIC-III demo's train split in the train stage's epoch order: ``(batches of items, vocab)``."""
+    from bench import mimic_demo_tables
+    from synthehr_core.model.tensors import EHRParquetDataset
+
+    ds = EHRParquetDataset(mimic_demo_tables(), "train", n_ctx)
+    out = []
+    for e in range(epochs):
+        order = epoch_order(len(ds), seed, e)
+        out += [[ds[int(i)] for i in order[a:a + batch]] for a in range(0, len(ds), batch)]
+    return out, ds.vocab
+
+
+def simulated_batches(batch: int, n_batches: int, n_ctx: int, seed: int = 0):
+    from bench import simulated_cohort
+
+    items, vocab = simulated_cohort(n_patients=batch * n_batches, n_ctx=n_ctx, seed=seed)
+    return [items[a:a + batch] for a in range(0, len(items), batch)], vocab
+
+
+def _spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.4f} [{min(xs):.4f}-{max(xs):.4f}]"
+
+
+def _grads(model, X, mask, **kw):
+    model.zero_grad(set_to_none=True)
+    _, loss = model(X, mask, **kw)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+STEPS = {"padded": (False, False), "trimmed": (True, False), "trimmed + fused Adam": (True, True)}  # (trim, fused)
+
+
+def time_trimmed_step(batches, vocab, preset: str, n_ctx: int, repeats: int, device: torch.device, seed: int = 0
+                      ) -> dict:
+    """Per-step CPU seconds of the step before (padded, for-loop Adam), trimmed, and trimmed with the fused Adam
+    (the train stage's default) over the same batches from the same weights, interleaved; ratios per repeat."""
+    cfg = HaloConfig.preset(preset, vocab.n_visit_tokens, vocab.n_labels, n_ctx=n_ctx)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        first = HALO(cfg).to(device)
+    models = {name: first if i == 0 else HALO(cfg).to(device) for i, name in enumerate(STEPS)}
+    for m in models.values():
+        m.load_state_dict(first.state_dict())
+    # same weights, first batch: the trimmed loss and gradients against the padded ones
+    Xp, mp = collate_halo(batches[0], vocab, n_ctx)
+    Xt, mt = collate_halo(batches[0], vocab, n_ctx, trim=True)
+    lp, gp = _grads(models["padded"], Xp.to(device), mp.to(device))
+    lt, gt = _grads(models["trimmed"], Xt.to(device), mt.to(device), n_ctx=n_ctx)
+    grad_err = max(float((gt[k] - gp[k]).abs().max() / gp[k].abs().max().clamp_min(1e-30)) for k in gp)
+    runs = {name: (models[name], trim) for name, (trim, _) in STEPS.items()}
+    opts = {name: make_optimizer(models[name], 1e-4, fused=fused) for name, (_, fused) in STEPS.items()}
+
+    def epoch(name: str) -> None:
+        model, trim = runs[name]
+        for items in batches:
+            X, mask = collate_halo(items, vocab, n_ctx, trim=trim)
+            train_step(model, opts[name], X.to(device), mask.to(device), n_ctx=n_ctx if trim else None)
+        _sync(device)
+
+    for name in runs:
+        epoch(name)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name in runs:
+            t0 = time.process_time() if device.type == "cpu" else time.perf_counter()
+            epoch(name)
+            t1 = time.process_time() if device.type == "cpu" else time.perf_counter()
+            times[name].append((t1 - t0) / len(batches))
+    rows = [collate_halo(items, vocab, n_ctx, trim=True)[0].size(1) for items in batches]
+    return {"preset": preset, "V": vocab.size, "batch": len(batches[0]), "steps": len(batches),
+            "rows": statistics.mean(rows), "rows_max": max(rows), "times": times,
+            "loss_diff": abs(lt - lp) / abs(lp), "grad_err": grad_err}
+
+
+def time_buckets(items_batches, vocab, preset: str, n_ctx: int, window: int, repeats: int, device: torch.device,
+                 seed: int = 0) -> dict:
+    """One epoch, trimmed, in the stage's order and length-bucketed: rows computed (B x T summed) and CPU s."""
+    items = [it for b in items_batches for it in b]
+    bs = len(items_batches[0])
+    fvr = vocab.first_visit_row
+    rows = torch.tensor([fvr + min(len(v), n_ctx - fvr) for _, v in items])
+    order = epoch_order(len(items), seed, 0)
+    orders = {"epoch order": order, f"length buckets (W={window})": bucket_order(order, rows, bs, seed, 0, window)}
+    cfg = HaloConfig.preset(preset, vocab.n_visit_tokens, vocab.n_labels, n_ctx=n_ctx)
+    out = {}
+    for name, o in orders.items():
+        batches = [[items[int(i)] for i in o[a:a + bs]] for a in range(0, len(o), bs)]
+        out[name] = {"rows": sum(len(b) * collate_halo(b, vocab, n_ctx, trim=True)[0].size(1) for b in batches),
+                     "batches": batches, "times": []}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = HALO(cfg).to(device)
+    opt = make_optimizer(model, 1e-4)
+    for _ in range(repeats):
+        for r in out.values():
+            t0 = time.process_time()
+            for b in r["batches"]:
+                X, mask = collate_halo(b, vocab, n_ctx, trim=True)
+                train_step(model, opt, X.to(device), mask.to(device), n_ctx=n_ctx)
+            _sync(device)
+            r["times"].append(time.process_time() - t0)
+    return out
+
+
+def print_trimmed(results: list[tuple[str, dict]], load: tuple, n_ctx: int) -> None:
+    print("\n## time_trimmed_step: CPU s per step (collate + forward/backward + Adam), median [min-max] over repeats")
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("| batches | preset | V | batch x steps | rows: mean / max of n_ctx | " + " | ".join(STEPS)
+          + " | trimmed: speed-up | + fused Adam: speed-up | rel. loss diff | max rel. grad diff |")
+    print("|---|---|---:|---:|---:|" + "---:|" * (len(STEPS) + 4))
+    for what, r in results:
+        t = r["times"]
+        ratios = [[a / b for a, b in zip(t["padded"], t[name])] for name in list(STEPS)[1:]]
+        print(f"| {what} | {r['preset']} | {r['V']} | {r['batch']} x {r['steps']} | {r['rows']:.1f} / {r['rows_max']} "
+              f"of {n_ctx} | " + " | ".join(_spread(t[name]) for name in STEPS) + " | "
+              + " | ".join(f"{statistics.median(x):.2f}x [{min(x):.2f}-{max(x):.2f}]" for x in ratios)
+              + f" | {r['loss_diff']:.1e} | {r['grad_err']:.1e} |")
+
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks
@@ -203,6 +337,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-steps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = steady on a shared box)")
     ap.add_argument("--skip", choices=["train", "sample"], default=None)
+    ap.add_argument("--only", choices=["trim", "train", "sample"], default=None, help="run one benchmark only")
+    ap.add_argument("--trim-presets", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--trim-batch", type=int, default=48, help="48 = the train stage default (HI)")
+    ap.add_argument("--demo-epochs", type=int, default=3, help="epochs of demo batches timed per repeat")
+    ap.add_argument("--sim-batches", type=int, default=6, help="simulated-cohort batches timed per repeat")
+    ap.add_argument("--bucket-window", type=int, default=4)
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -210,7 +350,27 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s), {where}")
-    if a.skip != "train":
+    if a.only in (None, "trim"):
+        load = os.getloadavg()
+        demo, demo_vocab = demo_batches(a.trim_batch, a.demo_epochs, a.n_ctx)
+        sim, sim_vocab = simulated_batches(a.trim_batch, a.sim_batches, a.n_ctx)
+        results = []
+        for preset in a.trim_presets:
+            results.append(("MIMIC-III demo train split", time_trimmed_step(demo, demo_vocab, preset, a.n_ctx,
+                                                                             a.repeats, device)))
+            results.append(("simulated cohort", time_trimmed_step(sim, sim_vocab, preset, a.n_ctx, a.repeats,
+                                                                  device)))
+        print_trimmed(results, load, a.n_ctx)
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(f"\n## time_buckets: one epoch, trimmed, preset {a.trim_presets[0]}, batch {a.trim_batch}")
+        print("| cohort | order | rows computed (sum of B x T) | CPU s per epoch, median [min-max] |")
+        print("|---|---|---:|---:|")
+        for what, (b, v) in (("MIMIC-III demo train split", (demo[:len(demo) // a.demo_epochs], demo_vocab)),
+                             ("simulated cohort", (sim, sim_vocab))):
+            res = time_buckets(b, v, a.trim_presets[0], a.n_ctx, a.bucket_window, a.repeats, device)
+            for name, r in res.items():
+                print(f"| {what} | {name} | {r['rows']} | {_spread(r['times'])} |")
+    if a.skip != "train" and a.only in (None, "train"):
         rows = time_train_step(a.preset, a.vocab, a.labels, a.n_ctx, a.batch, a.steps, a.repeats, device)
         print(f"\n## time_train_step  preset={a.preset} V={a.vocab + a.labels + 3} n_ctx={a.n_ctx} batch={a.batch}")
         print(f"| {'model':<40} | steps/s (median) | steps/s (best) | head mask buffers MB | loss at init |")
@@ -219,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {r['model']:<40} | {r['steps/s']:16.2f} | {r['best']:14.2f} | {r['buffers MB']:20.1f} "
                   f"| {r['loss']:12.6f} |")
         print(f"\nspeed ratio ours / reference: {rows[0]['ratio']:.2f}x (median), {rows[0]['ratio best']:.2f}x (best)")
-    if a.skip != "sample":
+    if a.skip != "sample" and a.only in (None, "sample"):
         s = time_sample(a.n_patients, a.sample_batch, a.sample_preset, a.train_steps, a.repeats, device)
         print(f"\n## time_sample  MIMIC-III demo, V={s['vocab']}, preset={a.sample_preset}, {a.n_patients} patients, "
               f"batch {a.sample_batch}, {s['n_rules']} rules in {s['groups']} groups {s['by_family']}")
