@@ -12,7 +12,7 @@ reuse the same random bits (the label draw and the row draws of a shard once did
 
 The streams in use (docs/architecture.md): preprocess split = root; KDE variables = ``i`` (config order), times =
 ``n``, calendar = ``n + 1``; shard decode = ``("decode", start)``; sampling rows = root, label rows = ``"labels"``;
-model init = root, epoch order = ``("epoch", e)``, DP-SGD = ``("poisson", step)`` / ``("noise", step)``;
+model init = root, epoch order = ``("epoch", e)``, length buckets = ``("buckets", e)``, DP-SGD = ``("poisson", step)`` / ``("noise", step)``;
 evaluation privacy attacks = ``"privacy"``, utility = ``"utility"``.
 """
 from __future__ import annotations
