@@ -128,18 +128,12 @@ def _order_visits(visits: pd.DataFrame) -> pd.DataFrame:
 
 def _check_columns(cfg: DatasetConfig, patients: pd.DataFrame, visits: pd.DataFrame, where: str) -> None:
     problems = []
-    for col in cfg.labels:
-        if col not in patients.columns:
-            problems.append(f"labels: {col!r} is not a patient column; patient columns: {sorted(patients.columns)}")
-    for col in cfg.patient_bins:
-        if col not in patients.columns:
-            problems.append(f"patient_bins: {col!r} is not a patient column; patient columns: {sorted(patients.columns)}")
-    for col in cfg.visit_bins:
-        if col not in visits.columns:
-            problems.append(f"visit_bins: {col!r} is not a visit column; visit columns: {sorted(visits.columns)}")
-    for col in cfg.visit_categories:
-        if col not in visits.columns:
-            problems.append(f"visit_categories: {col!r} is not a visit column; visit columns: {sorted(visits.columns)}")
+    for key, names, table, kind in (("labels", cfg.labels, patients, "patient"),
+                                    ("patient_bins", cfg.patient_bins, patients, "patient"),
+                                    ("visit_bins", cfg.visit_bins, visits, "visit"),
+                                    ("visit_categories", cfg.visit_categories, visits, "visit")):
+        problems += [f"{key}: {col!r} is not a {kind} column; {kind} columns: {sorted(table.columns)}"
+                     for col in names if col not in table.columns]
     if problems:
         raise ConfigError(f"{where}: config does not match the data of adapter {cfg.adapter!r}:\n" + bullet_list(problems))
 

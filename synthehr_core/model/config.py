@@ -250,3 +250,17 @@ class SampleConfig:
             raise ConfigError(f"sampling options: unknown {unknown}, missing {missing}; the options are {names} "
                               "(seed and n_patients have no default).")
         return cls(**options)
+
+
+def config_or_options(cls, config, options: dict, build):
+    """``config`` itself, or ``build(options)`` when only option keywords were given (the stage functions' two ways
+    to be called); both, or a config of the wrong type, is a TypeError naming the fix."""
+    if config is None:
+        return build(options)
+    if not isinstance(config, cls):
+        raise TypeError(f"config must be a {cls.__name__}; got {type(config).__name__} {config!r}. Build one with "
+                        f"{cls.__name__}.from_dict({{...}}), or pass the options as keywords.")
+    if options:
+        raise TypeError(f"give config or option keywords, not both; got config and {sorted(options)}. "
+                        "Use dataclasses.replace(config, ...).")
+    return config

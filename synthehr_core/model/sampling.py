@@ -46,7 +46,7 @@ from ..data.vocab import TOKEN_GROUPS_FILE, TokenGroup, Vocab, load_token_groups
 from ..errors import ConfigError, DataError
 from ..randomness import torch_seed
 from .checkpoint import load_model
-from .config import SampleConfig
+from .config import SampleConfig, config_or_options
 from .consequence import load_row_rules
 from .tensors import decode_rows, vocab_roles
 
@@ -676,15 +676,7 @@ def _label_mix(model_dir, condition, vocab: Vocab) -> pd.DataFrame | None:
 
 
 def _sample_config(config: SampleConfig | None, options: dict) -> SampleConfig:
-    if config is None:
-        return SampleConfig.from_dict(options)
-    if not isinstance(config, SampleConfig):
-        raise TypeError(f"config must be a SampleConfig; got {type(config).__name__} {config!r}. Build one with "
-                        "SampleConfig(seed=..., n_patients=...), or pass the options as keywords.")
-    if options:
-        raise TypeError(f"give config or option keywords, not both; got config and {sorted(options)}. "
-                        "Use dataclasses.replace(config, ...).")
-    return config
+    return config_or_options(SampleConfig, config, options, SampleConfig.from_dict)
 
 
 def sample_to_dir(model_dir, out_dir, config: SampleConfig | None = None, *, device: str | None = None,

@@ -40,7 +40,7 @@ from ..data.vocab import TOKEN_GROUPS_FILE, TokenGroup, Vocab, save_token_groups
 from ..errors import ConfigError
 from ..randomness import torch_seed
 from .checkpoint import model_class, write_checkpoint
-from .config import TrainArgs, TrainConfig
+from .config import TrainArgs, TrainConfig, config_or_options
 from .distributed import SINGLE, DistContext
 from .distributed import setup as setup_distributed
 from .dp import DPConfig, PrivateTraining
@@ -581,15 +581,7 @@ def _run_info(config: TrainConfig, data: _TrainData, res: dict, hist: pd.DataFra
 
 
 def _config_of(config: TrainConfig | None, options: dict) -> TrainConfig:
-    if config is None:
-        return TrainConfig.from_options(**options)
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig; got {type(config).__name__} {config!r}. Build one with "
-                        "TrainConfig.from_dict({...}), or pass the options as keywords (model_type='halo', ...).")
-    if options:
-        raise TypeError(f"give config or option keywords, not both; got config and {sorted(options)}. "
-                        "Use dataclasses.replace(config, ...) or TrainConfig.from_dict({**config.to_dict(), ...}).")
-    return config
+    return config_or_options(TrainConfig, config, options, lambda o: TrainConfig.from_options(**o))
 
 
 def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *,
