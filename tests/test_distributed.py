@@ -15,7 +15,7 @@ import torch
 
 from synthehr_core.data.toy import write_toy_tables
 from synthehr_core.model.distributed import DistContext
-from synthehr_core.model.train import CKPT_DIR, train_to_dir
+from synthehr_core.model.train import train_to_dir
 
 # batch 7 over 2 ranks: shares of 4 and 3, so the uneven-share loss weighting is exercised on every step
 COMMON = dict(preset="tiny", batch_size=7, max_steps=4, ckpt_every=2, keep_checkpoints=None, eval_every=None,
@@ -63,7 +63,7 @@ def runs(toy_dir, tmp_path_factory):
     single_dp = train_to_dir(toy_dir, d / "single_dp", progress=False, **COMMON, **OVERRIDES, **dp)
     ddp, resumed, ddp_dp = _torchrun(toy_dir, [
         _argv(d / "ddp"),
-        _argv(d / "resumed", ["--resume-from", str(d / "single" / CKPT_DIR / "step_00000002.pt")]),
+        _argv(d / "resumed", ["--resume-from", str(Path(single["checkpoints"]) / "step_00000002.pt")]),
         _argv(d / "ddp_dp", ["--dp-noise-multiplier", "0.8", "--dp-max-grad-norm", "0.5", "--dp-delta", "1e-3"]),
     ])
     return {"dir": d, "single": single, "single_dp": single_dp, "ddp": ddp, "resumed": resumed, "ddp_dp": ddp_dp}
@@ -94,7 +94,8 @@ def test_ddp_two_processes_equal_one_process_and_resume_across_world_sizes(runs)
     assert (h1["split"] == h2["split"]).all()
     assert ((h1["loss"] - h2["loss"]).abs() < 1e-6).all()  # logged loss is the global-batch mean on both
     # rank 0 alone wrote: one set of outputs, one checkpoint per period
-    assert sorted(os.listdir(d / "ddp" / CKPT_DIR)) == ["step_00000002.pt", "step_00000004.pt"]
+    assert sorted(os.listdir(runs["ddp"]["checkpoints"])) == ["step_00000002.json", "step_00000002.pt",
+                                                             "step_00000004.json", "step_00000004.pt"]
     assert json.loads((d / "ddp" / "meta.json").read_text())["world_size"] == 2
     # a checkpoint does not depend on the number of processes: the 1-process run resumed with 2 processes
     assert runs["resumed"]["steps"] == 4 and runs["resumed"]["resumed_from"]

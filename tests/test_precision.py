@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,7 +14,7 @@ from synthehr_core.data.toy import write_toy_tables
 from synthehr_core.errors import ConfigError
 from synthehr_core.model.halo import HALO, HaloConfig
 from synthehr_core.model.precision import autocast, grad_scaler, validate_precision
-from synthehr_core.model.train import CKPT_DIR, train_to_dir
+from synthehr_core.model.train import train_to_dir
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16 autocast is CUDA-only)")
 
@@ -84,11 +85,11 @@ def test_bf16_training_on_cpu_has_no_nan(toy_dir, tmp_path, dp):
 def test_gpu_mixed_precision_trains_and_checkpoints_its_scaler(toy_dir, tmp_path, precision):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    train_to_dir(toy_dir, tmp_path / "o", preset="tiny", batch_size=8, max_steps=6, lr=1e-3, eval_every=3,
+    info = train_to_dir(toy_dir, tmp_path / "o", preset="tiny", batch_size=8, max_steps=6, lr=1e-3, eval_every=3,
                  precision=precision, device="cuda", progress=False)
     hist = pd.read_parquet(tmp_path / "o" / "history.parquet")
     assert hist["loss"].notna().all()
-    ck = torch.load(io.BytesIO(max((tmp_path / "o" / CKPT_DIR).iterdir()).read_bytes()), weights_only=True)
+    ck = torch.load(io.BytesIO(max(Path(info["checkpoints"]).glob("step_*.pt")).read_bytes()), weights_only=True)
     assert ("scaler" in ck) == (precision == "fp16")
 
 

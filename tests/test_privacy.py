@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -289,7 +290,7 @@ class TestDPTraining:
     RUN = dict(preset="tiny", n_embd=16, batch_size=8, eval_every=None, progress=False, seed=0)
 
     def test_demo_run_reaches_the_target_epsilon(self, mimic_demo, tmp_path):
-        from synthehr_core.model.train import CKPT_DIR, train_to_dir
+        from synthehr_core.model.train import train_to_dir
 
         info = train_to_dir(mimic_demo, tmp_path / "dp", epochs=2, dp_target_epsilon=3.0, dp_delta=1e-3,
                             dp_max_grad_norm=1.0, dp_physical_batch_size=4, **self.RUN)
@@ -300,7 +301,7 @@ class TestDPTraining:
         assert abs(info["dp_epsilon"] - 3.0) / 3.0 < 0.10 and info["dp_epsilon"] <= 3.0 + 0.01
         meta = json.loads((tmp_path / "dp" / "meta.json").read_text())
         assert meta["dp_epsilon"] == pytest.approx(info["dp_epsilon"])
-        last = _ckpt(sorted((tmp_path / "dp" / CKPT_DIR).iterdir())[-1])
+        last = _ckpt(sorted(Path(info["checkpoints"]).glob("step_*.pt"))[-1])
         assert last["privacy"]["noise_multiplier"] == pytest.approx(info["dp_noise_multiplier"])
         assert sum(h[2] for h in last["privacy"]["accountant"]["history"]) == 18
         state = _ckpt(tmp_path / "dp" / "model.pt")
@@ -308,12 +309,12 @@ class TestDPTraining:
         assert "_module." not in "".join(state)  # the plain model's keys, loadable by load_model
 
     def test_resumed_run_continues_its_privacy_accounting(self, mimic_demo, tmp_path):
-        from synthehr_core.model.train import CKPT_DIR, train_to_dir
+        from synthehr_core.model.train import train_to_dir
 
         dp = dict(dp_noise_multiplier=1.1, dp_delta=1e-3)
         full = train_to_dir(mimic_demo, tmp_path / "full", max_steps=6, ckpt_every=3, keep_checkpoints=None,
                             **dp, **self.RUN)
-        mid = tmp_path / "full" / CKPT_DIR / "step_00000003.pt"
+        mid = Path(full["checkpoints"]) / "step_00000003.pt"
         assert sum(h[2] for h in _ckpt(mid)["privacy"]["accountant"]["history"]) == 3
         resumed = train_to_dir(mimic_demo, tmp_path / "resumed", max_steps=6, resume_from=mid, **dp, **self.RUN)
         assert resumed["dp_steps"] == 6  # 3 restored + 3 new, not 3

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -20,7 +21,7 @@ from synthehr_core.model.checkpoint import load_model
 from synthehr_core.model.halo import HaloConfig
 from synthehr_core.model.sampling import sample
 from synthehr_core.model.tensors import EHRParquetDataset, decode_rows
-from synthehr_core.model.train import CKPT_DIR, TrainConfig, epoch_order, train_to_dir, validation_loss
+from synthehr_core.model.train import TrainConfig, epoch_order, train_to_dir, validation_loss
 
 N_CTX = 8
 
@@ -81,27 +82,32 @@ def test_keep_best_and_early_stopping(toy_dir, tmp_path):
     model, vocab, _ = load_model(tmp_path / "m")  # model.pt holds the best weights, not the last
     ds = EHRParquetDataset(toy_dir, "val", N_CTX, vocab)
     assert validation_loss(model, ds, vocab, N_CTX, 16, torch.device("cpu")) == pytest.approx(info["best_val_loss"], rel=1e-6)
-    last = _state(tmp_path / "m" / CKPT_DIR / f"step_{info['steps']:08d}.pt")["model"]
+    last = _state(Path(info["checkpoints"]) / f"step_{info['steps']:08d}.pt")["model"]
     assert not _equal_states(last, model.state_dict())
-    written = {f.name for f in (tmp_path / "m").iterdir()}
-    assert {"model.pt", "config.json", "vocab.json", "history.parquet", "label_probs.parquet", "meta.json"} <= written
+    written = {f.name for f in (tmp_path / "m").iterdir()}  # what sampling needs, no step checkpoints
+    assert written == {"model.pt", "config.json", "vocab.json", "history.parquet", "label_probs.parquet", "meta.json",
+                       "token_groups.json"}
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["model_type"] == "halo" and cfg["training"]["lr"] == 0.3 and cfg["seed"] == 0 and cfg["config_hash"]
     lp = pd.read_parquet(tmp_path / "m" / "label_probs.parquet")
     assert lp["probability"].sum() == pytest.approx(1.0) and lp["labels"].str.contains("label:sex=").all()
 
 
-def test_non_empty_out_dir_needs_resume_from(toy_dir, tmp_path):
+def test_non_empty_out_dir_is_refused_before_work_and_resume_checks_the_run(toy_dir, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "stray.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="resume_from="):
+    with pytest.raises(FileExistsError, match="not empty: it holds files.*overwrite=True"):
         train_to_dir(toy_dir, tmp_path / "m", max_steps=1, n_ctx=N_CTX, progress=False)
+    assert not (tmp_path / "m.checkpoints").exists()  # refused before any work
     train_to_dir(toy_dir, tmp_path / "r", max_steps=2, batch_size=16, n_ctx=N_CTX, progress=False)
+    with pytest.raises(FileExistsError, match="holds a trained model.*resume_from="):
+        train_to_dir(toy_dir, tmp_path / "r", max_steps=2, batch_size=16, n_ctx=N_CTX, progress=False)
     with pytest.raises(ConfigError, match="different run"):
-        train_to_dir(toy_dir, tmp_path / "r", max_steps=4, batch_size=16, lr=1e-3, n_ctx=N_CTX, progress=False,
+        train_to_dir(toy_dir, tmp_path / "r2", max_steps=4, batch_size=16, lr=1e-3, n_ctx=N_CTX, progress=False,
                      resume_from=tmp_path / "r")
-    with pytest.raises(FileNotFoundError, match="no checkpoints/step_"):
-        train_to_dir(toy_dir, tmp_path / "m", max_steps=1, n_ctx=N_CTX, progress=False, resume_from=tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="no complete step checkpoint"):
+        train_to_dir(toy_dir, tmp_path / "m2", max_steps=1, n_ctx=N_CTX, progress=False, resume_from=tmp_path / "m")
+    assert (tmp_path / "m" / "stray.txt").read_text() == "x"  # nothing of the user's touched
 
 
 # the run in a subprocess: kill_after > 0 makes the on_step hook SIGKILL the process right after that step
@@ -134,23 +140,25 @@ def test_resume_after_sigkill_is_bit_identical(toy_dir, tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
     killed = _run({**kw, "out_dir": str(tmp_path / "cut")}, kill_after=12)
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])  # really SIGKILLed mid-training
-    ckpts = sorted(f.name for f in (tmp_path / "cut" / CKPT_DIR).iterdir())
-    assert ckpts == ["step_00000005.pt", "step_00000010.pt"] and not (tmp_path / "cut" / "meta.json").exists()
+    (cut,) = (tmp_path / "cut.checkpoints").iterdir()  # <out>.checkpoints/<checkpoint key>/
+    assert sorted(f.name for f in cut.iterdir()) == ["step_00000005.json", "step_00000005.pt", "step_00000010.json",
+                                                     "step_00000010.pt"]
+    assert not (tmp_path / "cut").exists()  # the model directory is published only at the end
     # resume from the *older* checkpoint: it crosses an epoch boundary and re-runs evaluations and keep-best
-    resumed = _run({**kw, "out_dir": str(tmp_path / "cut"),
-                    "resume_from": str(tmp_path / "cut" / CKPT_DIR / "step_00000005.pt")})
+    resumed = _run({**kw, "out_dir": str(tmp_path / "cut"), "resume_from": str(cut / "step_00000005.pt")})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = json.loads(full.stdout.splitlines()[-1]), json.loads(resumed.stdout.splitlines()[-1])
     assert a["steps"] == b["steps"] == steps and a["best_step"] == b["best_step"] and a["best_val_loss"] == b["best_val_loss"]
     assert _equal_states(_state(tmp_path / "full" / "model.pt"), _state(tmp_path / "cut" / "model.pt"))
-    last_a = _state(tmp_path / "full" / CKPT_DIR / f"step_{steps:08d}.pt")
-    last_b = _state(tmp_path / "cut" / CKPT_DIR / f"step_{steps:08d}.pt")
+    assert a["checkpoints"] != b["checkpoints"] == str(cut)
+    last_a = _state(Path(a["checkpoints"]) / f"step_{steps:08d}.pt")
+    last_b = _state(cut / f"step_{steps:08d}.pt")
     assert _equal_states(last_a["model"], last_b["model"])
     assert _equal_states(last_a["optimizer"]["state"][0], last_b["optimizer"]["state"][0])
     ha, hb = (pd.read_parquet(tmp_path / d / "history.parquet") for d in ("full", "cut"))
     pd.testing.assert_frame_equal(ha, hb, check_exact=True)
     assert not _equal_states(_state(tmp_path / "full" / "model.pt"),
-                             _state(tmp_path / "cut" / CKPT_DIR / "step_00000005.pt")["model"])  # it did train on
+                             _state(cut / "step_00000005.pt")["model"])  # it did train on
 
 
 def test_group_heads_and_token_groups_reach_the_checkpoint(toy_dir, tmp_path):
@@ -367,7 +375,7 @@ class TestLengthBuckets:
         assert on["config_hash"] != off["config_hash"] and on["steps"] == off["steps"]
         assert json.loads((tmp_path / "on" / "config.json").read_text())["training"]["length_buckets"] == 3
         with pytest.raises(ConfigError, match="different run"):  # a bucketed run resumes only as one
-            train_to_dir(toy_dir, tmp_path / "on", resume_from=tmp_path / "on", **run)
+            train_to_dir(toy_dir, tmp_path / "on2", resume_from=tmp_path / "on", **run)
         with pytest.raises(ConfigError, match="length_buckets=3 cannot be combined with DP-SGD"):
             train_to_dir(toy_dir, tmp_path / "dp", length_buckets=3, dp_noise_multiplier=1.0, dp_delta=1e-3, **run)
         with pytest.raises(ConfigError, match="length_buckets must be an int >= 0"):

@@ -3,11 +3,16 @@
 A checkpoint directory holds ``model.pt`` (a ``state_dict``, never a pickled module), ``config.json`` (the
 ``HaloConfig`` fields plus ``model_type``), ``vocab.json``, and optionally ``rules.json`` and
 ``label_probs.parquet``. ``write_checkpoint`` writes the first three; ``load_model`` reads them back.
+
+The step checkpoints that resume a run (model, optimiser, loop and RNG state) are not part of it: they live in a
+folder of their own (``StepCheckpoints``), so the model directory holds only what sampling needs.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import io
+from pathlib import Path
 
 import torch
 
@@ -22,7 +27,8 @@ MODEL_TYPES = {
     "consequence": "synthehr_core.model.consequence:ConSequence",
 }
 
-__all__ = ["HALO", "HaloConfig", "MaskedLinear", "MODEL_TYPES", "model_class", "write_checkpoint", "load_model"]
+__all__ = ["HALO", "HaloConfig", "MaskedLinear", "MODEL_TYPES", "StepCheckpoints", "load_model", "load_step_file",
+           "model_class", "write_checkpoint"]
 
 
 def model_class(model_type: str) -> type[torch.nn.Module]:
@@ -62,3 +68,97 @@ def load_model(model_dir, device: str | torch.device | None = None) -> tuple[tor
                        map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device or "cpu").eval(), vocab, info
+
+
+# ---------------------------------------------------------------------------------------------- step checkpoints
+STEP_PREFIX = "step_"
+
+
+class StepCheckpoints:
+    """The step checkpoints of one run: a folder (local, gs://) outside the model directory.
+
+    Each checkpoint is two files, ``step_00000120.pt`` (torch.save of the loop state) and ``step_00000120.json``,
+    its marker, written last: ``{"step", "bytes", "sha256", "done"}``. A checkpoint counts only with its marker and
+    a ``.pt`` of the recorded size and digest, so a write cut short (a kill, a full disk, an upload that died) is
+    *absent*, never half there. Older checkpoints are pruned only after a newer one is complete, marker first.
+    """
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def path(self, step: int, ext: str = ".pt") -> str:
+        return storage.join(self.folder, f"{STEP_PREFIX}{step:08d}{ext}")
+
+    def steps(self) -> list[int]:
+        """Steps that have a marker (complete unless the ``.pt`` was tampered with), oldest first."""
+        if not storage.exists(self.folder):
+            return []
+        names = storage.listdir(self.folder)
+        return sorted(int(n[len(STEP_PREFIX):-5]) for n in names
+                      if n.startswith(STEP_PREFIX) and n.endswith(".json") and n[len(STEP_PREFIX):-5].isdigit())
+
+    def marker(self, step: int) -> dict:
+        return storage.read_json(self.path(step, ".json"))
+
+    def latest(self) -> int | None:
+        """The newest complete checkpoint's step (None when there is none)."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: dict, done: bool) -> str:
+        """Write the checkpoint, then its marker; returns the ``.pt`` path. A failed write raises an OSError
+        naming the file and leaves the checkpoints that were complete before."""
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        path = self.path(step)
+        try:
+            storage.write_bytes(path, data)
+            storage.write_json(self.path(step, ".json"), {"step": step, "bytes": len(data), "done": done,
+                                                          "sha256": hashlib.sha256(data).hexdigest()})
+        except OSError as exc:
+            _remove(self.path(step, ".json"))
+            _remove(path)
+            have = self.latest()
+            raise OSError(exc.errno, f"writing the step-{step} checkpoint {path} failed ({exc.strerror or exc}). "
+                          "Free space there or pass another checkpoint_uri (--checkpoint-uri); a rerun resumes from "
+                          + (f"the last complete checkpoint, step {have}." if have is not None else
+                             "the start (no complete checkpoint yet).")) from exc
+        return path
+
+    def load(self, step: int) -> dict:
+        """The checkpoint of ``step``, checked against its marker (a corrupt file is named, not unpickled)."""
+        path, mark = self.path(step), self.marker(step)
+        return load_step_file(path, mark)
+
+    def prune(self, keep: int | None) -> None:
+        """Keep the newest ``keep`` complete checkpoints (None: all); a marker goes before its ``.pt``."""
+        if not keep:
+            return
+        for step in self.steps()[:-keep]:
+            _remove(self.path(step, ".json"))
+            _remove(self.path(step))
+
+
+def load_step_file(path: str, mark: dict | None = None) -> dict:
+    """torch.load of a step checkpoint (weights only: no code runs), checked against its marker when given."""
+    data = storage.read_bytes(path)
+    if mark is not None and (len(data) != mark.get("bytes") or hashlib.sha256(data).hexdigest() != mark.get("sha256")):
+        raise ConfigError(f"{path}: {len(data)} bytes that do not match its marker ({mark.get('bytes')} bytes, sha256 "
+                          f"{str(mark.get('sha256'))[:12]}...): the file was changed after it was written. Delete it "
+                          "and its .json marker to resume from the checkpoint before it.")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (torch raises RuntimeError, UnpicklingError, EOFError, ...)
+        raise ConfigError(f"{path}: not a readable step checkpoint ({type(exc).__name__}: {str(exc)[:80]}). "
+                          "Resume from another step_*.pt, or start without resume_from.") from exc
+
+
+def _remove(path: str) -> None:
+    """Delete a file or object if it is there."""
+    if storage.is_gcs(path):
+        blob = storage._blob(path)
+        if blob.exists():
+            blob.delete()
+        return
+    Path(path).unlink(missing_ok=True)

@@ -58,6 +58,7 @@ class TrainArgs:
     eval_every: int | None = 500      # HI: full validation every 500 iterations; None = at each epoch end
     patience: int | None = None       # KI:train_consequence.py uses 5 (evaluations); None = no early stopping
     ckpt_every: int | None = None     # step checkpoint period; None = at every evaluation
+    ckpt_minutes: float | None = 10.0  # also a checkpoint this often (wall clock); None = off; arbitrary; tune
     keep_checkpoints: int | None = 2  # newest step checkpoints kept (None = all); arbitrary
     seed: int = 0                     # model init and data order
 
@@ -70,6 +71,9 @@ class TrainArgs:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 out.append(f"{name} must be None or an int >= 1; got {v!r}.")
+        m = self.ckpt_minutes
+        if m is not None and not (_is_number(m) and math.isfinite(m) and m > 0):
+            out.append(f"ckpt_minutes must be None (off) or a number > 0; got {m!r}.")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             out.append(f"lr must be > 0; got {self.lr!r}.")
         if not _is_int(self.seed):

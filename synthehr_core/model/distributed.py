@@ -78,6 +78,14 @@ class DistContext:
         dist.all_reduce(t)
         return t.tolist()
 
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (any picklable value of our own making: paths, markers)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -2,7 +2,11 @@
 
     torchrun --nproc_per_node 4 -m synthehr_core.model.torchrun --tables TABLES --out OUT [--preset paper ...]
 
-One flag per ``TrainConfig`` option (``--dp-target-epsilon`` is ``dp_target_epsilon``), its default the config's.
+One flag per ``TrainConfig`` option (``--dp-target-epsilon`` is ``dp_target_epsilon``), its default the config's;
+``--config-json`` gives them all at once (what ``run_training`` passes, so None values survive).
+``run_training(tables, out, config, processes=N)`` is the train stage on N processes: ``train_to_dir`` itself for
+one, this entry under ``torchrun --standalone --nproc_per_node N`` for more (its output goes to this process's
+stdout and stderr: pod logs), returning the published ``meta.json``.
 """
 from __future__ import annotations
 
@@ -10,9 +14,13 @@ import argparse
 import json
 import logging
 import os
+import subprocess
+import sys
+from typing import Any
 
 import torch.distributed as dist
 
+from .. import storage
 from ..errors import ConfigError
 from .checkpoint import MODEL_TYPES
 from .config import TrainConfig
@@ -21,7 +29,11 @@ from .dp import ACCOUNTANTS
 from .precision import PRECISIONS
 from .train import train_to_dir
 
-RUN_FLAGS = ("tables", "out", "rules_dir", "resume_from")  # where the run reads and writes; the rest is config
+log = logging.getLogger(__name__)
+
+# where the run reads and writes, and how it reports; the rest is config
+RUN_FLAGS = ("tables", "out", "rules_dir", "checkpoint_uri", "resume_from", "extend", "overwrite", "log_every",
+             "log_seconds", "config_json")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tables", required=True, help="preprocess output (tables directory)")
     p.add_argument("--out", required=True, help="checkpoint directory (empty unless --resume-from)")
     p.add_argument("--rules-dir", default=None)
+    p.add_argument("--checkpoint-uri", default=None, help="root of the step checkpoints (default: beside --out)")
     p.add_argument("--resume-from", default=None)
+    p.add_argument("--extend", action="store_true", help="train a finished --resume-from run on to --epochs")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out at publish time")
+    p.add_argument("--log-every", type=int, default=None, help="a progress log line every N steps")
+    p.add_argument("--log-seconds", type=float, default=30.0, help="a progress log line every S seconds")
+    p.add_argument("--config-json", default=None, help="all TrainConfig options as JSON (overrides the flags)")
     p.add_argument("--model-type", default=d["model_type"], choices=sorted(MODEL_TYPES))
     p.add_argument("--preset", default=d["preset"])
     p.add_argument("--epochs", type=int, default=d["epochs"])
@@ -41,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=d["eval_every"])
     p.add_argument("--patience", type=int, default=d["patience"])
     p.add_argument("--ckpt-every", type=int, default=d["ckpt_every"])
+    p.add_argument("--ckpt-minutes", type=float, default=d["ckpt_minutes"])
     p.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"])
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--precision", default=d["precision"], choices=sorted(PRECISIONS))
@@ -68,24 +87,54 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         k, v = kv.split("=", 1)
         overrides[k] = json.loads(v)
     options = {k: v for k, v in vars(a).items() if k not in RUN_FLAGS}
+    if a.config_json:
+        return TrainConfig.from_dict(json.loads(a.config_json))
     return TrainConfig.from_dict({**options, "model_overrides": overrides})
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(a)
     owns_group = not dist.is_initialized()  # a caller that set up the group keeps it (several runs per launch)
     try:
-        info = train_to_dir(a.tables, a.out, config, rules_dir=a.rules_dir, resume_from=a.resume_from,
-                            distributed=True, progress=False)
+        info = train_to_dir(a.tables, a.out, config, rules_dir=a.rules_dir, checkpoint_uri=a.checkpoint_uri,
+                            resume_from=a.resume_from, extend=a.extend, overwrite=a.overwrite, distributed=True,
+                            progress=False, log_every=a.log_every, log_seconds=a.log_seconds)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(info, default=str))
         return info
     finally:
         if owns_group:
             teardown()
+
+
+def run_training(tables, out, config: TrainConfig, *, processes: int = 1, **run: Any) -> dict:
+    """The train stage on ``processes`` processes (one per GPU; gloo CPU processes without GPUs): ``train_to_dir``
+    here for 1, a ``torchrun --standalone`` launch of this module for more. ``run``: ``train_to_dir``'s
+    run keywords (rules_dir, checkpoint_uri, resume_from, extend, overwrite, log_every, log_seconds)."""
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ConfigError(f"processes (train_gpus) must be an int >= 1; got {processes!r}.")
+    if processes == 1:
+        return train_to_dir(tables, out, config, progress=False, **run)
+    unknown = sorted(set(run) - set(RUN_FLAGS))
+    if unknown:
+        raise TypeError(f"run_training: {unknown} cannot be passed to the torchrun entry; it takes {RUN_FLAGS}.")
+    argv = ["--tables", str(tables), "--out", str(out), "--config-json", json.dumps(config.to_dict())]
+    for k, v in run.items():
+        if isinstance(v, bool):
+            argv += [f"--{k.replace('_', '-')}"] if v else []
+        elif v is not None:
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "synthehr_core.model.torchrun", *argv]
+    log.info("launching %d training processes: %s", processes, " ".join(cmd[:7]))
+    rc = subprocess.run(cmd, check=False).returncode  # output straight to our stdout/stderr: the pod log
+    if rc != 0:
+        raise RuntimeError(f"torchrun with {processes} processes exited with status {rc}; the lines above are its "
+                           "log (the first error is the cause).")
+    return storage.read_json(storage.join(str(out), "meta.json"))
 
 
 if __name__ == "__main__":

@@ -1,27 +1,36 @@
-"""The train stage: HALO / ConSequence on a tables directory, with explicit, bit-exact resume.
+"""The train stage: HALO / ConSequence on a tables directory, preemption-safe, with bit-exact resume.
 
 Loop as HI:train_model.py and KI:train_consequence.py (Adam, constant lr 1e-4, validation every N steps, keep the
 best) plus early stopping with patience (KI), and what the references lack:
 
-* **resume is explicit** (``resume_from=``); a non-empty ``out_dir`` without it is an error, never a silent resume;
+* **checkpoints outside the model** (``checkpoint_uri``, local or gs://, keyed by ``checkpoint_key``): at a step
+  period, every ``ckpt_minutes`` and at the end, each complete-or-absent (``checkpoint.StepCheckpoints``: the
+  ``.pt``, then a marker with its digest; older ones pruned only after a newer one is complete). A rerun of the
+  same config and data (a retried pod, a resubmitted pipeline) resumes from the newest complete one;
 * a step checkpoint holds model, optimizer, step, epoch and batch position, best validation loss and weights,
   the patience counter, the history, and RNG state; the data order of epoch e is a pure function of
   ``(seed, e)``, so resuming from any step checkpoint reaches bit-identical weights on CPU;
+* **the model directory is published whole** at the end (``storage.atomic_dir``): complete or absent, never a mix
+  of two runs; it holds only what sampling needs (best weights, no optimiser state);
+* **resume is explicit** beyond the run's own folder (``resume_from=``); a finished run is trained further only
+  with ``extend=True``, which says what it keeps;
+* progress reaches the log (``logging``, one line every N steps or seconds) for pods, where no bar shows;
 * the model is built under a forked, seeded RNG (no global seeding).
 
 What defines a run is one ``TrainConfig`` (config.py); ``train_to_dir`` adds where it reads and writes. The loop
 state lives in ``LoopState``, which is also what a step checkpoint restores. ``on_step(step)`` is called after
-every step's checkpoint (the resume test kills its own process there). ``make_optimizer`` / ``train_step`` are
-the seams for AMP, DP-SGD (Opacus) and DDP: the loss is a per-sample constant-normalised mean (HALO's scale)
-and the model has no buffers.
+every step's checkpoint (the resume tests kill their own process there; ``SYNTHEHR_FAULT_KILL_AT_STEP`` does the
+same in a pipeline task). ``make_optimizer`` / ``train_step`` are the seams for AMP, DP-SGD (Opacus) and DDP: the
+loss is a per-sample constant-normalised mean (HALO's scale) and the model has no buffers.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,7 +48,7 @@ from ..data.schema import read_tables
 from ..data.vocab import TOKEN_GROUPS_FILE, TokenGroup, Vocab, save_token_groups, token_groups
 from ..errors import ConfigError
 from ..randomness import torch_seed
-from .checkpoint import model_class, write_checkpoint
+from .checkpoint import StepCheckpoints, load_step_file, model_class, write_checkpoint
 from .config import TrainArgs, TrainConfig, config_or_options
 from .distributed import SINGLE, DistContext
 from .distributed import setup as setup_distributed
@@ -48,13 +57,14 @@ from .halo import HaloConfig
 from .precision import autocast, grad_scaler, validate_precision
 from .tensors import EHRParquetDataset, HaloCollate, collate_halo
 
-__all__ = ["CKPT_DIR", "LoopState", "TrainArgs", "TrainConfig", "bucket_order", "epoch_order", "make_model",
-           "make_optimizer", "pick_device", "resolve_resume", "run_identity", "train", "train_step", "train_to_dir",
+__all__ = ["CKPT_DIR", "LoopState", "TrainArgs", "TrainConfig", "bucket_order", "checkpoint_key",
+           "default_checkpoint_uri", "epoch_order", "make_model", "make_optimizer", "pick_device", "resolve_resume",
+           "run_identity", "train", "train_step", "train_to_dir",
            "validation_loss"]
 
 log = logging.getLogger(__name__)
 
-CKPT_DIR = "checkpoints"
+CKPT_DIR = "checkpoints"  # resolve_resume also looks in <dir>/checkpoints
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -156,43 +166,27 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _ckpt_name(step: int) -> str:
-    return f"step_{step:08d}.pt"
-
-
-def _list_ckpts(work_dir) -> list[str]:
-    d = storage.join(work_dir, CKPT_DIR)
-    if not storage.exists(d):
-        return []
-    return [n for n in storage.listdir(d) if n.startswith("step_") and n.endswith(".pt")]
-
-
-def _save(path: str, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    storage.write_bytes(path, buf.getvalue())
-
-
-def _load(path: str) -> dict:
-    return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
-
-
-def resolve_resume(resume_from: str | Path) -> str:
-    """A step checkpoint file, or a run/checkpoint directory (its newest step checkpoint)."""
+def resolve_resume(resume_from: str | Path) -> tuple[str, dict | None]:
+    """``(step checkpoint path, its marker or None)`` for ``resume_from``: a ``step_*.pt`` file, a checkpoint
+    folder (its newest complete checkpoint), or a model directory (the folder its meta.json names)."""
     p = str(resume_from)
     if p.endswith(".pt"):
         if not storage.exists(p):
-            raise FileNotFoundError(f"resume_from={p}: no such checkpoint. List {CKPT_DIR}/ of the run for "
-                                    "the step_*.pt files, or pass the run directory to take the newest.")
-        return p
+            raise FileNotFoundError(f"resume_from={p}: no such checkpoint. List the run's checkpoint folder (meta.json "
+                                    "'checkpoints') for the step_*.pt files, or pass the folder to take the newest.")
+        marker = p[:-3] + ".json"
+        return p, storage.read_json(marker) if storage.exists(marker) else None
     base = p.rstrip("/")
-    if base.endswith("/" + CKPT_DIR) or base == CKPT_DIR:
-        base = base[:-len(CKPT_DIR)].rstrip("/") or "."
-    names = _list_ckpts(base)
-    if not names:
-        raise FileNotFoundError(f"resume_from={p}: holds no {CKPT_DIR}/step_*.pt checkpoint. Start without "
-                                "resume_from in an empty out_dir.")
-    return storage.join(base, CKPT_DIR, names[-1])
+    meta = storage.join(base, "meta.json")
+    if storage.exists(meta):
+        base = storage.read_json(meta).get("checkpoints") or base
+    for folder in (base, storage.join(base, CKPT_DIR)):
+        ckpts = StepCheckpoints(folder)
+        step = ckpts.latest()
+        if step is not None:
+            return ckpts.path(step), ckpts.marker(step)
+    raise FileNotFoundError(f"resume_from={p}: holds no complete step checkpoint (step_*.pt with its .json marker)"
+                            f"{f' in {base}' if base != p.rstrip('/') else ''}. Start without resume_from.")
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -227,14 +221,47 @@ class LoopState:
                 "history": self.history, "done": self.done, "stopped_early": self.stopped_early}
 
 
+class _Progress:
+    """The training log: one INFO line every ``every`` steps or ``seconds`` seconds, whichever comes first, and at
+    the last step (step, loss, last validation loss, best, steps/s, ETA), for pod logs where no bar shows."""
+
+    def __init__(self, every: int | None = None, seconds: float | None = 30.0):
+        self.every, self.seconds = every, seconds
+
+    def start(self, step: int, total: int) -> None:
+        self.step0, self.total = step, total
+        self.t0 = self.last = time.monotonic()
+
+    def step(self, s: LoopState, loss: float) -> None:
+        now = time.monotonic()
+        if not (s.done or (self.every and s.step % self.every == 0)
+                or (self.seconds is not None and now - self.last >= self.seconds)):
+            return
+        self.last = now
+        rate = (s.step - self.step0) / max(now - self.t0, 1e-9)
+        left = max(self.total - s.step, 0) / rate if rate > 0 else float("nan")
+        val = next((h["loss"] for h in reversed(s.history) if h["split"] == "val"), None)
+        best = f"{s.best_val:.5g}@{s.best_step}" if s.best_step >= 0 else "-"
+        log.info("step %d/%d epoch %d loss %.5g val %s best %s %.3g steps/s ETA %s", s.step, self.total, s.epoch, loss,
+                 "-" if val is None else f"{val:.5g}", best, rate, _hms(left))
+
+
+def _hms(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    m, sec = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{sec:02d}"
+
+
 class _Loop:
     """One run's moving parts (model, optimiser, loss scaler, DP-SGD, DDP) around its ``LoopState``."""
 
     def __init__(self, model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParquetDataset | None,
-                 vocab: Vocab, work_dir, args: TrainArgs, run_hash: str, device: torch.device, precision: str,
-                 dist: DistContext, legacy_step: bool = False, length_buckets: int = 0):
+                 vocab: Vocab, ckpts: StepCheckpoints | None, args: TrainArgs, run_hash: str, device: torch.device,
+                 precision: str, dist: DistContext, legacy_step: bool = False, length_buckets: int = 0):
         self.model, self.train_ds, self.val_ds, self.vocab = model, train_ds, val_ds, vocab
-        self.work_dir, self.args, self.run_hash = work_dir, args, run_hash
+        self.ckpts, self.args, self.run_hash = ckpts, args, run_hash
+        self.last_ckpt = time.monotonic()
         self.device, self.precision, self.dist = device, precision, dist
         self.n_ctx = model.config.n_ctx
         self.trim, self.length_buckets = not legacy_step, length_buckets
@@ -251,10 +278,13 @@ class _Loop:
     def amp(self) -> contextlib.AbstractContextManager:
         return autocast(self.precision, self.device)
 
-    def resume(self, resume_from: str | Path) -> dict:
-        """Restore model, optimiser, loop state and RNG from a step checkpoint; returns the checkpoint."""
-        path = resolve_resume(resume_from)
-        ck = _load(path)
+    def resume(self, path: str, marker: dict | None, explicit: bool, extend: bool) -> dict:
+        """Restore model, optimiser, loop state and RNG from a step checkpoint; returns the checkpoint.
+
+        A finished checkpoint (``done``) found in the run's own folder (``explicit=False``: a retried or
+        resubmitted run) stays finished: the run publishes its model without training. ``resume_from`` a finished
+        run (``explicit``) is an error unless ``extend``, which trains it on to the new ``epochs``/``max_steps``."""
+        ck = load_step_file(path, marker)
         if self.run_hash and ck.get("run_hash") != self.run_hash:
             raise ConfigError(f"resume_from={path} was written by a different run (hash {ck.get('run_hash')} != "
                               f"{self.run_hash}): model, data, lr, batch size, seed, precision or dp_* options "
@@ -262,12 +292,43 @@ class _Loop:
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.state = LoopState.from_checkpoint(ck)
+        if self.state.done:
+            self._reopen(path, ck, explicit, extend)
         torch.set_rng_state(ck["torch_rng"])  # nothing in HALO draws from it today; dropout would
         if self.device.type == "cuda" and "cuda_rng" in ck:
             torch.cuda.set_rng_state(ck["cuda_rng"], self.device)
         s = self.state
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, s.step, s.epoch, s.batch_pos)
+        if s.done:
+            log.info("%s is this run finished (step %d, epoch %d): publishing its model, no training", path, s.step,
+                     s.epoch)
+        else:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, s.step, s.epoch, s.batch_pos)
         return ck
+
+    def _reopen(self, path: str, ck: dict, explicit: bool, extend: bool) -> None:
+        """A finished checkpoint: train it on (``extend``), refuse (``resume_from`` without ``extend``) or keep it
+        finished (the run's own folder)."""
+        s, a = self.state, self.args
+        how = "stopped early" if s.stopped_early else "reached its budget"
+        room = s.epoch < a.epochs and (a.max_steps is None or s.step < a.max_steps)
+        if extend and room:
+            if ck.get("privacy"):
+                raise ConfigError(f"extend: {path} is a DP-SGD run, whose noise was calibrated for its planned steps; "
+                                  "training it further would spend an unaccounted privacy budget. Train a new run "
+                                  "with the larger epochs instead.")
+            s.done = s.stopped_early = False
+            s.bad_evals = 0
+            log.info("extending the finished run %s (step %d, epoch %d, %s) to epochs=%d max_steps=%s: weights, "
+                     "optimiser state, best weights and history kept, the patience counter restarts", path, s.step,
+                     s.epoch, how, a.epochs, a.max_steps)
+        elif extend:
+            raise ConfigError(f"extend: {path} finished at step {s.step} (epoch {s.epoch}, {how}) and epochs="
+                              f"{a.epochs}, max_steps={a.max_steps} leave nothing to add. Pass a larger epochs (or "
+                              "max_steps) to train it further.")
+        elif explicit:
+            raise ConfigError(f"resume_from={path} is a finished run (step {s.step}, epoch {s.epoch}, {how}): there "
+                              "is nothing to resume. To train it further pass extend=True (--extend) with a larger "
+                              "epochs or max_steps; its own model directory already holds the result.")
 
     def prepare_step(self, dp: DPConfig | None, ck: dict, resume_from) -> None:
         """DP-SGD or DDP around the model, and the resumed privacy accounting and loss scale."""
@@ -289,10 +350,11 @@ class _Loop:
         # DDP; Opacus wraps the model itself under DP
         self.step_model = self.dist.wrap(self.model) if self.private is None else self.model
 
-    def run(self, progress: bool, on_step: Callable[[int], None] | None) -> None:
+    def run(self, progress: bool, on_step: Callable[[int], None] | None, report: _Progress) -> None:
         s, args = self.state, self.args
         bar = tqdm(total=self.total, initial=min(s.step, self.total), desc="train", unit="step",
                    disable=not progress or not self.dist.is_main)
+        report.start(s.step, self.total)
         while not s.done and s.epoch < args.epochs:
             order = epoch_order(len(self.train_ds), args.seed, s.epoch)
             if self.length_buckets:
@@ -307,6 +369,8 @@ class _Loop:
                 bar.set_postfix(loss=f"{loss:.4g}", best_val=f"{s.best_val:.4g}",
                                 **({"eps": f"{self.private.epsilon():.3g}"} if eps else {}))
                 epoch_end = self.after_step()
+                if self.dist.is_main:
+                    report.step(s, loss)
                 if on_step is not None:
                     on_step(s.step)
                 if s.done or epoch_end:
@@ -357,7 +421,9 @@ class _Loop:
             s.done = s.done or s.epoch >= args.epochs
         if s.done and has_val and s.last_eval_step != s.step:
             self.validate()  # the final weights always get a validation score
-        if self.dist.is_main and (s.done or (s.step % args.ckpt_every == 0 if args.ckpt_every else due)):
+        stepped = s.step % args.ckpt_every == 0 if args.ckpt_every else due
+        timed = args.ckpt_minutes is not None and time.monotonic() - self.last_ckpt >= 60 * args.ckpt_minutes
+        if self.dist.is_main and self.ckpts is not None and (s.done or stepped or timed):
             self.checkpoint()
         return epoch_end
 
@@ -385,11 +451,9 @@ class _Loop:
             state["scaler"] = self.scaler.state_dict()
         if self.private is not None:
             state["privacy"] = self.private.state_dict()  # accountant history: a resumed run keeps counting
-        _save(storage.join(self.work_dir, CKPT_DIR, _ckpt_name(s.step)), state)
-        keep = self.args.keep_checkpoints
-        if keep and not storage.is_gcs(self.work_dir):
-            for old in _list_ckpts(self.work_dir)[:-keep]:
-                Path(self.work_dir, CKPT_DIR, old).unlink(missing_ok=True)
+        self.ckpts.save(s.step, state, done=s.done)
+        self.ckpts.prune(self.args.keep_checkpoints)  # only once the new one is complete
+        self.last_ckpt = time.monotonic()
 
     def finish(self) -> dict:
         s, privacy = self.state, None
@@ -405,12 +469,39 @@ class _Loop:
                 "privacy": privacy}
 
 
+FAULT_ENV = "SYNTHEHR_FAULT_KILL_AT_STEP"
+
+
+def _fault_hook(on_step: Callable[[int], None] | None, resumed: bool) -> Callable[[int], None] | None:
+    """Fault injection for the preemption tests: with ``SYNTHEHR_FAULT_KILL_AT_STEP=K`` set, a run that did not
+    resume SIGKILLs its own process right after step K (so a retried task, which resumes, runs through)."""
+    at = os.environ.get(FAULT_ENV, "")
+    if not at or resumed:
+        return on_step
+
+    def hook(step: int) -> None:
+        if on_step is not None:
+            on_step(step)
+        if step == int(at):
+            log.warning("%s=%s: killing this process after step %d", FAULT_ENV, at, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return hook
+
+
 def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParquetDataset | None, vocab: Vocab,
-          work_dir: str | Path, args: TrainArgs, run_hash: str = "", resume_from: str | Path | None = None,
-          device: str | torch.device | None = None, progress: bool = True, precision: str = "fp32",
-          dp: DPConfig | None = None, dist: DistContext | None = None,
-          on_step: Callable[[int], None] | None = None, legacy_step: bool = False, length_buckets: int = 0) -> dict:
-    """Train ``model`` in place; step checkpoints go to ``work_dir/checkpoints``.
+          checkpoints: str | Path | None, args: TrainArgs, run_hash: str = "",
+          resume_from: str | Path | None = None, device: str | torch.device | None = None, progress: bool = True,
+          precision: str = "fp32", dp: DPConfig | None = None, dist: DistContext | None = None,
+          on_step: Callable[[int], None] | None = None, legacy_step: bool = False, length_buckets: int = 0,
+          extend: bool = False, log_every: int | None = None, log_seconds: float | None = 30.0) -> dict:
+    """Train ``model`` in place; step checkpoints go to the folder ``checkpoints`` (None: none are written).
+
+    The run starts from ``resume_from`` (a step checkpoint, a checkpoint folder or a model directory: 
+    ``resolve_resume``) when given, else from the newest complete checkpoint in ``checkpoints`` (a retried or
+    resubmitted run; none: from scratch). A finished checkpoint is published as it is, or with ``extend`` trained
+    on to the new ``epochs``/``max_steps``; ``resume_from`` a finished run without ``extend`` is an error.
+    Checkpoints are due at the step period (``args.ckpt_every``; default at each validation), every
+    ``args.ckpt_minutes`` and at the end. Progress goes to the log every ``log_every`` steps or ``log_seconds``.
 
     Returns ``{"best_state", "history", "step", "epoch", "best_val", "best_step", "stopped_early", "privacy"}``;
     the model ends holding its *last* weights, ``best_state`` the best by validation loss (the last when there is
@@ -430,12 +521,21 @@ def train(model: torch.nn.Module, train_ds: EHRParquetDataset, val_ds: EHRParque
                           f"patient length); got {length_buckets!r}.")
     device = pick_device(device)
     model.to(device)
-    loop = _Loop(model, train_ds, val_ds, vocab, work_dir, args, run_hash, device,
-                 validate_precision(precision, device), dist or SINGLE, legacy_step, length_buckets)
-    ck = loop.resume(resume_from) if resume_from is not None else {}
-    loop.prepare_step(dp, ck, resume_from)
-    loop.run(progress, on_step)
-    return loop.finish()
+    dist = dist or SINGLE
+    ckpts = StepCheckpoints(checkpoints) if checkpoints is not None else None
+    loop = _Loop(model, train_ds, val_ds, vocab, ckpts, args, run_hash, device,
+                 validate_precision(precision, device), dist, legacy_step, length_buckets)
+    source = None
+    if dist.is_main:  # rank 0 picks the checkpoint, so every rank resumes from the same one
+        if resume_from is not None:
+            source = resolve_resume(resume_from)
+        elif ckpts is not None and ckpts.latest() is not None:
+            source = ckpts.path(ckpts.latest()), ckpts.marker(ckpts.latest())
+    source = dist.broadcast_object(source)
+    ck = loop.resume(*source, explicit=resume_from is not None, extend=extend) if source else {}
+    loop.prepare_step(dp, ck, source[0] if source else None)
+    loop.run(progress, _fault_hook(on_step, resumed=source is not None), _Progress(log_every, log_seconds))
+    return {**loop.finish(), "resumed_from": source[0] if source else None}
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -488,6 +588,7 @@ class _TrainData:
     train_ds: EHRParquetDataset
     val_ds: EHRParquetDataset | None
     run_hash: str
+    data_hash: str
     length_buckets: int = 0
 
 
@@ -535,7 +636,16 @@ def _read_data(tables_dir, config: TrainConfig, rules_dir, length_buckets: int =
         log.warning("%s has no val split: keeping the last weights, no early stopping.", tables_dir)
     run_hash = _hash(run_identity(config, model_config, len(train_ds), rules, length_buckets))
     return _TrainData(vocab, groups, rare_codes, model_config, rules, compiled, train_ds, val_ds, run_hash,
-                      length_buckets)
+                      _data_hash(tables, vocab), length_buckets)
+
+
+def _data_hash(tables, vocab: Vocab) -> str:
+    """A digest of the tables' content and the vocabulary (part of the checkpoint key, not of config_hash)."""
+    h = hashlib.sha256(json.dumps([t.token for t in vocab.tokens]).encode())
+    for df in tables:
+        h.update(json.dumps(list(df.columns)).encode())
+        h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _write_outputs(out_dir, model: torch.nn.Module, data: _TrainData, config: TrainConfig, res: dict,
@@ -561,7 +671,7 @@ def _write_outputs(out_dir, model: torch.nn.Module, data: _TrainData, config: Tr
 
 
 def _run_info(config: TrainConfig, data: _TrainData, res: dict, hist: pd.DataFrame, device: torch.device,
-              seconds: float, resume_from, dist: DistContext) -> dict:
+              seconds: float, dist: DistContext) -> dict:
     """meta.json of the checkpoint directory."""
     train_losses = hist.loc[hist["split"] == "train", "loss"]
     mcc = config.min_code_count
@@ -574,7 +684,7 @@ def _run_info(config: TrainConfig, data: _TrainData, res: dict, hist: pd.DataFra
             "stopped_early": res["stopped_early"], "n_train": len(data.train_ds),
             "n_val": len(data.val_ds) if data.val_ds is not None else 0,
             "n_rules": len(data.rules) if data.rules else 0, "device": str(device), "seconds": round(seconds, 3),
-            "resumed_from": str(resume_from) if resume_from else None, "precision": config.precision,
+            "resumed_from": res["resumed_from"], "precision": config.precision,
             "world_size": dist.world_size, **(res["privacy"] or {}),
             **({"min_code_count": mcc, "n_rare_codes_dropped": len(data.rare_codes)} if mcc else {}),
             **({"length_buckets": data.length_buckets} if data.length_buckets else {})}
@@ -584,55 +694,93 @@ def _config_of(config: TrainConfig | None, options: dict) -> TrainConfig:
     return config_or_options(TrainConfig, config, options, lambda o: TrainConfig.from_options(**o))
 
 
+def default_checkpoint_uri(out_dir: str | Path) -> str:
+    """Where step checkpoints go when no ``checkpoint_uri`` is given: beside the model directory, never in it."""
+    return str(out_dir).rstrip("/") + ".checkpoints"
+
+
+def checkpoint_key(config: TrainConfig, data: _TrainData, legacy_step: bool = False) -> str:
+    """The folder name of a run's checkpoints under ``checkpoint_uri``: what decides its trajectory (the
+    ``config_hash``, the tables' content, the loop's budget, validation and patience), so a retried or
+    resubmitted run of the same config and data finds its own checkpoints and nothing else."""
+    a = config.loop
+    key = {"config_hash": data.run_hash, "data": data.data_hash, "epochs": a.epochs, "max_steps": a.max_steps,
+           "eval_every": a.eval_every, "patience": a.patience, **({"legacy_step": True} if legacy_step else {})}
+    return _hash(key)
+
+
+def _check_out(out_dir, overwrite: bool) -> None:
+    if overwrite or _dir_is_empty(out_dir):
+        return
+    what = "a trained model (meta.json)" if storage.exists(storage.join(out_dir, "meta.json")) else "files"
+    raise FileExistsError(f"{out_dir} is not empty: it holds {what}. Choose an empty out_dir, or pass overwrite=True "
+                          f"(--overwrite) to replace it; to train that model further pass resume_from={out_dir} "
+                          "with extend=True (--extend) and a larger epochs.")
+
+
 def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *,
-                 rules_dir: str | Path | None = None, resume_from: str | Path | None = None,
+                 rules_dir: str | Path | None = None, checkpoint_uri: str | Path | None = None,
+                 resume_from: str | Path | None = None, extend: bool = False, overwrite: bool = False,
                  device: str | torch.device | None = None, progress: bool = True, distributed: bool = False,
                  on_step: Callable[[int], None] | None = None, legacy_step: bool = False, length_buckets: int = 0,
-                 **options: Any) -> dict:
-    """The train stage: fit HALO or ConSequence on the train split, validate on val, write a checkpoint dir.
+                 log_every: int | None = None, log_seconds: float | None = 30.0, **options: Any) -> dict:
+    """The train stage: fit HALO or ConSequence on the train split, validate on val, publish a model directory.
 
     Args:
         tables_dir: preprocess output (tables + vocab.json); ``train`` patients train, ``val`` patients validate.
-        out_dir: checkpoint directory; must be empty unless ``resume_from`` is given. Holds ``model.pt`` (best
-            weights), ``config.json``, ``vocab.json``, ``rules.json`` (ConSequence), ``history.parquet``,
-            ``label_probs.parquet``, ``token_groups.json`` (``vocab.token_groups``: the sampler's one-value-per-
-            variable constraints), ``meta.json`` (written last) and ``checkpoints/step_*.pt``.
+        out_dir: the model directory, published whole at the end (assembled aside, then renamed or uploaded;
+            ``meta.json`` last), so it is complete or absent; must be empty unless ``overwrite``. Holds what
+            sampling needs: ``model.pt`` (best weights only), ``config.json``, ``vocab.json``, ``rules.json``
+            (ConSequence), ``history.parquet``, ``label_probs.parquet``, ``token_groups.json`` and ``meta.json``.
         config: what defines the run (config.py: model, loop, precision, DP-SGD, vocabulary filter).
         rules_dir: rules-stage output holding ``rules.json`` (``model_type="consequence"``).
-        resume_from: a ``step_*.pt`` checkpoint, or a run directory (its newest checkpoint).
+        checkpoint_uri: root of the step checkpoints (local or gs://); they go to
+            ``<checkpoint_uri>/<checkpoint_key>/step_*.pt`` + ``.json`` markers, and a rerun of the same config
+            and data resumes from the newest complete one (a finished one is published without training).
+            Default: ``<out_dir>.checkpoints``.
+        resume_from: a ``step_*.pt``, a checkpoint folder or a model directory (its meta.json names its
+            checkpoints) to continue from, instead of the run's own folder; a finished run needs ``extend``.
+        extend: train a finished run on to this config's larger ``epochs``/``max_steps`` (its weights, optimiser,
+            best weights and history kept, the patience counter restarted); says so in the log.
+        overwrite: replace a non-empty ``out_dir`` at publish time (a retried pipeline task owns its output).
         device: torch device; default cuda when available (under torchrun: this rank's GPU).
         progress: show a tqdm bar (rank 0).
-        distributed: join the torchrun process group (distributed.py); rank 0 alone writes ``out_dir``.
+        distributed: join the torchrun process group (distributed.py); rank 0 alone writes.
         on_step: called with the step number after every step (and its checkpoint, when one is due).
         legacy_step: True = the training step before trimmed batches and the fused Adam, bit for bit (``train``).
         length_buckets: 0 = off; W > 0 = batches of similar-length patients (``bucket_order``; part of the run's
             hash, recorded in config.json and meta.json; not with DP-SGD).
+        log_every, log_seconds: a progress line in the log every so many steps or seconds (rank 0).
         options: instead of ``config``, its option names as keywords (``epochs=3, dp_target_epsilon=1.0``); other
             names are extra ``HaloConfig`` fields (``n_embd=64``): ``TrainConfig.from_options``.
     Returns:
-        the run summary, also written to ``meta.json``.
+        the run summary, also written to ``meta.json``; ``checkpoints`` is the run's checkpoint folder.
     """
     config = _config_of(config, options)
-    if resume_from is None and not _dir_is_empty(out_dir):
-        raise FileExistsError(f"{out_dir} is not empty: pass resume_from={storage.join(out_dir, CKPT_DIR)} to "
-                              "continue that run, or choose an empty out_dir.")
-    data = _read_data(tables_dir, config, rules_dir, length_buckets)
-    model = make_model(config.model_type, data.model_config, config.seed, data.compiled_rules)
+    _check_out(out_dir, overwrite)  # before any work
     dist = setup_distributed() if distributed else SINGLE
+    data = _read_data(tables_dir, config, rules_dir, length_buckets)
+    ckpt_dir = storage.join(str(checkpoint_uri or default_checkpoint_uri(out_dir)),
+                            checkpoint_key(config, data, legacy_step))
+    model = make_model(config.model_type, data.model_config, config.seed, data.compiled_rules)
     dev = pick_device(device)
     if dist.enabled and (device is None or (dev.type == "cuda" and dev.index is None)):
         dev = dist.device()  # one GPU per rank: cuda:<LOCAL_RANK>
     t0 = time.perf_counter()
-    res = train(model, data.train_ds, data.val_ds, data.vocab, out_dir, config.loop, run_hash=data.run_hash,
+    res = train(model, data.train_ds, data.val_ds, data.vocab, ckpt_dir, config.loop, run_hash=data.run_hash,
                 resume_from=resume_from, device=dev, progress=progress, precision=config.precision, dp=config.dp,
-                dist=dist, on_step=on_step, legacy_step=legacy_step, length_buckets=length_buckets)
+                dist=dist, on_step=on_step, legacy_step=legacy_step, length_buckets=length_buckets, extend=extend,
+                log_every=log_every, log_seconds=log_seconds)
     seconds = time.perf_counter() - t0
-    if not dist.is_main:  # rank 0 writes the checkpoint directory; the others wait for it
+    if not dist.is_main:  # rank 0 publishes the model directory; the others wait for it
         dist.barrier()
         return {"rank": dist.rank, "steps": res["step"], "seconds": round(seconds, 3)}
     model.load_state_dict(res["best_state"])
-    hist = _write_outputs(out_dir, model, data, config, res, tables_dir, rules_dir)
-    info = _run_info(config, data, res, hist, dev, seconds, resume_from, dist)
-    storage.write_json(storage.join(out_dir, "meta.json"), info)  # written last: the directory is complete
+    with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        hist = _write_outputs(str(tmp), model, data, config, res, tables_dir, rules_dir)
+        info = {**_run_info(config, data, res, hist, dev, seconds, dist), "checkpoints": ckpt_dir}
+        storage.write_json(storage.join(str(tmp), "meta.json"), info)  # written last: the directory is complete
+    log.info("published %s (best val %s at step %s); checkpoints in %s", out_dir, info["best_val_loss"],
+             info["best_step"], ckpt_dir)
     dist.barrier()
     return info
