@@ -1,4 +1,4 @@
-"""train: fit HALO or ConSequence on the train split (validation on val) and write a checkpoint directory."""
+"""train: fit HALO or ConSequence on the train split (validation on val) and publish a model directory."""
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
@@ -8,8 +8,10 @@ from components._images import TRAIN_IMAGE
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, preset: str, epochs: int,
           batch_size: int, lr: float, seed: int, dp_target_epsilon: float, model: Output[Model],
-          metrics: Output[Metrics], loss_curve: Output[HTML]):
-    """Train the generative model; ConSequence enforces the mined rules, HALO ignores them.
+          metrics: Output[Metrics], loss_curve: Output[HTML], eval_every: int = 500, patience: int = 0,
+          ckpt_minutes: float = 10.0, gpus: int = 1, checkpoint_root: str = "", pipeline_root: str = ""):
+    """Train the generative model; ConSequence enforces the mined rules, HALO ignores them. Preemption-safe: step
+    checkpoints go to <checkpoint root>/<checkpoint key>/ and a retried (or resubmitted) task resumes from them.
 
     Args:
         tables: Canonical tables directory from preprocess.
@@ -17,27 +19,39 @@ def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, pre
         model_type: "halo" or "consequence" (validated by the library).
         preset: Model size: "tiny" (CPU, seconds), "small" or "paper" (HALO paper size).
         epochs: Passes over the train split (early stopping on val may end sooner).
-        batch_size: Patients per optimiser step.
+        batch_size: Patients per optimiser step (the global batch, split over the GPUs).
         lr: Adam learning rate.
         seed: Model init and data order.
         dp_target_epsilon: DP-SGD privacy budget epsilon; 0 = no differential privacy.
-        model: Checkpoint directory (model.pt, config.json, vocab.json, history.parquet, label_probs.parquet,
-            token_groups.json).
+        model: What sampling needs: model.pt (best weights), config.json, vocab.json, history.parquet,
+            label_probs.parquet, token_groups.json, meta.json; published whole at the end.
         metrics: Losses, steps and timing.
         loss_curve: Train/val loss per step.
+        eval_every: Validate (and checkpoint) every N steps; 0 = at each epoch end.
+        patience: Stop after N validations without a better val loss (keeping the best); 0 = no early stopping.
+        ckpt_minutes: Also checkpoint every M minutes of training; 0 = off.
+        gpus: GPUs (one torchrun process each; CPU processes on a machine without GPUs).
+        checkpoint_root: Root of the step checkpoints (gs://, a local path); "" = <pipeline_root>/checkpoints (or
+            beside the model when that is "" too). A retry overwrites its own incomplete output (overwrite).
+        pipeline_root: The run's pipeline root (the pipeline passes dsl.PIPELINE_ROOT_PLACEHOLDER).
     """
-    from synthehr_core import __version__
+    import logging
+
+    from synthehr_core import __version__, storage
     from synthehr_core.model.config import TrainConfig
     from synthehr_core.model.loss_curve import loss_curve_html
-    from synthehr_core.model.train import train_to_dir
+    from synthehr_core.model.torchrun import run_training
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     config = TrainConfig.from_dict({"model_type": model_type, "preset": preset, "epochs": epochs,
-                                    "batch_size": batch_size, "lr": lr, "seed": seed,
+                                    "batch_size": batch_size, "lr": lr, "seed": seed, "eval_every": eval_every or None,
+                                    "patience": patience or None, "ckpt_minutes": ckpt_minutes or None,
                                     "dp_target_epsilon": dp_target_epsilon})
-    info = train_to_dir(tables.path, model.path, config, progress=False,
-                        rules_dir=ruleset.path if model_type == "consequence" else None)
-    model.metadata.update({k: info.get(k) for k in ("model_type", "preset", "seed", "config_hash", "steps",
-                                                    "n_train", "n_rules", "dp_epsilon", "dp_delta")})
+    ckpt_root = checkpoint_root or (storage.join(pipeline_root, "checkpoints") if pipeline_root else None)
+    info = run_training(tables.path, model.path, config, processes=gpus, checkpoint_uri=ckpt_root,
+                        overwrite=True, rules_dir=ruleset.path if model_type == "consequence" else None)
+    model.metadata.update({k: info.get(k) for k in ("model_type", "preset", "seed", "config_hash", "steps", "n_train",
+                                                    "n_rules", "dp_epsilon", "dp_delta", "checkpoints", "world_size")})
     model.metadata.update({"dp_target_epsilon": dp_target_epsilon, "synthehr_version": __version__})
     for k in ("first_train_loss", "final_train_loss", "best_val_loss", "steps", "epochs_run", "seconds",
               "dp_epsilon", "dp_delta"):

@@ -33,6 +33,7 @@ MAX_PARALLEL_SHARDS = 4              # arbitrary; GPUs one run may hold at once 
 TRAIN_MEMORY_LIMIT = "32G"           # arbitrary; tune (the "paper" preset on the full MIMIC-III fits)
 SAMPLE_MEMORY_LIMIT = "16G"          # arbitrary; tune
 SAMPLE_RETRIES = 2                   # a preempted GPU node should not fail the whole run
+TRAIN_RETRIES = 3                    # arbitrary; each retry resumes from the run's newest complete checkpoint
 SHM_SIZE = "8Gi"                     # /dev/shm for torch DataLoader workers
 
 # What `synthehr run --local` passes unless `-p` says otherwise: a tiny model, a few epochs, two small shards
@@ -59,6 +60,11 @@ Args:
     lr: Adam learning rate.
     train_seed: Model init and data order seed.
     dp_target_epsilon: DP-SGD privacy budget epsilon for training; 0 = no differential privacy.
+    train_eval_every: Validate on the val split every N training steps (and checkpoint then); 0 = at each epoch end.
+    train_patience: Early stopping: stop after N validations without a better val loss, keeping the best weights; 0 = train all epochs.
+    train_ckpt_minutes: Also checkpoint every M minutes, so a preempted or retried train task loses at most that; 0 = off.
+    train_gpus: GPUs for training (one torchrun DDP process each; the batch is split over them).
+    train_checkpoint_root: Where step checkpoints go (gs:// or a path the pods see); "" = <pipeline root>/checkpoints. A retried task, or a new run of the same config and data, resumes from them.
     rules_label_min_prevalence: Visits with a code before a label rule is mined.
     rules_pair_min_prevalence: Visits with a code pair before a pair rule is mined.
     rules_persistence_min_prevalence: Patients with a code before a persistence rule is mined.
@@ -117,6 +123,11 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False):
                  lr: float = 1e-4,                         # HI:config.py lr
                  train_seed: int = 0,
                  dp_target_epsilon: float = 0.0,           # 0 = no differential privacy
+                 train_eval_every: int = 500,              # HI:train_model.py
+                 train_patience: int = 5,                  # KI:train_consequence.py
+                 train_ckpt_minutes: float = 10.0,         # arbitrary; tune
+                 train_gpus: int = 1,                      # the original pipeline's largest dataset: 4
+                 train_checkpoint_root: str = "",
                  rules_label_min_prevalence: int = 500,    # KI:utils/find_rules.py
                  rules_pair_min_prevalence: int = 10,      # KI:utils/find_rules.py
                  rules_persistence_min_prevalence: int = 10,   # KI:utils/find_rules.py
@@ -149,8 +160,11 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False):
 
             fit = train(tables=tables, ruleset=mined.outputs["ruleset"], model_type=model_type, preset=preset,
                         epochs=epochs, batch_size=batch_size, lr=lr, seed=train_seed,
-                        dp_target_epsilon=dp_target_epsilon)
-            fit.set_caching_options(False).set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+                        dp_target_epsilon=dp_target_epsilon, eval_every=train_eval_every, patience=train_patience,
+                        ckpt_minutes=train_ckpt_minutes, gpus=train_gpus, checkpoint_root=train_checkpoint_root,
+                        pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER)
+            fit.set_caching_options(False).set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(train_gpus)
+            fit.set_retry(TRAIN_RETRIES, backoff_duration="60s")
             fit.set_cpu_request("4").set_memory_request("8G").set_memory_limit(TRAIN_MEMORY_LIMIT)
             kubernetes.empty_dir_mount(fit, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                        size_limit=SHM_SIZE)

@@ -387,24 +387,40 @@ def rules(tables: str = typer.Option(..., help="tables directory from preprocess
 
 @app.command()
 def train(tables: str = typer.Option(..., help="tables directory from preprocess"),
-          out: str = typer.Option(..., help="empty checkpoint directory"),
+          out: str = typer.Option(..., help="model directory to publish (empty or absent; written whole at the end)"),
           model_type: str = typer.Option("halo", help="halo or consequence"),
           preset: str = typer.Option("tiny", help="tiny, small or paper"),
           epochs: int = 50, batch_size: int = 48, lr: float = 1e-4, seed: int = 0,
           rules_dir: str | None = typer.Option(None, "--rules", help="rules directory (consequence)"),
-          resume_from: str | None = typer.Option(None, help="checkpoint or run directory to resume"),
+          checkpoint_uri: str | None = typer.Option(None, help="root of the step checkpoints (local or gs://); "
+                                                    "default: OUT.checkpoints. Rerunning the same command resumes "
+                                                    "from the newest complete one"),
+          resume_from: str | None = typer.Option(None, help="step checkpoint, checkpoint folder or model directory "
+                                                 "to continue from"),
+          extend: bool = typer.Option(False, help="train a finished --resume-from run on to a larger --epochs "
+                                      "(weights, optimiser, best weights and history kept; patience restarts)"),
+          overwrite: bool = typer.Option(False, help="replace a non-empty --out when publishing"),
+          eval_every: int | None = typer.Option(500, help="validate every N steps (HI: 500); 0 = at each epoch end"),
+          patience: int | None = typer.Option(None, help="stop after N validations without improvement (KI: 5); "
+                                              "default: no early stopping"),
+          ckpt_every: int | None = typer.Option(None, help="a step checkpoint every N steps; default: at each "
+                                                "validation"),
+          ckpt_minutes: float = typer.Option(10.0, help="also a checkpoint every M minutes; 0 = off"),
           dp_target_epsilon: float = typer.Option(0.0, help="DP-SGD epsilon; 0 = no differential privacy"),
           group_heads: bool = typer.Option(True, help="one categorical head per single-valued variable (event "
                                            "type, bins, calendar, labels); --no-group-heads = HALO's head only"),
           device: str | None = typer.Option(None, help="cpu, cuda, ...; default: cuda if available")):
-    """Train HALO or ConSequence and write a checkpoint directory."""
+    """Train HALO or ConSequence and publish a model directory (checkpoints go beside it, see --checkpoint-uri)."""
     from .model.config import TrainConfig
     from .model.train import train_to_dir
 
     config = TrainConfig.from_dict({"model_type": model_type, "preset": preset, "epochs": epochs,
-                                    "batch_size": batch_size, "lr": lr, "seed": seed,
-                                    "dp_target_epsilon": dp_target_epsilon, "group_heads": group_heads})
-    _echo_json(train_to_dir(tables, out, config, rules_dir=rules_dir, resume_from=resume_from, device=device))
+                                    "batch_size": batch_size, "lr": lr, "seed": seed, "eval_every": eval_every or None,
+                                    "patience": patience, "ckpt_every": ckpt_every,
+                                    "ckpt_minutes": ckpt_minutes or None, "dp_target_epsilon": dp_target_epsilon,
+                                    "group_heads": group_heads})
+    _echo_json(train_to_dir(tables, out, config, rules_dir=rules_dir, checkpoint_uri=checkpoint_uri,
+                            resume_from=resume_from, extend=extend, overwrite=overwrite, device=device))
 
 
 @app.command("kde-grids")

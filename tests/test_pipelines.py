@@ -142,7 +142,9 @@ def test_gpu_memory_retries_caching_and_shm(compiled):
     executors = spec["deploymentSpec"]["executors"]
     for ex in ("exec-train", "exec-sample"):
         res = executors[ex]["container"]["resources"]
-        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
+        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert res["accelerator"]["resourceCount"] == ("1" if ex == "exec-sample" else  # train: the train_gpus param
+                                                       "{{$.inputs.parameters['pipelinechannel--train_gpus']}}")
         assert res["resourceMemoryLimit"]
     tasks = all_tasks(spec)
     assert tasks["sample"]["retryPolicy"]["maxRetryCount"] == builder.SAMPLE_RETRIES
