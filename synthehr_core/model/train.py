@@ -222,8 +222,9 @@ class LoopState:
 
 
 class _Progress:
-    """The training log: one INFO line every ``every`` steps or ``seconds`` seconds, whichever comes first, and at
-    the last step (step, loss, last validation loss, best, steps/s, ETA), for pod logs where no bar shows."""
+    """The training log: one INFO line (step, loss, last validation loss, best, steps/s, ETA) every ``every`` steps
+    or ``seconds`` seconds, whichever comes first, and at the first step, each validation and the last step: for
+    pod logs, where no bar shows."""
 
     def __init__(self, every: int | None = None, seconds: float | None = 30.0):
         self.every, self.seconds = every, seconds
@@ -234,7 +235,8 @@ class _Progress:
 
     def step(self, s: LoopState, loss: float) -> None:
         now = time.monotonic()
-        if not (s.done or (self.every and s.step % self.every == 0)
+        if not (s.done or s.step == self.step0 + 1 or s.last_eval_step == s.step  # first step, a new val loss
+                or (self.every and s.step % self.every == 0)
                 or (self.seconds is not None and now - self.last >= self.seconds)):
             return
         self.last = now
