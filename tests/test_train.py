@@ -86,7 +86,7 @@ def test_keep_best_and_early_stopping(toy_dir, tmp_path):
     assert not _equal_states(last, model.state_dict())
     written = {f.name for f in (tmp_path / "m").iterdir()}  # what sampling needs, no step checkpoints
     assert written == {"model.pt", "config.json", "vocab.json", "history.parquet", "label_probs.parquet", "meta.json",
-                       "token_groups.json"}
+                       "token_groups.json", "_SUCCESS"}
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["model_type"] == "halo" and cfg["training"]["lr"] == 0.3 and cfg["seed"] == 0 and cfg["config_hash"]
     lp = pd.read_parquet(tmp_path / "m" / "label_probs.parquet")
@@ -96,11 +96,11 @@ def test_keep_best_and_early_stopping(toy_dir, tmp_path):
 def test_non_empty_out_dir_is_refused_before_work_and_resume_checks_the_run(toy_dir, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "stray.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="not empty: it holds files.*overwrite=True"):
+    with pytest.raises(FileExistsError, match="not empty: it holds files synthehr did not write.*overwrite"):
         train_to_dir(toy_dir, tmp_path / "m", max_steps=1, n_ctx=N_CTX, progress=False)
     assert not (tmp_path / "m.checkpoints").exists()  # refused before any work
     train_to_dir(toy_dir, tmp_path / "r", max_steps=2, batch_size=16, n_ctx=N_CTX, progress=False)
-    with pytest.raises(FileExistsError, match="holds a trained model.*resume_from="):
+    with pytest.raises(FileExistsError, match="finished synthehr output.*resume_from=.*extend=True"):
         train_to_dir(toy_dir, tmp_path / "r", max_steps=2, batch_size=16, n_ctx=N_CTX, progress=False)
     with pytest.raises(ConfigError, match="different run"):
         train_to_dir(toy_dir, tmp_path / "r2", max_steps=4, batch_size=16, lr=1e-3, n_ctx=N_CTX, progress=False,
@@ -140,7 +140,8 @@ def test_resume_after_sigkill_is_bit_identical(toy_dir, tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
     killed = _run({**kw, "out_dir": str(tmp_path / "cut")}, kill_after=12)
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])  # really SIGKILLed mid-training
-    (cut,) = (tmp_path / "cut.checkpoints").iterdir()  # <out>.checkpoints/<checkpoint key>/
+    (cut,) = (tmp_path / "cut.checkpoints").glob("[!.]*")  # <out>.checkpoints/<checkpoint key>/ (+ its lock)
+    assert (tmp_path / "cut.checkpoints" / f".{cut.name}.lock").exists()  # the killed run's, stale: taken over
     assert sorted(f.name for f in cut.iterdir()) == ["step_00000005.json", "step_00000005.pt", "step_00000010.json",
                                                      "step_00000010.pt"]
     assert not (tmp_path / "cut").exists()  # the model directory is published only at the end
@@ -151,6 +152,7 @@ def test_resume_after_sigkill_is_bit_identical(toy_dir, tmp_path):
     assert a["steps"] == b["steps"] == steps and a["best_step"] == b["best_step"] and a["best_val_loss"] == b["best_val_loss"]
     assert _equal_states(_state(tmp_path / "full" / "model.pt"), _state(tmp_path / "cut" / "model.pt"))
     assert a["checkpoints"] != b["checkpoints"] == str(cut)
+    assert sorted(p.name for p in (tmp_path / "cut.checkpoints").iterdir()) == [cut.name]  # lock released
     last_a = _state(Path(a["checkpoints"]) / f"step_{steps:08d}.pt")
     last_b = _state(cut / f"step_{steps:08d}.pt")
     assert _equal_states(last_a["model"], last_b["model"])

@@ -7,21 +7,19 @@ import io
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import emulators
 from synthehr_core import storage
-from synthehr_core.errors import ConfigError
+from synthehr_core.errors import ConfigError, OutputExistsError, OutputLockedError
 from synthehr_core.model.checkpoint import StepCheckpoints
 from synthehr_core.model.train import FAULT_ENV, train_to_dir
 
-BUCKET = "synthehr-ckpt"
 RUN = dict(preset="tiny", epochs=2, batch_size=16, lr=3e-3, seed=1, eval_every=3, ckpt_minutes=None)
 
 
@@ -33,37 +31,11 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gcs():
-    """gcp-storage-emulator on a free loopback port (as tests/test_storage.py); subprocesses inherit the env."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "from gcp_storage_emulator.__main__ import main; main()", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
-                             "--default-bucket", BUCKET, "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    old = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError("gcp-storage-emulator did not start")
-        yield f"gs://{BUCKET}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        if old is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = old
+    """The GCS API emulator (tests/emulators.py); the kfp.local task subprocesses inherit its environment."""
+    with emulators.gcs_emulator() as env, emulators.patched_env(env):
+        yield f"gs://{emulators.BUCKET}/ckpt"
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +56,7 @@ class TestCheckpoints:
         assert mark["done"] and mark["bytes"] == (ck / f"step_{last:08d}.pt").stat().st_size
         assert {p.name for p in (full["dir"] / "m").iterdir()} == {
             "model.pt", "config.json", "vocab.json", "history.parquet", "label_probs.parquet", "token_groups.json",
-            "meta.json"}
+            "meta.json", "_SUCCESS"}
         assert all(v.dtype.is_floating_point for v in _state(full["dir"] / "m" / "model.pt").values())  # weights
 
     def test_a_checkpoint_without_its_marker_is_absent_and_a_changed_one_is_named(self, toy_tables, tmp_path):
@@ -131,20 +103,26 @@ class TestCheckpoints:
         assert _equal(last[0]["model"], last[1]["model"])  # 2 epochs + 1 more = 3 epochs at once, bit for bit
         assert _equal(last[0]["optimizer"]["state"][0], last[1]["optimizer"]["state"][0])
 
-    def test_two_trains_into_one_folder_cannot_mix(self, toy_tables, tmp_path):
-        """A second train publishes into the folder while the first is still training: the first fails at its
-        publish with a clear message, and the folder holds the second run whole."""
-        out = tmp_path / "m"
+    def test_two_trains_into_one_folder_or_one_checkpoint_folder_cannot_mix(self, toy_tables, tmp_path):
+        """While a train runs, a second one into its output folder fails at once (the output's lock), and so does
+        one of the same config and data into its checkpoint folder; the first run ends whole."""
+        out, refused = tmp_path / "m", []
 
         def meanwhile(step):
             if step == 2:
-                train_to_dir(toy_tables, out, progress=False, **{**RUN, "seed": 9, "lr": 1e-2})
-        with pytest.raises(FileExistsError, match="not empty|already exists"):
-            train_to_dir(toy_tables, out, progress=False, on_step=meanwhile, **RUN)
-        meta = json.loads((out / "meta.json").read_text())
-        cfg = json.loads((out / "config.json").read_text())
-        assert meta["seed"] == cfg["seed"] == 9 and cfg["training"]["lr"] == 1e-2
-        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left behind
+                with pytest.raises(OutputLockedError, match=r"m: another synthehr run is writing here .*pid"):
+                    train_to_dir(toy_tables, out, progress=False, **{**RUN, "seed": 9, "lr": 1e-2})
+                with pytest.raises(OutputLockedError, match=r"another synthehr run is writing here"):
+                    train_to_dir(toy_tables, tmp_path / "other", progress=False,
+                                 checkpoint_uri=tmp_path / "m.checkpoints", **RUN)
+                refused.append(step)
+        info = train_to_dir(toy_tables, out, progress=False, on_step=meanwhile, **RUN)
+        assert refused == [2] and not (tmp_path / "other").exists() and not (tmp_path / "other.checkpoints").exists()
+        meta, cfg = (json.loads((out / f).read_text()) for f in ("meta.json", "config.json"))
+        assert meta["seed"] == cfg["seed"] == 1 and cfg["training"]["lr"] == RUN["lr"] and info["steps"] > 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.checkpoints"]  # no temp or lock left
+        with pytest.raises(OutputExistsError, match="finished synthehr output"):  # and afterwards, before work
+            train_to_dir(toy_tables, out, progress=False, **{**RUN, "seed": 9})
 
     @pytest.mark.slow
     def test_a_full_disk_is_a_clear_error_and_the_rerun_resumes(self, toy_tables, full, tmp_path):
@@ -164,7 +142,7 @@ class TestCheckpoints:
                            text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
         assert r.returncode == 1, r.stderr[-2000:]
         err = r.stderr.strip().splitlines()[-1]
-        assert "checkpoint" in err and "failed (File too large)" in err and "resumes from the last complete " \
+        assert "checkpoint" in err and "File too large" in err and "resumes from the last complete " \
             "checkpoint, step 3" in err, err
         (key,) = ck.iterdir()
         assert StepCheckpoints(key).steps() == [3] and not (tmp_path / "m").exists()

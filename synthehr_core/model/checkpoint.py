@@ -9,16 +9,20 @@ folder of their own (``StepCheckpoints``), so the model directory holds only wha
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from .. import storage
 from ..data.vocab import Vocab
-from ..errors import ConfigError
+from ..errors import ConfigError, StorageError
+from ..storage.backends import backend
+from ..storage.publish import _Lock  # the advisory lock of storage's outputs, held here over a whole run
 from .halo import HALO, HaloConfig, MaskedLinear
 
 # model_type -> "module:class"; each class is built as cls(HaloConfig) and loads model.pt strictly
@@ -82,6 +86,7 @@ class StepCheckpoints:
     its marker, written last: ``{"step", "bytes", "sha256", "done"}``. A checkpoint counts only with its marker and
     a ``.pt`` of the recorded size and digest, so a write cut short (a kill, a full disk, an upload that died) is
     *absent*, never half there. Older checkpoints are pruned only after a newer one is complete, marker first.
+    One run writes a folder at a time (``lock``).
     """
 
     def __init__(self, folder):
@@ -117,15 +122,29 @@ class StepCheckpoints:
             storage.write_bytes(path, data)
             storage.write_json(self.path(step, ".json"), {"step": step, "bytes": len(data), "done": done,
                                                           "sha256": hashlib.sha256(data).hexdigest()})
-        except OSError as exc:
+        except (OSError, StorageError) as exc:
             _remove(self.path(step, ".json"))
             _remove(path)
             have = self.latest()
-            raise OSError(exc.errno, f"writing the step-{step} checkpoint {path} failed ({exc.strerror or exc}). "
-                          "Free space there or pass another checkpoint_uri (--checkpoint-uri); a rerun resumes from "
-                          + (f"the last complete checkpoint, step {have}." if have is not None else
-                             "the start (no complete checkpoint yet).")) from exc
+            raise StorageError(f"writing the step-{step} checkpoint failed: {exc} Free space there or pass another "
+                               "checkpoint_uri (--checkpoint-uri); a rerun resumes from " +
+                               (f"the last complete checkpoint, step {have}." if have is not None else
+                                "the start (no complete checkpoint yet).")) from exc
         return path
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's advisory lock (storage's, ``.<key>.lock`` beside it) while a run writes checkpoints
+        there: a second run of the same config and data into the same root fails at once, naming the holder. A
+        killed holder's lock is stale at once on its host, after ``SYNTHEHR_LOCK_STALE_S`` elsewhere."""
+        if not storage.is_remote(self.folder):
+            Path(self.folder).parent.mkdir(parents=True, exist_ok=True)
+        held = _Lock(backend(self.folder), self.folder.rstrip("/"))
+        held.acquire()
+        try:
+            yield
+        finally:
+            held.release()
 
     def load(self, step: int) -> dict:
         """The checkpoint of ``step``, checked against its marker (a corrupt file is named, not unpickled)."""
@@ -157,9 +176,4 @@ def load_step_file(path: str, mark: dict | None = None) -> dict:
 
 def _remove(path: str) -> None:
     """Delete a file or object if it is there."""
-    if storage.is_gcs(path):
-        blob = storage._blob(path)
-        if blob.exists():
-            blob.delete()
-        return
-    Path(path).unlink(missing_ok=True)
+    backend(path).delete(path)

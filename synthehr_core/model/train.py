@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .. import storage, versions
 from ..data.schema import read_tables
 from ..data.vocab import TOKEN_GROUPS_FILE, TokenGroup, Vocab, save_token_groups, token_groups
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputExistsError
 from ..randomness import torch_seed
 from .checkpoint import StepCheckpoints, load_step_file, model_class, write_checkpoint
 from .config import TrainArgs, TrainConfig, config_or_options
@@ -553,13 +553,6 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _dir_is_empty(path) -> bool:
-    if storage.is_gcs(path):
-        return not storage.exists(path)
-    p = Path(path)
-    return not p.exists() or not any(p.iterdir())
-
-
 def run_identity(config: TrainConfig, model_config: HaloConfig, n_train: int, rules, length_buckets: int = 0
                  ) -> dict:
     """What decides the weights, hashed into ``config_hash``: a checkpoint resumes only a run of the same hash."""
@@ -712,12 +705,14 @@ def checkpoint_key(config: TrainConfig, data: _TrainData, legacy_step: bool = Fa
 
 
 def _check_out(out_dir, overwrite: bool) -> None:
-    if overwrite or _dir_is_empty(out_dir):
-        return
-    what = "a trained model (meta.json)" if storage.exists(storage.join(out_dir, "meta.json")) else "files"
-    raise FileExistsError(f"{out_dir} is not empty: it holds {what}. Choose an empty out_dir, or pass overwrite=True "
-                          f"(--overwrite) to replace it; to train that model further pass resume_from={out_dir} "
-                          "with extend=True (--extend) and a larger epochs.")
+    """storage.check_output, with the way to train a finished model further."""
+    try:
+        storage.check_output(out_dir, overwrite)
+    except OutputExistsError as exc:
+        if not storage.exists(storage.join(out_dir, "meta.json")):
+            raise
+        raise OutputExistsError(f"{exc} To train that model further, pass resume_from={out_dir} with extend=True "
+                                "(--extend), a larger epochs and a new out_dir.") from None
 
 
 def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *,
@@ -761,28 +756,32 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfi
     config = _config_of(config, options)
     _check_out(out_dir, overwrite)  # before any work
     dist = setup_distributed() if distributed else SINGLE
-    data = _read_data(tables_dir, config, rules_dir, length_buckets)
-    ckpt_dir = storage.join(str(checkpoint_uri or default_checkpoint_uri(out_dir)),
-                            checkpoint_key(config, data, legacy_step))
-    model = make_model(config.model_type, data.model_config, config.seed, data.compiled_rules)
-    dev = pick_device(device)
-    if dist.enabled and (device is None or (dev.type == "cuda" and dev.index is None)):
-        dev = dist.device()  # one GPU per rank: cuda:<LOCAL_RANK>
-    t0 = time.perf_counter()
-    res = train(model, data.train_ds, data.val_ds, data.vocab, ckpt_dir, config.loop, run_hash=data.run_hash,
-                resume_from=resume_from, device=dev, progress=progress, precision=config.precision, dp=config.dp,
-                dist=dist, on_step=on_step, legacy_step=legacy_step, length_buckets=length_buckets, extend=extend,
-                log_every=log_every, log_seconds=log_seconds)
-    seconds = time.perf_counter() - t0
-    if not dist.is_main:  # rank 0 publishes the model directory; the others wait for it
-        dist.barrier()
-        return {"rank": dist.rank, "steps": res["step"], "seconds": round(seconds, 3)}
-    model.load_state_dict(res["best_state"])
-    with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    # rank 0 holds out_dir's lock from here to the publish (a second train into it fails at once) and assembles
+    # the directory aside; the other ranks only train
+    with storage.atomic_dir(out_dir, overwrite=overwrite) if dist.is_main else contextlib.nullcontext() as tmp:
+        data = _read_data(tables_dir, config, rules_dir, length_buckets)
+        ckpts = StepCheckpoints(storage.join(str(checkpoint_uri or default_checkpoint_uri(out_dir)),
+                                             checkpoint_key(config, data, legacy_step)))
+        model = make_model(config.model_type, data.model_config, config.seed, data.compiled_rules)
+        dev = pick_device(device)
+        if dist.enabled and (device is None or (dev.type == "cuda" and dev.index is None)):
+            dev = dist.device()  # one GPU per rank: cuda:<LOCAL_RANK>
+        t0 = time.perf_counter()
+        with ckpts.lock() if dist.is_main else contextlib.nullcontext():  # one writer per checkpoint folder
+            res = train(model, data.train_ds, data.val_ds, data.vocab, ckpts.folder, config.loop,
+                        run_hash=data.run_hash, resume_from=resume_from, device=dev, progress=progress,
+                        precision=config.precision, dp=config.dp, dist=dist, on_step=on_step,
+                        legacy_step=legacy_step, length_buckets=length_buckets, extend=extend, log_every=log_every,
+                        log_seconds=log_seconds)
+        seconds = time.perf_counter() - t0
+        if not dist.is_main:  # rank 0 publishes the model directory; the others wait for it
+            dist.barrier()
+            return {"rank": dist.rank, "steps": res["step"], "seconds": round(seconds, 3)}
+        model.load_state_dict(res["best_state"])
         hist = _write_outputs(str(tmp), model, data, config, res, tables_dir, rules_dir)
-        info = {**_run_info(config, data, res, hist, dev, seconds, dist), "checkpoints": ckpt_dir}
-        storage.write_json(storage.join(str(tmp), "meta.json"), info)  # written last: the directory is complete
+        info = {**_run_info(config, data, res, hist, dev, seconds, dist), "checkpoints": ckpts.folder}
+        storage.write_json(storage.join(str(tmp), "meta.json"), info)
     log.info("published %s (best val %s at step %s); checkpoints in %s", out_dir, info["best_val_loss"],
-             info["best_step"], ckpt_dir)
+             info["best_step"], ckpts.folder)
     dist.barrier()
     return info
