@@ -754,8 +754,9 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfi
         the run summary, also written to ``meta.json``; ``checkpoints`` is the run's checkpoint folder.
     """
     config = _config_of(config, options)
-    _check_out(out_dir, overwrite)  # before any work
     dist = setup_distributed() if distributed else SINGLE
+    if dist.is_main:
+        _check_out(out_dir, overwrite)  # before any work
     # rank 0 holds out_dir's lock from here to the publish (a second train into it fails at once) and assembles
     # the directory aside; the other ranks only train
     with storage.atomic_dir(out_dir, overwrite=overwrite) if dist.is_main else contextlib.nullcontext() as tmp:
