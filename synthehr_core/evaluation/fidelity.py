@@ -156,6 +156,31 @@ def label_prevalence(c: Cohort) -> pd.Series:
     return pd.Series(np.asarray(c.L.sum(axis=0), dtype=np.float64).ravel() / max(c.n_patients, 1), index=c.space.labels)
 
 
+def _boot_r2(R: sp.csr_matrix, S: sp.csr_matrix, rng: np.random.Generator) -> np.ndarray:
+    """R² of column prevalences of two patient-level 0/1 matrices under patient resampling of both."""
+    from .intervals import weights
+
+    pr = (R.T @ weights(R.shape[0], rng).T).T / max(R.shape[0], 1)           # (B, columns)
+    ps = (S.T @ weights(S.shape[0], rng).T).T / max(S.shape[0], 1)
+    keep = (np.asarray(R.sum(axis=0)).ravel() + np.asarray(S.sum(axis=0)).ravel()) > 0   # the union of keys
+    pr, ps = pr[:, keep], ps[:, keep]
+    ss_tot = ((pr - pr.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 1 - ((pr - ps) ** 2).sum(axis=1) / ss_tot
+
+
+def headline_intervals(real: Cohort, synth: Cohort, rng: np.random.Generator) -> dict[str, dict]:
+    """95 % bootstrap intervals of the per-record code and label prevalence R² (patients of both cohorts
+    resampled)."""
+    from .intervals import interval
+
+    who = f"{real.n_patients} real train + {synth.n_patients} synthetic patients"
+    out = {"fidelity.code_record.r2": interval(_boot_r2(real.P, synth.P, rng), synth.n_patients, who)}
+    if real.L.shape[1] >= 2:
+        out["fidelity.labels.r2"] = interval(_boot_r2(real.L, synth.L, rng), synth.n_patients, who)
+    return out
+
+
 def fidelity(real: Cohort, synth: Cohort, real_stats: Stats | None = None, baseline: Cohort | None = None) -> dict:
     """All code-level fidelity metrics plus the tables the report draws; ``baseline`` (held-out real) gives the
     same R² families for real-vs-real as a ceiling."""
