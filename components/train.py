@@ -40,7 +40,7 @@ def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, pre
     from synthehr_core import __version__, storage
     from synthehr_core.model.config import TrainConfig
     from synthehr_core.model.loss_curve import loss_curve_html
-    from synthehr_core.model.torchrun import run_training
+    from synthehr_core.model.train import train_to_dir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     config = TrainConfig.from_dict({"model_type": model_type, "preset": preset, "epochs": epochs,
@@ -48,8 +48,8 @@ def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, pre
                                     "patience": patience or None, "ckpt_minutes": ckpt_minutes or None,
                                     "dp_target_epsilon": dp_target_epsilon})
     ckpt_root = checkpoint_root or (storage.join(pipeline_root, "checkpoints") if pipeline_root else None)
-    info = run_training(tables.path, model.path, config, processes=gpus, checkpoint_uri=ckpt_root,
-                        overwrite=True, rules_dir=ruleset.path if model_type == "consequence" else None)
+    info = train_to_dir(tables.path, model.path, config, processes=gpus, checkpoint_uri=ckpt_root, overwrite=True,
+                        progress=False, rules_dir=ruleset.path if model_type == "consequence" else None)
     model.metadata.update({k: info.get(k) for k in ("model_type", "preset", "seed", "config_hash", "steps", "n_train",
                                                     "n_rules", "dp_epsilon", "dp_delta", "checkpoints", "world_size")})
     model.metadata.update({"dp_target_epsilon": dp_target_epsilon, "synthehr_version": __version__})

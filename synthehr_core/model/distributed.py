@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +118,19 @@ def setup(backend: str | None = None) -> DistContext:
     if dist.get_world_size() != world:
         raise ConfigError(f"process group has {dist.get_world_size()} ranks but WORLD_SIZE={world}.")
     return ctx
+
+
+def launch(processes: int, module: str, argv: list[str]) -> None:
+    """Run ``python -m module *argv`` as ``processes`` ranks under ``torchrun --standalone`` (one machine, a free
+    port), its output straight to this process's stdout and stderr (a pod's log); raises when a rank failed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", module, *argv]
+    log.info("launching %d training processes: torchrun --standalone --nproc_per_node %d -m %s", processes,
+             processes, module)
+    rc = subprocess.run(cmd, check=False).returncode
+    if rc != 0:
+        raise RuntimeError(f"torchrun with {processes} processes exited with status {rc}; the lines above are its "
+                           "log (the first error is the cause).")
 
 
 def teardown() -> None:

@@ -3,10 +3,9 @@
     torchrun --nproc_per_node 4 -m synthehr_core.model.torchrun --tables TABLES --out OUT [--preset paper ...]
 
 One flag per ``TrainConfig`` option (``--dp-target-epsilon`` is ``dp_target_epsilon``), its default the config's;
-``--config-json`` gives them all at once (what ``run_training`` passes, so None values survive).
-``run_training(tables, out, config, processes=N)`` is the train stage on N processes: ``train_to_dir`` itself for
-one, this entry under ``torchrun --standalone --nproc_per_node N`` for more (its output goes to this process's
-stdout and stderr: pod logs), returning the published ``meta.json``.
+``--config-json`` gives them all at once (what ``train_to_dir(processes=N)`` passes, so None values survive).
+``train_to_dir(..., processes=N)`` launches this entry under ``torchrun --standalone --nproc_per_node N``
+(``distributed.launch``).
 """
 from __future__ import annotations
 
@@ -14,13 +13,9 @@ import argparse
 import json
 import logging
 import os
-import subprocess
-import sys
-from typing import Any
 
 import torch.distributed as dist
 
-from .. import storage
 from ..errors import ConfigError
 from .checkpoint import MODEL_TYPES
 from .config import TrainConfig
@@ -108,33 +103,6 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if owns_group:
             teardown()
-
-
-def run_training(tables, out, config: TrainConfig, *, processes: int = 1, **run: Any) -> dict:
-    """The train stage on ``processes`` processes (one per GPU; gloo CPU processes without GPUs): ``train_to_dir``
-    here for 1, a ``torchrun --standalone`` launch of this module for more. ``run``: ``train_to_dir``'s
-    run keywords (rules_dir, checkpoint_uri, resume_from, extend, overwrite, log_every, log_seconds)."""
-    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
-        raise ConfigError(f"processes (train_gpus) must be an int >= 1; got {processes!r}.")
-    if processes == 1:
-        return train_to_dir(tables, out, config, progress=False, **run)
-    unknown = sorted(set(run) - set(RUN_FLAGS))
-    if unknown:
-        raise TypeError(f"run_training: {unknown} cannot be passed to the torchrun entry; it takes {RUN_FLAGS}.")
-    argv = ["--tables", str(tables), "--out", str(out), "--config-json", json.dumps(config.to_dict())]
-    for k, v in run.items():
-        if isinstance(v, bool):
-            argv += [f"--{k.replace('_', '-')}"] if v else []
-        elif v is not None:
-            argv += [f"--{k.replace('_', '-')}", str(v)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           "-m", "synthehr_core.model.torchrun", *argv]
-    log.info("launching %d training processes: %s", processes, " ".join(cmd[:7]))
-    rc = subprocess.run(cmd, check=False).returncode  # output straight to our stdout/stderr: the pod log
-    if rc != 0:
-        raise RuntimeError(f"torchrun with {processes} processes exited with status {rc}; the lines above are its "
-                           "log (the first error is the cause).")
-    return storage.read_json(storage.join(str(out), "meta.json"))
 
 
 if __name__ == "__main__":

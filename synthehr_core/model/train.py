@@ -50,7 +50,7 @@ from ..errors import ConfigError, OutputExistsError
 from ..randomness import torch_seed
 from .checkpoint import StepCheckpoints, load_step_file, model_class, write_checkpoint
 from .config import TrainArgs, TrainConfig, config_or_options
-from .distributed import SINGLE, DistContext
+from .distributed import SINGLE, DistContext, launch
 from .distributed import setup as setup_distributed
 from .dp import DPConfig, PrivateTraining
 from .halo import HaloConfig
@@ -715,12 +715,32 @@ def _check_out(out_dir, overwrite: bool) -> None:
                                 "(--extend), a larger epochs and a new out_dir.") from None
 
 
+def _launch(processes: int, tables_dir, out_dir, config: TrainConfig, unsupported: dict, **run: Any) -> dict:
+    """``train_to_dir`` on ``processes`` torchrun ranks; returns the published meta.json."""
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ConfigError(f"processes (train_gpus) must be an int >= 1; got {processes!r}.")
+    given = sorted(k for k, v in unsupported.items() if v is not None)
+    if given:
+        raise ConfigError(f"processes={processes}: {given} cannot be passed to the torchrun ranks; leave them at "
+                          "their defaults (each rank takes its own GPU).")
+    _check_out(out_dir, run["overwrite"])  # before the launch: a clear error at once, not one per rank
+    argv = ["--tables", str(tables_dir), "--out", str(out_dir), "--config-json", json.dumps(config.to_dict())]
+    for k, v in run.items():
+        if isinstance(v, bool):
+            argv += [f"--{k.replace('_', '-')}"] if v else []
+        elif v is not None:
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    launch(processes, "synthehr_core.model.torchrun", argv)
+    return storage.read_json(storage.join(str(out_dir), "meta.json"))
+
+
 def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None, *,
                  rules_dir: str | Path | None = None, checkpoint_uri: str | Path | None = None,
                  resume_from: str | Path | None = None, extend: bool = False, overwrite: bool = False,
                  device: str | torch.device | None = None, progress: bool = True, distributed: bool = False,
                  on_step: Callable[[int], None] | None = None, legacy_step: bool = False, length_buckets: int = 0,
-                 log_every: int | None = None, log_seconds: float | None = 30.0, **options: Any) -> dict:
+                 log_every: int | None = None, log_seconds: float | None = 30.0, processes: int = 1,
+                 **options: Any) -> dict:
     """The train stage: fit HALO or ConSequence on the train split, validate on val, publish a model directory.
 
     Args:
@@ -748,12 +768,20 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfi
         length_buckets: 0 = off; W > 0 = batches of similar-length patients (``bucket_order``; part of the run's
             hash, recorded in config.json and meta.json; not with DP-SGD).
         log_every, log_seconds: a progress line in the log every so many steps or seconds (rank 0).
+        processes: > 1 = run as that many DDP ranks (one per GPU; gloo CPU processes without GPUs) under
+            ``torchrun --standalone`` (model/torchrun.py), their log in this process's output.
         options: instead of ``config``, its option names as keywords (``epochs=3, dp_target_epsilon=1.0``); other
             names are extra ``HaloConfig`` fields (``n_embd=64``): ``TrainConfig.from_options``.
     Returns:
         the run summary, also written to ``meta.json``; ``checkpoints`` is the run's checkpoint folder.
     """
     config = _config_of(config, options)
+    if processes != 1:
+        return _launch(processes, tables_dir, out_dir, config, rules_dir=rules_dir, checkpoint_uri=checkpoint_uri,
+                       resume_from=resume_from, extend=extend, overwrite=overwrite, log_every=log_every,
+                       log_seconds=log_seconds, unsupported={"device": device, "on_step": on_step, "distributed":
+                                                             distributed or None, "legacy_step": legacy_step or None,
+                                                             "length_buckets": length_buckets or None})
     dist = setup_distributed() if distributed else SINGLE
     if dist.is_main:
         _check_out(out_dir, overwrite)  # before any work
