@@ -186,7 +186,8 @@ def resolve_resume(resume_from: str | Path) -> tuple[str, dict | None]:
         if step is not None:
             return ckpts.path(step), ckpts.marker(step)
     raise FileNotFoundError(f"resume_from={p}: holds no complete step checkpoint (step_*.pt with its .json marker)"
-                            f"{f' in {base}' if base != p.rstrip('/') else ''}. Start without resume_from.")
+                            f"{f' in {base}' if base != p.rstrip('/') else ''}. Start without resume_from, or pass "
+                            "a step_*.pt file itself (checkpoints written before markers have none).")
 
 
 # ---------------------------------------------------------------------------------------------- the loop
