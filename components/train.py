@@ -31,24 +31,24 @@ def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, pre
         patience: Stop after N validations without a better val loss (keeping the best); 0 = no early stopping.
         ckpt_minutes: Also checkpoint every M minutes of training; 0 = off.
         gpus: GPUs (one torchrun process each; CPU processes on a machine without GPUs).
-        checkpoint_root: Root of the step checkpoints (gs://, a local path); "" = <pipeline_root>/checkpoints (or
-            beside the model when that is "" too). A retry overwrites its own incomplete output (overwrite).
+        checkpoint_root: Root of the step checkpoints (gs://, s3://, a path the pod sees); "" =
+            <pipeline_root>/checkpoints (minio:// read as s3://), or beside the model when that is "" too.
         pipeline_root: The run's pipeline root (the pipeline passes dsl.PIPELINE_ROOT_PLACEHOLDER).
     """
     import logging
 
-    from synthehr_core import __version__, storage
+    from synthehr_core import __version__
     from synthehr_core.model.config import TrainConfig
     from synthehr_core.model.loss_curve import loss_curve_html
-    from synthehr_core.model.train import train_to_dir
+    from synthehr_core.model.train import pipeline_checkpoint_root, train_to_dir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     config = TrainConfig.from_dict({"model_type": model_type, "preset": preset, "epochs": epochs,
                                     "batch_size": batch_size, "lr": lr, "seed": seed, "eval_every": eval_every or None,
                                     "patience": patience or None, "ckpt_minutes": ckpt_minutes or None,
                                     "dp_target_epsilon": dp_target_epsilon})
-    ckpt_root = checkpoint_root or (storage.join(pipeline_root, "checkpoints") if pipeline_root else None)
-    info = train_to_dir(tables.path, model.path, config, processes=gpus, checkpoint_uri=ckpt_root, overwrite=True,
+    info = train_to_dir(tables.path, model.path, config, processes=gpus, overwrite=True,
+                        checkpoint_uri=checkpoint_root or pipeline_checkpoint_root(pipeline_root),
                         progress=False, rules_dir=ruleset.path if model_type == "consequence" else None)
     model.metadata.update({k: info.get(k) for k in ("model_type", "preset", "seed", "config_hash", "steps", "n_train",
                                                     "n_rules", "dp_epsilon", "dp_delta", "checkpoints", "world_size")})

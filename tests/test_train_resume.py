@@ -124,6 +124,34 @@ class TestCheckpoints:
         with pytest.raises(OutputExistsError, match="finished synthehr output"):  # and afterwards, before work
             train_to_dir(toy_tables, out, progress=False, **{**RUN, "seed": 9})
 
+    @pytest.mark.parametrize("store", ["gs", "s3"])
+    def test_checkpoints_on_object_stores_markers_pruning_and_lock(self, store):
+        emulator = emulators.gcs_emulator if store == "gs" else emulators.s3_emulator
+        with emulator() as env, emulators.patched_env(env):
+            root = f"{store}://{emulators.BUCKET}/run/checkpoints"
+            ck = StepCheckpoints(f"{root}/abc")
+            for step in (2, 4):
+                ck.save(step, {"w": torch.full((3,), float(step))}, done=step == 4)
+            storage.write_bytes(f"{root}/abc/step_00000006.pt", b"an upload without its marker")
+            assert ck.steps() == [2, 4] and ck.marker(4)["done"]
+            ck.prune(1)
+            assert ck.steps() == [4] and torch.equal(ck.load(4)["w"], torch.full((3,), 4.0))
+            with ck.lock():
+                with pytest.raises(OutputLockedError, match="another synthehr run is writing here"), \
+                        StepCheckpoints(f"{root}/abc").lock():
+                    pass
+            assert sorted(storage.listdir(root)) == ["abc"]  # the lock is gone once released
+
+    def test_the_pipeline_root_becomes_a_checkpoint_uri_and_other_schemes_are_refused(self, toy_tables, tmp_path):
+        from synthehr_core.model.train import pipeline_checkpoint_root
+
+        assert pipeline_checkpoint_root("minio://mlpipeline/v2/artifacts") == "s3://mlpipeline/v2/artifacts/checkpoints"
+        assert pipeline_checkpoint_root("gs://b/root") == "gs://b/root/checkpoints"
+        assert pipeline_checkpoint_root("") is None
+        with pytest.raises(ConfigError, match=r"checkpoint_uri='oci://x/y': not a location storage writes"):
+            train_to_dir(toy_tables, tmp_path / "m", checkpoint_uri="oci://x/y", **RUN)
+        assert not (tmp_path / "m").exists()
+
     @pytest.mark.slow
     def test_a_full_disk_is_a_clear_error_and_the_rerun_resumes(self, toy_tables, full, tmp_path):
         """RLIMIT_FSIZE stands in for a full disk (a write past it fails with EFBIG, as ENOSPC would): the first

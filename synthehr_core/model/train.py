@@ -58,7 +58,8 @@ from .precision import autocast, grad_scaler, validate_precision
 from .tensors import EHRParquetDataset, HaloCollate, collate_halo
 
 __all__ = ["CKPT_DIR", "LoopState", "TrainArgs", "TrainConfig", "bucket_order", "checkpoint_key",
-           "default_checkpoint_uri", "epoch_order", "make_model", "make_optimizer", "pick_device", "resolve_resume",
+           "default_checkpoint_uri", "epoch_order", "make_model", "make_optimizer", "pick_device",
+           "pipeline_checkpoint_root", "resolve_resume",
            "run_identity", "train", "train_step", "train_to_dir",
            "validation_loss"]
 
@@ -695,6 +696,23 @@ def default_checkpoint_uri(out_dir: str | Path) -> str:
     return str(out_dir).rstrip("/") + ".checkpoints"
 
 
+def pipeline_checkpoint_root(pipeline_root: str) -> str | None:
+    """``<pipeline root>/checkpoints`` as a URI storage writes: KFP's default root ``minio://bucket/...`` is MinIO's
+    S3 API, so ``s3://bucket/.../checkpoints`` (endpoint and keys from the AWS_* environment); None for ""."""
+    if not pipeline_root:
+        return None
+    if pipeline_root.startswith("minio://"):
+        pipeline_root = "s3://" + pipeline_root[len("minio://"):]
+    return storage.join(pipeline_root, "checkpoints")
+
+
+def _check_checkpoint_uri(uri) -> None:
+    u = str(uri)
+    if "://" in u and not storage.is_remote(u):
+        raise ConfigError(f"checkpoint_uri={u[:80]!r}: not a location storage writes (gs://, s3://, or a local path). "
+                          "For MinIO write s3://BUCKET/PATH and set AWS_ENDPOINT_URL; for a mounted volume, its path.")
+
+
 def checkpoint_key(config: TrainConfig, data: _TrainData, legacy_step: bool = False) -> str:
     """The folder name of a run's checkpoints under ``checkpoint_uri``: what decides its trajectory (the
     ``config_hash``, the tables' content, the loop's budget, validation and patience), so a retried or
@@ -777,6 +795,8 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfi
         the run summary, also written to ``meta.json``; ``checkpoints`` is the run's checkpoint folder.
     """
     config = _config_of(config, options)
+    if checkpoint_uri is not None:
+        _check_checkpoint_uri(checkpoint_uri)
     if processes != 1:
         return _launch(processes, tables_dir, out_dir, config, rules_dir=rules_dir, checkpoint_uri=checkpoint_uri,
                        resume_from=resume_from, extend=extend, overwrite=overwrite, log_every=log_every,
