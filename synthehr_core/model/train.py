@@ -3,7 +3,7 @@
 Loop as HI:train_model.py and KI:train_consequence.py (Adam, constant lr 1e-4, validation every N steps, keep the
 best) plus early stopping with patience (KI), and what the references lack:
 
-* **checkpoints outside the model** (``checkpoint_uri``, local or gs://, keyed by ``checkpoint_key``): at a step
+* **checkpoints outside the model** (``checkpoint_uri``: local, gs:// or s3://, keyed by ``checkpoint_key``): at a step
   period, every ``ckpt_minutes`` and at the end, each complete-or-absent (``checkpoint.StepCheckpoints``: the
   ``.pt``, then a marker with its digest; older ones pruned only after a newer one is complete). A rerun of the
   same config and data (a retried pod, a resubmitted pipeline) resumes from the newest complete one;
@@ -59,8 +59,7 @@ from .tensors import EHRParquetDataset, HaloCollate, collate_halo
 
 __all__ = ["CKPT_DIR", "LoopState", "TrainArgs", "TrainConfig", "bucket_order", "checkpoint_key",
            "default_checkpoint_uri", "epoch_order", "make_model", "make_optimizer", "pick_device",
-           "pipeline_checkpoint_root", "resolve_resume",
-           "run_identity", "train", "train_step", "train_to_dir",
+           "pipeline_checkpoint_root", "resolve_resume", "run_identity", "train", "train_step", "train_to_dir",
            "validation_loss"]
 
 log = logging.getLogger(__name__)
