@@ -88,12 +88,12 @@ def _kfp_imports():
 
 
 def parse_params(pairs: list[str], defaults: dict | None = None) -> dict:
-    """``["epochs=3", "sample_seeds=[0,1]", "model_type=halo"]`` -> typed dict (JSON values, else strings)."""
+    """``["epochs=3", "model_type=halo"]`` -> typed dict (JSON values, else strings)."""
     out = dict(defaults or {})
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"-p {pair!r}: expected key=value, e.g. -p epochs=3 or -p sample_seeds=[0,1].")
+            raise typer.BadParameter(f"-p {pair!r}: expected key=value, e.g. -p epochs=3 or -p n_shards=2.")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -111,7 +111,7 @@ def pipeline_args(fn, pairs: list[str], defaults: dict | None = None) -> dict:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            problems.append(f"-p {pair!r}: expected key=value, e.g. -p epochs=3 or -p sample_seeds=[0,1].")
+            problems.append(f"-p {pair!r}: expected key=value, e.g. -p epochs=3 or -p n_shards=2.")
         elif key not in inputs:
             problems.append(f"-p {key}: unknown pipeline parameter; this pipeline has {sorted(inputs)}.")
         elif inputs[key].type == "String":
@@ -137,12 +137,11 @@ def pipeline_args(fn, pairs: list[str], defaults: dict | None = None) -> dict:
 def compile_cmd(out: Path = typer.Option(DEFAULT_COMPILED, "--out", help="folder for the YAML files")):  # noqa: B008
     """Compile every pipeline (the generic synthehr.yaml, one per bundled config, mimic3_conditional) to OUT/<name>.yaml."""
     builder = _kfp_imports()
-    from kfp import compiler
 
     out.mkdir(parents=True, exist_ok=True)
     for name, fn in builder.all_pipelines().items():
         path = out / f"{name}.yaml"
-        compiler.Compiler().compile(fn, str(path))
+        builder.compile_to(fn, path)
         typer.echo(f"wrote {path}")
 
 
