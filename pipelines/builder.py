@@ -143,9 +143,18 @@ def pipeline_name(dataset: str | None, conditional: bool = False) -> str:
     return (GENERIC if dataset is None else f"synthehr-{dataset}") + ("-conditional" if conditional else "")
 
 
+# The image each task runs (its component's stage; the checks share preprocess's, notify merge's light image).
+IMAGE_OF_TASK = {"check-options": "preprocess", "check": "preprocess", "notify": "merge"}
+
+
 def _on_cluster(task, name: str, cluster: dict, gpu: bool = False, object_store: bool = True):
-    """The cluster settings of one task: pull secret, timeout, object-store credentials (optional secret as env
-    vars and as files), and for a GPU task the run's node selector and tolerations."""
+    """The cluster settings of one task: its image reference (``images``, pinned by digest when compiled from a
+    build record), pull secret, timeout, object-store credentials (optional secret as env vars and as files),
+    and for a GPU task the run's node selector and tolerations."""
+    image = cluster["images"][IMAGE_OF_TASK.get(name, name)]
+    task.set_container_image(image)
+    if gpu:
+        task.set_env_variable("SYNTHEHR_IMAGE", image)    # named by pick_device's error on a CPU-only torch
     kubernetes.set_image_pull_secrets(task, [cluster["image_pull_secret"]])
     kubernetes.set_timeout(task, TASK_TIMEOUTS[name])
     if object_store:
@@ -158,10 +167,12 @@ def _on_cluster(task, name: str, cluster: dict, gpu: bool = False, object_store:
     return task
 
 
-def build_pipeline(dataset: str | None = None, conditional: bool = False):
+def build_pipeline(dataset: str | None = None, conditional: bool = False, images: dict | None = None):
     """The ``@dsl.pipeline`` function: generic (``None``) or with a bundled ``dataset``'s defaults;
-    ``conditional`` adds a label ``condition`` parameter."""
+    ``conditional`` adds a label ``condition`` parameter; ``images`` ({stage: reference}, default
+    ``_images.refs()``: the release tags, or a build record's digests) are the images the tasks run."""
     d = dataset_defaults(dataset)
+    images = images or _images.refs()
 
     # Signature order = the docstring's and the YAML header's. (The KFP UI lists parameters alphabetically.)
     def synthehr(raw_uri: str, dataset_config: str = d["dataset_config"], split_seed: int = d["split_seed"],
@@ -194,7 +205,8 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False):
                  object_store_secret: str = OBJECT_STORE_SECRET,
                  condition: str = ""):   # docs/privacy.md. Last: the plain variant drops it (KFP passes by position)
         cluster = {"gpu_node_selector": gpu_node_selector, "gpu_tolerations": gpu_tolerations,
-                   "image_pull_secret": image_pull_secret, "object_store_secret": object_store_secret}
+                   "image_pull_secret": image_pull_secret, "object_store_secret": object_store_secret,
+                   "images": images}
         condition = condition if conditional else ""
         exit_task = notify()
         _on_cluster(exit_task, "notify", cluster, object_store=False)
@@ -234,7 +246,6 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False):
                         min_code_count=min_code_count)
             fit.set_caching_options(False).set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
             fit.set_cpu_request("4").set_memory_request("8G").set_memory_limit(TRAIN_MEMORY_LIMIT)
-            fit.set_env_variable("SYNTHEHR_IMAGE", _images.TRAIN_IMAGE)
             kubernetes.empty_dir_mount(fit, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                        size_limit=SHM_SIZE)
             _on_cluster(fit, "train", cluster, gpu=True)
@@ -250,7 +261,6 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False):
                 shard.set_caching_options(False).set_retry(SAMPLE_RETRIES, backoff_duration="30s")
                 shard.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
                 shard.set_memory_request("4G").set_memory_limit(SAMPLE_MEMORY_LIMIT)
-                shard.set_env_variable("SYNTHEHR_IMAGE", _images.SAMPLE_IMAGE)
                 _on_cluster(shard, "sample", cluster, gpu=True)
                 restored = kde_sample(shard=shard.outputs["shard"], grids=grids.outputs["grids"], seed=seed)
                 restored.set_caching_options(False)
@@ -298,10 +308,10 @@ def compile_to(fn, path) -> None:
     Path(path).write_text(head + sep + body)
 
 
-def all_pipelines() -> dict:
+def all_pipelines(images: dict | None = None) -> dict:
     """``{file stem: pipeline function}`` for every committed pipeline (compile and the IR tests use this): the
     generic one, one per bundled config, and MIMIC-III's label-conditioned variant."""
-    out = {GENERIC: build_pipeline(None)}
-    out.update({dataset: build_pipeline(dataset) for dataset in bundled_datasets()})
-    out["mimic3_conditional"] = build_pipeline("mimic3", conditional=True)
+    out = {GENERIC: build_pipeline(None, images=images)}
+    out.update({dataset: build_pipeline(dataset, images=images) for dataset in bundled_datasets()})
+    out["mimic3_conditional"] = build_pipeline("mimic3", conditional=True, images=images)
     return out

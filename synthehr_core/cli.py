@@ -133,13 +133,32 @@ def pipeline_args(fn, pairs: list[str], defaults: dict | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- pipelines
+def _image_record(images: str | None) -> str | None:
+    """The build record to pin images from: --images PATH, "none" = the release tags, default
+    $SYNTHEHR_IMAGES_LOCK or build/images.json when it exists."""
+    import os
+
+    if images == "none":
+        return None
+    path = images or os.environ.get("SYNTHEHR_IMAGES_LOCK") or ("build/images.json" if Path("build/images.json").exists()
+                                                                else None)
+    if path is not None and not Path(path).exists():
+        raise typer.BadParameter(f"--images {path}: no such build record; run `make images` (or make images-push), "
+                                 "or pass --images none to use the release tags.")
+    return path
+
+
 @app.command("compile")
-def compile_cmd(out: Path = typer.Option(DEFAULT_COMPILED, "--out", help="folder for the YAML files")):  # noqa: B008
+def compile_cmd(out: Path = typer.Option(DEFAULT_COMPILED, "--out", help="folder for the YAML files"),  # noqa: B008
+                images: str | None = typer.Option(None, help="build record (build/images.json) to pin image@sha256 "
+                                                  "from; default: none, the release tags of the committed YAML")):
     """Compile every pipeline (the generic synthehr.yaml, one per bundled config, mimic3_conditional) to OUT/<name>.yaml."""
     builder = _kfp_imports()
+    from components import _images
 
+    refs = _images.refs(images) if images else None
     out.mkdir(parents=True, exist_ok=True)
-    for name, fn in builder.all_pipelines().items():
+    for name, fn in builder.all_pipelines(images=refs).items():
         path = out / f"{name}.yaml"
         builder.compile_to(fn, path)
         typer.echo(f"wrote {path}")
@@ -272,35 +291,70 @@ def submit_cmd(
     experiment: str = typer.Option("synthehr", help="experiment the run goes into"),
     run_name: str | None = typer.Option(None, help="default: <pipeline>-<UTC timestamp>"),
     version: str | None = typer.Option(None, help="pipeline version name; default: package version + timestamp"),
-    package: Path | None = typer.Option(None, help="compiled YAML to upload; default: pipelines/compiled/<name>.yaml"),  # noqa: B008
+    images: str | None = typer.Option(None, help="build record to pin images from (default: $SYNTHEHR_IMAGES_LOCK "
+                                      "or build/images.json if present; 'none' = the release tags)"),
+    wait: bool = typer.Option(False, "--wait", help="wait for the run; exit 0 only if it SUCCEEDED"),
+    timeout: int = typer.Option(7 * 24 * 3600, help="seconds --wait waits before giving up (exit 2)"),
+    package: Path | None = typer.Option(None, help="upload this compiled YAML instead of compiling afresh"),  # noqa: B008
 ):
-    """Upload the compiled pipeline (a new version of it) to a KFP cluster and start a run with -p overrides."""
+    """Compile the pipeline afresh (this checkout's code, SYNTHEHR_IMAGE_REGISTRY, the images of the build record
+    pinned by digest), upload it as a new version, start a run with -p overrides and print its URL."""
+    import tempfile
+
     builder = _kfp_imports()
     import kfp
 
+    from components import _images
+
     from . import __version__
 
+    if package is not None and not package.exists():
+        raise typer.BadParameter(f"--package {package} does not exist: run `synthehr compile` (or make compile) "
+                                 "first, or leave --package out to compile afresh.")
+    record = _image_record(images)
+    refs = _images.refs(record)
+    unpushed = sorted(stage for stage, ref in refs.items() if record and "@sha256:" not in ref)
+    if unpushed and package is None:
+        raise typer.BadParameter(f"build record {record}: {unpushed} were built but never pushed (no registry "
+                                 "digest), so the cluster cannot pull them; run `make images-push`, or pass "
+                                 "--images none to use the release tags.")
     fn, name, dataset_config = _pipeline_for(builder, dataset, config, conditional)
-    stem = builder.GENERIC if config is not None else (f"{dataset or 'mimic3'}_conditional" if conditional
-                                                       else dataset or "mimic3")
-    package = package or DEFAULT_COMPILED / f"{stem}.yaml"
-    if not package.exists():
-        raise typer.BadParameter(f"{package} does not exist: run `synthehr compile` (or make compile) first.")
+    fn = (builder.build_pipeline(None, images=refs) if config is not None
+          else builder.build_pipeline(dataset or "mimic3", conditional=conditional, images=refs))
     args = pipeline_args(fn, params, _submit_defaults(config) if config is not None else None)
+    if "CHANGE-ME" in str(args.get("raw_uri", "CHANGE-ME")):
+        raise typer.BadParameter(f"raw_uri is required (got {args.get('raw_uri', 'none')!r}): pass -p "
+                                 "raw_uri=gs://BUCKET/path (or s3://, minio://) of the raw extract the pods read.")
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    client = kfp.Client(host=host, namespace=namespace, existing_token=token)
-    version = version or f"{__version__}-{stamp}"
-    pipeline_id = client.get_pipeline_id(name)
-    if pipeline_id is None:   # a new pipeline comes with its first version
-        pipeline_id = client.upload_pipeline(str(package), pipeline_name=name, namespace=namespace).pipeline_id
-        version_id = client.list_pipeline_versions(pipeline_id).pipeline_versions[0].pipeline_version_id
-    else:
-        version_id = client.upload_pipeline_version(str(package), pipeline_version_name=version,
-                                                    pipeline_id=pipeline_id).pipeline_version_id
+    with tempfile.TemporaryDirectory(prefix="synthehr-submit-") as tmp:
+        if package is None:
+            package = Path(tmp) / f"{name}.yaml"
+            builder.compile_to(fn, package)
+        client = kfp.Client(host=host, namespace=namespace, existing_token=token)
+        version = version or f"{__version__}-{stamp}"
+        pipeline_id = client.get_pipeline_id(name)
+        if pipeline_id is None:   # a new pipeline comes with its first version
+            pipeline_id = client.upload_pipeline(str(package), pipeline_name=name, namespace=namespace).pipeline_id
+            version_id = client.list_pipeline_versions(pipeline_id).pipeline_versions[0].pipeline_version_id
+        else:
+            version_id = client.upload_pipeline_version(str(package), pipeline_version_name=version,
+                                                        pipeline_id=pipeline_id).pipeline_version_id
     exp = client.create_experiment(experiment, namespace=namespace)
     run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=run_name or f"{name}-{stamp}",
                               params=args, pipeline_id=pipeline_id, version_id=version_id)
-    typer.echo(f"submitted run {run.run_id} of {name} (version {version_id}) to {host or 'in-cluster KFP'}")
+    typer.echo(f"submitted run {run.run_id} of {name} (version {version_id}) to {host or 'in-cluster KFP'}\n"
+               f"run: {client._get_url_prefix()}/#/runs/details/{run.run_id}")   # the link kfp itself prints
+    if not wait:
+        return
+    try:
+        done = client.wait_for_run_completion(run.run_id, timeout=timeout)
+    except TimeoutError:
+        typer.echo(f"run {run.run_id} still running after {timeout} s", err=True)
+        raise typer.Exit(2) from None
+    state = str(getattr(done, "state", None) or getattr(getattr(done, "run", None), "status", "UNKNOWN"))
+    typer.echo(f"run {run.run_id} finished: {state}")
+    if state.upper() != "SUCCEEDED":
+        raise typer.Exit(1)
 
 
 def _submit_defaults(config: str) -> dict:

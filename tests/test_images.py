@@ -243,7 +243,7 @@ def test_whole_pipeline_in_stage_images_with_docker_runner(engine, tmp_path):
     local.init(runner=local.DockerRunner(network_mode="none"), pipeline_root=str(root), raise_on_error=True)
     pipeline = build_pipeline("mimic3")
     since, t0 = int(time.time()) - 1, time.monotonic()
-    pipeline(raw_uri=str(raw), **{**LOCAL_OVERRIDES, "epochs": 1, "n_patients_per_seed": 20, "sample_seeds": [0, 1]})
+    pipeline(raw_uri=str(raw), **{**LOCAL_OVERRIDES, "epochs": 1, "n_patients_per_seed": 20, "n_shards": 2})
     seconds = time.monotonic() - t0
     # The engine's own record of which images the tasks' containers started from.
     events = engine.events(since=since, until=int(time.time()) + 1, decode=True,

@@ -283,3 +283,28 @@ def test_gpu_tasks_name_their_image_for_the_device_check(compiled):
     for e, stage in (("exec-train", "train"), ("exec-sample", "sample")):
         env = {v["name"]: v["value"] for v in spec["deploymentSpec"]["executors"][e]["container"]["env"]}
         assert env["SYNTHEHR_IMAGE"] == _images.image(stage)
+
+
+def test_a_bad_model_type_fails_the_local_run_at_the_first_task_within_seconds(tmp_path):
+    """kfp.local, the real DAG: model_type=hallo stops the run at check-options, before the raw data is checked
+    or preprocessed (those tasks never run); the exit handler still records FAILED."""
+    import time
+
+    from kfp import local
+    from kfp.local import config as local_config
+
+    from synthehr_core.data.config import load_config
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path), raise_on_error=True)
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(RuntimeError, match=r"Inner task failed: \S*'check-options'"):
+            builder.build_pipeline("mimic3")(raw_uri=load_config("mimic3").raw_path("local"), model_type="hallo")
+    finally:
+        local_config.LocalExecutionConfig.instance = None
+    seconds = time.perf_counter() - t0
+    (run,) = tmp_path.iterdir()
+    assert {p.name for p in run.iterdir()} == {"notify"}      # no task wrote outputs: check, preprocess never ran
+    assert "FAILED" in (run / "notify" / "executor_output.json").read_text()
+    assert seconds < 20, f"the first task took {seconds:.1f} s to fail"
+    print(f"bad model_type failed the local run in {seconds:.2f} s")
