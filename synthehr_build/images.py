@@ -472,6 +472,40 @@ def push(steps: list[BuildStep], client=None, log=print, record: Path | None = R
     return digests
 
 
+# --- GPU smoke ----------------------------------------------------------------------------------------------------
+
+# Run inside a torch stage image on a GPU machine: the torch build, the device pick_device("auto") makes, a bf16 matmul
+# and a few steps of the tiny HALO on the GPU. Fails (exit 1) on a CPU-only torch or an unusable GPU.
+GPU_SMOKE = """
+import json, os, torch
+from synthehr_core.model.train import pick_device
+info = {"image": os.environ.get("SYNTHEHR_IMAGE"), "torch": torch.__version__, "cuda_build": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(), "devices": torch.cuda.device_count()}
+print(json.dumps(info), flush=True)
+assert torch.version.cuda, "CPU-only torch build: rebuild with the cuda variant"
+dev = pick_device("auto")
+assert dev.type == "cuda", dev
+x = torch.randn(2048, 2048, device=dev)
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    y = (x @ x).float().sum().item()
+from synthehr_core.model.halo import HALO, HaloConfig
+model = HALO(HaloConfig(n_visit_tokens=60, n_labels=4, n_ctx=8, n_embd=32, n_layer=2, n_head=2)).to(dev)
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+g = torch.Generator(device=dev).manual_seed(0)
+batch = (torch.rand(8, 8, model.config.vocab_size, device=dev, generator=g) < 0.05).float()
+for _ in range(3):
+    _, loss = model(batch, torch.ones(8, 8, 1, device=dev))
+    opt.zero_grad(); loss.backward(); opt.step()
+print(json.dumps({"ok": True, "device": torch.cuda.get_device_name(dev), "bf16_matmul": y, "loss": loss.item()}))
+"""
+
+
+def gpu_smoke_command(ref: str, runtime: str = "docker") -> list[str]:
+    """The `docker run` of GPU_SMOKE in one image, with every GPU and no network."""
+    return [runtime, "run", "--rm", "--gpus", "all", "--network", "none", "-e", f"SYNTHEHR_IMAGE={ref}",
+            "--entrypoint", "python", ref, "-c", GPU_SMOKE]
+
+
 # --- CLI --------------------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
@@ -495,6 +529,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--allow-cpu-torch", action="store_true", help="push CPU-torch train/sample images anyway")
     lk = sub.add_parser("lock", help="re-resolve images/requirements/*.in into *.lock")
     lk.add_argument("--variant", choices=VARIANTS, default="cpu", help="cuda: torch-cuda.lock from PyPI")
+    g = sub.add_parser("gpu-smoke", help="on a GPU machine: run a torch image's GPU check (docker run --gpus all)")
+    g.add_argument("image", help="train or sample image reference (a tag or image@sha256:...)")
+    g.add_argument("--print", action="store_true", help="print the docker command instead of running it")
     w = sub.add_parser("wheelhouse", help="download the locked wheels and build the synthehr wheel")
     w.add_argument("--dest", type=Path, default=REPO / "build" / "wheelhouse")
     w.add_argument("--variant", choices=VARIANTS, default="cpu", help="cuda: also the CUDA wheels (several GB)")
@@ -508,6 +545,12 @@ def main(argv: list[str] | None = None) -> int:
         for flavor, path in paths.items():
             print(f"{flavor}: {path}")
         return 0
+    if args.cmd == "gpu-smoke":
+        cmd = gpu_smoke_command(args.image)
+        if args.print:
+            print(" ".join(cmd[:-1]) + " \"$GPU_SMOKE\"")
+            return 0
+        return subprocess.run(cmd, check=False).returncode
     if args.cmd == "wheelhouse":
         print(make_wheelhouse(args.dest))
         if args.variant == "cuda":

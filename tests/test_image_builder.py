@@ -272,3 +272,21 @@ class TestDockerfile:
     def test_uses_no_buildkit_only_syntax(self):
         text = B.DOCKERFILE.read_text()
         assert "# syntax=" not in text and "--mount=" not in text and "<<" not in text
+
+
+class TestGpuSmoke:
+    def test_docker_command_gives_every_gpu_no_network_and_names_the_image(self):
+        ref = "reg.example/synthehr-train@sha256:" + "a" * 64
+        cmd = B.gpu_smoke_command(ref)
+        assert cmd[:8] == ["docker", "run", "--rm", "--gpus", "all", "--network", "none", "-e"]
+        assert f"SYNTHEHR_IMAGE={ref}" in cmd and cmd[cmd.index("--entrypoint") + 1:][:2] == ["python", ref]
+        assert cmd[-1] == B.GPU_SMOKE
+
+    def test_the_check_fails_on_this_cpu_only_torch(self):
+        import torch
+
+        if torch.version.cuda:
+            pytest.skip("this torch is a CUDA build")
+        r = subprocess.run([sys.executable, "-c", B.GPU_SMOKE], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode != 0 and "CPU-only torch build" in r.stderr
+        assert json.loads(r.stdout.splitlines()[0])["cuda_build"] is None
