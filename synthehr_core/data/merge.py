@@ -22,6 +22,7 @@ SYNTHETIC_ID = "syn-{seed}-{n}"
 
 def _shard_meta(shard_dir: str) -> dict:
     path = storage.join(shard_dir, "meta.json")
+    storage.require_complete(shard_dir, "kde-sample")
     if not storage.exists(path):
         raise DataError(f"{shard_dir}: no meta.json, so the shard's seed is unknown. Point merge at the outputs of "
                         "the sample or kde-sample stage.")

@@ -110,6 +110,7 @@ def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, o
     Each variable draws from its own stream ``numpy_rng(seed, i)`` (i = config order), the visit times from stream
     ``n`` and the calendar dating from ``n + 1`` (randomness.py), so adding a variable does not change the others.
     """
+    storage.require_complete(grids_dir, "kde-grids")
     cfg = load_kde_config(storage.read_json(storage.join(grids_dir, CONFIG_FILE)),
                           where=storage.join(grids_dir, CONFIG_FILE))
     patients, visits, codes = read_tables(shard_dir)

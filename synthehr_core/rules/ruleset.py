@@ -119,6 +119,7 @@ def save_rules(path: str | Path, rules: list[Rule], **meta: Any) -> None:
 
 
 def load_rules(path: str | Path) -> list[Rule]:
+    storage.require_complete(path, "rules")
     d = storage.read_json(path)
     if not isinstance(d, dict) or "rules" not in d:
         raise SchemaError(f"{path}: not a rules file (no 'rules' list). Write it with mine_rules_to_dir.")
