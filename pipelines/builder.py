@@ -56,7 +56,7 @@ TASK_TIMEOUTS = {
 # secret or key is skipped). S3 / MinIO keys are read by boto3; GOOGLE_APPLICATION_CREDENTIALS names a key file,
 # which the same secret provides under OBJECT_STORE_MOUNT (docs/deploy.md, "Object-store credentials").
 OBJECT_STORE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                    "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
+                    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS")
 OBJECT_STORE_MOUNT = "/var/run/secrets/synthehr/object-store"
 # Defaults that work on a vanilla cluster: no node selector; a toleration of the usual GPU taint (harmless where
 # no node has it); secret names that need not exist (a missing pull secret is skipped with a warning event, a

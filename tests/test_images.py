@@ -42,7 +42,8 @@ def client():
         if os.environ.get("SYNTHEHR_REQUIRE_DOCKER") == "1":
             pytest.fail(f"SYNTHEHR_REQUIRE_DOCKER=1 but {msg}")
         pytest.skip(msg)
-    REFS.update(_images.refs(RECORD) if RECORD.exists() else {s: _images.image(s) for s in STAGES})
+    built = json.loads(RECORD.read_text())["images"] if RECORD.exists() else {}   # a partial build: those stages
+    REFS.update({s: built[s]["ref"] if s in built else _images.image(s) for s in STAGES})
     return client
 
 
@@ -344,3 +345,31 @@ def test_push_refuses_cpu_torch_train_images(client, local_registry):
             push([step], client=client, record=None)
     finally:
         client.images.remove(step.ref, force=True)
+
+
+def test_a_bad_option_fails_the_first_task_in_its_container(client, tmp_path, capfd):
+    """DockerRunner, offline: model_type=hallo stops the run in check-options (the preprocess image) within
+    seconds; no stage image beyond preprocess and merge (notify) is needed."""
+    from kfp import local
+    from kfp.local import config as local_config
+
+    from pipelines.builder import build_pipeline
+
+    for stage in ("preprocess", "merge"):
+        if not client.images.list(name=REFS[stage]):
+            pytest.skip(f"{REFS[stage]} is not built (make images)")
+    root = tmp_path / "root"
+    raw = root / "raw"
+    shutil.copytree(REPO / "synthehr_core" / "sample_data" / "mimic3_demo", raw)
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    local.init(runner=local.DockerRunner(network_mode="none"), pipeline_root=str(root), raise_on_error=True)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"Inner task failed: \S*'check-options'"):
+            build_pipeline("mimic3", images=dict(REFS))(raw_uri=str(raw), model_type="hallo")
+    finally:
+        local_config.LocalExecutionConfig.instance = None
+    assert time.monotonic() - t0 < 60
+    out = capfd.readouterr()
+    assert "model_type must be one of ['halo', 'consequence']; got 'hallo'" in out.out + out.err   # the check, not a pull error
