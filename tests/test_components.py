@@ -27,7 +27,7 @@ from components.train import train
 from synthehr_core.data.config import bundled_data_dir
 from synthehr_core.data.merge import merge_shards
 from synthehr_core.data.schema import parse_bin, read_tables
-from synthehr_core.errors import ConfigError, DataError
+from synthehr_core.errors import ConfigError, DataError, IncompleteOutputError
 
 COMPONENTS = Path(__file__).resolve().parents[1] / "components"
 
@@ -228,7 +228,8 @@ class TestMergeShards:
         a = tmp_path / "a"
         shutil.copytree(toy_tables, a)
         (a / "meta.json").unlink()
-        with pytest.raises(DataError, match="no meta.json"):
+        # the shard's _SUCCESS manifest lists meta.json: storage names the missing file (main's storage package)
+        with pytest.raises(IncompleteOutputError, match=r"missing \(meta\.json\)"):
             merge_shards([a], tmp_path / "out")
         with pytest.raises(ConfigError, match="no shard directories"):
             merge_shards([], tmp_path / "out")
