@@ -46,7 +46,8 @@ SAMPLE_RETRIES = 2                   # a preempted GPU node should not fail the 
 SHM_SIZE = "8Gi"                     # /dev/shm for torch DataLoader workers
 
 # Pod deadline per task (Kubernetes activeDeadlineSeconds), in seconds. kfp.kubernetes.set_timeout takes only a
-# constant, so these are compile-time settings: edit and recompile (docs/deploy.md). All arbitrary; generous.
+# constant, so these are compile-time settings: build_pipeline(timeouts=...), `synthehr submit --task-timeout
+# train=86400` (submit compiles afresh), or edit here and recompile. All arbitrary; generous.
 TASK_TIMEOUTS = {
     "check-options": 10 * 60, "check": 60 * 60, "preprocess": 6 * 3600, "rules": 4 * 3600,
     "train": 72 * 3600, "kde-grids": 4 * 3600, "sample": 24 * 3600, "kde-sample": 4 * 3600,
@@ -156,7 +157,7 @@ def _on_cluster(task, name: str, cluster: dict, gpu: bool = False, object_store:
     if gpu:
         task.set_env_variable("SYNTHEHR_IMAGE", image)    # named by pick_device's error on a CPU-only torch
     kubernetes.set_image_pull_secrets(task, [cluster["image_pull_secret"]])
-    kubernetes.set_timeout(task, TASK_TIMEOUTS[name])
+    kubernetes.set_timeout(task, cluster["timeouts"][name])
     if object_store:
         kubernetes.use_secret_as_env(task, cluster["object_store_secret"], {k: k for k in OBJECT_STORE_ENV},
                                      optional=True)
@@ -167,12 +168,26 @@ def _on_cluster(task, name: str, cluster: dict, gpu: bool = False, object_store:
     return task
 
 
-def build_pipeline(dataset: str | None = None, conditional: bool = False, images: dict | None = None):
+def task_timeouts(overrides: dict | None = None) -> dict[str, int]:
+    """TASK_TIMEOUTS with ``overrides`` ({task: seconds}) applied; unknown tasks and non-positive values refused."""
+    overrides = dict(overrides or {})
+    bad = [f"{k}={v!r}" for k, v in overrides.items()
+           if k not in TASK_TIMEOUTS or not isinstance(v, int) or isinstance(v, bool) or v <= 0]
+    if bad:
+        raise ValueError(f"task timeouts {bad}: give TASK=SECONDS with an integer > 0 for tasks of "
+                         f"{sorted(TASK_TIMEOUTS)}.")
+    return {**TASK_TIMEOUTS, **overrides}
+
+
+def build_pipeline(dataset: str | None = None, conditional: bool = False, images: dict | None = None,
+                   timeouts: dict | None = None):
     """The ``@dsl.pipeline`` function: generic (``None``) or with a bundled ``dataset``'s defaults;
     ``conditional`` adds a label ``condition`` parameter; ``images`` ({stage: reference}, default
-    ``_images.refs()``: the release tags, or a build record's digests) are the images the tasks run."""
+    ``_images.refs()``: the release tags, or a build record's digests) are the images the tasks run;
+    ``timeouts`` ({task: seconds}) override TASK_TIMEOUTS."""
     d = dataset_defaults(dataset)
     images = images or _images.refs()
+    deadlines = task_timeouts(timeouts)
 
     # Signature order = the docstring's and the YAML header's. (The KFP UI lists parameters alphabetically.)
     def synthehr(raw_uri: str, dataset_config: str = d["dataset_config"], split_seed: int = d["split_seed"],
@@ -206,7 +221,7 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False, images
                  condition: str = ""):   # docs/privacy.md. Last: the plain variant drops it (KFP passes by position)
         cluster = {"gpu_node_selector": gpu_node_selector, "gpu_tolerations": gpu_tolerations,
                    "image_pull_secret": image_pull_secret, "object_store_secret": object_store_secret,
-                   "images": images}
+                   "images": images, "timeouts": deadlines}
         condition = condition if conditional else ""
         exit_task = notify()
         _on_cluster(exit_task, "notify", cluster, object_store=False)
@@ -308,10 +323,11 @@ def compile_to(fn, path) -> None:
     Path(path).write_text(head + sep + body)
 
 
-def all_pipelines(images: dict | None = None) -> dict:
+def all_pipelines(images: dict | None = None, timeouts: dict | None = None) -> dict:
     """``{file stem: pipeline function}`` for every committed pipeline (compile and the IR tests use this): the
     generic one, one per bundled config, and MIMIC-III's label-conditioned variant."""
-    out = {GENERIC: build_pipeline(None, images=images)}
-    out.update({dataset: build_pipeline(dataset, images=images) for dataset in bundled_datasets()})
-    out["mimic3_conditional"] = build_pipeline("mimic3", conditional=True, images=images)
+    kw = {"images": images, "timeouts": timeouts}
+    out = {GENERIC: build_pipeline(None, **kw)}
+    out.update({dataset: build_pipeline(dataset, **kw) for dataset in bundled_datasets()})
+    out["mimic3_conditional"] = build_pipeline("mimic3", conditional=True, **kw)
     return out

@@ -151,14 +151,17 @@ def _image_record(images: str | None) -> str | None:
 @app.command("compile")
 def compile_cmd(out: Path = typer.Option(DEFAULT_COMPILED, "--out", help="folder for the YAML files"),  # noqa: B008
                 images: str | None = typer.Option(None, help="build record (build/images.json) to pin image@sha256 "
-                                                  "from; default: none, the release tags of the committed YAML")):
+                                                  "from; default: none, the release tags of the committed YAML"),
+                task_timeout: list[str] = typer.Option([], "--task-timeout",  # noqa: B008
+                                                       help="TASK=SECONDS pod deadline (repeatable)")):
     """Compile every pipeline (the generic synthehr.yaml, one per bundled config, mimic3_conditional) to OUT/<name>.yaml."""
     builder = _kfp_imports()
     from components import _images
 
     refs = _images.refs(images) if images else None
+    timeouts = _task_timeouts(builder, task_timeout)
     out.mkdir(parents=True, exist_ok=True)
-    for name, fn in builder.all_pipelines(images=refs).items():
+    for name, fn in builder.all_pipelines(images=refs, timeouts=timeouts).items():
         path = out / f"{name}.yaml"
         builder.compile_to(fn, path)
         typer.echo(f"wrote {path}")
@@ -293,6 +296,8 @@ def submit_cmd(
     version: str | None = typer.Option(None, help="pipeline version name; default: package version + timestamp"),
     images: str | None = typer.Option(None, help="build record to pin images from (default: $SYNTHEHR_IMAGES_LOCK "
                                       "or build/images.json if present; 'none' = the release tags)"),
+    task_timeout: list[str] = typer.Option([], "--task-timeout",  # noqa: B008
+                                           help="TASK=SECONDS pod deadline for this run, e.g. train=259200 (repeatable)"),
     wait: bool = typer.Option(False, "--wait", help="wait for the run; exit 0 only if it SUCCEEDED"),
     timeout: int = typer.Option(7 * 24 * 3600, help="seconds --wait waits before giving up (exit 2)"),
     package: Path | None = typer.Option(None, help="upload this compiled YAML instead of compiling afresh"),  # noqa: B008
@@ -319,8 +324,9 @@ def submit_cmd(
                                  "digest), so the cluster cannot pull them; run `make images-push`, or pass "
                                  "--images none to use the release tags.")
     fn, name, dataset_config = _pipeline_for(builder, dataset, config, conditional)
-    fn = (builder.build_pipeline(None, images=refs) if config is not None
-          else builder.build_pipeline(dataset or "mimic3", conditional=conditional, images=refs))
+    timeouts = _task_timeouts(builder, task_timeout)
+    fn = (builder.build_pipeline(None, images=refs, timeouts=timeouts) if config is not None
+          else builder.build_pipeline(dataset or "mimic3", conditional=conditional, images=refs, timeouts=timeouts))
     args = pipeline_args(fn, params, _submit_defaults(config) if config is not None else None)
     if "CHANGE-ME" in str(args.get("raw_uri", "CHANGE-ME")):
         raise typer.BadParameter(f"raw_uri is required (got {args.get('raw_uri', 'none')!r}): pass -p "
@@ -355,6 +361,20 @@ def submit_cmd(
     typer.echo(f"run {run.run_id} finished: {state}")
     if state.upper() != "SUCCEEDED":
         raise typer.Exit(1)
+
+
+def _task_timeouts(builder, pairs: list[str]) -> dict[str, int]:
+    """``["train=86400"]`` -> {"train": 86400}, checked by the builder."""
+    out = {}
+    for pair in pairs:
+        task, sep, seconds = pair.partition("=")
+        if not sep or not seconds.strip().isdigit():
+            raise typer.BadParameter(f"--task-timeout {pair!r}: expected TASK=SECONDS, e.g. train=259200.")
+        out[task.strip()] = int(seconds)
+    try:
+        return builder.task_timeouts(out)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _submit_defaults(config: str) -> dict:

@@ -158,6 +158,21 @@ def test_submit_refuses_unpushed_images_and_a_missing_raw_uri(tmp_path, monkeypa
     assert result.exit_code != 0 and "raw_uri is required" in result.output
 
 
+def test_submit_task_timeouts_reach_the_uploaded_pods(tmp_path, monkeypatch):
+    import kfp
+    import yaml
+    monkeypatch.setattr(kfp, "Client", FakeKFP)
+    result = runner.invoke(app, ["submit", "-d", "qh", "--images", str(_record(tmp_path)), "-p", "raw_uri=gs://b/qh",
+                                 "--task-timeout", "train=3600", "--task-timeout", "sample=1800"])
+    assert result.exit_code == 0, result.output
+    platform = list(yaml.safe_load_all(FakeKFP.last.uploaded[0][1]))[1]
+    ex = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert (ex["exec-train"]["activeDeadlineSeconds"], ex["exec-sample"]["activeDeadlineSeconds"]) == ("3600", "1800")
+    result = runner.invoke(app, ["submit", "-d", "qh", "--images", str(_record(tmp_path)), "-p", "raw_uri=gs://b/qh",
+                                 "--task-timeout", "trian=3600"])
+    assert result.exit_code != 0 and "trian=3600" in result.output and "'train'" in result.output
+
+
 def test_compile_pins_digests_from_a_build_record(tmp_path):
     result = runner.invoke(app, ["compile", "--out", str(tmp_path / "out"), "--images", str(_record(tmp_path))])
     assert result.exit_code == 0, result.output
