@@ -27,11 +27,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .. import storage
-from ..errors import ConfigError, bullet_list
+from ..errors import ConfigError, bullet_list, show
+from ..yamlio import load_yaml_file
 
 BUNDLED_PREFIX = "bundled:"
 HASHED_WHEN_SET = ("visit_categories",)
@@ -159,17 +159,27 @@ def bundled_configs() -> list[str]:
                   if not p.stem.startswith("kde_"))
 
 
+def _key(loc: tuple) -> str:
+    return ".".join(str(p) if len(str(p)) <= 40 else str(p)[:37] + "..." for p in loc) or "(top level)"
+
+
 def _format_pydantic(exc: ValidationError, where: str) -> str:
-    lines = []
+    """One line per problem; values cut to ~80 characters, and never a value of an unknown key (a kubeconfig's
+    token, say): only its name."""
+    lines, unknown = [], []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = _key(err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key (value {err['input']!r}). Remove it or check its spelling.")
+            unknown.append(key)
         elif err["type"] == "missing":
             lines.append(f"{key}: required key is missing.")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg} (got {err['input']!r}).")
+            msg = msg if len(msg) <= 300 else msg[:297] + "..."
+            lines.append(f"{key}: {msg} (got {show(err['input'])}).")
+    if unknown:
+        lines.insert(0, f"unknown key(s) {unknown[:20]}{' ...' if len(unknown) > 20 else ''}; remove them or "
+                        "check their spelling (README 'Adding a dataset' lists the keys).")
     return f"{where}: invalid dataset config:\n" + bullet_list(lines)
 
 
@@ -196,8 +206,4 @@ def load_config(config: str | Path | dict | DatasetConfig) -> DatasetConfig:
     else:
         raise ConfigError(f"dataset config {text_path!r} is neither a bundled config ({bundled_configs()}) "
                           "nor an existing file. Pass a bundled name or a path to a YAML file.")
-    try:
-        data = yaml.safe_load(storage.read_text(path))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return validate_config(data, where=path)
+    return validate_config(load_yaml_file(path), where=path)

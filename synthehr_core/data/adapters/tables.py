@@ -49,7 +49,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ... import storage
-from ...errors import ConfigError, DataError, bullet_list
+from ...errors import ConfigError, DataError, bullet_list, show
 from ..schema import WEEKDAYS, calendar_parts
 from .base import DropReport, RawCohort, convert_checked, read_csv_checked, require_not_null, require_unique
 
@@ -183,8 +183,9 @@ def check_options(options: dict) -> TablesOptions:
     try:
         opts = TablesOptions(**options)
     except ValidationError as exc:
-        lines = [f"adapter_options.{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                 f" (got {e['input']!r})" for e in exc.errors()]
+        lines = [f"adapter_options.{'.'.join(str(p)[:40] for p in e['loc'])}: "
+                 + ("unknown key; remove it or check its spelling." if e["type"] == "extra_forbidden" else
+                    f"{e['msg'].removeprefix('Value error, ')[:300]} (got {show(e['input'])})") for e in exc.errors()]
         raise ConfigError("the tables adapter's options are invalid:\n" + bullet_list(lines)) from None
     return _lower(opts) if opts.normalise_case else opts
 
