@@ -62,7 +62,7 @@ def one_line(message: str) -> str:
     if not lines:
         return ""
     head, rest = lines[0], [ln.removeprefix("- ").strip() for ln in lines[1:]]
-    text = head if not rest else (head.rstrip(":") + ": " + "; ".join(rest))
+    text = head if not rest else (head.rstrip(":") + ": " + "; ".join(r.rstrip(".") for r in rest) + ".")
     return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS - 3] + "..."
 
 
