@@ -23,6 +23,19 @@ class _Synthehr(TyperGroup):
     ``--debug`` / ``SYNTHEHR_DEBUG=1`` re-raises it with its traceback; anything else is a bug and keeps its
     traceback."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        """The global options' usage errors (``--log-level LOUD``) as one line too; help is left alone."""
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except typer.TyperException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError" or not hasattr(exc, "format_message") or \
+                    "--debug" in args or os.environ.get("SYNTHEHR_DEBUG", "") not in ("", "0"):
+                raise
+            from .errors import one_line
+
+            _fail(getattr(exc, "exit_code", 2), f"{info_name}: {one_line(exc.format_message())} "
+                                                f"(see {info_name} --help)")
+
     def invoke(self, ctx: typer.Context):
         from .errors import describe, one_line
 

@@ -196,7 +196,7 @@ class TestMergeShards:
     def _shard(self, src: Path, dst: Path, seed: int) -> Path:
         shutil.copytree(src, dst)
         meta = json.loads((dst / "meta.json").read_text())
-        (dst / "meta.json").write_text(json.dumps({**meta, "seed": seed}))
+        (dst / "meta.json").write_text(json.dumps({**meta, "seed": seed, "stage": "kde-sample"}))
         return dst
 
     def test_row_counts_and_ids_from_real_tables(self, toy_tables, tmp_path):

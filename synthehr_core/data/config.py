@@ -34,7 +34,7 @@ from ..errors import ConfigError, bullet_list, show
 from ..yamlio import load_yaml_file
 
 BUNDLED_PREFIX = "bundled:"
-HASHED_WHEN_SET = ("visit_categories",)
+HASHED_WHEN_SET = ("visit_categories", "plausible")   # keys added later: hashed only when not the default
 
 
 class _Strict(BaseModel):
@@ -95,6 +95,26 @@ class CalendarSpec(_Strict):
         return v
 
 
+class PlausibleSpec(_Strict):
+    """Values no real record has. ``action: error`` (the default) stops preprocess naming the rows;
+    ``action: clip`` clips ages below ``min_age`` (above ``max_age``) to the bound and drops visits whose start
+    year is outside ``visit_years``, each counted in meta.json (``implausible``, ``dropped``)."""
+
+    age_column: str = "age"                      # the patient column checked (skipped when the data has none)
+    min_age: float = 0.0
+    max_age: float | None = None
+    visit_years: tuple[int, int] = (1900, 2250)  # MIMIC shifts dates into 2100-2200; wide on purpose, tune
+    action: Literal["error", "clip"] = "error"
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.visit_years[0] > self.visit_years[1]:
+            raise ValueError(f"visit_years must be [first, last] with first <= last, got {list(self.visit_years)}")
+        if self.max_age is not None and self.max_age < self.min_age:
+            raise ValueError(f"max_age {self.max_age} is below min_age {self.min_age}")
+        return self
+
+
 class DatasetConfig(_Strict):
     name: str
     adapter: str
@@ -111,6 +131,7 @@ class DatasetConfig(_Strict):
     # single-valued string visit columns (e.g. the code-system version of a visit) -> one token group each:
     # the model draws exactly one ``cat:<column>=<value>`` per visit
     visit_categories: list[str] = Field(default_factory=list)
+    plausible: PlausibleSpec = PlausibleSpec()
     kde: str | None = None
     source: str = Field(default="", exclude=True)
 
@@ -126,8 +147,11 @@ class DatasetConfig(_Strict):
     def config_hash(self) -> str:
         """sha256 of the normalised config (independent of YAML formatting and key order)."""
         data = self.model_dump(mode="json")
+        defaults = DatasetConfig.model_fields
         for key in HASHED_WHEN_SET:   # keys added later: a config that leaves them unset keeps its old hash
-            if not data[key]:
+            default = defaults[key].get_default(call_default_factory=True)
+            if not data[key] or data[key] == (default.model_dump(mode="json") if isinstance(default, BaseModel)
+                                              else default):
                 del data[key]
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -177,9 +201,8 @@ def _format_pydantic(exc: ValidationError, where: str) -> str:
             msg = err["msg"].removeprefix("Value error, ")
             msg = msg if len(msg) <= 300 else msg[:297] + "..."
             lines.append(f"{key}: {msg} (got {show(err['input'])}).")
-    if unknown:
-        lines.insert(0, f"unknown key(s) {unknown[:20]}{' ...' if len(unknown) > 20 else ''}; remove them or "
-                        "check their spelling (README 'Adding a dataset' lists the keys).")
+    more = [f"... and {len(unknown) - 20} more unknown keys."] if len(unknown) > 20 else []
+    lines[:0] = [f"{key}: unknown key (its value is not shown). Remove it or check its spelling." for key in unknown[:20]] + more
     return f"{where}: invalid dataset config:\n" + bullet_list(lines)
 
 
