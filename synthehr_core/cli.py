@@ -215,13 +215,14 @@ def _kfp_imports():
     return builder
 
 
-def parse_params(pairs: list[str], defaults: dict | None = None) -> dict:
+def parse_params(pairs: list[str], defaults: dict | None = None, option: str = "-p",
+                 example: str = "-p epochs=3 or -p sample_seeds=[0,1]") -> dict:
     """``["epochs=3", "sample_seeds=[0,1]", "model_type=halo"]`` -> typed dict (JSON values, else strings)."""
     out = dict(defaults or {})
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"-p {pair!r}: expected key=value, e.g. -p epochs=3 or -p sample_seeds=[0,1].")
+            raise typer.BadParameter(f"{option} {pair!r}: expected key=value, e.g. {example}.")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -509,7 +510,7 @@ def rules(tables: str = typer.Option(..., help="tables directory from preprocess
     """Mine ConSequence rules from the train split."""
     from .rules.mining import mine_rules_to_dir
 
-    info = mine_rules_to_dir(tables, out, **parse_params(threshold))
+    info = mine_rules_to_dir(tables, out, **parse_params(threshold, option="-t", example="-t pair_min_prevalence=5"))
     _echo_json({k: info[k] for k in ("n_rules", "by_family", "n_patients")})
 
 

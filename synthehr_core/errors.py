@@ -80,8 +80,8 @@ def describe(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, SynthEHRError):
         return 1, one_line(str(exc))
     if isinstance(exc, json.JSONDecodeError):
-        return 1, one_line(f"not valid JSON: {exc}. Fix the file or option named above, or rerun the stage "
-                           "that wrote it.")
+        return 1, one_line(f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): a damaged file; "
+                           "rerun the stage that wrote it (--debug shows which file was read).")
     if isinstance(exc, EOFError):
         return 1, one_line(f"input ended early ({exc or 'EOFError'}): a truncated or partly downloaded file; "
                            "copy it again.")
