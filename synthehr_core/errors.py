@@ -110,3 +110,23 @@ def _os_message(exc: OSError) -> str:
     where = f"{name}: " if name else ""
     extra = f" -> {exc.filename2}" if getattr(exc, "filename2", None) else ""
     return f"{where}{exc.strerror}{extra}" + (f"; {fix}." if fix else ".")
+
+
+class StorageError(SynthEHRError):
+    """A path or object-store location cannot be used: missing bucket, no credentials, permission denied, disk full."""
+
+
+class StorageNotFoundError(StorageError, FileNotFoundError):
+    """A file, object, prefix or bucket does not exist."""
+
+
+class OutputExistsError(StorageError, FileExistsError):
+    """A stage output location already holds a finished output or files synthehr did not write."""
+
+
+class OutputLockedError(StorageError):
+    """Another synthehr run holds the advisory lock of this output location."""
+
+
+class IncompleteOutputError(StorageError):
+    """A stage input was written by a run that did not finish (no ``_SUCCESS`` marker, or files missing)."""

@@ -47,6 +47,7 @@ def write_checkpoint(out_dir, model: torch.nn.Module, vocab: Vocab, model_type: 
 
 def load_model(model_dir, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Vocab, dict]:
     """Load a checkpoint directory: ``(model in eval mode, vocab, config.json as a dict)``."""
+    storage.require_complete(model_dir, "train")
     missing = [f for f in ("model.pt", "config.json", "vocab.json") if not storage.exists(storage.join(model_dir, f))]
     if missing:
         raise ConfigError(f"{model_dir}: not a model checkpoint directory, missing {missing}. "

@@ -112,6 +112,7 @@ def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, o
     ``n`` and the calendar dating from ``n + 1`` (randomness.py), so adding a variable does not change the others.
     """
     storage.check_output(out_dir, overwrite=overwrite)     # before any input is read
+    storage.require_complete(grids_dir, "kde-grids")
     cfg = load_kde_config(storage.read_json(storage.join(grids_dir, CONFIG_FILE)),
                           where=storage.join(grids_dir, CONFIG_FILE))
     patients, visits, codes = read_tables(shard_dir)

@@ -120,6 +120,7 @@ def save_rules(path: str | Path, rules: list[Rule], **meta: Any) -> None:
 
 
 def load_rules(path: str | Path) -> list[Rule]:
+    storage.require_complete(path, "rules")
     try:
         d = storage.read_json(path)
     except json.JSONDecodeError as exc:
