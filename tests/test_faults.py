@@ -369,7 +369,7 @@ ARTIFACT_CASES = [
     Case("merge-preprocess-output-refused", _shard(None), 1, ("shard", "not written by the kde-sample stage")),
     Case("merge-meta-json-truncated", _shard("kde-sample", '{"seed": 3, "sta'), 1, ("meta.json", "not valid JSON")),
     Case("merge-no-meta-json", lambda ctx: (_shard("kde-sample")(ctx), (ctx["tmp"] / "shard" / "meta.json").unlink())[0],
-         1, ("shard", "no meta.json")),
+         1, ("shard", "meta.json")),
     Case("merge-kde-sample-shard-accepted", _shard("kde-sample"), 0, (), left=_ok),
 ]
 
