@@ -207,22 +207,52 @@ def _bom_crlf(raw: Path):
     p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes().replace(b"\n", b"\r\n"))
 
 
-def _garbage(raw: Path, size: int = 4 << 20):
-    """Random bytes where ADMISSIONS.csv belongs (the issue's 1 GB file, smaller)."""
+def _garbage(raw: Path, size: int = 4 << 20, target: str = "ADMISSIONS.csv"):
+    """Random bytes where a raw table belongs (the issue's 1 GB file, smaller)."""
     import numpy as np
 
-    (raw / "ADMISSIONS.csv").write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    (raw / target).write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
 
 
-def _text_garbage(raw: Path, size: int = 4 << 20):
+def _text_garbage(raw: Path, size: int = 4 << 20, target: str = "ADMISSIONS.csv"):
     line = b"lorem,ipsum,dolor,sit,amet\n"
-    (raw / "ADMISSIONS.csv").write_bytes(line * (size // len(line)))
+    (raw / target).write_bytes(line * (size // len(line)))
 
 
 def _orphans(raw: Path):
     """Every admission names a patient the PATIENTS table lacks."""
     edit_csv(raw / "PATIENTS.csv", lambda ls: [ls[0]] + [",".join([c[0], "9" + c[1], *c[2:]])
                                                          for c in (ln.split(",") for ln in ls[1:])])
+
+
+def _qh(change: Callable[[Path], None]):
+    def setup(ctx):
+        raw = ctx["tmp"] / "qh"
+        raw.mkdir()
+        shutil.copy(bundled_data_dir("qh_sample") / "encounters.csv", raw / "encounters.csv")
+        change(raw / "encounters.csv")
+        return ["preprocess", "--config", "qh", "--raw", str(raw), "--out", "{out}"]
+    return setup
+
+
+def _parquet(path: Path, **columns) -> None:
+    import pandas as pd
+
+    pd.DataFrame(columns).to_parquet(path)
+
+
+def _tables(change: Callable[[Path], None]):
+    """A minimal ``adapter: tables`` config whose visits table is ``visits.parquet``."""
+    def setup(ctx):
+        raw = ctx["tmp"] / "raw"
+        raw.mkdir()
+        change(raw)
+        cfg = ctx["tmp"] / "t.yml"
+        cfg.write_text(json.dumps({"name": "t", "adapter": "tables", "profiles": {"local": {"raw": str(raw)}},
+                                   "adapter_options": {"visits": {"file": "visits.parquet", "id": "vid",
+                                                                  "patient": "pid", "start": "t"}}}))
+        return ["preprocess", "--config", str(cfg), "--out", "{out}"]
+    return setup
 
 
 def _ok(ctx):
@@ -257,6 +287,14 @@ RAW_CASES = [
     Case("admission-year-9999", _raw(lambda r: set_cell(r / "ADMISSIONS.csv", "admittime", 0, "9999-10-23 21:09:00")),
          1, ("plausible.visit_years", "9999")),
     Case("raw-bom-and-crlf-still-read", _raw(_bom_crlf), 0, (), left=_ok),
+    Case("qh-text-garbage-header-first", _qh(lambda p: _text_garbage(p.parent, target=p.name)), 1,
+         ("encounters.csv", "lacks column(s)"), max_seconds=1.0),
+    Case("qh-bytes-garbage-header-first", _qh(lambda p: _garbage(p.parent, target=p.name)), 1,
+         ("encounters.csv", "not valid UTF-8"), max_seconds=1.0),
+    Case("tables-parquet-garbage", _tables(lambda raw: (raw / "visits.parquet").write_bytes(b"PAR1 not parquet")), 1,
+         ("visits.parquet", "not a readable parquet file")),
+    Case("tables-parquet-missing-column", _tables(lambda raw: _parquet(raw / "visits.parquet", pid=["1"], t=["2020-01-01"])),
+         1, ("visits.parquet", "lacks column(s) ['vid']")),
 ]
 
 
@@ -467,6 +505,13 @@ def test_installed_command_exit_statuses_and_one_line(shared, tmp_path):
     assert r.returncode == 1 and TOKEN not in r.stderr + r.stdout and "kubeconfig" in error_line(r.stderr)
     r = _subprocess(["--debug", "preprocess", "--config", str(tmp_path / "kubeconfig"), "--out", str(out)])
     assert r.returncode == 1 and "Traceback" in r.stderr and "ConfigError" in r.stderr
+
+
+def test_check_command_names_unknown_keys_without_their_values(tmp_path):
+    """``synthehr check`` lists every problem (several lines by design), but never a value of an unknown key."""
+    (tmp_path / "kubeconfig").write_text(KUBECONFIG)
+    result = runner.invoke(app, ["check", "--config", str(tmp_path / "kubeconfig")])
+    assert result.exit_code == 1 and "users: unknown key" in result.output and TOKEN not in result.output
 
 
 def test_log_level_info_is_the_default_and_warning_hides_it(shared, tmp_path):
