@@ -592,3 +592,21 @@ def test_describe_maps_library_errors_to_one_line(exc, code, needles):
 
 def test_describe_leaves_bugs_alone():
     assert describe(KeyError("x")) is None and describe(TypeError("bad")) is None
+
+
+def test_missing_bucket_and_object_are_one_line_naming_the_uri(shared, tmp_path):
+    """Against the real GCS emulator: a raw folder in a bucket that does not exist, a config object that does not."""
+    from emulators import BUCKET, gcs_emulator, patched_env
+
+    ctx = _ctx(shared, tmp_path)
+    with gcs_emulator() as env, patched_env(env):
+        result = invoke(["preprocess", "--config", "mimic3", "--raw", "gs://no-such-bucket-15/mimic3", "--out", "{out}"],
+                        ctx)
+        assert result.exit_code == 1 and "gs://no-such-bucket-15/mimic3" in error_line(result.stderr)
+        result = invoke(["preprocess", "--config", f"gs://{BUCKET}/nope.yml", "--out", "{out}"], ctx)
+        assert result.exit_code == 1 and f"gs://{BUCKET}/nope.yml" in error_line(result.stderr)
+        result = invoke(["merge", f"gs://{BUCKET}/no-shard", "--out", "{out}"], ctx)
+        assert result.exit_code == 1 and f"gs://{BUCKET}/no-shard" in error_line(result.stderr)
+        result = invoke(["preprocess", "--config", "mimic3", "--out", "gs://no-such-bucket-15/out"], ctx)
+        assert result.exit_code == 1 and "bucket 'no-such-bucket-15' does not exist" in error_line(result.stderr)
+    no_output(ctx["out"])

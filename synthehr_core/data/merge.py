@@ -26,7 +26,7 @@ def _shard_meta(shard_dir: str) -> dict:
     storage.require_complete(shard_dir, "kde-sample")
     if not storage.exists(path):
         raise DataError(f"{shard_dir}: no meta.json, so the shard's seed is unknown. Point merge at the outputs of "
-                        "the sample or kde-sample stage.")
+                        "the kde-sample stage.")
     try:
         meta = storage.read_json(path)
     except json.JSONDecodeError as exc:
