@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
+import warnings
 
 import torch
 
@@ -62,7 +63,9 @@ def load_model(model_dir, device: str | torch.device | None = None) -> tuple[tor
     model = model_class(info.get("model_type", "halo"))(config)
     weights = storage.join(model_dir, "model.pt")
     try:
-        state = torch.load(io.BytesIO(storage.read_bytes(weights)), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # a foreign pickle's protocol warning would precede the one-line error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(io.BytesIO(storage.read_bytes(weights)), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:   # truncated zip, crafted pickle
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise DataError(f"{weights}: not a readable weights file ({first}); it is truncated or was not written by "
