@@ -34,7 +34,7 @@ from ..errors import ConfigError, bullet_list, show
 from ..yamlio import load_yaml_file
 
 BUNDLED_PREFIX = "bundled:"
-HASHED_WHEN_SET = ("visit_categories", "plausible")   # keys added later: hashed only when not the default
+HASHED_WHEN_SET = ("visit_categories", "longitudinal", "plausible")   # keys added later: hashed only when not the default
 
 
 class _Strict(BaseModel):
@@ -115,6 +115,17 @@ class PlausibleSpec(_Strict):
         return self
 
 
+class OrdinalSpec(_Strict):
+    """A code family whose members are ordered stages (e.g. cancer stage 1 < 2 < 3): a patient should not go
+    back down. The evaluate stage counts patients whose stage decreases between visits."""
+    name: str
+    codes: list[str] = Field(min_length=2)
+
+
+class LongitudinalSpec(_Strict):
+    ordinal: list[OrdinalSpec] = Field(default_factory=list)
+
+
 class DatasetConfig(_Strict):
     name: str
     adapter: str
@@ -133,6 +144,8 @@ class DatasetConfig(_Strict):
     visit_categories: list[str] = Field(default_factory=list)
     plausible: PlausibleSpec = PlausibleSpec()
     kde: str | None = None
+    # declared structure the evaluate stage checks (e.g. longitudinal: {ordinal: [{name, codes: [s1, s2, ...]}]})
+    longitudinal: LongitudinalSpec | None = None
     source: str = Field(default="", exclude=True)
 
     @field_validator("adapter")
