@@ -28,6 +28,8 @@ from typing import Callable
 import pytest
 from typer.testing import CliRunner
 
+import synthehr_core.data.preprocess  # noqa: F401  (imported here: the timed cases time the checks, not imports)
+import synthehr_core.postprocess.stage  # noqa: F401
 from synthehr_core.cli import app
 from synthehr_core.data.config import bundled_config_path, bundled_data_dir
 from synthehr_core.errors import ConfigError, describe
