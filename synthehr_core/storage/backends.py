@@ -321,8 +321,12 @@ class S3(ObjectStore):
     name = "S3"
 
     def __init__(self, uri: str):
-        import boto3
-        from botocore.config import Config
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise StorageError(f"{uri}: s3:// needs boto3, which is not installed here: pip install "
+                               "'boto3==1.44.8' (a main dependency of synthehr).") from None
 
         endpoint = s3_endpoint()
         self.endpoint = endpoint

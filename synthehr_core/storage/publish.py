@@ -223,10 +223,10 @@ def require_complete(path, what: str) -> None:
     """
     p = _norm(path)
     b = backend(p)
-    if not scheme(p) and Path(p).is_file() or scheme(p) and b.exists(p):
+    if not b.is_dir(p):                 # a file of an output (present or not): check its folder
         p = _parent_name(p)[0]
-    if not b.is_dir(p):
-        return
+        if not b.is_dir(p):
+            return
     if not b.exists(_child(p, SUCCESS)):
         if b.exists(_child(p, IN_PROGRESS)):
             raise IncompleteOutputError(
@@ -248,6 +248,12 @@ def require_complete(path, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ checks
+def _check_state(b: Backend, out: str, overwrite: bool) -> None:
+    state = _state(b, out)
+    if state in ("complete", "foreign") and not overwrite:
+        raise OutputExistsError(_exists_message(out, state, b))
+
+
 def check_output(out, overwrite: bool = False) -> None:
     """The checks ``atomic_dir`` does on entry, for a stage to run before it reads its inputs: ``out`` is a
     writable location, holds no finished output or foreign files (unless ``overwrite``; an incomplete synthehr
@@ -255,9 +261,7 @@ def check_output(out, overwrite: bool = False) -> None:
     out = _norm(out)
     b = backend(out)
     b.check_writable(out)
-    state = _state(b, out)
-    if state in ("complete", "foreign") and not overwrite:
-        raise OutputExistsError(_exists_message(out, state, b))
+    _check_state(b, out, overwrite)
     lock = _Lock(b, out)
     held = lock.holder()
     if held is not None:
@@ -269,9 +273,10 @@ def _temp_pid(name: str, prefix: str) -> int | None:
     return int(first[0]) if len(first) == 2 and first[0].isdigit() else None
 
 
-def _clean_stale(out: Path) -> None:
+def _clean_stale(out: Path) -> bool:
     """Remove staging folders of dead runs beside ``out`` (we hold its lock); put back an old output that a run
-    killed between its two renames left aside."""
+    killed between its two renames left aside (True if it did)."""
+    restored = False
     for kind in ("old", "tmp"):
         prefix = f".{out.name}.{kind}-"
         for p in sorted(out.parent.glob(prefix + "*")):
@@ -281,10 +286,12 @@ def _clean_stale(out: Path) -> None:
                 continue
             if kind == "old" and not out.exists():
                 os.rename(p, out)
+                restored = True
                 log.warning("%s: restored the previous output from %s (left aside by pid %s, now dead)", out, p, pid)
             else:
                 shutil.rmtree(p, ignore_errors=True)
                 log.warning("%s: removed %s, left by pid %s that died before publishing", out, p, pid)
+    return restored
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -372,7 +379,8 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
         if remote:
             tmp = Path(tempfile.mkdtemp(prefix="synthehr-out-"))
         else:
-            _clean_stale(Path(out))
+            if _clean_stale(Path(out)):
+                _check_state(b, out, overwrite)
             tmp = Path(out).with_name(f".{Path(out).name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             tmp.mkdir()
         try:
