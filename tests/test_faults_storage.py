@@ -462,3 +462,18 @@ def test_preprocess_killed_mid_upload_then_rules_refuse_and_a_rerun_replaces(gcs
     assert json.loads(r.stdout)["n_patients"] == 100
     assert "_IN_PROGRESS" not in ls(out) and {"vocab.json", "codes.parquet", "_SUCCESS"} <= set(ls(out))
     storage.require_complete(out, "preprocess")
+
+
+def test_a_run_that_lost_its_lock_publishes_nothing(where, monkeypatch):
+    monkeypatch.setattr(publish, "HEARTBEAT_S", 0.05)
+    lock = storage.lock_path(where)
+    other = {"pid": 9, "host": "pod-b", "since": "2026-12-01T00:00:00Z", "heartbeat": time.time() + 3600,
+             "token": "theirs"}
+    with pytest.raises(OutputLockedError, match=rf"^{where}: this run lost its lock {lock} while it ran .*now held "
+                                                r"by pid 9 on pod-b since 2026-12-01T00:00:00Z\): nothing was "
+                                                r"published"):
+        with storage.atomic_dir(where) as tmp:
+            (tmp / "a").write_bytes(b"1")
+            storage.write_json(lock, other)            # taken over as stale by another host's run
+            time.sleep(0.3)                            # our heartbeat sees it and leaves it alone
+    assert not storage.exists(where) and storage.read_json(lock) == other

@@ -172,6 +172,8 @@ class _Lock:
                 continue                                  # released between our two calls: try again
             if not self.stale(info):
                 raise OutputLockedError(self.message(info))
+            if self.read() != info:
+                continue                                  # someone refreshed or took it meanwhile: look again
             log.warning("%s: removing the stale lock %s (pid %s on %s since %s is gone)", self.out, self.path,
                         info.get("pid"), info.get("host"), info.get("since"))
             self.b.delete(self.path)
@@ -180,9 +182,27 @@ class _Lock:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
+                info = self.read()
+                if info is None or info.get("token") != self.token:
+                    log.warning("%s: lost the lock %s (now %s)", self.out, self.path, info)
+                    return                                # never overwrite another run's lock
                 self.b.write(self.path, self._bytes())
             except Exception as exc:  # noqa: BLE001 - a missed heartbeat must not kill the stage
                 log.warning("%s: could not refresh the lock %s: %s", self.out, self.path, exc)
+
+    def verify(self) -> None:
+        """Raise unless this run still holds the lock (checked just before publishing)."""
+        info = self.read()
+        if info is None or info.get("token") != self.token:
+            raise OutputLockedError(f"{self.out}: this run lost its lock {self.path} while it ran (stalled longer "
+                                    f"than {stale_after_s():g} s?; now {self._who(info)}): nothing was published; "
+                                    "rerun it.")
+
+    @staticmethod
+    def _who(info: dict | None) -> str:
+        if not info:
+            return "no lock"
+        return f"held by pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
 
     def release(self) -> None:
         self._stop.set()
@@ -386,6 +406,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
         try:
             yield tmp
             write_manifest(tmp)
+            lock.verify()
             if remote:
                 _publish_remote(b, tmp, out, overwrite)
             else:
