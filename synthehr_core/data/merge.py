@@ -22,10 +22,10 @@ SYNTHETIC_ID = "syn-{seed}-{n}"
 
 def _shard_meta(shard_dir: str) -> dict:
     path = storage.join(shard_dir, "meta.json")
-    storage.require_complete(shard_dir, "kde-sample")
     if not storage.exists(path):
         raise DataError(f"{shard_dir}: no meta.json, so the shard's seed is unknown. Point merge at the outputs of "
                         "the sample or kde-sample stage.")
+    storage.require_complete(shard_dir, "kde-sample")
     meta = storage.read_json(path)
     if "seed" not in meta:
         raise DataError(f"{path}: has no 'seed' (keys: {sorted(meta)}). Re-run the sample / kde-sample stage.")
