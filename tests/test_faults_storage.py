@@ -477,3 +477,22 @@ def test_a_run_that_lost_its_lock_publishes_nothing(where, monkeypatch):
             storage.write_json(lock, other)            # taken over as stale by another host's run
             time.sleep(0.3)                            # our heartbeat sees it and leaves it alone
     assert not storage.exists(where) and storage.read_json(lock) == other
+
+
+def test_local_preprocess_killed_before_publishing_then_a_rerun_cleans_up(tmp_path):
+    out = tmp_path / "tables"
+    kill = ("import os, signal, sys\nfrom synthehr_core.storage import publish\n"
+            "publish.write_manifest = lambda d: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "from synthehr_core.cli import main\nmain()")
+    args = ["preprocess", "--config", "mimic3", "--out", str(out)]
+    r = subprocess.run([sys.executable, "-c", kill, *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    left = sorted(os.listdir(tmp_path))
+    assert left[0] == ".tables.lock" and left[1].startswith(".tables.tmp-") and len(left) == 2
+    assert "patients.parquet" in os.listdir(tmp_path / left[1])            # the staged files, never published
+    r = subprocess.run([sys.executable, "-c", "from synthehr_core.cli import main; main()", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["tables"]                       # stale temp and lock are gone
+    assert "removed" in r.stderr and "died before publishing" in r.stderr and "removing the stale lock" in r.stderr
+    storage.require_complete(out, "preprocess")
