@@ -496,3 +496,17 @@ def test_local_preprocess_killed_before_publishing_then_a_rerun_cleans_up(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["tables"]                       # stale temp and lock are gone
     assert "removed" in r.stderr and "died before publishing" in r.stderr and "removing the stale lock" in r.stderr
     storage.require_complete(out, "preprocess")
+
+
+def test_output_lock_covers_writes_beside_the_final_publish(where):
+    """A stage that writes checkpoints before it publishes holds the lock the whole time; its own atomic_dir
+    reuses it and another process is refused throughout."""
+    with storage.output_lock(where):
+        storage.check_output(where)                                      # our own lock is not "another run"
+        proc = child(where, "none")
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1 and f"{where}: another synthehr run is writing here" in err
+        with storage.atomic_dir(where) as tmp:
+            (tmp / "model.pt").write_bytes(b"w")
+        assert storage.exists(storage.lock_path(where))                  # still held by the outer block
+    assert ls(where) == ["_SUCCESS", "model.pt"] and not storage.exists(storage.lock_path(where))

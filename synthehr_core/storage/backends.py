@@ -331,7 +331,7 @@ class S3(ObjectStore):
         endpoint = s3_endpoint()
         self.endpoint = endpoint
         with self._errors(uri, "connecting"):
-            self.client = boto3.client(
+            self.client = boto3.session.Session().client(   # its own session: credentials of now, not cached
                 "s3", endpoint_url=endpoint,
                 config=Config(s3={"addressing_style": "path"} if endpoint else {}, retries={"max_attempts": 3}))
 

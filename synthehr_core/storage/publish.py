@@ -216,6 +216,32 @@ class _Lock:
                         info.get("pid"), info.get("host"))
 
 
+_HELD: dict[str, _Lock] = {}   # locks this process holds, by lock path: atomic_dir inside output_lock reuses them
+
+
+@contextlib.contextmanager
+def output_lock(out) -> Iterator[None]:
+    """Hold the advisory lock of ``out`` for a block (for a stage that also writes beside its final publish, e.g.
+    checkpoints while training); ``atomic_dir(out)`` and ``check_output(out)`` inside the block reuse it."""
+    out = _norm(out)
+    path = lock_path(out)
+    if path in _HELD:
+        yield
+        return
+    b = backend(out)
+    b.check_writable(out)
+    if not scheme(out):
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    lock = _Lock(b, out)
+    lock.acquire()
+    _HELD[path] = lock
+    try:
+        yield
+    finally:
+        del _HELD[path]
+        lock.release()
+
+
 # ------------------------------------------------------------------------------------------------ markers
 def write_manifest(local_dir: str | os.PathLike) -> None:
     """Write ``_SUCCESS`` into a finished local directory: every other file's size and sha256, no timestamps,
@@ -284,7 +310,7 @@ def check_output(out, overwrite: bool = False) -> None:
     _check_state(b, out, overwrite)
     lock = _Lock(b, out)
     held = lock.holder()
-    if held is not None:
+    if held is not None and (lock.path not in _HELD or held.get("token") != _HELD[lock.path].token):
         raise OutputLockedError(lock.message(held))
 
 
@@ -391,11 +417,8 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
     b = backend(out)
     check_output(out, overwrite)
     remote = bool(scheme(out))
-    if not remote:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-    lock = _Lock(b, out)
-    lock.acquire()
-    try:
+    with output_lock(out):
+        lock = _HELD[lock_path(out)]
         if remote:
             tmp = Path(tempfile.mkdtemp(prefix="synthehr-out-"))
         else:
@@ -420,5 +443,3 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        lock.release()
