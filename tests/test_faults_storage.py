@@ -510,3 +510,22 @@ def test_output_lock_covers_writes_beside_the_final_publish(where):
             (tmp / "model.pt").write_bytes(b"w")
         assert storage.exists(storage.lock_path(where))                  # still held by the outer block
     assert ls(where) == ["_SUCCESS", "model.pt"] and not storage.exists(storage.lock_path(where))
+
+
+def test_lock_without_hard_links_uses_an_exclusive_create(tmp_path, monkeypatch):
+    def no_link(a, b):
+        raise OSError(1, "Operation not permitted")                  # what FUSE mounts of buckets answer
+    monkeypatch.setattr(os, "link", no_link)
+    out = tmp_path / "out"
+    with storage.atomic_dir(out) as tmp:
+        assert backend(str(out)).create_if_absent(storage.lock_path(out), b"x") is False
+        (tmp / "a").write_bytes(b"1")
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_lock_temp_left_by_a_dead_run_is_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f".out.lock.new-{dead}-0badc0de").write_text("{}")
+    publish_files(tmp_path / "out", {"a": b"1"})
+    assert sorted(os.listdir(tmp_path)) == ["out"]

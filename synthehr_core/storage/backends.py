@@ -122,6 +122,16 @@ class Local(Backend):
             return True
         except FileExistsError:
             return False
+        except OSError as exc:       # no hard links here (FUSE mounts of buckets): an O_EXCL create instead
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.ENOSYS, errno.EXDEV):
+                raise
+            try:
+                fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -323,7 +323,7 @@ def _clean_stale(out: Path) -> bool:
     """Remove staging folders of dead runs beside ``out`` (we hold its lock); put back an old output that a run
     killed between its two renames left aside (True if it did)."""
     restored = False
-    for kind in ("old", "tmp"):
+    for kind in ("old", "tmp", "lock.new", "lock.tmp"):    # old/tmp: folders; lock.*: a lock's own temp files
         prefix = f".{out.name}.{kind}-"
         for p in sorted(out.parent.glob(prefix + "*")):
             pid = _temp_pid(p.name, prefix)
@@ -335,7 +335,7 @@ def _clean_stale(out: Path) -> bool:
                 restored = True
                 log.warning("%s: restored the previous output from %s (left aside by pid %s, now dead)", out, p, pid)
             else:
-                shutil.rmtree(p, ignore_errors=True)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 log.warning("%s: removed %s, left by pid %s that died before publishing", out, p, pid)
     return restored
 
