@@ -44,6 +44,7 @@ LOCAL_OVERRIDES = {
     "n_patients_per_seed": 50, "sample_batch_size": 64, "sample_device": "cpu",
     "rules_label_min_prevalence": 5, "rules_pair_min_prevalence": 3, "rules_persistence_min_prevalence": 3,
     "rules_prerequisite_min_prevalence": 3,
+    "release_gate": False,   # the 100-patient demo is all small cells: report the decision, do not fail the run
 }
 
 _DOC = """Synthetic {dataset} cohort: preprocess → rules → train → KDE grids → sample per seed → KDE values → merge → evaluate.
@@ -71,6 +72,8 @@ Args:
     temperature: Sampling temperature; 1.0 samples the model's own distribution.
     sample_device: "auto" (GPU when present), "cpu" (bit-reproducible on any machine) or "cuda".
 {condition_doc}    eval_seed: Seed of the evaluation's subsampling.
+    eval_policy: Release policy YAML (path/URI readable in the pods); "" = the bundled release_policy.yml.
+    release_gate: True = the evaluate task fails when the decision is "do not release".
 """
 _CONDITION_DOC = ('    condition: Label conditioning: "label_probs" = the training label mix, or a JSON object such as\n'
                   '        {"gender": "F"} = only patients with those labels.\n')
@@ -128,8 +131,12 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False):
                  sample_batch_size: int = 256,             # sample_to_dir default
                  temperature: float = 1.0,                 # the model's own distribution
                  sample_device: str = "auto",
-                 condition: str = "label_probs",           # only a parameter of the conditional variant
-                 eval_seed: int = 0):
+                 eval_seed: int = 0,
+                 eval_policy: str = "",                    # "" = the bundled release_policy.yml
+                 release_gate: bool = True,                # evaluate fails on "do not release"
+                 # last: KFP passes the parameters by position, so the plain variant, which drops it from the
+                 # signature, would shift every parameter after it (eval_seed was silently the constant 0)
+                 condition: str = "label_probs"):          # only a parameter of the conditional variant
         exit_task = notify()
         with dsl.ExitHandler(exit_task, name="synthehr"):
             raw = dsl.importer(artifact_uri=raw_uri, artifact_class=dsl.Dataset, reimport=False)
@@ -171,7 +178,9 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False):
             merged = merge(shards=dsl.Collected(restored.outputs["restored"]))
             merged.set_caching_options(False)
             evaluation = evaluate(real=tables, cohort=merged.outputs["cohort"], ruleset=mined.outputs["ruleset"],
-                                  seed=eval_seed)
+                                  model=fit.outputs["model"], seed=eval_seed, dataset_config=dataset_config,
+                                  policy=eval_policy, release_gate=release_gate,
+                                  run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
             evaluation.set_caching_options(False).set_memory_limit("16G")
         # No pipeline outputs: KFP only returns outputs from the top level, not from inside an ExitHandler.
 

@@ -462,16 +462,33 @@ def merge(shards: list[str] = typer.Argument(..., help="shard directories (any o
 @app.command()
 def evaluate(real: str = typer.Option(..., help="real tables directory from preprocess"),
              synthetic: str = typer.Option(..., help="synthetic cohort directory from merge"),
-             out: str = typer.Option(..., help="output directory (metrics.json, report.html, summary.md)"),
+             out: str = typer.Option(..., help="output directory (metrics.json, verdicts.json, report.html, ...)"),
              rules_dir: str | None = typer.Option(None, "--rules", help="rules directory (rule violations)"),
+             policy: str | None = typer.Option(None, help="release policy YAML (default: the bundled "
+                                                          "release_policy.yml)"),
+             fail_on: str | None = typer.Option(None, help="comma-separated checks or properties whose failure "
+                                                           "exits 3 (default: the policy's fail_on; 'none' = never)"),
+             model: str | None = typer.Option(None, help="model directory from train (provenance)"),
+             dataset_config: str | None = typer.Option(None, "--config", help="dataset config (declared ordinal "
+                                                                                "stages); default: from meta.json"),
+             run_id: str = typer.Option("", help="run id recorded in the provenance block"),
+             peers: bool = typer.Option(False, help="add SDMetrics / anonymeter sections (when installed)"),
              seed: int = 0, overwrite: bool = False):
-    """Fidelity, rule violations, privacy and utility of a synthetic cohort."""
+    """Fidelity, longitudinal checks, rule violations, privacy and utility of a synthetic cohort, and a release
+    decision under the policy. Exit code 3 = "do not release" (a --fail-on check failed)."""
     from . import storage
+    from .evaluation.policy import load_policy, parse_fail_on
     from .evaluation.stage import evaluate_to_dir
 
+    gate = parse_fail_on(load_policy(policy), fail_on)     # checked before any work
     rules_path = storage.join(rules_dir, "rules.json") if rules_dir else None
-    res = evaluate_to_dir(real, synthetic, out, rules_path=rules_path, seed=seed, overwrite=overwrite)
-    typer.echo(f"{len(res['metrics'])} metrics, flags {res['flags']} -> {out}")
+    res = evaluate_to_dir(real, synthetic, out, rules_path=rules_path, seed=seed, overwrite=overwrite, policy=policy,
+                          fail_on=gate, dataset_config=dataset_config, model_dir=model, run_id=run_id, peers=peers)
+    typer.echo(f"decision: {res['decision']} ({len(res['metrics'])} metrics) -> {out}")
+    for r in res["verdicts"]["reasons"]:
+        typer.echo(f"  - {r}")
+    if res["decision"] == "do not release":
+        raise typer.Exit(3)
 
 
 def main() -> None:

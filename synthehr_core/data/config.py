@@ -34,7 +34,7 @@ from .. import storage
 from ..errors import ConfigError, bullet_list
 
 BUNDLED_PREFIX = "bundled:"
-HASHED_WHEN_SET = ("visit_categories",)
+HASHED_WHEN_SET = ("visit_categories", "longitudinal")
 
 
 class _Strict(BaseModel):
@@ -95,6 +95,17 @@ class CalendarSpec(_Strict):
         return v
 
 
+class OrdinalSpec(_Strict):
+    """A code family whose members are ordered stages (e.g. cancer stage 1 < 2 < 3): a patient should not go
+    back down. The evaluate stage counts patients whose stage decreases between visits."""
+    name: str
+    codes: list[str] = Field(min_length=2)
+
+
+class LongitudinalSpec(_Strict):
+    ordinal: list[OrdinalSpec] = Field(default_factory=list)
+
+
 class DatasetConfig(_Strict):
     name: str
     adapter: str
@@ -112,6 +123,8 @@ class DatasetConfig(_Strict):
     # the model draws exactly one ``cat:<column>=<value>`` per visit
     visit_categories: list[str] = Field(default_factory=list)
     kde: str | None = None
+    # declared structure the evaluate stage checks (e.g. longitudinal: {ordinal: [{name, codes: [s1, s2, ...]}]})
+    longitudinal: LongitudinalSpec | None = None
     source: str = Field(default="", exclude=True)
 
     @field_validator("adapter")
