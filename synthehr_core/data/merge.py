@@ -23,10 +23,10 @@ MERGED_STAGE = "kde-sample"   # the stage whose outputs merge takes (its meta.js
 
 def _shard_meta(shard_dir: str) -> dict:
     path = storage.join(shard_dir, "meta.json")
-    storage.require_complete(shard_dir, "kde-sample")
     if not storage.exists(path):
         raise DataError(f"{shard_dir}: no meta.json, so the shard's seed is unknown. Point merge at the outputs of "
                         "the kde-sample stage.")
+    storage.require_complete(shard_dir, "kde-sample")
     try:
         meta = storage.read_json(path)
     except json.JSONDecodeError as exc:
