@@ -605,7 +605,8 @@ def evaluate(real: str = typer.Option(..., help="real tables directory from prep
                                                                                 "stages); default: from meta.json"),
              run_id: str = typer.Option("", help="run id recorded in the provenance block"),
              peers: bool = typer.Option(False, help="add SDMetrics / anonymeter sections (when installed)"),
-             seed: int = 0, overwrite: bool = False):
+             seed: int = seed_option(0, "seed of the evaluation's subsampling and bootstrap"),
+             overwrite: bool = False):
     """Fidelity, longitudinal checks, rule violations, privacy and utility of a synthetic cohort, and a release
     decision under the policy. Exit code 3 = "do not release" (a --fail-on check failed)."""
     from . import storage

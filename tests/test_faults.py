@@ -325,6 +325,9 @@ OUTPUT_CASES = [
     Case("kde-sample-out-not-empty-checked-first", _user_out(
         ["kde-sample", "--shard", "/nonexistent/s", "--grids", "/nonexistent/g", "--seed", "1", "--out", "{out}"]),
          1, ("out",), left=keeps_user_file),
+    Case("evaluate-out-not-empty-checked-first", _user_out(
+        ["evaluate", "--real", "/nonexistent/tables", "--synthetic", "/nonexistent/cohort", "--out", "{out}"]), 1,
+         ("out",), left=keeps_user_file),
 ]
 
 
@@ -338,6 +341,8 @@ OPTION_CASES = [
     Case("sample-seed-huge", _args("sample", "--model", "m", "--out", "{out}", "--seed", str(2**64)), 2, ("'--seed'",)),
     Case("kde-sample-seed-negative", _args("kde-sample", "--shard", "s", "--grids", "g", "--out", "{out}", "--seed",
                                            "-1"), 2, ("'--seed'",)),
+    Case("evaluate-seed-negative", _args("evaluate", "--real", "r", "--synthetic", "s", "--out", "{out}", "--seed",
+                                         "-1"), 2, ("'--seed'",)),
     Case("preprocess-seed-huge", _args("preprocess", "--config", "mimic3", "--out", "{out}", "--seed", str(2**63)), 2,
          ("'--seed'",)),
     Case("sample-n-patients-0", _args("sample", "--model", "m", "--out", "{out}", "--seed", "1", "--n-patients", "0"),
