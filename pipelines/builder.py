@@ -76,6 +76,7 @@ LOCAL_OVERRIDES = {
     "n_patients_per_seed": 50, "sample_batch_size": 64, "sample_device": "cpu",
     "rules_label_min_count": 5, "rules_pair_min_count": 3, "rules_persistence_min_count": 3,
     "rules_prerequisite_min_count": 3,
+    "release_gate": False,   # the 100-patient demo is all small cells: report the decision, do not fail the run
 }
 
 _DOC = """Synthetic {dataset} cohort: preprocess → rules → train → KDE grids → sample per seed → KDE values → merge → evaluate.
@@ -107,6 +108,8 @@ Args:
     temperature: Sampling temperature; 1.0 samples the model's own distribution.
     sample_device: "auto" (the GPU when the pod has one; refuses a CPU fallback on a GPU pod), "cpu" (bit-reproducible on any machine) or "cuda".
 {condition_doc}    eval_seed: Seed of the evaluation's subsampling.
+    eval_policy: Release policy YAML (path/URI readable in the pods); "" = the bundled release_policy.yml.
+    release_gate: True = the evaluate task fails when the decision is "do not release".
     gpu_node_selector: Node labels the train and sample pods require, e.g. {{"cloud.google.com/gke-accelerator": "nvidia-l4"}}; {{}} = any node with a GPU.
     gpu_tolerations: Tolerations of the train and sample pods (a JSON list); the default tolerates the usual nvidia.com/gpu taint.
     image_pull_secret: Image pull secret of every pod; a name that does not exist is skipped (public registry, or the service account's own pull secrets).
@@ -214,6 +217,8 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False, images
                  temperature: float = 1.0,                 # the model's own distribution
                  sample_device: str = "auto",
                  eval_seed: int = 0,
+                 eval_policy: str = "",                    # "" = the bundled release_policy.yml
+                 release_gate: bool = True,                # evaluate fails on "do not release"
                  gpu_node_selector: dict = copy.deepcopy(GPU_NODE_SELECTOR),   # copies: KFP edits defaults
                  gpu_tolerations: list = copy.deepcopy(GPU_TOLERATIONS),
                  image_pull_secret: str = IMAGE_PULL_SECRET,
@@ -285,7 +290,9 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False, images
             merged.set_caching_options(False)
             _on_cluster(merged, "merge", cluster)
             evaluation = evaluate(real=tables, cohort=merged.outputs["cohort"], ruleset=mined.outputs["ruleset"],
-                                  seed=eval_seed)
+                                  model=fit.outputs["model"], seed=eval_seed, dataset_config=dataset_config,
+                                  policy=eval_policy, release_gate=release_gate,
+                                  run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
             evaluation.set_caching_options(False).set_memory_limit("16G")
             _on_cluster(evaluation, "evaluate", cluster)
         # No pipeline outputs: KFP only returns outputs from the top level, not from inside an ExitHandler.

@@ -6,14 +6,69 @@ kfp lazily, so the stage commands work in an image or on a cluster node that has
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
+
+
+class _Synthehr(TyperGroup):
+    """The one place where errors become exit statuses (contract: ``synthehr_core/errors.py``): an expected error
+    prints one line, ``error: ...``, to stderr and exits 2 (usage) or 1 (input, config, environment);
+    ``--debug`` / ``SYNTHEHR_DEBUG=1`` re-raises it with its traceback; anything else is a bug and keeps its
+    traceback."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        """The global options' usage errors (``--log-level LOUD``) as one line too; help is left alone."""
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except typer.TyperException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError" or not hasattr(exc, "format_message") or \
+                    "--debug" in args or os.environ.get("SYNTHEHR_DEBUG", "") not in ("", "0"):
+                raise
+            from .errors import one_line
+
+            _fail(getattr(exc, "exit_code", 2), f"{info_name}: {one_line(exc.format_message())} "
+                                                f"(see {info_name} --help)")
+
+    def invoke(self, ctx: typer.Context):
+        from .errors import describe, one_line
+
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
+        except typer.TyperException as exc:  # click's: a subcommand's options checked at parse time, BadParameter
+            if _debug(ctx) or not hasattr(exc, "format_message"):
+                raise
+            sub = getattr(exc, "ctx", None)
+            where = sub.command_path if sub is not None else ctx.command_path
+            hint = f" (see {where} --help)" if getattr(exc, "exit_code", 1) == 2 else ""
+            _fail(getattr(exc, "exit_code", 1), f"{where}: {one_line(exc.format_message())}{hint}")
+        except Exception as exc:
+            found = describe(exc)
+            if found is None or _debug(ctx):
+                raise
+            _fail(*found)
+
+
+def _debug(ctx: typer.Context) -> bool:
+    return bool(ctx.params.get("debug")) or os.environ.get("SYNTHEHR_DEBUG", "") not in ("", "0")
+
+
+def _fail(code: int, message: str):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code) from None
+
 
 app = typer.Typer(
     name="synthehr",
+    cls=_Synthehr,
     no_args_is_help=True,
     add_completion=False,
     help="""Synthetic EHR cohorts as a Kubeflow pipeline: raw extract -> tables -> HALO/ConSequence ->
@@ -57,6 +112,79 @@ Slurm array over seeds, then one merge job (sample.sh):
 )
 
 DEFAULT_COMPILED = Path("pipelines/compiled")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SEED_MAX = 2**63 - 1     # seeds are int64 (numpy SeedSequence takes more; torch.manual_seed does not)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test runner swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def configure_logging(level: str) -> None:
+    """The ``synthehr_core`` loggers at ``level`` to stderr, one handler however often this is called."""
+    logger = logging.getLogger("synthehr_core")
+    for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", envvar="SYNTHEHR_DEBUG",
+                               help="show the traceback of an error [env SYNTHEHR_DEBUG=1]"),
+    log_level: str = typer.Option("INFO", "--log-level", callback=lambda v: _log_level(v),
+                                  help=f"log lines of the stages shown on stderr: {', '.join(LOG_LEVELS)}"),
+):
+    """Global options (before the command: synthehr --debug preprocess ...)."""
+    configure_logging(log_level)
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r:.40} is not a log level; use one of {', '.join(LOG_LEVELS)}.")
+    return value.upper()
+
+
+def _positive(value: float) -> float:
+    import math
+
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value!r} must be a finite number > 0.")
+    return value
+
+
+def seed_option(default, help: str):  # noqa: A002
+    """A seed: an int in [0, 2**63), checked when the command line is parsed."""
+    return typer.Option(default, min=0, max=SEED_MAX, help=help)
+
+
+def _condition(value: str) -> str:
+    """``--condition``: "", "label_probs" or a JSON object, checked when the command line is parsed."""
+    text = value.strip()
+    if text in ("", "label_probs"):
+        return value
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        from .errors import show
+
+        raise typer.BadParameter(f"{show(text)} is not valid JSON ({exc.msg} at character {exc.pos}); write it "
+                                 "like '{\"gender\": \"F\"}' (double quotes), or pass \"\" or label_probs.") from None
+    if not isinstance(parsed, dict) or not parsed or not all(isinstance(k, str) for k in parsed):
+        raise typer.BadParameter(f"{value!r:.80} must be a non-empty JSON object {{variable: value}}, "
+                                 "\"\" or label_probs.")
+    return value
 LOCAL_WARNING = r".*(non-Python base image|have no effect in the current local runner).*"
 
 
@@ -87,13 +215,14 @@ def _kfp_imports():
     return builder
 
 
-def parse_params(pairs: list[str], defaults: dict | None = None) -> dict:
-    """``["epochs=3", "model_type=halo"]`` -> typed dict (JSON values, else strings)."""
+def parse_params(pairs: list[str], defaults: dict | None = None, option: str = "-p",
+                 example: str = "-p epochs=3 or -p n_shards=2") -> dict:
+    """``["epochs=3", "n_shards=2", "model_type=halo"]`` -> typed dict (JSON values, else strings)."""
     out = dict(defaults or {})
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"-p {pair!r}: expected key=value, e.g. -p epochs=3 or -p n_shards=2.")
+            raise typer.BadParameter(f"{option} {pair!r}: expected key=value, e.g. {example}.")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -437,7 +566,7 @@ def preprocess(config: str = typer.Option(..., help=_bundled_help() + ", or a YA
                out: str = typer.Option(..., help="output tables directory (local or gs://)"),
                raw: str | None = typer.Option(None, help="raw extract directory; default: the profile's"),
                profile: str = typer.Option("local", help="config profile giving the raw location (local/hpc/kubeflow)"),
-               seed: int | None = typer.Option(None, help="split seed; default: the config's split.seed"),
+               seed: int | None = seed_option(None, "split seed; default: the config's split.seed"),
                overwrite: bool = False):
     """Raw extract -> canonical tables directory."""
     from .data.preprocess import preprocess as run
@@ -454,7 +583,7 @@ def rules(tables: str = typer.Option(..., help="tables directory from preprocess
     """Mine ConSequence rules from the train split."""
     from .rules.mining import mine_rules_to_dir
 
-    info = mine_rules_to_dir(tables, out, **parse_params(threshold))
+    info = mine_rules_to_dir(tables, out, **parse_params(threshold, option="-t", example="-t pair_min_prevalence=5"))
     _echo_json({k: info[k] for k in ("n_rules", "by_family", "n_patients")})
 
 
@@ -494,10 +623,13 @@ def kde_grids(tables: str = typer.Option(..., help="tables directory from prepro
 @app.command()
 def sample(model: str = typer.Option(..., help="checkpoint directory from train"),
            out: str = typer.Option(..., help="output shard directory"),
-           seed: int = typer.Option(..., help="shard seed (one shard per seed)"),
-           n_patients: int = typer.Option(1000, help="patients in this shard"),
-           batch_size: int = 256, temperature: float = 1.0,
-           condition: str = typer.Option("", help='"", "label_probs" or JSON like \'{"gender": "F"}\''),
+           seed: int = seed_option(..., "shard seed (one shard per seed)"),
+           n_patients: int = typer.Option(1000, min=1, help="patients in this shard"),
+           batch_size: int = typer.Option(256, min=1, help="patients sampled together"),
+           temperature: float = typer.Option(1.0, callback=lambda v: _positive(v),
+                                             help="> 0; 1.0 = the model's distribution"),
+           condition: str = typer.Option("", callback=_condition,
+                                         help='"", "label_probs" or JSON like \'{"gender": "F"}\''),
            device: str | None = typer.Option(None, help="cpu (default, reproducible) or cuda"),
            overwrite: bool = False):
     """Sample one cohort shard from a checkpoint."""
@@ -514,7 +646,7 @@ def sample(model: str = typer.Option(..., help="checkpoint directory from train"
 def kde_sample(shard: str = typer.Option(..., help="shard directory from sample"),
                grids: str = typer.Option(..., help="grids directory from kde-grids"),
                out: str = typer.Option(..., help="output shard directory"),
-               seed: int = typer.Option(..., help="RNG seed; use the shard's own seed"), overwrite: bool = False):
+               seed: int = seed_option(..., "RNG seed; use the shard's own seed"), overwrite: bool = False):
     """Fill a shard's continuous values and visit times from the KDE grids."""
     from .postprocess.stage import sample_kde_to_dir
 
@@ -535,16 +667,34 @@ def merge(shards: list[str] = typer.Argument(..., help="shard directories (any o
 @app.command()
 def evaluate(real: str = typer.Option(..., help="real tables directory from preprocess"),
              synthetic: str = typer.Option(..., help="synthetic cohort directory from merge"),
-             out: str = typer.Option(..., help="output directory (metrics.json, report.html, summary.md)"),
+             out: str = typer.Option(..., help="output directory (metrics.json, verdicts.json, report.html, ...)"),
              rules_dir: str | None = typer.Option(None, "--rules", help="rules directory (rule violations)"),
-             seed: int = 0, overwrite: bool = False):
-    """Fidelity, rule violations, privacy and utility of a synthetic cohort."""
+             policy: str | None = typer.Option(None, help="release policy YAML (default: the bundled "
+                                                          "release_policy.yml)"),
+             fail_on: str | None = typer.Option(None, help="comma-separated checks or properties whose failure "
+                                                           "exits 3 (default: the policy's fail_on; 'none' = never)"),
+             model: str | None = typer.Option(None, help="model directory from train (provenance)"),
+             dataset_config: str | None = typer.Option(None, "--config", help="dataset config (declared ordinal "
+                                                                                "stages); default: from meta.json"),
+             run_id: str = typer.Option("", help="run id recorded in the provenance block"),
+             peers: bool = typer.Option(False, help="add SDMetrics / anonymeter sections (when installed)"),
+             seed: int = seed_option(0, "seed of the evaluation's subsampling and bootstrap"),
+             overwrite: bool = False):
+    """Fidelity, longitudinal checks, rule violations, privacy and utility of a synthetic cohort, and a release
+    decision under the policy. Exit code 3 = "do not release" (a --fail-on check failed)."""
     from . import storage
+    from .evaluation.policy import load_policy, parse_fail_on
     from .evaluation.stage import evaluate_to_dir
 
+    gate = parse_fail_on(load_policy(policy), fail_on)     # checked before any work
     rules_path = storage.join(rules_dir, "rules.json") if rules_dir else None
-    res = evaluate_to_dir(real, synthetic, out, rules_path=rules_path, seed=seed, overwrite=overwrite)
-    typer.echo(f"{len(res['metrics'])} metrics, flags {res['flags']} -> {out}")
+    res = evaluate_to_dir(real, synthetic, out, rules_path=rules_path, seed=seed, overwrite=overwrite, policy=policy,
+                          fail_on=gate, dataset_config=dataset_config, model_dir=model, run_id=run_id, peers=peers)
+    typer.echo(f"decision: {res['decision']} ({len(res['metrics'])} metrics) -> {out}")
+    for r in res["verdicts"]["reasons"]:
+        typer.echo(f"  - {r}")
+    if res["decision"] == "do not release":
+        raise typer.Exit(3)
 
 
 def main() -> None:

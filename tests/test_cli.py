@@ -185,14 +185,14 @@ def test_rules_and_merge_commands_on_toy_tables(toy_tables, tmp_path):
     result = runner.invoke(app, ["rules", "--tables", str(toy_tables), "--out", str(tmp_path / "rules"),
                                  "-t", "label_min_prevalence=3", "-t", "pair_min_prevalence=3"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["n_rules"] > 0 and (tmp_path / "rules" / "rules.json").exists()
+    assert json.loads(result.stdout)["n_rules"] > 0 and (tmp_path / "rules" / "rules.json").exists()
 
     for seed, name in ((4, "a"), (1, "b")):
         shutil.copytree(toy_tables, tmp_path / name)
         meta = json.loads((tmp_path / name / "meta.json").read_text())
-        (tmp_path / name / "meta.json").write_text(json.dumps({**meta, "seed": seed}))
+        (tmp_path / name / "meta.json").write_text(json.dumps({**meta, "seed": seed, "stage": "kde-sample"}))
     result = runner.invoke(app, ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["seeds"] == [1, 4]
+    assert json.loads(result.stdout)["seeds"] == [1, 4]
     patients, _, _ = read_tables(tmp_path / "c")
     assert patients["patient_id"].str.startswith(("syn-1-", "syn-4-")).all()

@@ -27,7 +27,7 @@ from components.train import train
 from synthehr_core.data.config import bundled_data_dir
 from synthehr_core.data.merge import merge_shards
 from synthehr_core.data.schema import parse_bin, read_tables
-from synthehr_core.errors import ConfigError, DataError, IncompleteOutputError
+from synthehr_core.errors import ConfigError, DataError
 
 COMPONENTS = Path(__file__).resolve().parents[1] / "components"
 
@@ -117,7 +117,7 @@ class TestStages:
         assert model.metadata["dp_target_epsilon"] == 0.0
         assert metrics.metadata["steps"] >= 2 and metrics.metadata["final_train_loss"] > 0
         html = Path(curve.path).read_text()
-        assert "<svg" in html and "polyline" in html
+        assert "data:image/png;base64," in html and "HALO, preset tiny" in html and str(work) not in html
 
     def test_train_consequence_reads_the_ruleset(self, tmp_path, tables, ruleset):
         model = art(dsl.Model, tmp_path, "model")
@@ -175,15 +175,30 @@ class TestStages:
         assert set(patients["patient_id"].str.extract(r"^syn-(\d+)-\d+$")[0]) == {"3", "7"}
         assert (Path(out.path) / "vocab.json").read_bytes() == (Path(shards[0][2].path) / "vocab.json").read_bytes()
 
-    def test_evaluate_logs_metrics_and_writes_report(self, tmp_path, tables, ruleset, cohort):
+    def test_evaluate_logs_metrics_and_writes_report(self, tmp_path, tables, ruleset, cohort, trained):
         outs = {k: art(c, tmp_path, k) for k, c in (("metrics", dsl.Metrics), ("report", dsl.HTML),
-                                                  ("summary", dsl.Markdown), ("details", dsl.Artifact))}
-        evaluate.python_func(real=tables, cohort=cohort[1], ruleset=ruleset, seed=0, **outs)
+                                                  ("summary", dsl.Markdown), ("details", dsl.Artifact),
+                                                  ("roc", dsl.ClassificationMetrics))}
+        kw = dict(real=tables, cohort=cohort[1], ruleset=ruleset, model=trained[0], seed=0, dataset_config="",
+                  policy="", run_id="run-1", **outs)
+        evaluate.python_func(release_gate=False, **kw)
         m = outs["metrics"].metadata
         assert len(m) > 10 and all(isinstance(v, float) for v in m.values())
-        assert "<html" in Path(outs["report"].path).read_text().lower()
+        report = Path(outs["report"].path).read_text()
+        assert "<html" in report.lower() and "Decision:" in report and "run-1" in report and "tiny" in report
         assert Path(outs["summary"].path).read_text().startswith("#")
-        assert (Path(outs["details"].path) / "metrics.json").exists()
+        assert (Path(outs["details"].path) / "verdicts.json").exists()
+        assert outs["roc"].metadata["confidenceMetrics"]          # KFP draws the ROC curve from these
+        decision = outs["details"].metadata["decision"]
+        # the gate: fails exactly when the decision is "do not release" (forced here by gating on a fidelity check)
+        strict = tmp_path / "strict.yml"
+        strict.write_text((Path(__file__).parents[1] / "synthehr_core/evaluation/release_policy.yml").read_text()
+                          .replace("fail_on: [exact_copies, membership_inference, small_cells]",
+                                   "fail_on: [code_prevalence]").replace("warn: 0.8\n    fail: 0.5", "warn: 2\n    fail: 1.5"))
+        outs2 = {k: art(type(a), tmp_path / "g", k) for k, a in outs.items()}
+        with pytest.raises(RuntimeError, match="release gate: do not release"):
+            evaluate.python_func(release_gate=True, **{**kw, **outs2, "policy": str(strict)})
+        assert decision in ("do not release", "release with warnings", "release")
 
     def test_notify_returns_the_final_state(self, capsys):
         status = dsl.PipelineTaskFinalStatus(state="FAILED", pipeline_job_resource_name="runs/1",
@@ -196,7 +211,7 @@ class TestMergeShards:
     def _shard(self, src: Path, dst: Path, seed: int) -> Path:
         shutil.copytree(src, dst)
         meta = json.loads((dst / "meta.json").read_text())
-        (dst / "meta.json").write_text(json.dumps({**meta, "seed": seed}))
+        (dst / "meta.json").write_text(json.dumps({**meta, "seed": seed, "stage": "kde-sample"}))
         return dst
 
     def test_row_counts_and_ids_from_real_tables(self, toy_tables, tmp_path):
@@ -228,8 +243,8 @@ class TestMergeShards:
         a = tmp_path / "a"
         shutil.copytree(toy_tables, a)
         (a / "meta.json").unlink()
-        # the shard's _SUCCESS manifest lists meta.json: storage names the missing file (main's storage package)
-        with pytest.raises(IncompleteOutputError, match=r"missing \(meta\.json\)"):
+        (a / "_SUCCESS").unlink(missing_ok=True)   # with its marker, a missing meta.json is an incomplete output
+        with pytest.raises(DataError, match="no meta.json"):
             merge_shards([a], tmp_path / "out")
         with pytest.raises(ConfigError, match="no shard directories"):
             merge_shards([], tmp_path / "out")
