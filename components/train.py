@@ -8,8 +8,9 @@ from components._images import TRAIN_IMAGE
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, preset: str, epochs: int,
           batch_size: int, lr: float, seed: int, dp_target_epsilon: float, model: Output[Model],
-          metrics: Output[Metrics], loss_curve: Output[HTML], eval_every: int = 500, patience: int = 0,
-          ckpt_minutes: float = 10.0, gpus: int = 1, checkpoint_root: str = "", pipeline_root: str = ""):
+          metrics: Output[Metrics], loss_curve: Output[HTML], precision: str = "fp32", dp_delta: float = 0.0,
+          min_code_count: int = 0, eval_every: int = 500, patience: int = 0, ckpt_minutes: float = 10.0,
+          gpus: int = 1, checkpoint_root: str = "", pipeline_root: str = ""):
     """Train the generative model; ConSequence enforces the mined rules, HALO ignores them. Preemption-safe: step
     checkpoints go to <checkpoint root>/<checkpoint key>/ and a retried (or resubmitted) task resumes from them.
 
@@ -23,6 +24,9 @@ def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, pre
         lr: Adam learning rate.
         seed: Model init and data order.
         dp_target_epsilon: DP-SGD privacy budget epsilon; 0 = no differential privacy.
+        precision: "fp32" (exact), "bf16" or "fp16" (CUDA) autocast for the big matmuls.
+        dp_delta: DP-SGD delta; 0 = automatic, min(1e-5, 1 / (10 n_train)).
+        min_code_count: Drop clinical codes of fewer training patients from the vocabulary; 0 = keep all.
         model: What sampling needs: model.pt (best weights), config.json, vocab.json, history.parquet,
             label_probs.parquet, token_groups.json, meta.json; published whole at the end.
         metrics: Losses, steps and timing.
@@ -40,15 +44,16 @@ def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, pre
     from synthehr_core import __version__
     from synthehr_core.model.config import TrainConfig
     from synthehr_core.model.loss_curve import loss_curve_html
-    from synthehr_core.model.train import pipeline_checkpoint_root, train_to_dir
+    from synthehr_core.model.train import train_to_dir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     config = TrainConfig.from_dict({"model_type": model_type, "preset": preset, "epochs": epochs,
                                     "batch_size": batch_size, "lr": lr, "seed": seed, "eval_every": eval_every or None,
                                     "patience": patience or None, "ckpt_minutes": ckpt_minutes or None,
-                                    "dp_target_epsilon": dp_target_epsilon})
+                                    "dp_target_epsilon": dp_target_epsilon, "precision": precision,
+                                    "dp_delta": dp_delta or None, "min_code_count": min_code_count})
     info = train_to_dir(tables.path, model.path, config, processes=gpus, overwrite=True,
-                        checkpoint_uri=checkpoint_root or pipeline_checkpoint_root(pipeline_root),
+                        checkpoint_uri=checkpoint_root or (f"{pipeline_root}/checkpoints" if pipeline_root else None),
                         progress=False, rules_dir=ruleset.path if model_type == "consequence" else None)
     model.metadata.update({k: info.get(k) for k in ("model_type", "preset", "seed", "config_hash", "steps", "n_train",
                                                     "n_rules", "dp_epsilon", "dp_delta", "checkpoints", "world_size")})

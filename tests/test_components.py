@@ -211,7 +211,7 @@ class TestMergeShards:
     def _shard(self, src: Path, dst: Path, seed: int) -> Path:
         shutil.copytree(src, dst)
         meta = json.loads((dst / "meta.json").read_text())
-        (dst / "meta.json").write_text(json.dumps({**meta, "seed": seed}))
+        (dst / "meta.json").write_text(json.dumps({**meta, "seed": seed, "stage": "kde-sample"}))
         return dst
 
     def test_row_counts_and_ids_from_real_tables(self, toy_tables, tmp_path):
@@ -243,6 +243,7 @@ class TestMergeShards:
         a = tmp_path / "a"
         shutil.copytree(toy_tables, a)
         (a / "meta.json").unlink()
+        (a / "_SUCCESS").unlink(missing_ok=True)   # with its marker, a missing meta.json is an incomplete output
         with pytest.raises(DataError, match="no meta.json"):
             merge_shards([a], tmp_path / "out")
         with pytest.raises(ConfigError, match="no shard directories"):
@@ -280,3 +281,86 @@ class TestImagesAndImports:
                     top = n.split(".")[0]
                     assert top in sys.stdlib_module_names or top == "kfp" or n == "components._images", \
                         f"{path.name} imports {n} at module level"
+
+
+class TestCheckOptions:
+    """The first task: every run-form option checked at once, without torch, before anything is read."""
+    GOOD = dict(model_type="halo", preset="small", epochs=50, train_batch_size=48, lr=1e-4, train_seed=0,
+                precision="fp32", dp_target_epsilon=0.0, dp_delta=0.0, min_code_count=0, rules_min_confidence=1.0,
+                n_shards=3, first_seed=7, n_patients_per_seed=1000, sample_batch_size=256, temperature=1.0,
+                sample_device="auto", condition="", eval_seed=0, gpu_node_selector={},
+                gpu_tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                image_pull_secret="synthehr-registry", object_store_secret="synthehr-object-store")
+
+    def test_good_options_give_the_shard_seeds(self):
+        from components.check import check_options
+
+        assert check_options.python_func(**self.GOOD) == [7, 8, 9]
+
+    def test_every_bad_option_is_named_at_once_with_its_value(self):
+        from components.check import check_options
+
+        bad = {**self.GOOD, "model_type": "hallo", "preset": "huge", "sample_device": "tpu", "precision": "fp61",
+               "n_shards": 0, "lr": 0.0, "condition": "{gender: F}", "gpu_tolerations": [{"keys": "x"}],
+               "image_pull_secret": "Bad_Name", "dp_delta": 1.5}
+        with pytest.raises(ConfigError) as err:
+            check_options.python_func(**bad)
+        msg = str(err.value)
+        for piece in ("model_type must be one of ['halo', 'consequence']; got 'hallo'", "preset must be one of",
+                      "sample_device must be one of ['auto', 'cpu', 'cuda']; got 'tpu'", "got 'fp61'",
+                      "n_shards must be >= 1 and <= 1000; got 0", "lr must be > 0; got 0.0", "condition is not valid JSON",
+                      "gpu_tolerations[0] has unknown keys ['keys']", "image_pull_secret must be a Kubernetes secret name",
+                      "dp_delta must be >= 0 and < 1; got 1.5", "dp_delta=1.5 is set but dp_target_epsilon is 0"):
+            assert piece in msg, piece
+
+    def test_the_allowed_strings_are_the_models_own(self):
+        from synthehr_core.model.checkpoint import MODEL_TYPES
+        from synthehr_core.model.halo import PRESETS
+        from synthehr_core.model.precision import PRECISIONS
+        from synthehr_core.run_options import CHOICES
+
+        assert set(CHOICES["model_type"]) == set(MODEL_TYPES)
+        assert set(CHOICES["preset"]) == set(PRESETS)
+        assert set(CHOICES["precision"]) == set(PRECISIONS)
+
+    def test_the_check_imports_no_torch(self):
+        import subprocess
+        import sys
+
+        code = ("import sys; from synthehr_core.run_options import check_run_options; "
+                "check_run_options({'model_type': 'halo'}); assert 'torch' not in sys.modules")
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class TestDeviceAuto:
+    """pick_device("auto") never falls back to the CPU on a machine that was given a GPU."""
+
+    def test_cpu_only_torch_on_a_gpu_pod_is_refused_naming_image_and_build(self, monkeypatch):
+        import torch
+
+        from synthehr_core.model.train import pick_device
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.version, "cuda", None)
+        monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "GPU-0b1c2d3e")
+        monkeypatch.setenv("SYNTHEHR_IMAGE", "reg.example/synthehr-train@sha256:abc")
+        with pytest.raises(ConfigError, match=r"given a GPU \(NVIDIA_VISIBLE_DEVICES=GPU-0b1c2d3e\).*a CPU-only build"
+                                              r".*reg\.example/synthehr-train@sha256:abc"):
+            pick_device("auto")
+        with pytest.raises(ConfigError):
+            pick_device(None)
+        assert pick_device("cpu").type == "cpu"                      # asking for the CPU is still allowed
+
+    def test_no_gpu_anywhere_means_cpu(self, monkeypatch):
+        import os
+
+        import torch
+
+        from synthehr_core.model.train import pick_device
+
+        if os.path.exists("/dev/nvidia0"):
+            pytest.skip("this machine has an NVIDIA device node")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        for visible in ("", "void", "none", "all"):   # "all" alone is a CUDA base image's default, not a GPU
+            monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", visible)
+            assert pick_device("auto").type == "cpu", visible

@@ -239,6 +239,19 @@ class TestProvenanceAndPolicy:
         with pytest.raises(ConfigError, match="does not exist"):
             load_policy(tmp_path / "missing.yml")
 
+    def test_hostile_policy_files_are_bounded_and_quiet(self, tmp_path):
+        bomb = tmp_path / "bomb.yml"
+        bomb.write_text('a: &a ["x","x","x","x","x","x","x","x","x"]\n'
+                        + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n"
+                                  for p, c in zip("abcdefgh", "bcdefghi")))
+        with pytest.raises(ConfigError, match="bomb.yml"):
+            load_policy(bomb)
+        secret = tmp_path / "kube.yml"
+        secret.write_text("checks: {}\ntoken: s3cr3t-value\n")
+        with pytest.raises(ConfigError, match="token: unknown key") as err:
+            load_policy(secret)
+        assert "s3cr3t" not in str(err.value)
+
     def test_ordinal_families_in_the_dataset_config(self):
         base = load_config("mimic3").model_dump(mode="json")
         cfg = validate_config({**base, "longitudinal": {"ordinal": [{"name": "stage", "codes": STAGES}]}})

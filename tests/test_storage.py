@@ -165,12 +165,29 @@ class TestObjectStores:
         with pytest.raises(FileNotFoundError, match="does not exist"):
             storage.read_bytes(uri + "/x.json")
 
-    def test_s3_bad_credentials_are_one_line(self, s3):
-        # moto accepts any key, so the translation of the client's own exception is checked directly
-        from botocore.exceptions import NoCredentialsError
+    def test_no_aws_credentials_is_one_line(self, s3, monkeypatch):
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+        monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        with pytest.raises(StorageError, match=rf"^{s3}/x.json: no AWS credentials: set AWS_ACCESS_KEY_ID .*IRSA"):
+            storage.read_bytes(f"{s3}/x.json")
 
-        err = backend(s3)._translate(NoCredentialsError(), f"{s3}/x", "reading it")
-        assert str(err).startswith(f"{s3}/x: no AWS credentials") and "IRSA" in str(err)
+    def test_no_google_credentials_is_one_line(self, monkeypatch):
+        monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/key.json")
+        with pytest.raises(StorageError, match=r"^gs://b/x.json: no Google Cloud credentials: run `gcloud auth "
+                                               r"application-default login`.*workload identity"):
+            storage.read_bytes("gs://b/x.json")
+
+    def test_permission_denied_is_one_line(self, s3):
+        from botocore.exceptions import ClientError
+
+        denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
+        err = backend(s3)._translate(denied, f"{s3}/x", "reading it")
+        assert str(err) == (f"{s3}/x: permission denied while reading it (AccessDenied): check the AWS credentials "
+                            "and the bucket policy for these keys / this role.")
 
     def test_bucket_root_is_not_an_output(self, gcs):
         with pytest.raises(StorageError, match="an output needs a prefix inside the bucket"):

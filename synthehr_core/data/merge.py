@@ -18,15 +18,28 @@ from ..errors import ConfigError, DataError, bullet_list
 from .schema import read_tables, write_tables
 
 SYNTHETIC_ID = "syn-{seed}-{n}"
+MERGED_STAGE = "kde-sample"   # the stage whose outputs merge takes (its meta.json "stage")
 
 
 def _shard_meta(shard_dir: str) -> dict:
     path = storage.join(shard_dir, "meta.json")
-    storage.require_complete(shard_dir, "kde-sample")
     if not storage.exists(path):
         raise DataError(f"{shard_dir}: no meta.json, so the shard's seed is unknown. Point merge at the outputs of "
-                        "the sample or kde-sample stage.")
-    meta = storage.read_json(path)
+                        "the kde-sample stage.")
+    storage.require_complete(shard_dir, "kde-sample")
+    try:
+        meta = storage.read_json(path)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}): a damaged or half-copied shard. "
+                        "Re-run the kde-sample stage for it.") from exc
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: not a stage's meta.json (a JSON object). Point merge at kde-sample outputs.")
+    stage = meta.get("stage", "kde-sample" if "grids_dir" in meta else None)   # kde-sample wrote no stage before
+    if stage != MERGED_STAGE:
+        what = ("a sample-stage shard: its continuous values and visit times are still empty" if stage == "sample"
+                else f"written by the {stage!r} stage" if stage else "not written by the kde-sample stage")
+        raise DataError(f"{shard_dir}: {what}. Merge only kde-sample outputs: run synthehr kde-sample --shard "
+                        f"{shard_dir} --grids GRIDS --seed SEED --out DIR first.")
     if "seed" not in meta:
         raise DataError(f"{path}: has no 'seed' (keys: {sorted(meta)}). Re-run the sample / kde-sample stage.")
     return meta
@@ -60,7 +73,8 @@ def merge_shards(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.Path
         raise ConfigError(f"merge_shards: small_cell_k={small_cell_k} needs real_dir (the preprocess output whose "
                           "training patients define the small cells); pass real_dir or small_cell_k=0.")
     if not dirs:
-        raise ConfigError("merge_shards got no shard directories: pass at least one sample / kde-sample output.")
+        raise ConfigError("merge_shards got no shard directories: pass at least one kde-sample output.")
+    storage.check_output(out_dir, overwrite=overwrite)     # before any shard is read
     metas = [_shard_meta(d) for d in dirs]
     seeds = [int(m["seed"]) for m in metas]
     dup = sorted({s for s in seeds if seeds.count(s) > 1})

@@ -13,11 +13,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import storage
-from ..errors import ConfigError, bullet_list
+from ..errors import ConfigError, bullet_list, show
+from ..yamlio import load_yaml
 
 PROPERTIES = ("privacy", "fidelity", "longitudinal", "temporal", "rules", "utility")
 STATUS_ORDER = {"not run": 0, "pass": 1, "inconclusive": 2, "warn": 3, "fail": 4}
@@ -67,16 +67,15 @@ def load_policy(path: str | Path | None = None) -> Policy:
         raise ConfigError(f"release policy {where!r} does not exist. Pass a YAML file (copy "
                           f"{default_policy_path()} and edit it) or leave --policy out for the default.")
     text = storage.read_text(where)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+    data = load_yaml(text, where)  # bounded: size, aliases, nesting (synthehr_core.yamlio)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: a release policy is a mapping with a 'checks' key, got {type(data).__name__}.")
     try:
         policy = Policy(**data, source=where, digest=hashlib.sha256(text.encode()).hexdigest()[:16])
     except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {str(e.get('input'))[:60]!r})"
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: "
+                 + ("unknown key; remove it or check its spelling" if e["type"] == "extra_forbidden"
+                    else f"{e['msg']} (got {show(e.get('input'))})")  # never echo an unknown key's value
                  for e in exc.errors()]
         raise ConfigError(f"{where}: invalid release policy:\n" + bullet_list(lines)) from None
     check_fail_on(policy, policy.fail_on, f"{where}: fail_on")

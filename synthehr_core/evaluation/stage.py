@@ -295,6 +295,7 @@ def evaluate_to_dir(real_dir: str | Path, synthetic_dir: str | Path, out_dir: st
     """
     from .report import render_html, render_markdown
 
+    storage.check_output(out_dir, overwrite)  # before the (minutes of) work, not after it
     res = evaluate(real_dir, synthetic_dir, rules_path, seed, privacy_sample, utility_sample, policy, fail_on,
                    dataset_config, model_dir, run_id, peers)
     t = time.perf_counter()

@@ -13,16 +13,16 @@ import contextlib
 import hashlib
 import importlib
 import io
+import pickle
+import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 from .. import storage
 from ..data.vocab import Vocab
-from ..errors import ConfigError, StorageError
+from ..errors import ConfigError, DataError, StorageError
 from ..storage.backends import backend
-from ..storage.publish import _Lock  # the advisory lock of storage's outputs, held here over a whole run
 from .halo import HALO, HaloConfig, MaskedLinear
 
 # model_type -> "module:class"; each class is built as cls(HaloConfig) and loads model.pt strictly
@@ -69,8 +69,15 @@ def load_model(model_dir, device: str | torch.device | None = None) -> tuple[tor
                           f"{config.n_labels}) disagree with vocab.json ({vocab.n_visit_tokens}, {vocab.n_labels}). "
                           "The checkpoint was assembled from different runs; re-run the train stage.")
     model = model_class(info.get("model_type", "halo"))(config)
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(model_dir, "model.pt"))),
-                       map_location="cpu", weights_only=True)
+    weights = storage.join(model_dir, "model.pt")
+    try:
+        with warnings.catch_warnings():   # a foreign pickle's protocol warning would precede the one-line error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(io.BytesIO(storage.read_bytes(weights)), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:   # truncated zip, crafted pickle
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"{weights}: not a readable weights file ({first}); it is truncated or was not written by "
+                        "the train stage. Re-run train (or copy the checkpoint again).") from exc
     model.load_state_dict(state)
     return model.to(device or "cpu").eval(), vocab, info
 
@@ -134,17 +141,12 @@ class StepCheckpoints:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the folder's advisory lock (storage's, ``.<key>.lock`` beside it) while a run writes checkpoints
-        there: a second run of the same config and data into the same root fails at once, naming the holder. A
-        killed holder's lock is stale at once on its host, after ``SYNTHEHR_LOCK_STALE_S`` elsewhere."""
-        if not storage.is_remote(self.folder):
-            Path(self.folder).parent.mkdir(parents=True, exist_ok=True)
-        held = _Lock(backend(self.folder), self.folder.rstrip("/"))
-        held.acquire()
-        try:
+        """Hold the folder's advisory lock (``storage.publish.output_lock``: ``.<key>.lock`` beside it) while a run
+        writes checkpoints there: a second process training the same config and data into the same root fails at
+        once, naming the holder. A killed holder's lock is stale at once on its host, after
+        ``SYNTHEHR_LOCK_STALE_S`` elsewhere."""
+        with storage.output_lock(self.folder):
             yield
-        finally:
-            held.release()
 
     def load(self, step: int) -> dict:
         """The checkpoint of ``step``, checked against its marker (a corrupt file is named, not unpickled)."""
@@ -164,14 +166,14 @@ def load_step_file(path: str, mark: dict | None = None) -> dict:
     """torch.load of a step checkpoint (weights only: no code runs), checked against its marker when given."""
     data = storage.read_bytes(path)
     if mark is not None and (len(data) != mark.get("bytes") or hashlib.sha256(data).hexdigest() != mark.get("sha256")):
-        raise ConfigError(f"{path}: {len(data)} bytes that do not match its marker ({mark.get('bytes')} bytes, sha256 "
-                          f"{str(mark.get('sha256'))[:12]}...): the file was changed after it was written. Delete it "
-                          "and its .json marker to resume from the checkpoint before it.")
+        raise DataError(f"{path}: {len(data)} bytes that do not match its marker ({mark.get('bytes')} bytes, sha256 "
+                        f"{str(mark.get('sha256'))[:12]}...): the file was changed after it was written. Delete it "
+                        "and its .json marker to resume from the checkpoint before it.")
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 (torch raises RuntimeError, UnpicklingError, EOFError, ...)
-        raise ConfigError(f"{path}: not a readable step checkpoint ({type(exc).__name__}: {str(exc)[:80]}). "
-                          "Resume from another step_*.pt, or start without resume_from.") from exc
+        raise DataError(f"{path}: not a readable step checkpoint ({type(exc).__name__}: {str(exc)[:80]}). "
+                        "Resume from another step_*.pt, or start without resume_from.") from exc
 
 
 def _remove(path: str) -> None:

@@ -59,7 +59,7 @@ from .tensors import EHRParquetDataset, HaloCollate, collate_halo
 
 __all__ = ["CKPT_DIR", "LoopState", "TrainArgs", "TrainConfig", "bucket_order", "checkpoint_key",
            "default_checkpoint_uri", "epoch_order", "make_model", "make_optimizer", "pick_device",
-           "pipeline_checkpoint_root", "resolve_resume", "run_identity", "train", "train_step", "train_to_dir",
+           "resolve_resume", "run_identity", "train", "train_step", "train_to_dir",
            "validation_loss"]
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,30 @@ CKPT_DIR = "checkpoints"  # resolve_resume also looks in <dir>/checkpoints
 
 # ---------------------------------------------------------------------------------------------- pieces
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    if device is not None:
+    """``device``, or for None / "auto" the GPU when torch sees one, else the CPU. A silent CPU fallback on a
+    machine that was given a GPU (a pod with ``nvidia.com/gpu``: NVIDIA_VISIBLE_DEVICES names devices, or
+    /dev/nvidia0 exists) is refused: it is a CPU-only torch build or a broken driver, and would run for days."""
+    if device is not None and device != "auto":
         return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    gpu = _assigned_gpu()
+    if gpu:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"device='auto': this machine was given a GPU ({gpu}) but torch {torch.__version__} "
+                          f"({build}) cannot use it, in image {os.environ.get('SYNTHEHR_IMAGE', '(unknown: SYNTHEHR_IMAGE unset)')}. "
+                          "Build the GPU stages with CUDA torch (`make images-push`, docs/deploy.md), check the "
+                          "node's NVIDIA driver, or pass device='cpu' to run on the CPU on purpose.")
+    return torch.device("cpu")
+
+
+def _assigned_gpu() -> str:
+    """What says this machine has a GPU for us ("" = nothing): the device plugin's NVIDIA_VISIBLE_DEVICES (GPU
+    ids; "all" alone is only a CUDA base image's default), or a device node."""
+    visible = os.environ.get("NVIDIA_VISIBLE_DEVICES", "").strip()
+    if visible and visible not in ("void", "none", "all"):
+        return f"NVIDIA_VISIBLE_DEVICES={visible}"
+    return "/dev/nvidia0" if os.path.exists("/dev/nvidia0") else ""
 
 
 def make_model(model_type: str, config: HaloConfig, seed: int, rules=None) -> torch.nn.Module:
@@ -695,21 +716,16 @@ def default_checkpoint_uri(out_dir: str | Path) -> str:
     return str(out_dir).rstrip("/") + ".checkpoints"
 
 
-def pipeline_checkpoint_root(pipeline_root: str) -> str | None:
-    """``<pipeline root>/checkpoints`` as a URI storage writes: KFP's default root ``minio://bucket/...`` is MinIO's
-    S3 API, so ``s3://bucket/.../checkpoints`` (endpoint and keys from the AWS_* environment); None for ""."""
-    if not pipeline_root:
-        return None
-    if pipeline_root.startswith("minio://"):
-        pipeline_root = "s3://" + pipeline_root[len("minio://"):]
-    return storage.join(pipeline_root, "checkpoints")
-
-
-def _check_checkpoint_uri(uri) -> None:
+def _checkpoint_uri(uri) -> str:
+    """``checkpoint_uri`` as storage writes it: ``minio://bucket/...`` (KFP's default pipeline root) is MinIO's S3
+    API, so ``s3://bucket/...`` (endpoint and keys from the AWS_* environment); other schemes are refused."""
     u = str(uri)
+    if u.startswith("minio://"):
+        u = "s3://" + u[len("minio://"):]
     if "://" in u and not storage.is_remote(u):
-        raise ConfigError(f"checkpoint_uri={u[:80]!r}: not a location storage writes (gs://, s3://, or a local path). "
-                          "For MinIO write s3://BUCKET/PATH and set AWS_ENDPOINT_URL; for a mounted volume, its path.")
+        raise ConfigError(f"checkpoint_uri={u[:80]!r}: not a location storage writes (gs://, s3://, minio:// or a "
+                          "local path). For a mounted volume pass its path.")
+    return u
 
 
 def checkpoint_key(config: TrainConfig, data: _TrainData, legacy_step: bool = False) -> str:
@@ -795,7 +811,7 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfi
     """
     config = _config_of(config, options)
     if checkpoint_uri is not None:
-        _check_checkpoint_uri(checkpoint_uri)
+        checkpoint_uri = _checkpoint_uri(checkpoint_uri)
     if processes != 1:
         return _launch(processes, tables_dir, out_dir, config, rules_dir=rules_dir, checkpoint_uri=checkpoint_uri,
                        resume_from=resume_from, extend=extend, overwrite=overwrite, log_every=log_every,

@@ -122,6 +122,16 @@ class Local(Backend):
             return True
         except FileExistsError:
             return False
+        except OSError as exc:       # no hard links here (FUSE mounts of buckets): an O_EXCL create instead
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.ENOSYS, errno.EXDEV):
+                raise
+            try:
+                fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -321,13 +331,17 @@ class S3(ObjectStore):
     name = "S3"
 
     def __init__(self, uri: str):
-        import boto3
-        from botocore.config import Config
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise StorageError(f"{uri}: s3:// needs boto3, which is not installed here: pip install "
+                               "'boto3==1.44.8' (a main dependency of synthehr).") from None
 
         endpoint = s3_endpoint()
         self.endpoint = endpoint
         with self._errors(uri, "connecting"):
-            self.client = boto3.client(
+            self.client = boto3.session.Session().client(   # its own session: credentials of now, not cached
                 "s3", endpoint_url=endpoint,
                 config=Config(s3={"addressing_style": "path"} if endpoint else {}, retries={"max_attempts": 3}))
 

@@ -172,6 +172,8 @@ class _Lock:
                 continue                                  # released between our two calls: try again
             if not self.stale(info):
                 raise OutputLockedError(self.message(info))
+            if self.read() != info:
+                continue                                  # someone refreshed or took it meanwhile: look again
             log.warning("%s: removing the stale lock %s (pid %s on %s since %s is gone)", self.out, self.path,
                         info.get("pid"), info.get("host"), info.get("since"))
             self.b.delete(self.path)
@@ -180,9 +182,27 @@ class _Lock:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
+                info = self.read()
+                if info is None or info.get("token") != self.token:
+                    log.warning("%s: lost the lock %s (now %s)", self.out, self.path, info)
+                    return                                # never overwrite another run's lock
                 self.b.write(self.path, self._bytes())
             except Exception as exc:  # noqa: BLE001 - a missed heartbeat must not kill the stage
                 log.warning("%s: could not refresh the lock %s: %s", self.out, self.path, exc)
+
+    def verify(self) -> None:
+        """Raise unless this run still holds the lock (checked just before publishing)."""
+        info = self.read()
+        if info is None or info.get("token") != self.token:
+            raise OutputLockedError(f"{self.out}: this run lost its lock {self.path} while it ran (stalled longer "
+                                    f"than {stale_after_s():g} s?; now {self._who(info)}): nothing was published; "
+                                    "rerun it.")
+
+    @staticmethod
+    def _who(info: dict | None) -> str:
+        if not info:
+            return "no lock"
+        return f"held by pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
 
     def release(self) -> None:
         self._stop.set()
@@ -194,6 +214,32 @@ class _Lock:
         elif info is not None:
             log.warning("%s: the lock %s was taken over by pid %s on %s; left it", self.out, self.path,
                         info.get("pid"), info.get("host"))
+
+
+_HELD: dict[str, _Lock] = {}   # locks this process holds, by lock path: atomic_dir inside output_lock reuses them
+
+
+@contextlib.contextmanager
+def output_lock(out) -> Iterator[None]:
+    """Hold the advisory lock of ``out`` for a block (for a stage that also writes beside its final publish, e.g.
+    checkpoints while training); ``atomic_dir(out)`` and ``check_output(out)`` inside the block reuse it."""
+    out = _norm(out)
+    path = lock_path(out)
+    if path in _HELD:
+        yield
+        return
+    b = backend(out)
+    b.check_writable(out)
+    if not scheme(out):
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    lock = _Lock(b, out)
+    lock.acquire()
+    _HELD[path] = lock
+    try:
+        yield
+    finally:
+        del _HELD[path]
+        lock.release()
 
 
 # ------------------------------------------------------------------------------------------------ markers
@@ -223,10 +269,10 @@ def require_complete(path, what: str) -> None:
     """
     p = _norm(path)
     b = backend(p)
-    if not scheme(p) and Path(p).is_file() or scheme(p) and b.exists(p):
+    if not b.is_dir(p):                 # a file of an output (present or not): check its folder
         p = _parent_name(p)[0]
-    if not b.is_dir(p):
-        return
+        if not b.is_dir(p):
+            return
     if not b.exists(_child(p, SUCCESS)):
         if b.exists(_child(p, IN_PROGRESS)):
             raise IncompleteOutputError(
@@ -248,6 +294,12 @@ def require_complete(path, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ checks
+def _check_state(b: Backend, out: str, overwrite: bool) -> None:
+    state = _state(b, out)
+    if state in ("complete", "foreign") and not overwrite:
+        raise OutputExistsError(_exists_message(out, state, b))
+
+
 def check_output(out, overwrite: bool = False) -> None:
     """The checks ``atomic_dir`` does on entry, for a stage to run before it reads its inputs: ``out`` is a
     writable location, holds no finished output or foreign files (unless ``overwrite``; an incomplete synthehr
@@ -255,12 +307,10 @@ def check_output(out, overwrite: bool = False) -> None:
     out = _norm(out)
     b = backend(out)
     b.check_writable(out)
-    state = _state(b, out)
-    if state in ("complete", "foreign") and not overwrite:
-        raise OutputExistsError(_exists_message(out, state, b))
+    _check_state(b, out, overwrite)
     lock = _Lock(b, out)
     held = lock.holder()
-    if held is not None:
+    if held is not None and (lock.path not in _HELD or held.get("token") != _HELD[lock.path].token):
         raise OutputLockedError(lock.message(held))
 
 
@@ -269,10 +319,11 @@ def _temp_pid(name: str, prefix: str) -> int | None:
     return int(first[0]) if len(first) == 2 and first[0].isdigit() else None
 
 
-def _clean_stale(out: Path) -> None:
+def _clean_stale(out: Path) -> bool:
     """Remove staging folders of dead runs beside ``out`` (we hold its lock); put back an old output that a run
-    killed between its two renames left aside."""
-    for kind in ("old", "tmp"):
+    killed between its two renames left aside (True if it did)."""
+    restored = False
+    for kind in ("old", "tmp", "lock.new", "lock.tmp"):    # old/tmp: folders; lock.*: a lock's own temp files
         prefix = f".{out.name}.{kind}-"
         for p in sorted(out.parent.glob(prefix + "*")):
             pid = _temp_pid(p.name, prefix)
@@ -281,10 +332,12 @@ def _clean_stale(out: Path) -> None:
                 continue
             if kind == "old" and not out.exists():
                 os.rename(p, out)
+                restored = True
                 log.warning("%s: restored the previous output from %s (left aside by pid %s, now dead)", out, p, pid)
             else:
-                shutil.rmtree(p, ignore_errors=True)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 log.warning("%s: removed %s, left by pid %s that died before publishing", out, p, pid)
+    return restored
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -364,20 +417,19 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
     b = backend(out)
     check_output(out, overwrite)
     remote = bool(scheme(out))
-    if not remote:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-    lock = _Lock(b, out)
-    lock.acquire()
-    try:
+    with output_lock(out):
+        lock = _HELD[lock_path(out)]
         if remote:
             tmp = Path(tempfile.mkdtemp(prefix="synthehr-out-"))
         else:
-            _clean_stale(Path(out))
+            if _clean_stale(Path(out)):
+                _check_state(b, out, overwrite)
             tmp = Path(out).with_name(f".{Path(out).name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             tmp.mkdir()
         try:
             yield tmp
             write_manifest(tmp)
+            lock.verify()
             if remote:
                 _publish_remote(b, tmp, out, overwrite)
             else:
@@ -391,5 +443,3 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        lock.release()
