@@ -470,8 +470,32 @@ def _row_drawer(model, V: int, temperature: float, g: torch.Generator, row_group
     return lambda h, kind: _sample_row_blocks(head, segments[kind], h, temperature, g)
 
 
+MAX_REDRAWS = 32   # arbitrary; a row a rule still breaks after that keeps the rule's overwrite (counted in tests)
+
+
+def _apply_rules(rules: RowRules, draw_row: RowDrawer, h: torch.Tensor, kind: str, past: torch.Tensor,
+                 row: torch.Tensor, t: int, protect: torch.Tensor | None) -> torch.Tensor:
+    """ConSequence's overwrite of a sampled row; where a rule would erase the value of a single-valued variable
+    (``protect``: its columns; e.g. ``evt:ELECTIVE => cal:weekday=Sat = 0``), the patient's row is drawn again
+    instead, so the variable keeps one value drawn from the model restricted to the rows the rules allow
+    (rejection: exact for that conditional)."""
+    fixed = rules.apply_row(past, row, t)
+    if protect is None:
+        return fixed
+    for _ in range(MAX_REDRAWS):
+        bad = ((row != fixed) & protect).any(-1).nonzero().flatten()
+        if bad.numel() == 0:
+            break
+        new = draw_row(h[bad], kind)
+        row, fixed = row.clone(), fixed.clone()
+        row[bad] = new
+        fixed[bad] = rules.apply_row(past[bad], new, t)
+    return fixed
+
+
 def _sample_batch(model, vocab: Vocab, B: int, labels: torch.Tensor | None, draw_row: RowDrawer,
-                  rules: RowRules | None, device, shared_start: bool = False) -> list[list[list[int]]]:
+                  rules: RowRules | None, device, shared_start: bool = False, protect: torch.Tensor | None = None
+                  ) -> list[list[list[int]]]:
     """One batch of ``B`` patients, row by row with a KV cache; finished patients leave the batch.
 
     ``shared_start``: row 0 is <start> for everyone, so its transformer states are computed once and broadcast
@@ -496,9 +520,10 @@ def _sample_batch(model, vocab: Vocab, B: int, labels: torch.Tensor | None, draw
     act = torch.arange(B, device=device)  # batch rows still being sampled
     last_row = torch.full((B,), T - 1, dtype=torch.long)
     for t in range(first, T):
-        row = draw_row(h, "label" if t < fvr else "visit")  # (n_act, V)
+        kind = "label" if t < fvr else "visit"
+        row = draw_row(h, kind)  # (n_act, V)
         if rules is not None:
-            row = rules.apply_row(X[act, :t], row, t)
+            row = _apply_rules(rules, draw_row, h, kind, X[act, :t], row, t, protect)
         X[act, t] = row
         if t == T - 1:
             break
@@ -573,12 +598,17 @@ def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 25
                                 device, model) for kind in ("label", "visit")}
     labels = _label_rows(labels, label_probs, vocab, n_patients, seed)
     draw_row = _row_drawer(model, vocab.size, temperature, g, row_groups, head_block)
+    protect = None
+    if rules is not None and groups:
+        protect = torch.zeros(vocab.size, dtype=torch.bool, device=device)
+        for grp in groups:
+            protect[grp.start:grp.stop] = True
     out: list[list[list[int]]] = []
     starts = range(0, n_patients, batch_size)
     for b0 in tqdm(starts, desc="sample", unit="batch", disable=not progress or len(starts) < 2):
         B = min(batch_size, n_patients - b0)
         out += _sample_batch(model, vocab, B, None if labels is None else labels[b0:b0 + B], draw_row, rules,
-                             device, shared_start=head_block is not None)
+                             device, shared_start=head_block is not None, protect=protect)
     return out
 
 
