@@ -221,7 +221,7 @@ def test_new_families_hold_in_consequence_samples(tmp_path):
     from synthehr_core.data.vocab import Vocab
     from synthehr_core.rules.ruleset import save_rules
 
-    raw = longitudinal.write_raw(tmp_path / "raw", 900, seed=2)
+    raw = longitudinal.write_raw(tmp_path / "raw", 1200, seed=2)
     preprocess(longitudinal.dataset_config(raw), tmp_path / "t")
     vocab = Vocab.load(tmp_path / "t" / "vocab.json")
     p, v, c = read_tables(tmp_path / "t")
