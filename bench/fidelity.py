@@ -146,7 +146,7 @@ def child_cpu() -> float:
 def run_pyhealth(train, val, n_samples: int, a, work: Path, like_visits) -> tuple[tuple, dict]:
     inp, out = work / "pyhealth_in.json", work / "pyhealth_out.json"
     inp.write_text(json.dumps({"train": visit_lists(*train), "val": visit_lists(*val)}))
-    cmd = [str(PYH_PYTHON), str(ROOT / "bench" / "pyhealth_halo.py"), str(inp), str(out),
+    cmd = [a.pyhealth_python, str(ROOT / "bench" / "pyhealth_halo.py"), str(inp), str(out),
            "--embed-dim", str(a.embed_dim), "--n-layers", str(a.n_layers), "--n-heads", str(a.n_heads),
            "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
            "--n-samples", str(n_samples), "--seed", str(a.seed), "--threads", "1"]
@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-patients", type=int, default=3000, help="simulated patients (--dataset sim)")
     ap.add_argument("--variants", default="synthehr,consequence")
     ap.add_argument("--no-pyhealth", action="store_true")
+    ap.add_argument("--pyhealth-python", default=str(PYH_PYTHON), help="python of the PyHealth venv")
     ap.add_argument("--embed-dim", type=int, default=32)
     ap.add_argument("--n-layers", type=int, default=2)
     ap.add_argument("--n-heads", type=int, default=2)
@@ -281,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     cohorts: dict[str, tuple] = {"real test (ceiling)": real_test}
     times: dict[str, dict] = {}
     if not a.no_pyhealth:
-        if not PYH_PYTHON.exists():
-            raise SystemExit(f"{PYH_PYTHON} is missing: run `make pyhealth-env` first (or pass --no-pyhealth).")
+        if not Path(a.pyhealth_python).exists():
+            raise SystemExit(f"{a.pyhealth_python} is missing: run `make pyhealth-env` first (or pass --no-pyhealth).")
         cohorts["PyHealth HALO"], d = run_pyhealth(real_train, real_val, n, a, work, real_train[1])
         times["PyHealth HALO"] = d["seconds"]
         print(f"PyHealth {d['versions']}: V={d['vocab_size']}, {d['n_params']} params, {d['seconds']}", flush=True)

@@ -177,16 +177,8 @@ class CompiledRules:
             values[..., g.output] = torch.where(f, g.value, values[..., g.output])
         return fired, values
 
-    # ------------------------------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def apply_row(self, past: torch.Tensor, row: torch.Tensor, row_index: int) -> torch.Tensor:
-        """Overwrite a freshly sampled row ``(B, V)`` given the earlier rows ``past (B, t, V)``; t = row_index.
-
-        Groups run in order. When a group writes a column that it or an earlier group reads (a cycle such as
-        ``a => b``, ``b => a``), the pass repeats until nothing changes (at most ``max_passes``).
-        """
-        self._on(row.device)
-        t = row_index
+    def _row_aggs(self, past: torch.Tensor, row: torch.Tensor, t: int) -> dict:
+        """The aggregated past of row t per ``past_visits`` key, as ``(B, V + 2)`` with ONE/ZERO appended."""
         pv = self._view(past)  # (B, t, V)
         aggs: dict = {}
         for g in self.groups:
@@ -200,6 +192,34 @@ class CompiledRules:
                 rows = [r for r in rows if 0 <= r < t]
                 agg = pv[:, rows].amax(dim=1) if rows else torch.zeros_like(row)
             aggs[key] = self._aug(agg)
+        return aggs
+
+    @torch.no_grad()
+    def violated(self, past: torch.Tensor, row: torch.Tensor, row_index: int) -> torch.Tensor:
+        """``(B,)`` bool: does row ``row_index`` (after ``apply_row``) still break a rule? Only where rules clash
+        (a pair forcing back a code an exclusion removed); the sampler then draws that patient's row again."""
+        self._on(row.device)
+        aggs = self._row_aggs(past, row, row_index)
+        keep, _ = self._plan[self.vocab.label_row and row_index == 1]
+        aug = self._aug(row)
+        bad = torch.zeros(row.size(0), dtype=torch.bool, device=row.device)
+        for i in keep:
+            g = self.groups[i]
+            f = g.fires(aug, aggs.get(g.past_visits) if g.past_visits else None)  # (B, U)
+            bad |= (f & (aug[:, g.output] != g.value.to(aug.dtype))).any(-1)
+        return bad
+
+    # ------------------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def apply_row(self, past: torch.Tensor, row: torch.Tensor, row_index: int) -> torch.Tensor:
+        """Overwrite a freshly sampled row ``(B, V)`` given the earlier rows ``past (B, t, V)``; t = row_index.
+
+        Groups run in order. When a group writes a column that it or an earlier group reads (a cycle such as
+        ``a => b``, ``b => a``), the pass repeats until nothing changes (at most ``max_passes``).
+        """
+        self._on(row.device)
+        t = row_index
+        aggs = self._row_aggs(past, row, t)
         label_row = self.vocab.label_row and t == 1
         keep, feedback = self._plan[label_row]
         groups = [self.groups[i] for i in keep]

@@ -475,21 +475,30 @@ MAX_REDRAWS = 32   # arbitrary; a row a rule still breaks after that keeps the r
 
 def _apply_rules(rules: RowRules, draw_row: RowDrawer, h: torch.Tensor, kind: str, past: torch.Tensor,
                  row: torch.Tensor, t: int, protect: torch.Tensor | None) -> torch.Tensor:
-    """ConSequence's overwrite of a sampled row; where a rule would erase the value of a single-valued variable
-    (``protect``: its columns; e.g. ``evt:ELECTIVE => cal:weekday=Sat = 0``), the patient's row is drawn again
-    instead, so the variable keeps one value drawn from the model restricted to the rows the rules allow
-    (rejection: exact for that conditional)."""
+    """ConSequence's overwrite of a sampled row. A patient's row is drawn again (up to ``MAX_REDRAWS`` times)
+    where the overwrite would erase the value of a single-valued variable (``protect``: its columns; e.g.
+    ``evt:ELECTIVE => cal:weekday=Sat = 0``) or where clashing rules leave one broken (``rules.violated``), so such
+    rows come from the model restricted to the rows the rules allow (rejection), not from a half-erased draw.
+    Rows needing neither are the plain overwrite, as before."""
     fixed = rules.apply_row(past, row, t)
-    if protect is None:
+    check = getattr(rules, "violated", None)
+    if protect is None and check is None:
         return fixed
+
+    def bad_rows(r: torch.Tensor, f: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        bad = ((r != f) & protect).any(-1) if protect is not None else torch.zeros(len(r), dtype=torch.bool,
+                                                                                   device=r.device)
+        return bad | check(p, f, t) if check is not None else bad
+
+    bad = bad_rows(row, fixed, past).nonzero().flatten()
     for _ in range(MAX_REDRAWS):
-        bad = ((row != fixed) & protect).any(-1).nonzero().flatten()
         if bad.numel() == 0:
             break
         new = draw_row(h[bad], kind)
-        row, fixed = row.clone(), fixed.clone()
-        row[bad] = new
-        fixed[bad] = rules.apply_row(past[bad], new, t)
+        new_fixed = rules.apply_row(past[bad], new, t)
+        fixed = fixed.clone()
+        fixed[bad] = new_fixed
+        bad = bad[bad_rows(new, new_fixed, past[bad])]
     return fixed
 
 
