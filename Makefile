@@ -88,12 +88,12 @@ $(PYH_STAMP): bench/pyhealth-requirements.txt
 	test -x $(PYH_VENV)/bin/python || $(PYTHON) -m venv $(PYH_VENV)
 	# torchvision (imported by pyhealth.processors) exists only as PyPI's CUDA build, whose _C.so links
 	# libtorch_cuda: the CPU torch of .venv does not load it, so this venv takes PyPI's torch 2.13.0 build
-	# (same version, run on the CPU here; PIP_FIND_LINKS= skips the local +cpu wheel) with its torchvision
-	PIP_FIND_LINKS= $(PYH_VENV)/bin/python -m pip install -q torch==2.13.0 torchvision==0.28.0
+	# (same version, run on the CPU here; no pip config and no find-links skip the local +cpu wheel)
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(PYH_VENV)/bin/python -m pip install -q torch==2.13.0 torchvision==0.28.0
 	# PyHealth declares Python >= 3.12: install it without its dependency list, then only what its HALO
 	# import path needs (bench/pyhealth-requirements.txt)
 	$(PYH_VENV)/bin/python -m pip install -q --ignore-requires-python --no-deps pyhealth==2.1.0
-	PIP_FIND_LINKS= $(PYH_VENV)/bin/python -m pip install -q -r bench/pyhealth-requirements.txt
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(PYH_VENV)/bin/python -m pip install -q -r bench/pyhealth-requirements.txt
 	$(PYH_VENV)/bin/python -c "import pyhealth.models.generators.halo"
 	touch $(PYH_STAMP)
 
