@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PYH_VENV ?= .venv-pyhealth
 PYH_STAMP := $(PYH_VENV)/.installed
 
-.PHONY: install demo test test-fast test-images compile check-compiled wheelhouse images images-push images-lock lint-docker lint format bench pyhealth-env bench-fidelity clean help
+.PHONY: install demo test test-fast test-images compile check-compiled wheelhouse images images-push images-plan images-lock lint-docker lint format bench pyhealth-env bench-fidelity clean help
 
 ## help: list the targets
 help:
@@ -39,7 +39,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PYTEST) $(PYTEST_ARGS) -m "not slow and not images"
 
-## compile: compile every pipeline to pipelines/compiled/*.yaml (commit the result)
+## compile: compile every pipeline to pipelines/compiled/*.yaml (commit the result; release tags, not the build record)
 compile: $(STAMP)
 	$(SYNTHEHR) compile --out pipelines/compiled
 
@@ -47,13 +47,17 @@ compile: $(STAMP)
 check-compiled: compile
 	@git diff --exit-code -- pipelines/compiled || (echo "compiled pipelines are stale: run \`make compile\` and commit" && exit 1)
 
-## images: build every stage image with the docker SDK (BASE_IMAGE=... to override the Python base)
+## images: build every stage image (CPU torch; content tag) and record them in build/images.json (BASE_IMAGE=...)
 images: $(STAMP)
 	$(PY) -m synthehr_build.images build --base-image $(BASE_IMAGE)
 
-## images-push: build and push every stage image to SYNTHEHR_IMAGE_REGISTRY
+## images-push: build the registry images (CUDA torch in train/sample), push them to SYNTHEHR_IMAGE_REGISTRY, record digests
 images-push: $(STAMP)
 	$(PY) -m synthehr_build.images build --base-image $(BASE_IMAGE) --push
+
+## images-plan: show every image reference, build target and torch variant (cpu here, cuda for a push)
+images-plan: $(STAMP)
+	$(PY) -m synthehr_build.images plan && $(PY) -m synthehr_build.images plan --push
 
 ## wheelhouse: every locked wheel + the synthehr wheel into build/wheelhouse (offline image builds)
 wheelhouse: $(STAMP)

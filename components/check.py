@@ -1,8 +1,52 @@
-"""check: the pipeline's first task; every problem of the dataset config, KDE config and raw files at once."""
+"""The pipeline's first tasks: check_options (the run form, in seconds, before anything is read), then check
+(every problem of the dataset config, KDE config and raw files at once)."""
 from kfp import dsl
 from kfp.dsl import Dataset, Input
 
 from components._images import PREPROCESS_IMAGE
+
+
+@dsl.component(base_image=PREPROCESS_IMAGE, install_kfp_package=False)
+def check_options(model_type: str, preset: str, epochs: int, train_batch_size: int, lr: float, train_seed: int,
+                  precision: str, dp_target_epsilon: float, dp_delta: float, min_code_count: int,
+                  rules_min_confidence: float, n_shards: int, first_seed: int, n_patients_per_seed: int,
+                  sample_batch_size: int, temperature: float, sample_device: str, condition: str, eval_seed: int,
+                  gpu_node_selector: dict, gpu_tolerations: list, image_pull_secret: str,
+                  object_store_secret: str) -> list:
+    """Check every free-text and numeric run option at once (no data is read) and return the shard seeds.
+
+    Args:
+        model_type: "halo" or "consequence".
+        preset: "tiny", "small" or "paper".
+        epochs: Training passes (>= 1).
+        train_batch_size: Patients per training step (>= 1).
+        lr: Adam learning rate (> 0).
+        train_seed: Model init and data order seed.
+        precision: "fp32", "bf16" or "fp16".
+        dp_target_epsilon: DP-SGD epsilon (>= 0; 0 = off).
+        dp_delta: DP-SGD delta in [0, 1) (0 = automatic).
+        min_code_count: Drop codes of fewer training patients (>= 0).
+        rules_min_confidence: Rule confidence in (0, 1].
+        n_shards: Number of sampled shards (1..1000).
+        first_seed: Seed of the first shard (>= 0); shard i has seed first_seed + i.
+        n_patients_per_seed: Patients per shard (>= 1).
+        sample_batch_size: Patients sampled together (>= 1).
+        temperature: Sampling temperature (> 0).
+        sample_device: "auto", "cpu" or "cuda".
+        condition: "", "label_probs" or a JSON object of label values.
+        eval_seed: Evaluation subsampling seed.
+        gpu_node_selector: Node labels the GPU tasks require (JSON object).
+        gpu_tolerations: Tolerations of the GPU tasks (JSON list).
+        image_pull_secret: Pull secret name of every pod.
+        object_store_secret: Object-store credentials secret name.
+
+    Returns:
+        The shard seeds, first_seed .. first_seed + n_shards - 1.
+    """
+    options = dict(locals())   # every parameter above, by name (before any import adds a local)
+    from synthehr_core.run_options import check_run_options
+
+    return check_run_options(options)
 
 
 @dsl.component(base_image=PREPROCESS_IMAGE, install_kfp_package=False)

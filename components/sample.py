@@ -18,19 +18,19 @@ def sample(model: Input[Model], seed: int, n_patients_per_seed: int, batch_size:
         temperature: Softmax temperature; 1.0 samples the model's own distribution.
         condition: Label conditioning: "" = the model samples the label row, "label_probs" = label rows drawn
             from the training label mix, or a JSON object such as {"gender": "F"} = only matching label rows.
-        device: "auto" (cuda when the pod has a GPU, else cpu), "cpu" or "cuda". The random streams differ by
+        device: "auto" (cuda when the pod has a GPU, else cpu; an error when the pod was given a GPU that torch
+            cannot use), "cpu" or "cuda". The random streams differ by
             device: use "cpu" for shards that reproduce bit for bit on any machine.
         shard: Shard tables directory (binned columns; continuous values and times still null).
 
     Returns:
         Number of patients in the shard.
     """
-    import torch
-
     from synthehr_core.model.config import SampleConfig, parse_condition
     from synthehr_core.model.sampling import sample_to_dir
+    from synthehr_core.model.train import pick_device
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = pick_device(device).type   # "auto": the GPU; refuses a CPU fallback on a pod that was given one
     config = SampleConfig(seed=seed, n_patients=n_patients_per_seed, batch_size=batch_size, temperature=temperature,
                           condition=parse_condition(condition))
     meta = sample_to_dir(model.path, shard.path, config, device=dev, overwrite=True)

@@ -8,7 +8,8 @@ from components._images import TRAIN_IMAGE
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, preset: str, epochs: int,
           batch_size: int, lr: float, seed: int, dp_target_epsilon: float, model: Output[Model],
-          metrics: Output[Metrics], loss_curve: Output[HTML]):
+          metrics: Output[Metrics], loss_curve: Output[HTML], precision: str = "fp32", dp_delta: float = 0.0,
+          min_code_count: int = 0):
     """Train the generative model; ConSequence enforces the mined rules, HALO ignores them.
 
     Args:
@@ -21,6 +22,9 @@ def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, pre
         lr: Adam learning rate.
         seed: Model init and data order.
         dp_target_epsilon: DP-SGD privacy budget epsilon; 0 = no differential privacy.
+        precision: "fp32" (exact), "bf16" or "fp16" (CUDA) autocast for the big matmuls.
+        dp_delta: DP-SGD delta; 0 = automatic, min(1e-5, 1 / (10 n_train)).
+        min_code_count: Drop clinical codes of fewer training patients from the vocabulary; 0 = keep all.
         model: Checkpoint directory (model.pt, config.json, vocab.json, history.parquet, label_probs.parquet,
             token_groups.json).
         metrics: Losses, steps and timing.
@@ -33,7 +37,8 @@ def train(tables: Input[Dataset], ruleset: Input[Artifact], model_type: str, pre
 
     config = TrainConfig.from_dict({"model_type": model_type, "preset": preset, "epochs": epochs,
                                     "batch_size": batch_size, "lr": lr, "seed": seed,
-                                    "dp_target_epsilon": dp_target_epsilon})
+                                    "dp_target_epsilon": dp_target_epsilon, "precision": precision,
+                                    "dp_delta": dp_delta or None, "min_code_count": min_code_count})
     info = train_to_dir(tables.path, model.path, config, progress=False,
                         rules_dir=ruleset.path if model_type == "consequence" else None)
     model.metadata.update({k: info.get(k) for k in ("model_type", "preset", "seed", "config_hash", "steps",

@@ -1,23 +1,33 @@
 """The one synthehr DAG. A dataset is only a config passed in: ``build_pipeline()`` is the generic pipeline
-(``dataset_config`` and ``raw_uri`` are run parameters), ``build_pipeline("mimic3")`` the same DAG with a bundled
-config's defaults. The bundled pipelines are derived from ``synthehr_core/configs/*.yml``: no list to keep.
+(``dataset_config`` and ``raw_uri`` are required run parameters), ``build_pipeline("mimic3")`` the same DAG with a
+bundled config's defaults (``raw_uri`` stays required: no placeholder bucket). The bundled pipelines are derived
+from ``synthehr_core/configs/*.yml``: no list to keep.
 
     exit handler (notify records the final status)
-    └─ importer(raw_uri) → check → preprocess ─┬─ rules ───────────────┐
-                                       ├─ train (GPU) ─────────┤
-                                       └─ kde-grids ───────────┤
-       ParallelFor(sample_seeds): sample (GPU, retried) → kde-sample
+    └─ check-options (the run form, seconds; returns the shard seeds)
+       → importer(raw_uri) → check → preprocess ─┬─ rules ───────────────┐
+                                                 ├─ train (GPU) ─────────┤
+                                                 └─ kde-grids ───────────┤
+       ParallelFor(seeds): sample (GPU, retried) → kde-sample
        → merge(Collected shards, seed order) → evaluate(real, cohort, rules)
 
 Rules are always mined: ConSequence trains with them and evaluation counts rule violations for HALO too.
 Defaults are sized for a cluster; ``LOCAL_OVERRIDES`` are what ``synthehr run --local`` uses instead, so that
 a whole MIMIC-III demo runs on a laptop CPU in a few minutes.
+
+Where tasks get their cluster settings: ``_on_cluster`` (pull secret, timeout, object-store secret, and for the
+GPU tasks node selector and tolerations), called once per task; per-task resources sit next to each task.
+The pod settings that kfp-kubernetes 2.17.3 accepts as pipeline parameters are run parameters (node selector,
+tolerations, secret names); the ones it accepts only as constants (``set_timeout``) are ``TASK_TIMEOUTS`` here.
 """
+import copy
 import inspect
+from pathlib import Path
 
 from kfp import dsl, kubernetes
 
-from components.check import check
+from components import _images
+from components.check import check, check_options
 from components.evaluate import evaluate
 from components.kde_grids import kde_grids
 from components.kde_sample import kde_sample
@@ -35,45 +45,80 @@ SAMPLE_MEMORY_LIMIT = "16G"          # arbitrary; tune
 SAMPLE_RETRIES = 2                   # a preempted GPU node should not fail the whole run
 SHM_SIZE = "8Gi"                     # /dev/shm for torch DataLoader workers
 
+# Pod deadline per task (Kubernetes activeDeadlineSeconds), in seconds. kfp.kubernetes.set_timeout takes only a
+# constant, so these are compile-time settings: build_pipeline(timeouts=...), `synthehr submit --task-timeout
+# train=86400` (submit compiles afresh), or edit here and recompile. All arbitrary; generous.
+TASK_TIMEOUTS = {
+    "check-options": 10 * 60, "check": 60 * 60, "preprocess": 6 * 3600, "rules": 4 * 3600,
+    "train": 72 * 3600, "kde-grids": 4 * 3600, "sample": 24 * 3600, "kde-sample": 4 * 3600,
+    "merge": 2 * 3600, "evaluate": 12 * 3600, "notify": 10 * 60,
+}
+# Keys of the object-store secret, each exposed under the same env var name when present (optional: a missing
+# secret or key is skipped). S3 / MinIO keys are read by boto3; GOOGLE_APPLICATION_CREDENTIALS names a key file,
+# which the same secret provides under OBJECT_STORE_MOUNT (docs/deploy.md, "Object-store credentials").
+OBJECT_STORE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS")
+OBJECT_STORE_MOUNT = "/var/run/secrets/synthehr/object-store"
+# Defaults that work on a vanilla cluster: no node selector; a toleration of the usual GPU taint (harmless where
+# no node has it); secret names that need not exist (a missing pull secret is skipped with a warning event, a
+# missing object-store secret leaves the pods on their own identity: workload identity, IRSA, node role).
+GPU_NODE_SELECTOR: dict = {}
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+IMAGE_PULL_SECRET = "synthehr-registry"
+OBJECT_STORE_SECRET = "synthehr-object-store"
+
 # What `synthehr run --local` passes unless `-p` says otherwise: a tiny model, a few epochs, two small shards
 # (`make demo` on the bundled 100-patient MIMIC-III demo). lr 3e-3, measured on the demo over 10 epochs: val
 # loss 0.0027 (1e-2: 0.0031, 1e-3: 0.0033). An undertrained model samples hundreds of codes per visit, and
 # sampling time grows with the codes drawn, so a too-small lr also makes the demo slower.
 LOCAL_OVERRIDES = {
-    "preset": "tiny", "epochs": 10, "batch_size": 16, "lr": 3e-3, "sample_seeds": [0, 1],
+    "preset": "tiny", "epochs": 10, "train_batch_size": 16, "lr": 3e-3, "n_shards": 2, "first_seed": 0,
     "n_patients_per_seed": 50, "sample_batch_size": 64, "sample_device": "cpu",
-    "rules_label_min_prevalence": 5, "rules_pair_min_prevalence": 3, "rules_persistence_min_prevalence": 3,
-    "rules_prerequisite_min_prevalence": 3,
+    "rules_label_min_count": 5, "rules_pair_min_count": 3, "rules_persistence_min_count": 3,
+    "rules_prerequisite_min_count": 3,
+    "release_gate": False,   # the 100-patient demo is all small cells: report the decision, do not fail the run
 }
 
 _DOC = """Synthetic {dataset} cohort: preprocess → rules → train → KDE grids → sample per seed → KDE values → merge → evaluate.
 
 Args:
-    raw_uri: Raw {dataset} extract directory (gs://, s3:// or minio:// on a cluster; a local path for local runs).
+    raw_uri: Raw {dataset} extract directory (gs://, s3:// or minio:// on a cluster; a local path for local runs). Required.
     dataset_config: Bundled dataset config name or a YAML path/URI readable in the pods (gs://, s3://, a mount).
     split_seed: Seed of the patient-level train/val/test split; -1 = the dataset config's split.seed.
-    model_type: "halo" or "consequence" (rule-enforcing); validated by the train stage.
+    kde_config: KDE config (bundled file name or YAML path) for continuous values and times; "" = the dataset config's kde:.
+    model_type: "halo" or "consequence" (rule-enforcing); checked by the first task.
     preset: Model size: "tiny" (CPU, seconds), "small" or "paper" (HALO paper size).
     epochs: Training passes over the train split; early stopping on val may end sooner.
-    batch_size: Patients per training step.
+    train_batch_size: Patients per training step.
     lr: Adam learning rate.
     train_seed: Model init and data order seed.
+    precision: Training matmul precision: "fp32" (exact), "bf16" (Ampere or newer GPUs) or "fp16" (CUDA, loss scaling).
     dp_target_epsilon: DP-SGD privacy budget epsilon for training; 0 = no differential privacy.
-    rules_label_min_prevalence: Visits with a code before a label rule is mined.
-    rules_pair_min_prevalence: Visits with a code pair before a pair rule is mined.
-    rules_persistence_min_prevalence: Patients with a code before a persistence rule is mined.
-    rules_prerequisite_min_prevalence: Patients with a code before a prerequisite rule is mined.
+    dp_delta: DP-SGD delta; 0 = automatic, min(1e-5, 1 / (10 x training patients)).
+    min_code_count: Drop clinical codes held by fewer training patients (a release safeguard); 0 = keep all.
+    rules_label_min_count: Visits with a code before a label rule is mined.
+    rules_pair_min_count: Visits with a code pair before a pair rule is mined.
+    rules_persistence_min_count: Patients with a code before a persistence rule is mined.
+    rules_prerequisite_min_count: Patients with a code before a prerequisite rule is mined.
     rules_min_confidence: Fraction of cases a rule must hold in (1.0 = exceptionless).
-    kde_config: KDE config (bundled file name or YAML path) for continuous values and times; "" = the dataset config's kde:.
-    sample_seeds: One shard per seed; at most {parallel} shards are sampled at once.
-    n_patients_per_seed: Synthetic patients per shard (cohort size = this x number of seeds, minus empty ones).
+    n_shards: Sampled shards (one GPU task each, at most {parallel} at once); shard i has seed first_seed + i.
+    first_seed: Seed of the first shard.
+    n_patients_per_seed: Synthetic patients per shard (cohort size = this x n_shards, minus empty ones).
     sample_batch_size: Patients sampled together in one shard.
     temperature: Sampling temperature; 1.0 samples the model's own distribution.
-    sample_device: "auto" (GPU when present), "cpu" (bit-reproducible on any machine) or "cuda".
+    sample_device: "auto" (the GPU when the pod has one; refuses a CPU fallback on a GPU pod), "cpu" (bit-reproducible on any machine) or "cuda".
 {condition_doc}    eval_seed: Seed of the evaluation's subsampling.
+    eval_policy: Release policy YAML (path/URI readable in the pods); "" = the bundled release_policy.yml.
+    release_gate: True = the evaluate task fails when the decision is "do not release".
+    gpu_node_selector: Node labels the train and sample pods require, e.g. {{"cloud.google.com/gke-accelerator": "nvidia-l4"}}; {{}} = any node with a GPU.
+    gpu_tolerations: Tolerations of the train and sample pods (a JSON list); the default tolerates the usual nvidia.com/gpu taint.
+    image_pull_secret: Image pull secret of every pod; a name that does not exist is skipped (public registry, or the service account's own pull secrets).
+    object_store_secret: Secret with object-store credentials (AWS_* keys, or a GCS key file) for the pods' own reads; a name that does not exist = the pods' identity (workload identity, IRSA).
 """
-_CONDITION_DOC = ('    condition: Label conditioning: "label_probs" = the training label mix, or a JSON object such as\n'
-                  '        {"gender": "F"} = only patients with those labels.\n')
+_CONDITION_DOC = ('    condition: Label conditioning: "" = labels sampled by the model (docs/privacy.md: the released\n'
+                  '        label mix holds rare vectors exactly), "label_probs" = the training label mix, or a JSON object such\n'
+                  '        as {"gender": "F"} = only patients with those labels.\n')
+_REQUIRED = object()    # a parameter default meaning "no default: required in the run form"
 
 
 def bundled_datasets() -> list[str]:
@@ -84,100 +129,178 @@ def bundled_datasets() -> list[str]:
 
 
 def dataset_defaults(dataset: str | None) -> dict:
-    """Parameter defaults: from a bundled dataset config, or placeholders for the generic pipeline (None)."""
+    """Parameter defaults of a bundled dataset config; for the generic pipeline (None) ``dataset_config`` is
+    required too. ``raw_uri`` is required in both: a placeholder bucket would only fail later, in the pod."""
     from synthehr_core.data.config import load_config
 
     if dataset is None:
-        return {"raw_uri": "gs://CHANGE-ME/raw-extract", "dataset_config": "gs://CHANGE-ME/dataset.yml",
-                "split_seed": -1, "kde_config": ""}
+        return {"dataset_config": _REQUIRED, "split_seed": -1, "kde_config": ""}
     if dataset not in bundled_datasets():
         raise ValueError(f"dataset {dataset!r} is not a bundled config (synthehr_core/configs/*.yml: "
                          f"{bundled_datasets()}); choose one of those, or run the generic pipeline with your config: "
                          "synthehr run --local --config PATH / synthehr submit --config URI.")
     cfg = load_config(dataset)
-    return {"raw_uri": cfg.profiles["kubeflow"].raw if "kubeflow" in cfg.profiles else "gs://CHANGE-ME/raw-extract",
-            "dataset_config": dataset, "split_seed": cfg.split.seed, "kde_config": cfg.kde or ""}
+    return {"dataset_config": dataset, "split_seed": cfg.split.seed, "kde_config": cfg.kde or ""}
 
 
 def pipeline_name(dataset: str | None, conditional: bool = False) -> str:
     return (GENERIC if dataset is None else f"synthehr-{dataset}") + ("-conditional" if conditional else "")
 
 
-def build_pipeline(dataset: str | None = None, conditional: bool = False):
-    """The ``@dsl.pipeline`` function: generic (``None``) or with a bundled ``dataset``'s defaults;
-    ``conditional`` adds a label ``condition`` parameter."""
-    d = dataset_defaults(dataset)
+# The image each task runs (its component's stage; the checks share preprocess's, notify merge's light image).
+IMAGE_OF_TASK = {"check-options": "preprocess", "check": "preprocess", "notify": "merge"}
 
-    def synthehr(raw_uri: str = d["raw_uri"], dataset_config: str = d["dataset_config"],
-                 split_seed: int = d["split_seed"],
+
+def _on_cluster(task, name: str, cluster: dict, gpu: bool = False, object_store: bool = True):
+    """The cluster settings of one task: its image reference (``images``, pinned by digest when compiled from a
+    build record), pull secret, timeout, object-store credentials (optional secret as env vars and as files),
+    and for a GPU task the run's node selector and tolerations."""
+    image = cluster["images"][IMAGE_OF_TASK.get(name, name)]
+    task.set_container_image(image)
+    if gpu:
+        task.set_env_variable("SYNTHEHR_IMAGE", image)    # named by pick_device's error on a CPU-only torch
+    kubernetes.set_image_pull_secrets(task, [cluster["image_pull_secret"]])
+    kubernetes.set_timeout(task, cluster["timeouts"][name])
+    if object_store:
+        kubernetes.use_secret_as_env(task, cluster["object_store_secret"], {k: k for k in OBJECT_STORE_ENV},
+                                     optional=True)
+        kubernetes.use_secret_as_volume(task, cluster["object_store_secret"], OBJECT_STORE_MOUNT, optional=True)
+    if gpu:
+        kubernetes.add_node_selector_json(task, cluster["gpu_node_selector"])
+        kubernetes.add_toleration_json(task, cluster["gpu_tolerations"])
+    return task
+
+
+def task_timeouts(overrides: dict | None = None) -> dict[str, int]:
+    """TASK_TIMEOUTS with ``overrides`` ({task: seconds}) applied; unknown tasks and non-positive values refused."""
+    overrides = dict(overrides or {})
+    bad = [f"{k}={v!r}" for k, v in overrides.items()
+           if k not in TASK_TIMEOUTS or not isinstance(v, int) or isinstance(v, bool) or v <= 0]
+    if bad:
+        raise ValueError(f"task timeouts {bad}: give TASK=SECONDS with an integer > 0 for tasks of "
+                         f"{sorted(TASK_TIMEOUTS)}.")
+    return {**TASK_TIMEOUTS, **overrides}
+
+
+def build_pipeline(dataset: str | None = None, conditional: bool = False, images: dict | None = None,
+                   timeouts: dict | None = None):
+    """The ``@dsl.pipeline`` function: generic (``None``) or with a bundled ``dataset``'s defaults;
+    ``conditional`` adds a label ``condition`` parameter; ``images`` ({stage: reference}, default
+    ``_images.refs()``: the release tags, or a build record's digests) are the images the tasks run;
+    ``timeouts`` ({task: seconds}) override TASK_TIMEOUTS."""
+    d = dataset_defaults(dataset)
+    images = images or _images.refs()
+    deadlines = task_timeouts(timeouts)
+
+    # Signature order = the docstring's and the YAML header's. (The KFP UI lists parameters alphabetically.)
+    def synthehr(raw_uri: str, dataset_config: str = d["dataset_config"], split_seed: int = d["split_seed"],
+                 kde_config: str = d["kde_config"],
                  model_type: str = "halo",                 # HALO paper
                  preset: str = "small",                    # arbitrary; "paper" for the HALO paper size
                  epochs: int = 50,                         # train_to_dir default
-                 batch_size: int = 48,                     # train_to_dir default
+                 train_batch_size: int = 48,               # HI:train_model.py
                  lr: float = 1e-4,                         # HI:config.py lr
                  train_seed: int = 0,
+                 precision: str = "fp32",                  # exact; bf16 is the fast choice on Ampere+ GPUs
                  dp_target_epsilon: float = 0.0,           # 0 = no differential privacy
-                 rules_label_min_prevalence: int = 500,    # KI:utils/find_rules.py
-                 rules_pair_min_prevalence: int = 10,      # KI:utils/find_rules.py
-                 rules_persistence_min_prevalence: int = 10,   # KI:utils/find_rules.py
-                 rules_prerequisite_min_prevalence: int = 10,  # KI:utils/find_rules.py
+                 dp_delta: float = 0.0,                    # 0 = automatic (dp.py)
+                 min_code_count: int = 0,                  # 0 = keep all codes (dp.py)
+                 rules_label_min_count: int = 500,         # KI:utils/find_rules.py
+                 rules_pair_min_count: int = 10,           # KI:utils/find_rules.py
+                 rules_persistence_min_count: int = 10,    # KI:utils/find_rules.py
+                 rules_prerequisite_min_count: int = 10,   # KI:utils/find_rules.py
                  rules_min_confidence: float = 1.0,        # KI mines exceptionless rules only
-                 kde_config: str = d["kde_config"],
-                 sample_seeds: list[int] = [0, 1, 2, 3],  # noqa: B006 (KFP reads the default); arbitrary
+                 n_shards: int = 4,                        # arbitrary; tune
+                 first_seed: int = 0,
                  n_patients_per_seed: int = 1000,          # arbitrary; tune
                  sample_batch_size: int = 256,             # sample_to_dir default
                  temperature: float = 1.0,                 # the model's own distribution
                  sample_device: str = "auto",
-                 condition: str = "label_probs",           # only a parameter of the conditional variant
-                 eval_seed: int = 0):
+                 eval_seed: int = 0,
+                 eval_policy: str = "",                    # "" = the bundled release_policy.yml
+                 release_gate: bool = True,                # evaluate fails on "do not release"
+                 gpu_node_selector: dict = copy.deepcopy(GPU_NODE_SELECTOR),   # copies: KFP edits defaults
+                 gpu_tolerations: list = copy.deepcopy(GPU_TOLERATIONS),
+                 image_pull_secret: str = IMAGE_PULL_SECRET,
+                 object_store_secret: str = OBJECT_STORE_SECRET,
+                 condition: str = ""):   # docs/privacy.md. Last: the plain variant drops it (KFP passes by position)
+        cluster = {"gpu_node_selector": gpu_node_selector, "gpu_tolerations": gpu_tolerations,
+                   "image_pull_secret": image_pull_secret, "object_store_secret": object_store_secret,
+                   "images": images, "timeouts": deadlines}
+        condition = condition if conditional else ""
         exit_task = notify()
+        _on_cluster(exit_task, "notify", cluster, object_store=False)
         with dsl.ExitHandler(exit_task, name="synthehr"):
+            options = check_options(
+                model_type=model_type, preset=preset, epochs=epochs, train_batch_size=train_batch_size, lr=lr,
+                train_seed=train_seed, precision=precision, dp_target_epsilon=dp_target_epsilon, dp_delta=dp_delta,
+                min_code_count=min_code_count, rules_min_confidence=rules_min_confidence, n_shards=n_shards,
+                first_seed=first_seed, n_patients_per_seed=n_patients_per_seed, sample_batch_size=sample_batch_size,
+                temperature=temperature, sample_device=sample_device, condition=condition, eval_seed=eval_seed,
+                gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations,
+                image_pull_secret=image_pull_secret, object_store_secret=object_store_secret)
+            options.set_caching_options(False)
+            _on_cluster(options, "check-options", cluster, object_store=False)
+
             raw = dsl.importer(artifact_uri=raw_uri, artifact_class=dsl.Dataset, reimport=False)
             raw.set_display_name("raw-extract")
             checked = check(raw=raw.output, dataset_config=dataset_config, kde_config=kde_config)
-            checked.set_caching_options(False)
+            checked.set_caching_options(False).after(options)
+            _on_cluster(checked, "check", cluster)
             prep = preprocess(raw=raw.output, dataset_config=dataset_config, split_seed=split_seed)
             prep.set_caching_options(True).set_memory_limit("16G").after(checked)
+            _on_cluster(prep, "preprocess", cluster)
             tables = prep.outputs["tables"]
 
-            mined = rules(tables=tables, label_min_prevalence=rules_label_min_prevalence,
-                          pair_min_prevalence=rules_pair_min_prevalence,
-                          persistence_min_prevalence=rules_persistence_min_prevalence,
-                          prerequisite_min_prevalence=rules_prerequisite_min_prevalence,
+            mined = rules(tables=tables, label_min_prevalence=rules_label_min_count,
+                          pair_min_prevalence=rules_pair_min_count,
+                          persistence_min_prevalence=rules_persistence_min_count,
+                          prerequisite_min_prevalence=rules_prerequisite_min_count,
                           min_confidence=rules_min_confidence)
             mined.set_caching_options(True)
+            _on_cluster(mined, "rules", cluster)
 
             fit = train(tables=tables, ruleset=mined.outputs["ruleset"], model_type=model_type, preset=preset,
-                        epochs=epochs, batch_size=batch_size, lr=lr, seed=train_seed,
-                        dp_target_epsilon=dp_target_epsilon)
+                        epochs=epochs, batch_size=train_batch_size, lr=lr, seed=train_seed,
+                        dp_target_epsilon=dp_target_epsilon, precision=precision, dp_delta=dp_delta,
+                        min_code_count=min_code_count)
             fit.set_caching_options(False).set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
             fit.set_cpu_request("4").set_memory_request("8G").set_memory_limit(TRAIN_MEMORY_LIMIT)
             kubernetes.empty_dir_mount(fit, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                        size_limit=SHM_SIZE)
+            _on_cluster(fit, "train", cluster, gpu=True)
 
             grids = kde_grids(tables=tables, kde_config=checked.output)   # the dataset config's kde: unless given
             grids.set_caching_options(True)
+            _on_cluster(grids, "kde-grids", cluster)
 
-            with dsl.ParallelFor(sample_seeds, parallelism=MAX_PARALLEL_SHARDS, name="sample-shards") as seed:
+            with dsl.ParallelFor(options.output, parallelism=MAX_PARALLEL_SHARDS, name="sample-shards") as seed:
                 shard = sample(model=fit.outputs["model"], seed=seed, n_patients_per_seed=n_patients_per_seed,
-                               batch_size=sample_batch_size, temperature=temperature,
-                               condition=condition if conditional else "", device=sample_device)
+                               batch_size=sample_batch_size, temperature=temperature, condition=condition,
+                               device=sample_device)
                 shard.set_caching_options(False).set_retry(SAMPLE_RETRIES, backoff_duration="30s")
                 shard.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
                 shard.set_memory_request("4G").set_memory_limit(SAMPLE_MEMORY_LIMIT)
+                _on_cluster(shard, "sample", cluster, gpu=True)
                 restored = kde_sample(shard=shard.outputs["shard"], grids=grids.outputs["grids"], seed=seed)
                 restored.set_caching_options(False)
+                _on_cluster(restored, "kde-sample", cluster)
 
             merged = merge(shards=dsl.Collected(restored.outputs["restored"]))
             merged.set_caching_options(False)
+            _on_cluster(merged, "merge", cluster)
             evaluation = evaluate(real=tables, cohort=merged.outputs["cohort"], ruleset=mined.outputs["ruleset"],
-                                  seed=eval_seed)
+                                  model=fit.outputs["model"], seed=eval_seed, dataset_config=dataset_config,
+                                  policy=eval_policy, release_gate=release_gate,
+                                  run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
             evaluation.set_caching_options(False).set_memory_limit("16G")
+            _on_cluster(evaluation, "evaluate", cluster)
         # No pipeline outputs: KFP only returns outputs from the top level, not from inside an ExitHandler.
 
     sig = inspect.signature(synthehr)
-    if not conditional:   # the plain variant samples labels from the model: no condition parameter at all
-        synthehr.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "condition"])
+    params = [p.replace(default=inspect.Parameter.empty) if p.default is _REQUIRED else p
+              for n, p in sig.parameters.items() if conditional or n != "condition"]
+    synthehr.__signature__ = sig.replace(parameters=params)   # no `condition` in the plain variant
     synthehr.__doc__ = _DOC.format(dataset=dataset or "EHR", parallel=MAX_PARALLEL_SHARDS,
                                    condition_doc=_CONDITION_DOC if conditional else "")
     synthehr.__name__ = synthehr.__qualname__ = pipeline_name(dataset, conditional).replace("-", "_")
@@ -185,10 +308,33 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False):
                         description=synthehr.__doc__.splitlines()[0])(synthehr)
 
 
-def all_pipelines() -> dict:
+def compile_to(fn, path) -> None:
+    """Compile one pipeline to ``path``: the KFP compiler, then its "# Inputs:" comment with list/dict defaults
+    printed with sorted keys (the compiler prints them in protobuf map order, which changes with the process's
+    hash seed, so the committed YAML would differ between two compiles of the same code)."""
+    import ast
+    import re
+
+    from kfp import compiler
+
+    def canonical(value):
+        if isinstance(value, dict):
+            return {k: canonical(value[k]) for k in sorted(value)}
+        return [canonical(v) for v in value] if isinstance(value, list) else value
+
+    compiler.Compiler().compile(fn, str(path))
+    text = Path(path).read_text()
+    head, sep, body = text.partition("\ncomponents:\n")
+    head = re.sub(r"(?m)^(#    \w+: (?:list|dict) \[Default: )(.*)\]$",
+                  lambda m: m.group(1) + repr(canonical(ast.literal_eval(m.group(2)))) + "]", head)
+    Path(path).write_text(head + sep + body)
+
+
+def all_pipelines(images: dict | None = None, timeouts: dict | None = None) -> dict:
     """``{file stem: pipeline function}`` for every committed pipeline (compile and the IR tests use this): the
     generic one, one per bundled config, and MIMIC-III's label-conditioned variant."""
-    out = {GENERIC: build_pipeline(None)}
-    out.update({dataset: build_pipeline(dataset) for dataset in bundled_datasets()})
-    out["mimic3_conditional"] = build_pipeline("mimic3", conditional=True)
+    kw = {"images": images, "timeouts": timeouts}
+    out = {GENERIC: build_pipeline(None, **kw)}
+    out.update({dataset: build_pipeline(dataset, **kw) for dataset in bundled_datasets()})
+    out["mimic3_conditional"] = build_pipeline("mimic3", conditional=True, **kw)
     return out

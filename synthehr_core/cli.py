@@ -6,14 +6,69 @@ kfp lazily, so the stage commands work in an image or on a cluster node that has
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
+
+
+class _Synthehr(TyperGroup):
+    """The one place where errors become exit statuses (contract: ``synthehr_core/errors.py``): an expected error
+    prints one line, ``error: ...``, to stderr and exits 2 (usage) or 1 (input, config, environment);
+    ``--debug`` / ``SYNTHEHR_DEBUG=1`` re-raises it with its traceback; anything else is a bug and keeps its
+    traceback."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        """The global options' usage errors (``--log-level LOUD``) as one line too; help is left alone."""
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except typer.TyperException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError" or not hasattr(exc, "format_message") or \
+                    "--debug" in args or os.environ.get("SYNTHEHR_DEBUG", "") not in ("", "0"):
+                raise
+            from .errors import one_line
+
+            _fail(getattr(exc, "exit_code", 2), f"{info_name}: {one_line(exc.format_message())} "
+                                                f"(see {info_name} --help)")
+
+    def invoke(self, ctx: typer.Context):
+        from .errors import describe, one_line
+
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
+        except typer.TyperException as exc:  # click's: a subcommand's options checked at parse time, BadParameter
+            if _debug(ctx) or not hasattr(exc, "format_message"):
+                raise
+            sub = getattr(exc, "ctx", None)
+            where = sub.command_path if sub is not None else ctx.command_path
+            hint = f" (see {where} --help)" if getattr(exc, "exit_code", 1) == 2 else ""
+            _fail(getattr(exc, "exit_code", 1), f"{where}: {one_line(exc.format_message())}{hint}")
+        except Exception as exc:
+            found = describe(exc)
+            if found is None or _debug(ctx):
+                raise
+            _fail(*found)
+
+
+def _debug(ctx: typer.Context) -> bool:
+    return bool(ctx.params.get("debug")) or os.environ.get("SYNTHEHR_DEBUG", "") not in ("", "0")
+
+
+def _fail(code: int, message: str):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code) from None
+
 
 app = typer.Typer(
     name="synthehr",
+    cls=_Synthehr,
     no_args_is_help=True,
     add_completion=False,
     help="""Synthetic EHR cohorts as a Kubeflow pipeline: raw extract -> tables -> HALO/ConSequence ->
@@ -57,6 +112,79 @@ Slurm array over seeds, then one merge job (sample.sh):
 )
 
 DEFAULT_COMPILED = Path("pipelines/compiled")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SEED_MAX = 2**63 - 1     # seeds are int64 (numpy SeedSequence takes more; torch.manual_seed does not)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test runner swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def configure_logging(level: str) -> None:
+    """The ``synthehr_core`` loggers at ``level`` to stderr, one handler however often this is called."""
+    logger = logging.getLogger("synthehr_core")
+    for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", envvar="SYNTHEHR_DEBUG",
+                               help="show the traceback of an error [env SYNTHEHR_DEBUG=1]"),
+    log_level: str = typer.Option("INFO", "--log-level", callback=lambda v: _log_level(v),
+                                  help=f"log lines of the stages shown on stderr: {', '.join(LOG_LEVELS)}"),
+):
+    """Global options (before the command: synthehr --debug preprocess ...)."""
+    configure_logging(log_level)
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r:.40} is not a log level; use one of {', '.join(LOG_LEVELS)}.")
+    return value.upper()
+
+
+def _positive(value: float) -> float:
+    import math
+
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value!r} must be a finite number > 0.")
+    return value
+
+
+def seed_option(default, help: str):  # noqa: A002
+    """A seed: an int in [0, 2**63), checked when the command line is parsed."""
+    return typer.Option(default, min=0, max=SEED_MAX, help=help)
+
+
+def _condition(value: str) -> str:
+    """``--condition``: "", "label_probs" or a JSON object, checked when the command line is parsed."""
+    text = value.strip()
+    if text in ("", "label_probs"):
+        return value
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        from .errors import show
+
+        raise typer.BadParameter(f"{show(text)} is not valid JSON ({exc.msg} at character {exc.pos}); write it "
+                                 "like '{\"gender\": \"F\"}' (double quotes), or pass \"\" or label_probs.") from None
+    if not isinstance(parsed, dict) or not parsed or not all(isinstance(k, str) for k in parsed):
+        raise typer.BadParameter(f"{value!r:.80} must be a non-empty JSON object {{variable: value}}, "
+                                 "\"\" or label_probs.")
+    return value
 LOCAL_WARNING = r".*(non-Python base image|have no effect in the current local runner).*"
 
 
@@ -87,13 +215,14 @@ def _kfp_imports():
     return builder
 
 
-def parse_params(pairs: list[str], defaults: dict | None = None) -> dict:
-    """``["epochs=3", "sample_seeds=[0,1]", "model_type=halo"]`` -> typed dict (JSON values, else strings)."""
+def parse_params(pairs: list[str], defaults: dict | None = None, option: str = "-p",
+                 example: str = "-p epochs=3 or -p n_shards=2") -> dict:
+    """``["epochs=3", "n_shards=2", "model_type=halo"]`` -> typed dict (JSON values, else strings)."""
     out = dict(defaults or {})
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"-p {pair!r}: expected key=value, e.g. -p epochs=3 or -p sample_seeds=[0,1].")
+            raise typer.BadParameter(f"{option} {pair!r}: expected key=value, e.g. {example}.")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -111,7 +240,7 @@ def pipeline_args(fn, pairs: list[str], defaults: dict | None = None) -> dict:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            problems.append(f"-p {pair!r}: expected key=value, e.g. -p epochs=3 or -p sample_seeds=[0,1].")
+            problems.append(f"-p {pair!r}: expected key=value, e.g. -p epochs=3 or -p n_shards=2.")
         elif key not in inputs:
             problems.append(f"-p {key}: unknown pipeline parameter; this pipeline has {sorted(inputs)}.")
         elif inputs[key].type == "String":
@@ -133,16 +262,37 @@ def pipeline_args(fn, pairs: list[str], defaults: dict | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- pipelines
+def _image_record(images: str | None) -> str | None:
+    """The build record to pin images from: --images PATH, "none" = the release tags, default
+    $SYNTHEHR_IMAGES_LOCK or build/images.json when it exists."""
+    import os
+
+    if images == "none":
+        return None
+    path = images or os.environ.get("SYNTHEHR_IMAGES_LOCK") or ("build/images.json" if Path("build/images.json").exists()
+                                                                else None)
+    if path is not None and not Path(path).exists():
+        raise typer.BadParameter(f"--images {path}: no such build record; run `make images` (or make images-push), "
+                                 "or pass --images none to use the release tags.")
+    return path
+
+
 @app.command("compile")
-def compile_cmd(out: Path = typer.Option(DEFAULT_COMPILED, "--out", help="folder for the YAML files")):  # noqa: B008
+def compile_cmd(out: Path = typer.Option(DEFAULT_COMPILED, "--out", help="folder for the YAML files"),  # noqa: B008
+                images: str | None = typer.Option(None, help="build record (build/images.json) to pin image@sha256 "
+                                                  "from; default: none, the release tags of the committed YAML"),
+                task_timeout: list[str] = typer.Option([], "--task-timeout",  # noqa: B008
+                                                       help="TASK=SECONDS pod deadline (repeatable)")):
     """Compile every pipeline (the generic synthehr.yaml, one per bundled config, mimic3_conditional) to OUT/<name>.yaml."""
     builder = _kfp_imports()
-    from kfp import compiler
+    from components import _images
 
+    refs = _images.refs(images) if images else None
+    timeouts = _task_timeouts(builder, task_timeout)
     out.mkdir(parents=True, exist_ok=True)
-    for name, fn in builder.all_pipelines().items():
+    for name, fn in builder.all_pipelines(images=refs, timeouts=timeouts).items():
         path = out / f"{name}.yaml"
-        compiler.Compiler().compile(fn, str(path))
+        builder.compile_to(fn, path)
         typer.echo(f"wrote {path}")
 
 
@@ -273,35 +423,87 @@ def submit_cmd(
     experiment: str = typer.Option("synthehr", help="experiment the run goes into"),
     run_name: str | None = typer.Option(None, help="default: <pipeline>-<UTC timestamp>"),
     version: str | None = typer.Option(None, help="pipeline version name; default: package version + timestamp"),
-    package: Path | None = typer.Option(None, help="compiled YAML to upload; default: pipelines/compiled/<name>.yaml"),  # noqa: B008
+    images: str | None = typer.Option(None, help="build record to pin images from (default: $SYNTHEHR_IMAGES_LOCK "
+                                      "or build/images.json if present; 'none' = the release tags)"),
+    task_timeout: list[str] = typer.Option([], "--task-timeout",  # noqa: B008
+                                           help="TASK=SECONDS pod deadline for this run, e.g. train=259200 (repeatable)"),
+    wait: bool = typer.Option(False, "--wait", help="wait for the run; exit 0 only if it SUCCEEDED"),
+    timeout: int = typer.Option(7 * 24 * 3600, help="seconds --wait waits before giving up (exit 2)"),
+    package: Path | None = typer.Option(None, help="upload this compiled YAML instead of compiling afresh"),  # noqa: B008
 ):
-    """Upload the compiled pipeline (a new version of it) to a KFP cluster and start a run with -p overrides."""
+    """Compile the pipeline afresh (this checkout's code, SYNTHEHR_IMAGE_REGISTRY, the images of the build record
+    pinned by digest), upload it as a new version, start a run with -p overrides and print its URL."""
+    import tempfile
+
     builder = _kfp_imports()
     import kfp
 
+    from components import _images
+
     from . import __version__
 
+    if package is not None and not package.exists():
+        raise typer.BadParameter(f"--package {package} does not exist: run `synthehr compile` (or make compile) "
+                                 "first, or leave --package out to compile afresh.")
+    record = _image_record(images)
+    refs = _images.refs(record)
+    unpushed = sorted(stage for stage, ref in refs.items() if record and "@sha256:" not in ref)
+    if unpushed and package is None:
+        raise typer.BadParameter(f"build record {record}: {unpushed} were built but never pushed (no registry "
+                                 "digest), so the cluster cannot pull them; run `make images-push`, or pass "
+                                 "--images none to use the release tags.")
     fn, name, dataset_config = _pipeline_for(builder, dataset, config, conditional)
-    stem = builder.GENERIC if config is not None else (f"{dataset or 'mimic3'}_conditional" if conditional
-                                                       else dataset or "mimic3")
-    package = package or DEFAULT_COMPILED / f"{stem}.yaml"
-    if not package.exists():
-        raise typer.BadParameter(f"{package} does not exist: run `synthehr compile` (or make compile) first.")
+    timeouts = _task_timeouts(builder, task_timeout)
+    fn = (builder.build_pipeline(None, images=refs, timeouts=timeouts) if config is not None
+          else builder.build_pipeline(dataset or "mimic3", conditional=conditional, images=refs, timeouts=timeouts))
     args = pipeline_args(fn, params, _submit_defaults(config) if config is not None else None)
+    if "CHANGE-ME" in str(args.get("raw_uri", "CHANGE-ME")):
+        raise typer.BadParameter(f"raw_uri is required (got {args.get('raw_uri', 'none')!r}): pass -p "
+                                 "raw_uri=gs://BUCKET/path (or s3://, minio://) of the raw extract the pods read.")
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    client = kfp.Client(host=host, namespace=namespace, existing_token=token)
-    version = version or f"{__version__}-{stamp}"
-    pipeline_id = client.get_pipeline_id(name)
-    if pipeline_id is None:   # a new pipeline comes with its first version
-        pipeline_id = client.upload_pipeline(str(package), pipeline_name=name, namespace=namespace).pipeline_id
-        version_id = client.list_pipeline_versions(pipeline_id).pipeline_versions[0].pipeline_version_id
-    else:
-        version_id = client.upload_pipeline_version(str(package), pipeline_version_name=version,
-                                                    pipeline_id=pipeline_id).pipeline_version_id
+    with tempfile.TemporaryDirectory(prefix="synthehr-submit-") as tmp:
+        if package is None:
+            package = Path(tmp) / f"{name}.yaml"
+            builder.compile_to(fn, package)
+        client = kfp.Client(host=host, namespace=namespace, existing_token=token)
+        version = version or f"{__version__}-{stamp}"
+        pipeline_id = client.get_pipeline_id(name)
+        if pipeline_id is None:   # a new pipeline comes with its first version
+            pipeline_id = client.upload_pipeline(str(package), pipeline_name=name, namespace=namespace).pipeline_id
+            version_id = client.list_pipeline_versions(pipeline_id).pipeline_versions[0].pipeline_version_id
+        else:
+            version_id = client.upload_pipeline_version(str(package), pipeline_version_name=version,
+                                                        pipeline_id=pipeline_id).pipeline_version_id
     exp = client.create_experiment(experiment, namespace=namespace)
     run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=run_name or f"{name}-{stamp}",
                               params=args, pipeline_id=pipeline_id, version_id=version_id)
-    typer.echo(f"submitted run {run.run_id} of {name} (version {version_id}) to {host or 'in-cluster KFP'}")
+    typer.echo(f"submitted run {run.run_id} of {name} (version {version_id}) to {host or 'in-cluster KFP'}\n"
+               f"run: {client._get_url_prefix()}/#/runs/details/{run.run_id}")   # the link kfp itself prints
+    if not wait:
+        return
+    try:
+        done = client.wait_for_run_completion(run.run_id, timeout=timeout)
+    except TimeoutError:
+        typer.echo(f"run {run.run_id} still running after {timeout} s", err=True)
+        raise typer.Exit(2) from None
+    state = str(getattr(done, "state", None) or getattr(getattr(done, "run", None), "status", "UNKNOWN"))
+    typer.echo(f"run {run.run_id} finished: {state}")
+    if state.upper() != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+def _task_timeouts(builder, pairs: list[str]) -> dict[str, int]:
+    """``["train=86400"]`` -> {"train": 86400}, checked by the builder."""
+    out = {}
+    for pair in pairs:
+        task, sep, seconds = pair.partition("=")
+        if not sep or not seconds.strip().isdigit():
+            raise typer.BadParameter(f"--task-timeout {pair!r}: expected TASK=SECONDS, e.g. train=259200.")
+        out[task.strip()] = int(seconds)
+    try:
+        return builder.task_timeouts(out)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _submit_defaults(config: str) -> dict:
@@ -364,7 +566,7 @@ def preprocess(config: str = typer.Option(..., help=_bundled_help() + ", or a YA
                out: str = typer.Option(..., help="output tables directory (local or gs://)"),
                raw: str | None = typer.Option(None, help="raw extract directory; default: the profile's"),
                profile: str = typer.Option("local", help="config profile giving the raw location (local/hpc/kubeflow)"),
-               seed: int | None = typer.Option(None, help="split seed; default: the config's split.seed"),
+               seed: int | None = seed_option(None, "split seed; default: the config's split.seed"),
                overwrite: bool = False):
     """Raw extract -> canonical tables directory."""
     from .data.preprocess import preprocess as run
@@ -381,7 +583,7 @@ def rules(tables: str = typer.Option(..., help="tables directory from preprocess
     """Mine ConSequence rules from the train split."""
     from .rules.mining import mine_rules_to_dir
 
-    info = mine_rules_to_dir(tables, out, **parse_params(threshold))
+    info = mine_rules_to_dir(tables, out, **parse_params(threshold, option="-t", example="-t pair_min_prevalence=5"))
     _echo_json({k: info[k] for k in ("n_rules", "by_family", "n_patients")})
 
 
@@ -421,10 +623,13 @@ def kde_grids(tables: str = typer.Option(..., help="tables directory from prepro
 @app.command()
 def sample(model: str = typer.Option(..., help="checkpoint directory from train"),
            out: str = typer.Option(..., help="output shard directory"),
-           seed: int = typer.Option(..., help="shard seed (one shard per seed)"),
-           n_patients: int = typer.Option(1000, help="patients in this shard"),
-           batch_size: int = 256, temperature: float = 1.0,
-           condition: str = typer.Option("", help='"", "label_probs" or JSON like \'{"gender": "F"}\''),
+           seed: int = seed_option(..., "shard seed (one shard per seed)"),
+           n_patients: int = typer.Option(1000, min=1, help="patients in this shard"),
+           batch_size: int = typer.Option(256, min=1, help="patients sampled together"),
+           temperature: float = typer.Option(1.0, callback=lambda v: _positive(v),
+                                             help="> 0; 1.0 = the model's distribution"),
+           condition: str = typer.Option("", callback=_condition,
+                                         help='"", "label_probs" or JSON like \'{"gender": "F"}\''),
            device: str | None = typer.Option(None, help="cpu (default, reproducible) or cuda"),
            overwrite: bool = False):
     """Sample one cohort shard from a checkpoint."""
@@ -441,7 +646,7 @@ def sample(model: str = typer.Option(..., help="checkpoint directory from train"
 def kde_sample(shard: str = typer.Option(..., help="shard directory from sample"),
                grids: str = typer.Option(..., help="grids directory from kde-grids"),
                out: str = typer.Option(..., help="output shard directory"),
-               seed: int = typer.Option(..., help="RNG seed; use the shard's own seed"), overwrite: bool = False):
+               seed: int = seed_option(..., "RNG seed; use the shard's own seed"), overwrite: bool = False):
     """Fill a shard's continuous values and visit times from the KDE grids."""
     from .postprocess.stage import sample_kde_to_dir
 
@@ -462,16 +667,34 @@ def merge(shards: list[str] = typer.Argument(..., help="shard directories (any o
 @app.command()
 def evaluate(real: str = typer.Option(..., help="real tables directory from preprocess"),
              synthetic: str = typer.Option(..., help="synthetic cohort directory from merge"),
-             out: str = typer.Option(..., help="output directory (metrics.json, report.html, summary.md)"),
+             out: str = typer.Option(..., help="output directory (metrics.json, verdicts.json, report.html, ...)"),
              rules_dir: str | None = typer.Option(None, "--rules", help="rules directory (rule violations)"),
-             seed: int = 0, overwrite: bool = False):
-    """Fidelity, rule violations, privacy and utility of a synthetic cohort."""
+             policy: str | None = typer.Option(None, help="release policy YAML (default: the bundled "
+                                                          "release_policy.yml)"),
+             fail_on: str | None = typer.Option(None, help="comma-separated checks or properties whose failure "
+                                                           "exits 3 (default: the policy's fail_on; 'none' = never)"),
+             model: str | None = typer.Option(None, help="model directory from train (provenance)"),
+             dataset_config: str | None = typer.Option(None, "--config", help="dataset config (declared ordinal "
+                                                                                "stages); default: from meta.json"),
+             run_id: str = typer.Option("", help="run id recorded in the provenance block"),
+             peers: bool = typer.Option(False, help="add SDMetrics / anonymeter sections (when installed)"),
+             seed: int = seed_option(0, "seed of the evaluation's subsampling and bootstrap"),
+             overwrite: bool = False):
+    """Fidelity, longitudinal checks, rule violations, privacy and utility of a synthetic cohort, and a release
+    decision under the policy. Exit code 3 = "do not release" (a --fail-on check failed)."""
     from . import storage
+    from .evaluation.policy import load_policy, parse_fail_on
     from .evaluation.stage import evaluate_to_dir
 
+    gate = parse_fail_on(load_policy(policy), fail_on)     # checked before any work
     rules_path = storage.join(rules_dir, "rules.json") if rules_dir else None
-    res = evaluate_to_dir(real, synthetic, out, rules_path=rules_path, seed=seed, overwrite=overwrite)
-    typer.echo(f"{len(res['metrics'])} metrics, flags {res['flags']} -> {out}")
+    res = evaluate_to_dir(real, synthetic, out, rules_path=rules_path, seed=seed, overwrite=overwrite, policy=policy,
+                          fail_on=gate, dataset_config=dataset_config, model_dir=model, run_id=run_id, peers=peers)
+    typer.echo(f"decision: {res['decision']} ({len(res['metrics'])} metrics) -> {out}")
+    for r in res["verdicts"]["reasons"]:
+        typer.echo(f"  - {r}")
+    if res["decision"] == "do not release":
+        raise typer.Exit(3)
 
 
 def main() -> None:

@@ -117,7 +117,7 @@ class TestStages:
         assert model.metadata["dp_target_epsilon"] == 0.0
         assert metrics.metadata["steps"] >= 2 and metrics.metadata["final_train_loss"] > 0
         html = Path(curve.path).read_text()
-        assert "<svg" in html and "polyline" in html
+        assert "data:image/png;base64," in html and "HALO, preset tiny" in html and str(work) not in html
 
     def test_train_consequence_reads_the_ruleset(self, tmp_path, tables, ruleset):
         model = art(dsl.Model, tmp_path, "model")
@@ -175,15 +175,30 @@ class TestStages:
         assert set(patients["patient_id"].str.extract(r"^syn-(\d+)-\d+$")[0]) == {"3", "7"}
         assert (Path(out.path) / "vocab.json").read_bytes() == (Path(shards[0][2].path) / "vocab.json").read_bytes()
 
-    def test_evaluate_logs_metrics_and_writes_report(self, tmp_path, tables, ruleset, cohort):
+    def test_evaluate_logs_metrics_and_writes_report(self, tmp_path, tables, ruleset, cohort, trained):
         outs = {k: art(c, tmp_path, k) for k, c in (("metrics", dsl.Metrics), ("report", dsl.HTML),
-                                                  ("summary", dsl.Markdown), ("details", dsl.Artifact))}
-        evaluate.python_func(real=tables, cohort=cohort[1], ruleset=ruleset, seed=0, **outs)
+                                                  ("summary", dsl.Markdown), ("details", dsl.Artifact),
+                                                  ("roc", dsl.ClassificationMetrics))}
+        kw = dict(real=tables, cohort=cohort[1], ruleset=ruleset, model=trained[0], seed=0, dataset_config="",
+                  policy="", run_id="run-1", **outs)
+        evaluate.python_func(release_gate=False, **kw)
         m = outs["metrics"].metadata
         assert len(m) > 10 and all(isinstance(v, float) for v in m.values())
-        assert "<html" in Path(outs["report"].path).read_text().lower()
+        report = Path(outs["report"].path).read_text()
+        assert "<html" in report.lower() and "Decision:" in report and "run-1" in report and "tiny" in report
         assert Path(outs["summary"].path).read_text().startswith("#")
-        assert (Path(outs["details"].path) / "metrics.json").exists()
+        assert (Path(outs["details"].path) / "verdicts.json").exists()
+        assert outs["roc"].metadata["confidenceMetrics"]          # KFP draws the ROC curve from these
+        decision = outs["details"].metadata["decision"]
+        # the gate: fails exactly when the decision is "do not release" (forced here by gating on a fidelity check)
+        strict = tmp_path / "strict.yml"
+        strict.write_text((Path(__file__).parents[1] / "synthehr_core/evaluation/release_policy.yml").read_text()
+                          .replace("fail_on: [exact_copies, membership_inference, small_cells]",
+                                   "fail_on: [code_prevalence]").replace("warn: 0.8\n    fail: 0.5", "warn: 2\n    fail: 1.5"))
+        outs2 = {k: art(type(a), tmp_path / "g", k) for k, a in outs.items()}
+        with pytest.raises(RuntimeError, match="release gate: do not release"):
+            evaluate.python_func(release_gate=True, **{**kw, **outs2, "policy": str(strict)})
+        assert decision in ("do not release", "release with warnings", "release")
 
     def test_notify_returns_the_final_state(self, capsys):
         status = dsl.PipelineTaskFinalStatus(state="FAILED", pipeline_job_resource_name="runs/1",
@@ -196,7 +211,7 @@ class TestMergeShards:
     def _shard(self, src: Path, dst: Path, seed: int) -> Path:
         shutil.copytree(src, dst)
         meta = json.loads((dst / "meta.json").read_text())
-        (dst / "meta.json").write_text(json.dumps({**meta, "seed": seed}))
+        (dst / "meta.json").write_text(json.dumps({**meta, "seed": seed, "stage": "kde-sample"}))
         return dst
 
     def test_row_counts_and_ids_from_real_tables(self, toy_tables, tmp_path):
@@ -228,6 +243,7 @@ class TestMergeShards:
         a = tmp_path / "a"
         shutil.copytree(toy_tables, a)
         (a / "meta.json").unlink()
+        (a / "_SUCCESS").unlink(missing_ok=True)   # with its marker, a missing meta.json is an incomplete output
         with pytest.raises(DataError, match="no meta.json"):
             merge_shards([a], tmp_path / "out")
         with pytest.raises(ConfigError, match="no shard directories"):
@@ -265,3 +281,86 @@ class TestImagesAndImports:
                     top = n.split(".")[0]
                     assert top in sys.stdlib_module_names or top == "kfp" or n == "components._images", \
                         f"{path.name} imports {n} at module level"
+
+
+class TestCheckOptions:
+    """The first task: every run-form option checked at once, without torch, before anything is read."""
+    GOOD = dict(model_type="halo", preset="small", epochs=50, train_batch_size=48, lr=1e-4, train_seed=0,
+                precision="fp32", dp_target_epsilon=0.0, dp_delta=0.0, min_code_count=0, rules_min_confidence=1.0,
+                n_shards=3, first_seed=7, n_patients_per_seed=1000, sample_batch_size=256, temperature=1.0,
+                sample_device="auto", condition="", eval_seed=0, gpu_node_selector={},
+                gpu_tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                image_pull_secret="synthehr-registry", object_store_secret="synthehr-object-store")
+
+    def test_good_options_give_the_shard_seeds(self):
+        from components.check import check_options
+
+        assert check_options.python_func(**self.GOOD) == [7, 8, 9]
+
+    def test_every_bad_option_is_named_at_once_with_its_value(self):
+        from components.check import check_options
+
+        bad = {**self.GOOD, "model_type": "hallo", "preset": "huge", "sample_device": "tpu", "precision": "fp61",
+               "n_shards": 0, "lr": 0.0, "condition": "{gender: F}", "gpu_tolerations": [{"keys": "x"}],
+               "image_pull_secret": "Bad_Name", "dp_delta": 1.5}
+        with pytest.raises(ConfigError) as err:
+            check_options.python_func(**bad)
+        msg = str(err.value)
+        for piece in ("model_type must be one of ['halo', 'consequence']; got 'hallo'", "preset must be one of",
+                      "sample_device must be one of ['auto', 'cpu', 'cuda']; got 'tpu'", "got 'fp61'",
+                      "n_shards must be >= 1 and <= 1000; got 0", "lr must be > 0; got 0.0", "condition is not valid JSON",
+                      "gpu_tolerations[0] has unknown keys ['keys']", "image_pull_secret must be a Kubernetes secret name",
+                      "dp_delta must be >= 0 and < 1; got 1.5", "dp_delta=1.5 is set but dp_target_epsilon is 0"):
+            assert piece in msg, piece
+
+    def test_the_allowed_strings_are_the_models_own(self):
+        from synthehr_core.model.checkpoint import MODEL_TYPES
+        from synthehr_core.model.halo import PRESETS
+        from synthehr_core.model.precision import PRECISIONS
+        from synthehr_core.run_options import CHOICES
+
+        assert set(CHOICES["model_type"]) == set(MODEL_TYPES)
+        assert set(CHOICES["preset"]) == set(PRESETS)
+        assert set(CHOICES["precision"]) == set(PRECISIONS)
+
+    def test_the_check_imports_no_torch(self):
+        import subprocess
+        import sys
+
+        code = ("import sys; from synthehr_core.run_options import check_run_options; "
+                "check_run_options({'model_type': 'halo'}); assert 'torch' not in sys.modules")
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class TestDeviceAuto:
+    """pick_device("auto") never falls back to the CPU on a machine that was given a GPU."""
+
+    def test_cpu_only_torch_on_a_gpu_pod_is_refused_naming_image_and_build(self, monkeypatch):
+        import torch
+
+        from synthehr_core.model.train import pick_device
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.version, "cuda", None)
+        monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "GPU-0b1c2d3e")
+        monkeypatch.setenv("SYNTHEHR_IMAGE", "reg.example/synthehr-train@sha256:abc")
+        with pytest.raises(ConfigError, match=r"given a GPU \(NVIDIA_VISIBLE_DEVICES=GPU-0b1c2d3e\).*a CPU-only build"
+                                              r".*reg\.example/synthehr-train@sha256:abc"):
+            pick_device("auto")
+        with pytest.raises(ConfigError):
+            pick_device(None)
+        assert pick_device("cpu").type == "cpu"                      # asking for the CPU is still allowed
+
+    def test_no_gpu_anywhere_means_cpu(self, monkeypatch):
+        import os
+
+        import torch
+
+        from synthehr_core.model.train import pick_device
+
+        if os.path.exists("/dev/nvidia0"):
+            pytest.skip("this machine has an NVIDIA device node")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        for visible in ("", "void", "none", "all"):   # "all" alone is a CUDA base image's default, not a GPU
+            monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", visible)
+            assert pick_device("auto").type == "cpu", visible

@@ -230,9 +230,9 @@ class TestStage:
         assert all(isinstance(k, str) and isinstance(v, float) and np.isfinite(v) for k, v in metrics.items())
         html = (tmp_path / "eval" / "report.html").read_text()
         assert html.count("data:image/png;base64,") >= 5 and "src=\"http" not in html
-        assert html.index("exact copies") < html.index("<h2>Headline")       # alarms come first
+        assert html.index("Decision:") < html.index("<h2>Provenance") < html.index("<h2>Fidelity")  # verdicts first
         md = (tmp_path / "eval" / "summary.md").read_text()
-        assert md.startswith("# Synthetic EHR evaluation") and "code_record" in md
+        assert md.startswith("# Synthetic EHR release report") and "**Decision:" in md and "code_record" in md
         with pytest.raises(FileExistsError):
             evaluate_to_dir(tmp_path / "real", tmp_path / "syn", tmp_path / "eval", **FAST)
 

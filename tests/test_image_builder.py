@@ -2,6 +2,7 @@
 Dockerfile's targets. No engine needed."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -90,9 +91,88 @@ class TestPlan:
                             "--tag", "9.9.9", "--stages", "train"], check=False, capture_output=True, text=True,
                            cwd=REPO)
         assert r.returncode == 0, r.stderr
-        assert [line.split()[:4] for line in r.stdout.splitlines()] == [
-            ["localhost:5000/synthehr-train:9.9.9", "<-", "images/Dockerfile", "--target"]]
-        assert r.stdout.split()[4] == "train"
+        assert [line.split()[:5] for line in r.stdout.splitlines()] == [
+            ["localhost:5000/synthehr-train:9.9.9", "torch=cpu", "<-", "images/Dockerfile", "--target"]]
+        assert r.stdout.split()[5] == "train"
+
+    def test_cli_plan_for_a_registry_gives_train_and_sample_cuda_torch(self):
+        r = subprocess.run([sys.executable, "-m", "synthehr_build.images", "plan", "--push", "--registry",
+                            "localhost:5000", "--tag", "9.9.9"], check=False, capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0, r.stderr
+        variants = {line.split()[0].split("/synthehr-")[1].split(":")[0]: line.split()[1]
+                    for line in r.stdout.splitlines()}
+        assert variants == {s: ("torch=cuda" if s in TORCH_STAGES else "torch=-") for s in B.STAGES}
+
+
+class TestVariantsAndTags:
+    def test_cuda_variant_takes_the_cuda_wheels_only_in_train_and_sample(self):
+        cpu = {s.name: s for s in B.plan("r", "t1")}
+        cuda = {s.name: s for s in B.plan("r", "t1", variant="cuda")}
+        for stage in B.STAGES:
+            if stage in TORCH_STAGES:
+                assert cuda[stage].wheels == {"light": "light", "extras": "torch-cuda-extras"}
+                assert (cpu[stage].variant, cuda[stage].variant) == ("cpu", "cuda")
+            else:
+                assert cuda[stage].wheels == cpu[stage].wheels == {"light": "light"} and cuda[stage].variant == "-"
+            assert cuda[stage].buildargs["TORCH_VARIANT"] == "cuda" and cpu[stage].buildargs["TORCH_VARIANT"] == "cpu"
+        with pytest.raises(ValueError, match=r"torch variant 'rocm' is not one of \['cpu', 'cuda'\]"):
+            B.plan("r", "t1", variant="rocm")
+
+    def test_cuda_lock_is_the_pypi_cuda_build_and_agrees_with_light(self):
+        cuda = B.read_lock(B.REQUIREMENTS_DIR / "torch-cuda.lock")
+        light = B.read_lock(B.REQUIREMENTS_DIR / "light.lock")
+        assert cuda["torch"] == "2.13.0" and cuda["opacus"] == "1.6.0"
+        assert any(n.startswith("nvidia_cublas") for n in cuda) and "triton" in cuda
+        assert all(light[n] == v for n, v in cuda.items() if n in light)
+        extras = B.lock_pins("torch-cuda-extras")
+        assert "torch" in extras and "numpy" not in extras and not set(extras) & set(light)
+
+    def test_cuda_context_takes_its_wheels_from_the_cuda_wheelhouse(self, tmp_path):
+        wh = TestContext()._fake_wheelhouse(tmp_path / "wh", B.lock_pins("light"))
+        (wh / "wheels-cuda").mkdir()
+        for name, ver in B.lock_pins("torch-cuda-extras").items():
+            (wh / "wheels-cuda" / f"{name}-{ver}-py3-none-any.whl").write_bytes(b"w")
+        step = next(s for s in B.plan("r", "t", variant="cuda") if s.name == "sample")
+        ctx = B.assemble_context(step, wh, tmp_path / "ctx")
+        extras = sorted(p.name for p in (ctx / "wheels" / "extras").iterdir())
+        assert "torch-2.13.0-py3-none-any.whl" in extras and any(n.startswith("nvidia_cublas") for n in extras)
+        (wh / "wheels-cuda" / "torch-2.13.0-py3-none-any.whl").unlink()
+        with pytest.raises(FileNotFoundError, match=r"torch==2\.13\.0"):
+            B.assemble_context(step, wh, tmp_path / "ctx2")
+
+    def test_content_tag_follows_commit_and_uncommitted_content(self, tmp_path):
+        def git(*a):
+            subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+        (tmp_path / "synthehr_core").mkdir()
+        (tmp_path / "synthehr_core" / "a.py").write_text("x = 1\n")
+        git("init", "-q")
+        git("add", "-A")
+        git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "c")
+        clean = B.content_tag("0.1.0", tmp_path)
+        assert re.fullmatch(r"0\.1\.0-g[0-9a-f]{12}", clean)
+        (tmp_path / "synthehr_core" / "a.py").write_text("x = 2\n")
+        edited = B.content_tag("0.1.0", tmp_path)
+        assert edited.startswith(clean + "-dirty.") and B._check_tag(edited)
+        (tmp_path / "synthehr_core" / "b.py").write_text("y = 1\n")            # untracked files count too
+        assert B.content_tag("0.1.0", tmp_path) not in (clean, edited)
+        (tmp_path / "notes.txt").write_text("not an image input")
+        assert B.content_tag("0.1.0", tmp_path) == B.content_tag("0.1.0", tmp_path)
+
+    def test_build_record_pins_digests_when_pushed_and_tags_otherwise(self, tmp_path):
+        steps = B.plan("reg.example", "0.1.0-gabc", variant="cuda")
+        built = [B.Built(s.ref, 1.0, 10, f"sha256:{i:064x}") for i, s in enumerate(steps)]
+        record = B.write_record(steps, built, tmp_path / "images.json")
+        data = json.loads(record.read_text())
+        assert data["images"]["train"] == {"ref": "reg.example/synthehr-train:0.1.0-gabc", "variant": "cuda",
+                                           "id": f"sha256:{2:064x}", "digest": None}
+        assert _images.refs(record)["train"] == "reg.example/synthehr-train:0.1.0-gabc"
+        data["images"]["train"]["digest"] = "reg.example/synthehr-train@sha256:" + "f" * 64
+        record.write_text(json.dumps(data))
+        assert _images.refs(record)["train"].endswith("@sha256:" + "f" * 64)
+        del data["images"]["merge"]
+        record.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=r"has no image for \['merge'\]"):
+            _images.refs(record)
 
 
 class TestLocks:
@@ -192,3 +272,21 @@ class TestDockerfile:
     def test_uses_no_buildkit_only_syntax(self):
         text = B.DOCKERFILE.read_text()
         assert "# syntax=" not in text and "--mount=" not in text and "<<" not in text
+
+
+class TestGpuSmoke:
+    def test_docker_command_gives_every_gpu_no_network_and_names_the_image(self):
+        ref = "reg.example/synthehr-train@sha256:" + "a" * 64
+        cmd = B.gpu_smoke_command(ref)
+        assert cmd[:8] == ["docker", "run", "--rm", "--gpus", "all", "--network", "none", "-e"]
+        assert f"SYNTHEHR_IMAGE={ref}" in cmd and cmd[cmd.index("--entrypoint") + 1:][:2] == ["python", ref]
+        assert cmd[-1] == B.GPU_SMOKE
+
+    def test_the_check_fails_on_this_cpu_only_torch(self):
+        import torch
+
+        if torch.version.cuda:
+            pytest.skip("this torch is a CUDA build")
+        r = subprocess.run([sys.executable, "-c", B.GPU_SMOKE], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode != 0 and "CPU-only torch build" in r.stderr
+        assert json.loads(r.stdout.splitlines()[0])["cuda_build"] is None

@@ -1,7 +1,8 @@
 """The built stage images, run for real on the Docker engine (`-m images`).
 
-Every container runs offline (`network_mode="none"`). Needs an engine and the images of `make images`; without an
-engine the tests skip, unless SYNTHEHR_REQUIRE_DOCKER=1 (CI), where a missing engine is a failure.
+Every container runs offline (`network_mode="none"`). Needs an engine and the images of `make images`, found by
+their content tags in its build record (build/images.json); without an engine the tests skip, unless
+SYNTHEHR_REQUIRE_DOCKER=1 (CI), where a missing engine is a failure.
 Start an engine here with `SYNTHEHR_DOCKER_KEEP=1 source scripts/ci-docker.sh`.
 """
 from __future__ import annotations
@@ -18,17 +19,19 @@ from pathlib import Path
 import pytest
 
 from components import _images
-from synthehr_build.images import STAGES, plan, push
+from synthehr_build.images import RECORD, STAGES, plan, push
 
 pytestmark = pytest.mark.images
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_STAGES = {"train", "sample"}
 STAGE_UID = 10001  # the non-root user of images/Dockerfile
+REFS: dict[str, str] = {}  # stage -> the image `make images` built (its record), filled by the client fixture
 
 
 @pytest.fixture(scope="session")
-def engine():
+def client():
+    """A pinged engine, and REFS from the build record (release tags when there is no record)."""
     docker = pytest.importorskip("docker")
     try:
         client = docker.from_env()
@@ -39,7 +42,14 @@ def engine():
         if os.environ.get("SYNTHEHR_REQUIRE_DOCKER") == "1":
             pytest.fail(f"SYNTHEHR_REQUIRE_DOCKER=1 but {msg}")
         pytest.skip(msg)
-    missing = [_images.image(s) for s in STAGES if not client.images.list(name=_images.image(s))]
+    built = json.loads(RECORD.read_text())["images"] if RECORD.exists() else {}   # a partial build: those stages
+    REFS.update({s: built[s]["ref"] if s in built else _images.image(s) for s in STAGES})
+    return client
+
+
+@pytest.fixture(scope="session")
+def engine(client):
+    missing = [REFS[s] for s in STAGES if not client.images.list(name=REFS[s])]
     if missing:
         pytest.fail(f"stage images {missing} are not built: run `make images` "
                     "(CI: `make images BASE_IMAGE=local/python:3.11-bookworm`)")
@@ -48,7 +58,7 @@ def engine():
 
 def run(client, stage: str, command=None, mounts: dict[str, str] | None = None, timeout: int = 300) -> str:
     """Run one stage image offline to completion; return its output, or fail with the output and exit code."""
-    container = client.containers.run(_images.image(stage), command, detach=True, network_mode="none",
+    container = client.containers.run(REFS[stage], command, detach=True, network_mode="none",
                                       volumes={h: {"bind": c, "mode": "rw"} for h, c in (mounts or {}).items()})
     try:
         code = container.wait(timeout=timeout)["StatusCode"]
@@ -61,7 +71,7 @@ def run(client, stage: str, command=None, mounts: dict[str, str] | None = None, 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_image_is_labelled_and_pinned(engine, stage):
-    image = engine.images.get(_images.image(stage))
+    image = engine.images.get(REFS[stage])
     cfg = image.attrs["Config"]
     assert cfg["Labels"]["io.synthehr.stage"] == stage
     assert cfg["Labels"]["io.synthehr.flavor"] == ("torch" if stage in TORCH_STAGES else "light")
@@ -90,7 +100,7 @@ def test_stage_image_contents(engine, stage):
     assert info["uid"] == STAGE_UID
     assert info["python"].startswith("3.11.")
     assert info["kfp"] == "2.17.3"
-    assert info["synthehr"] == _images.TAG
+    assert info["synthehr"] == _images._package_version()
     assert info["torch"] is (stage in TORCH_STAGES)
     assert not info["wheelhouse"] and not info["credentials"], info
 
@@ -241,16 +251,16 @@ def test_whole_pipeline_in_stage_images_with_docker_runner(engine, tmp_path):
         path.chmod(0o777 if path.is_dir() else 0o666)  # the stage user (uid 10001) reads and writes here
 
     local.init(runner=local.DockerRunner(network_mode="none"), pipeline_root=str(root), raise_on_error=True)
-    pipeline = build_pipeline("mimic3")
+    pipeline = build_pipeline("mimic3", images=dict(REFS))    # the images of this build, as submit pins them
     since, t0 = int(time.time()) - 1, time.monotonic()
-    pipeline(raw_uri=str(raw), **{**LOCAL_OVERRIDES, "epochs": 1, "n_patients_per_seed": 20, "sample_seeds": [0, 1]})
+    pipeline(raw_uri=str(raw), **{**LOCAL_OVERRIDES, "epochs": 1, "n_patients_per_seed": 20, "n_shards": 2})
     seconds = time.monotonic() - t0
     # The engine's own record of which images the tasks' containers started from.
     events = engine.events(since=since, until=int(time.time()) + 1, decode=True,
                            filters={"type": "container", "event": "start"})
     started = [e["Actor"]["Attributes"]["image"] for e in events]
-    assert set(started) == {_images.image(s) for s in STAGES}, f"task containers started from {started}"
-    assert started.count(_images.image("sample")) == 2 and started.count(_images.image("kde-sample")) == 2
+    assert set(started) == set(REFS.values()), f"task containers started from {started}"
+    assert started.count(REFS["sample"]) == 2 and started.count(REFS["kde-sample"]) == 2
     print(f"DockerRunner pipeline: {seconds:.1f} s, {len(started)} task containers")
 
     runs = [p for p in root.iterdir() if p.name.startswith("synthehr-mimic3")]
@@ -297,13 +307,69 @@ def local_registry(tmp_path):
         proc.wait(timeout=10)
 
 
-def test_push_a_stage_image_to_a_local_registry(engine, local_registry):
-    step = next(s for s in plan(local_registry, _images.TAG, stages=["merge"]) if s.name == "merge")
-    repo, _, tag = step.ref.rpartition(":")
-    engine.images.get(_images.image("merge")).tag(repo, tag)
+def _local(client, stage: str, registry: str, tag: str):
+    """A plan step for `stage` in `registry` under `tag`, with the built image tagged to its reference."""
+    if not client.images.list(name=REFS[stage]):
+        pytest.skip(f"{REFS[stage]} is not built (make images)")
+    step = plan(registry, tag, stages=[stage])[0]
+    repo, _, t = step.ref.rpartition(":")
+    client.images.get(REFS[stage]).tag(repo, t)
+    return step
+
+
+def test_push_records_the_digest_and_never_moves_a_tag(client, local_registry, tmp_path):
+    tag = "0.0.1-gtest"
+    step = _local(client, "merge", local_registry, tag)
+    record = tmp_path / "images.json"
+    record.write_text(json.dumps({"images": {"merge": {"ref": step.ref, "digest": None}}}))
     try:
-        push([step], client=engine)
+        digest = push([step], client=client, record=record)["merge"]
+        assert digest.startswith(f"{local_registry}/synthehr-merge@sha256:")
+        assert json.loads(record.read_text())["images"]["merge"]["digest"] == digest
+        assert push([step], client=client, record=None) == {"merge": digest}      # same image: nothing moves
+        if not client.images.list(name=REFS["preprocess"]):
+            pytest.skip(f"{REFS['preprocess']} is not built (make images)")
+        client.images.get(REFS["preprocess"]).tag(*step.ref.rsplit(":", 1))      # other content, same tag
+        with pytest.raises(RuntimeError, match=r"already exists in the registry .* tags are immutable"):
+            push([step], client=client, record=None)
     finally:
-        engine.images.remove(step.ref)
+        client.images.remove(step.ref, force=True)
     with urllib.request.urlopen(f"http://{local_registry}/v2/synthehr-merge/tags/list", timeout=10) as r:
-        assert json.load(r) == {"name": "synthehr-merge", "tags": [_images.TAG]}
+        assert json.load(r) == {"name": "synthehr-merge", "tags": [tag]}
+
+
+def test_push_refuses_cpu_torch_train_images(client, local_registry):
+    step = _local(client, "train", local_registry, "0.0.1-gcpu")
+    try:
+        with pytest.raises(RuntimeError, match=r"holds CPU-only torch .* CUDA variant"):
+            push([step], client=client, record=None)
+    finally:
+        client.images.remove(step.ref, force=True)
+
+
+def test_a_bad_option_fails_the_first_task_in_its_container(client, tmp_path, capfd):
+    """DockerRunner, offline: model_type=hallo stops the run in check-options (the preprocess image) within
+    seconds; no stage image beyond preprocess and merge (notify) is needed."""
+    from kfp import local
+    from kfp.local import config as local_config
+
+    from pipelines.builder import build_pipeline
+
+    for stage in ("preprocess", "merge"):
+        if not client.images.list(name=REFS[stage]):
+            pytest.skip(f"{REFS[stage]} is not built (make images)")
+    root = tmp_path / "root"
+    raw = root / "raw"
+    shutil.copytree(REPO / "synthehr_core" / "sample_data" / "mimic3_demo", raw)
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    local.init(runner=local.DockerRunner(network_mode="none"), pipeline_root=str(root), raise_on_error=True)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"Inner task failed: \S*'check-options'"):
+            build_pipeline("mimic3", images=dict(REFS))(raw_uri=str(raw), model_type="hallo")
+    finally:
+        local_config.LocalExecutionConfig.instance = None
+    assert time.monotonic() - t0 < 60
+    out = capfd.readouterr()
+    assert "model_type must be one of ['halo', 'consequence']; got 'hallo'" in out.out + out.err   # the check, not a pull error

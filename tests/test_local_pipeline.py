@@ -21,7 +21,7 @@ def test_mimic3_pipeline_runs_locally_end_to_end(tmp_path):
     from kfp.local import config as local_config
 
     args = ["run", "--local", "--dataset", "mimic3", "--pipeline-root", str(tmp_path / "runs"),
-            "-p", "epochs=2", "-p", "lr=0.01", "-p", "n_patients_per_seed=10", "-p", "sample_seeds=[5, 2]"]
+            "-p", "epochs=2", "-p", "lr=0.01", "-p", "n_patients_per_seed=10", "-p", "n_shards=2", "-p", "first_seed=2"]
     try:
         result = CliRunner().invoke(app, args)
     finally:
@@ -37,9 +37,9 @@ def test_mimic3_pipeline_runs_locally_end_to_end(tmp_path):
     cohort = Path(paths["merged cohort"])
     patients, visits, codes = read_tables(cohort)
     meta = json.loads((cohort / "meta.json").read_text())
-    assert meta["seeds"] == [2, 5]                                   # seed order, not loop order
+    assert meta["seeds"] == [2, 3]                                   # first_seed 2, n_shards 2
     assert 0 < len(patients) <= 20 and patients["patient_id"].is_unique
-    assert set(patients["patient_id"].str.split("-").str[1]) <= {"2", "5"}
+    assert set(patients["patient_id"].str.split("-").str[1]) <= {"2", "3"}
     assert visits["start_offset_days"].notna().all()                 # KDE restored the times
     assert codes["code"].str.contains(":").all()
 

@@ -86,7 +86,7 @@ def test_readme_steps_check_run_local_and_compile(tmp_path):
     assert check.exit_code == 0, check.output
 
     args = ["run", "--local", "--config", str(config), "--pipeline-root", str(tmp_path / "runs"),
-            "-p", "epochs=2", "-p", "lr=0.01", "-p", "n_patients_per_seed=10", "-p", "sample_seeds=[5, 2]"]
+            "-p", "epochs=2", "-p", "lr=0.01", "-p", "n_patients_per_seed=10", "-p", "n_shards=2", "-p", "first_seed=2"]
     try:
         run = runner.invoke(app, args)
     finally:

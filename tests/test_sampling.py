@@ -550,7 +550,7 @@ class TestSampleConfig:
         with pytest.raises(ConfigError) as err:
             SampleConfig(seed=-1, n_patients=-5, batch_size=0, temperature=0.0, condition="sex=F", constrain="yes")
         msg = str(err.value)
-        for want in ("seed must be an int >= 0; got -1.", "n_patients must be an int >= 0; got -5.",
+        for want in ("seed must be an int in [0, 2**63); got -1.", "n_patients must be an int >= 1 (a shard of 0 patients is empty); got -5.",
                      "batch_size must be an int >= 1; got 0.", "temperature must be a finite number > 0; got 0.0. "
                      "Use 1.0", "condition must be None, 'label_probs' or a dict like {'sex': 'F'}; got 'sex=F'.",
                      "constrain must be True or False; got 'yes'."):

@@ -27,14 +27,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .. import storage
-from ..errors import ConfigError, bullet_list
+from ..errors import ConfigError, bullet_list, show
+from ..yamlio import load_yaml_file
 
 BUNDLED_PREFIX = "bundled:"
-HASHED_WHEN_SET = ("visit_categories",)
+HASHED_WHEN_SET = ("visit_categories", "longitudinal", "plausible")   # keys added later: hashed only when not the default
 
 
 class _Strict(BaseModel):
@@ -95,6 +95,37 @@ class CalendarSpec(_Strict):
         return v
 
 
+class PlausibleSpec(_Strict):
+    """Values no real record has. ``action: error`` (the default) stops preprocess naming the rows;
+    ``action: clip`` clips ages below ``min_age`` (above ``max_age``) to the bound and drops visits whose start
+    year is outside ``visit_years``, each counted in meta.json (``implausible``, ``dropped``)."""
+
+    age_column: str = "age"                      # the patient column checked (skipped when the data has none)
+    min_age: float = 0.0
+    max_age: float | None = None
+    visit_years: tuple[int, int] = (1900, 2250)  # MIMIC shifts dates into 2100-2200; wide on purpose, tune
+    action: Literal["error", "clip"] = "error"
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.visit_years[0] > self.visit_years[1]:
+            raise ValueError(f"visit_years must be [first, last] with first <= last, got {list(self.visit_years)}")
+        if self.max_age is not None and self.max_age < self.min_age:
+            raise ValueError(f"max_age {self.max_age} is below min_age {self.min_age}")
+        return self
+
+
+class OrdinalSpec(_Strict):
+    """A code family whose members are ordered stages (e.g. cancer stage 1 < 2 < 3): a patient should not go
+    back down. The evaluate stage counts patients whose stage decreases between visits."""
+    name: str
+    codes: list[str] = Field(min_length=2)
+
+
+class LongitudinalSpec(_Strict):
+    ordinal: list[OrdinalSpec] = Field(default_factory=list)
+
+
 class DatasetConfig(_Strict):
     name: str
     adapter: str
@@ -111,7 +142,10 @@ class DatasetConfig(_Strict):
     # single-valued string visit columns (e.g. the code-system version of a visit) -> one token group each:
     # the model draws exactly one ``cat:<column>=<value>`` per visit
     visit_categories: list[str] = Field(default_factory=list)
+    plausible: PlausibleSpec = PlausibleSpec()
     kde: str | None = None
+    # declared structure the evaluate stage checks (e.g. longitudinal: {ordinal: [{name, codes: [s1, s2, ...]}]})
+    longitudinal: LongitudinalSpec | None = None
     source: str = Field(default="", exclude=True)
 
     @field_validator("adapter")
@@ -126,8 +160,11 @@ class DatasetConfig(_Strict):
     def config_hash(self) -> str:
         """sha256 of the normalised config (independent of YAML formatting and key order)."""
         data = self.model_dump(mode="json")
+        defaults = DatasetConfig.model_fields
         for key in HASHED_WHEN_SET:   # keys added later: a config that leaves them unset keeps its old hash
-            if not data[key]:
+            default = defaults[key].get_default(call_default_factory=True)
+            if not data[key] or data[key] == (default.model_dump(mode="json") if isinstance(default, BaseModel)
+                                              else default):
                 del data[key]
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -159,17 +196,26 @@ def bundled_configs() -> list[str]:
                   if not p.stem.startswith("kde_"))
 
 
+def _key(loc: tuple) -> str:
+    return ".".join(str(p) if len(str(p)) <= 40 else str(p)[:37] + "..." for p in loc) or "(top level)"
+
+
 def _format_pydantic(exc: ValidationError, where: str) -> str:
-    lines = []
+    """One line per problem; values cut to ~80 characters, and never a value of an unknown key (a kubeconfig's
+    token, say): only its name."""
+    lines, unknown = [], []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = _key(err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key (value {err['input']!r}). Remove it or check its spelling.")
+            unknown.append(key)
         elif err["type"] == "missing":
             lines.append(f"{key}: required key is missing.")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg} (got {err['input']!r}).")
+            msg = msg if len(msg) <= 300 else msg[:297] + "..."
+            lines.append(f"{key}: {msg} (got {show(err['input'])}).")
+    more = [f"... and {len(unknown) - 20} more unknown keys."] if len(unknown) > 20 else []
+    lines[:0] = [f"{key}: unknown key (its value is not shown). Remove it or check its spelling." for key in unknown[:20]] + more
     return f"{where}: invalid dataset config:\n" + bullet_list(lines)
 
 
@@ -196,8 +242,4 @@ def load_config(config: str | Path | dict | DatasetConfig) -> DatasetConfig:
     else:
         raise ConfigError(f"dataset config {text_path!r} is neither a bundled config ({bundled_configs()}) "
                           "nor an existing file. Pass a bundled name or a path to a YAML file.")
-    try:
-        data = yaml.safe_load(storage.read_text(path))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return validate_config(data, where=path)
+    return validate_config(load_yaml_file(path), where=path)

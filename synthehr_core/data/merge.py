@@ -18,14 +18,28 @@ from ..errors import ConfigError, DataError, bullet_list
 from .schema import read_tables, write_tables
 
 SYNTHETIC_ID = "syn-{seed}-{n}"
+MERGED_STAGE = "kde-sample"   # the stage whose outputs merge takes (its meta.json "stage")
 
 
 def _shard_meta(shard_dir: str) -> dict:
     path = storage.join(shard_dir, "meta.json")
     if not storage.exists(path):
         raise DataError(f"{shard_dir}: no meta.json, so the shard's seed is unknown. Point merge at the outputs of "
-                        "the sample or kde-sample stage.")
-    meta = storage.read_json(path)
+                        "the kde-sample stage.")
+    storage.require_complete(shard_dir, "kde-sample")
+    try:
+        meta = storage.read_json(path)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}): a damaged or half-copied shard. "
+                        "Re-run the kde-sample stage for it.") from exc
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: not a stage's meta.json (a JSON object). Point merge at kde-sample outputs.")
+    stage = meta.get("stage", "kde-sample" if "grids_dir" in meta else None)   # kde-sample wrote no stage before
+    if stage != MERGED_STAGE:
+        what = ("a sample-stage shard: its continuous values and visit times are still empty" if stage == "sample"
+                else f"written by the {stage!r} stage" if stage else "not written by the kde-sample stage")
+        raise DataError(f"{shard_dir}: {what}. Merge only kde-sample outputs: run synthehr kde-sample --shard "
+                        f"{shard_dir} --grids GRIDS --seed SEED --out DIR first.")
     if "seed" not in meta:
         raise DataError(f"{path}: has no 'seed' (keys: {sorted(meta)}). Re-run the sample / kde-sample stage.")
     return meta
@@ -41,19 +55,26 @@ def rekey(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame, see
 
 
 def merge_shards(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, small_cell_k: int = 0, real_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Merge synthetic shard tables directories into ``out_dir``.
 
     Args:
         shard_dirs: tables directories written by ``sample_to_dir`` or ``sample_kde_to_dir``, each with a
             ``meta.json`` holding its ``seed``; any order.
         out_dir: the merged cohort's tables directory; must be empty unless ``overwrite``.
+        small_cell_k: 0 = off; k > 0 = drop codes held by fewer than k real training patients and patients whose
+            label combination is that rare (``data/smallcells.py``), counted in ``real_dir``'s train split.
+        real_dir: the real tables directory (preprocess output); needed with ``small_cell_k``.
     Returns:
         A summary dict (also written to ``meta.json``): seeds in merge order, row counts per shard and in total.
     """
     dirs = [str(d) for d in shard_dirs]
+    if small_cell_k and real_dir is None:
+        raise ConfigError(f"merge_shards: small_cell_k={small_cell_k} needs real_dir (the preprocess output whose "
+                          "training patients define the small cells); pass real_dir or small_cell_k=0.")
     if not dirs:
-        raise ConfigError("merge_shards got no shard directories: pass at least one sample / kde-sample output.")
+        raise ConfigError("merge_shards got no shard directories: pass at least one kde-sample output.")
+    storage.check_output(out_dir, overwrite=overwrite)     # before any shard is read
     metas = [_shard_meta(d) for d in dirs]
     seeds = [int(m["seed"]) for m in metas]
     dup = sorted({s for s in seeds if seeds.count(s) > 1})
@@ -87,9 +108,17 @@ def merge_shards(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.Path
     codes = pd.concat([p[2] for p in parts], ignore_index=True)
     visits["visit_index"] = visits["visit_index"].astype("int32")
     codes["visit_index"] = codes["visit_index"].astype("int32")
+    suppressed = None
+    if small_cell_k:
+        from .smallcells import suppress
+        from .vocab import Vocab
+
+        vocab = Vocab.from_json(vocab_parsed, vocab_from) if vocab_parsed is not None else None
+        (patients, visits, codes), suppressed = suppress(patients, visits, codes, read_tables(real_dir), vocab,
+                                                         small_cell_k)
     meta = {"stage": "merge", "seeds": [s["seed"] for s in shards], "n_shards": len(shards),
             "n_patients": len(patients), "n_visits": len(visits), "n_codes": len(codes), "shards": shards,
-            "versions": versions()}
+            "versions": versions(), **({"small_cells": suppressed} if suppressed else {})}
     with storage.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_tables(tmp, patients, visits, codes)
         if vocab_bytes is not None:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .. import storage, versions
-from ..errors import ConfigError, SchemaError, bullet_list
+from ..errors import ConfigError, DataError, SchemaError, bullet_list
 from ..randomness import numpy_rng
 from .adapters.base import DropReport, RawCohort
 from .adapters.registry import resolve_adapter
@@ -115,6 +115,59 @@ def _clean(cohort: RawCohort, report: DropReport) -> tuple[pd.DataFrame, pd.Data
     return patients[~no_visits], visits, codes
 
 
+def _check_plausible(cohort: RawCohort, cfg: DatasetConfig, report: DropReport, where: str) -> dict[str, int]:
+    """Ages and visit years that no real record has: an error, or clipped/dropped and counted (``plausible``)."""
+    spec, counts, problems = cfg.plausible, {}, []
+    clip = spec.action == "clip"
+    fix = ("fix the extract, or set plausible.action: clip in the config to clip/drop them (counted in "
+           "meta.json)")
+    patients, visits = cohort.patients, cohort.visits
+    if spec.age_column in patients.columns:
+        age = pd.to_numeric(patients[spec.age_column], errors="coerce")
+        for bound, name, bad in ((spec.min_age, "min_age", age < spec.min_age),
+                                 (spec.max_age, "max_age", age > spec.max_age if spec.max_age is not None else None)):
+            if bad is None or not bad.any():
+                continue
+            counts[f"patients.{spec.age_column} outside plausible.{name}"] = int(bad.sum())
+            if clip:
+                age = age.where(~bad, bound)
+            else:
+                problems.append(f"{int(bad.sum())} patients have {spec.age_column} {'<' if name == 'min_age' else '>'} "
+                                f"{bound:g} (plausible.{name}), e.g. patient_id {patients.loc[bad, 'patient_id'].head(3).tolist()} "
+                                f"with {age[bad].head(3).tolist()}")
+        if clip and counts:
+            cohort.patients = patients.assign(**{spec.age_column: age})
+    start = visits["start"].to_numpy(dtype=float)
+    known = np.isfinite(start)
+    year = np.zeros(len(start), dtype=np.int64)
+    year[known] = calendar_parts(start[known])["year"]
+    lo, hi = spec.visit_years
+    out = known & ((year < lo) | (year > hi))
+    if out.any():
+        counts[f"visits: start year outside plausible.visit_years {list(spec.visit_years)}"] = int(out.sum())
+        if clip:
+            report.drop("visits", f"start year outside plausible.visit_years {list(spec.visit_years)}", int(out.sum()))
+            cohort.visits = visits[~out]
+        else:
+            problems.append(f"{int(out.sum())} visits start outside the years {lo}-{hi} (plausible.visit_years), "
+                            f"e.g. visit_id {visits.loc[out, 'visit_id'].head(3).tolist()} in the years "
+                            f"{sorted(set(year[out].tolist()))[:3]}")
+    if problems:
+        raise DataError(f"{where}: implausible values ({fix}):\n" + bullet_list(problems))
+    return counts
+
+
+def _require_patients(patients: pd.DataFrame, cohort: RawCohort, report: DropReport, where: str) -> None:
+    """An empty cohort after the drops is an error naming what dropped the rows, not an empty output."""
+    if len(patients):
+        return
+    drops = report.as_dict()
+    why = "; ".join(f"{k} ({n})" for k, n in drops.items()) or "nothing was dropped: the adapter returned no rows"
+    raise DataError(f"{where}: no patient is left after cleaning ({len(cohort.patients)} patients, "
+                    f"{len(cohort.visits)} visits read). Dropped: {why}. Check that the adapter's id columns "
+                    "(adapter_options: visits.patient, patients.id) join, and plausible.visit_years.")
+
+
 def _order_visits(visits: pd.DataFrame) -> pd.DataFrame:
     """Visits in time order per patient, with ``visit_index``, ``start_offset_days`` and ``gap_days``."""
     visits = visits.sort_values(["patient_id", "start", "visit_id"], kind="stable").reset_index(drop=True)
@@ -194,13 +247,18 @@ def canonicalize(cohort: RawCohort, cfg: DatasetConfig, seed: int, report: DropR
     """Turn an adapter's RawCohort into canonical (patients, visits, codes, vocab, stats)."""
     where = cfg.source or cfg.name
     _check_raw_cohort(cohort, cfg.adapter)
+    implausible = _check_plausible(cohort, cfg, report, where)
     patients, visits, codes = _clean(cohort, report)
+    _require_patients(patients, cohort, report, where)
     visits = _order_visits(visits)
     patients = patients.sort_values("patient_id", kind="stable").reset_index(drop=True)
     patients.insert(1, "split", assign_split(patients["patient_id"], (cfg.split.train, cfg.split.val, cfg.split.test), seed).to_numpy())
+    if not (patients["split"] == "train").any():
+        raise DataError(f"{where}: split.train = {cfg.split.train} of {len(patients)} patients is no patient, so there "
+                        "is nothing to train on. Use a larger extract or a larger split.train.")
     _check_columns(cfg, patients, visits, where)
     label_values = _labels(patients, cfg.labels)
-    stats: dict[str, Any] = {"clipped": {}}
+    stats: dict[str, Any] = {"clipped": {}, **({"implausible": implausible} if implausible else {})}
     patient_edges, visit_edges = _bin_columns(cfg, patients, visits, where, stats)
     calendar_tokens = add_calendar_columns(visits, cfg.calendar.tokens) if cfg.calendar.enabled else []
     categories = _categories(visits, cfg.visit_categories)
@@ -234,6 +292,7 @@ def preprocess(config: str | Path | dict | DatasetConfig, out_dir: str | Path, p
         A summary dict (also written to ``meta.json``).
     """
     t0 = time.perf_counter()
+    storage.check_output(out_dir, overwrite=overwrite)     # before the config and the raw data are read
     cfg = load_config(config)
     raw_dir = raw if raw is not None else cfg.raw_path(profile)
     if raw is not None and not storage.exists(raw):

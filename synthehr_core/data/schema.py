@@ -166,6 +166,7 @@ def validate_tables(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.Data
 
 def read_tables(tables_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Read and validate a tables directory; returns (patients, visits, codes) as DataFrames."""
+    storage.require_complete(tables_dir, "preprocess / sample / kde-sample / merge")
     missing = [f for f in TABLE_FILES.values() if not storage.exists(storage.join(tables_dir, f))]
     if missing:
         raise SchemaError(f"{tables_dir}: not a tables directory, missing {missing}. "

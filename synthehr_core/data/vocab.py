@@ -108,6 +108,7 @@ class Vocab:
 
     @classmethod
     def load(cls, path) -> "Vocab":
+        storage.require_complete(path, "preprocess (or train / sample)")
         return cls.from_json(storage.read_json(path), where=str(path))
 
 

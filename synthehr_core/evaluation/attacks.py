@@ -10,7 +10,8 @@ products in chunks of query rows. HALO skips visits of the candidate beyond the 
 Attribute inference uses the patient-level multi-hot (codes anywhere in the record), as HALO's attack does.
 
 Exact copies are counted over the **whole** cohorts with a 64-bit hash of (labels, ordered visit code sets); the
-other attacks run on seeded samples of ``privacy_sample`` records per group.
+other attacks use every record of the smaller real group up to ``privacy_sample`` (the stated limit) per group,
+as seeded samples, and report 95 % bootstrap intervals (``intervals.py``) with the records behind them.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from sklearn.metrics import roc_auc_score
 
 from ..randomness import numpy_rng
 from .cohort import Cohort
+from .intervals import interval, proportion_boots, weights
+from .utility import weighted_auc
 
 CHUNK_CELLS = 8_000_000        # query rows x reference rows per chunk (~32 MB of float32)
 DENSE_LIMIT = 100_000_000      # reference cells (rows x columns) up to which the reference is densified
@@ -64,7 +67,8 @@ def record_hashes(c: Cohort) -> np.ndarray:
     return _mix(rec)
 
 
-def exact_copies(train: Cohort, test: Cohort, synth: Cohort) -> dict[str, float]:
+def exact_copies(train: Cohort, test: Cohort, synth: Cohort, rng: np.random.Generator | None = None,
+                 intervals: dict | None = None) -> dict[str, float]:
     h_tr, h_te, h_sy = record_hashes(train), record_hashes(test), record_hashes(synth)
     in_train = np.isin(h_sy, h_tr)
     m = {"privacy.exact_copies": float(in_train.sum()),
@@ -73,7 +77,15 @@ def exact_copies(train: Cohort, test: Cohort, synth: Cohort) -> dict[str, float]
     if len(h_te):
         # the natural rate of duplicates: short, common records occur in any two samples of real patients
         m["privacy.exact_copies_of_test"] = float(np.isin(h_sy, h_te).sum())
-        m["privacy.test_in_train_rate"] = float(np.isin(h_te, h_tr).mean())
+        chance = np.isin(h_te, h_tr)
+        m["privacy.test_in_train_rate"] = float(chance.mean())
+        # copies beyond chance: a cohort from the real distribution repeats training records as often as held-out
+        # real records do (short common records); only the excess is memorisation
+        m["privacy.exact_copy_excess"] = m["privacy.exact_copy_rate"] - m["privacy.test_in_train_rate"]
+        if rng is not None and intervals is not None and len(h_sy):
+            boots = proportion_boots(in_train, rng) - proportion_boots(chance, rng)
+            intervals["privacy.exact_copy_excess"] = interval(
+                boots, len(h_sy), f"{len(h_sy)} synthetic and {len(h_te)} held-out")
     return m
 
 
@@ -139,9 +151,10 @@ def _f1(y: sp.spmatrix, p: sp.spmatrix) -> float:
 def privacy(train: Cohort, test: Cohort, synth: Cohort, privacy_sample: int, seed: int) -> dict:
     """All privacy metrics plus the DCR samples the report draws."""
     rng = numpy_rng(seed, "privacy")   # not the utility stream
-    m = exact_copies(train, test, synth)
+    iv: dict[str, dict] = {}
+    m = exact_copies(train, test, synth, rng, iv)
     notes: list[str] = []
-    out = {"metrics": m, "notes": notes, "dcr": None}
+    out = {"metrics": m, "notes": notes, "dcr": None, "intervals": iv}
     if not test.n_patients or not synth.n_patients:
         notes.append("privacy: no held-out test records (or no synthetic records); DCR, MIA, NNAA and attribute "
                      "inference skipped. Give the real tables a 'test' split.")
@@ -154,7 +167,11 @@ def privacy(train: Cohort, test: Cohort, synth: Cohort, privacy_sample: int, see
                 synth.n_visits_per_patient.max(initial=1)))
     A_tr, A_te, A_sy_all = aligned_matrix(tr, T), aligned_matrix(te, T), aligned_matrix(synth, T)
     nv = {"tr": tr.n_visits_per_patient, "te": te.n_visits_per_patient, "sy": sy.n_visits_per_patient}
-    m["privacy.sample_size"] = float(n)
+    m["privacy.sample_size"] = float(n)            # records per group actually attacked
+    m["privacy.limit"] = float(privacy_sample)
+    if n < privacy_sample:
+        notes.append(f"privacy: the attacks used {n} members and {n} non-members (all records of the smaller real "
+                     f"split; limit {privacy_sample}).")
 
     # distance to closest record: each sampled real record against every synthetic record
     d_tr, _ = nearest(A_tr, A_sy_all, nv["tr"], synth.n_visits_per_patient)
@@ -179,6 +196,10 @@ def privacy(train: Cohort, test: Cohort, synth: Cohort, privacy_sample: int, see
     pr, rc = m["privacy.mia.precision"], m["privacy.mia.recall"]
     m["privacy.mia.f1"] = 2 * pr * rc / (pr + rc) if pr + rc else 0.0
     m["privacy.mia.auc"] = float(roc_auc_score(y, -d))
+    # intervals over the attacked records, the attack's guesses held fixed
+    who = f"{len(d_tr)} members + {len(d_te)} non-members"
+    iv["privacy.mia.accuracy"] = interval(proportion_boots(guess == (y == 1), rng), len(d), who)
+    iv["privacy.mia.auc"] = interval(weighted_auc(y, -d, weights(len(d), rng)), len(d), who)
 
     # NNAA (Yale et al. 2020; HALO's evaluate_privacy_nearest.py), on the samples
     A_sy = aligned_matrix(sy, T)
@@ -188,11 +209,13 @@ def privacy(train: Cohort, test: Cohort, synth: Cohort, privacy_sample: int, see
         d_sr, _ = nearest(A_sy, A_r, nv["sy"], nv_r)
         d_rr, _ = nearest(A_r, A_r, nv_r, nv_r, exclude_self=True)
         d_ss, _ = nearest(A_sy, A_sy, nv["sy"], nv["sy"], exclude_self=True)
-        return 0.5 * (float((d_rs > d_rr).mean()) + float((d_sr > d_ss).mean()))
+        a, b = d_rs > d_rr, d_sr > d_ss
+        return 0.5 * (float(a.mean()) + float(b.mean())), 0.5 * (proportion_boots(a, rng) + proportion_boots(b, rng))
 
     if n >= 2 and sy.n_patients >= 2:
-        m["privacy.nnaa.train"], m["privacy.nnaa.test"] = aa(A_tr, nv["tr"]), aa(A_te, nv["te"])
+        (m["privacy.nnaa.train"], b_tr), (m["privacy.nnaa.test"], b_te) = aa(A_tr, nv["tr"]), aa(A_te, nv["te"])
         m["privacy.nnaar"] = m["privacy.nnaa.test"] - m["privacy.nnaa.train"]
+        iv["privacy.nnaar"] = interval(b_te - b_tr, n, f"{n} train, {n} test and {sy.n_patients} synthetic")
 
     # attribute inference: know labels + top codes, predict the rest from the 1-NN reference record
     rec_prev = np.asarray(train.P.sum(axis=0)).ravel()
@@ -202,14 +225,22 @@ def privacy(train: Cohort, test: Cohort, synth: Cohort, privacy_sample: int, see
     m["privacy.attribute.n_known_codes"] = float(k)
     hid_tr = tr.P[:, hidden]
     if hid_tr.nnz:
-        def attack(ref: Cohort) -> float:
+        def attack(ref: Cohort) -> tuple[float, np.ndarray]:
             K_ref = sp.hstack([ref.L, ref.P[:, known]], format="csr")
             K_tr = sp.hstack([tr.L, tr.P[:, known]], format="csr")
             _, nn = nearest(K_tr, K_ref)
-            return _f1(hid_tr, ref.P[:, hidden][nn])
-        m["privacy.attribute.f1"] = attack(sy)
-        m["privacy.attribute.f1_baseline"] = attack(te)    # same-size held-out real reference
+            pred = ref.P[:, hidden][nn]
+            per = np.c_[np.asarray(hid_tr.multiply(pred).sum(axis=1)).ravel(),      # (targets, 2): tp, |y| + |p|
+                        np.asarray(hid_tr.sum(axis=1)).ravel() + np.asarray(pred.sum(axis=1)).ravel()]
+            return _f1(hid_tr, pred), per
+
+        m["privacy.attribute.f1"], per_sy = attack(sy)
+        m["privacy.attribute.f1_baseline"], per_te = attack(te)    # same-size held-out real reference
         m["privacy.attribute.f1_gap"] = m["privacy.attribute.f1"] - m["privacy.attribute.f1_baseline"]
+        W = weights(tr.n_patients, rng)                              # targets resampled, both attacks alike
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = [2 * (W @ p[:, 0]) / (W @ p[:, 1]) for p in (per_sy, per_te)]
+        iv["privacy.attribute.f1_gap"] = interval(f1[0] - f1[1], tr.n_patients, f"{tr.n_patients} targets")
     else:
         notes.append("privacy.attribute: the sampled training records have no codes outside the known set; skipped.")
     return out

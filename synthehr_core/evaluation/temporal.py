@@ -117,8 +117,9 @@ def temporal_metrics(real_visits: pd.DataFrame, synth_visits: pd.DataFrame, wint
     return {"metrics": m, "series": series}
 
 
-def temporal_figure(res: dict, title: str = "") -> str:
-    """The series of ``temporal_metrics`` as one ``<img>`` (matplotlib Agg, base64 PNG) for the HTML report."""
+def temporal_figure(res: dict, title: str = "", k: int = 0) -> str:
+    """The series of ``temporal_metrics`` as one ``<img>`` (matplotlib Agg, base64 PNG) for the HTML report;
+    real monthly counts of 1..k-1 visits are not drawn (the small-cell floor)."""
     from matplotlib.figure import Figure
 
     sr = res["series"]
@@ -131,7 +132,7 @@ def temporal_figure(res: dict, title: str = "") -> str:
         for a in ax_row:
             a.set_visible(False)
         dates = (x // 12 + 1970) + (x % 12) / 12.0
-        ax.plot(dates, rc, label="real", color="#1f77b4")
+        ax.plot(dates, np.where((rc > 0) & (rc < k), np.nan, rc), label="real", color="#1f77b4")
         ax.plot(dates, sc, label=f"synthetic x {sr['k']:.2f}", color="#ff7f0e")
         ax.set_title(f"{title} visits per month: {et}".strip(), fontsize=10)
         ax.legend(fontsize=8)

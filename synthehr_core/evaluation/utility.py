@@ -3,7 +3,8 @@
 One binary task per label value (``<col>=<value>`` one-vs-rest; a two-valued column gives one task). Features
 are the bag of codes (number of visits with each code). Logistic regression (sklearn, liblinear, C=1), trained on
 up to ``utility_sample`` records of each training source, tested on up to ``utility_sample`` real test records;
-AUROC with a percentile bootstrap interval over the test records. HALO (``evaluate_synthetic_training.py``)
+AUROC with a percentile bootstrap interval over the test records (one set of resamples shared by every task and
+both sources, so the mean AUROCs and their gap get intervals too). HALO (``evaluate_synthetic_training.py``)
 uses a BiLSTM on 5,000 records; a linear model keeps this stage CPU-only and fast.
 """
 from __future__ import annotations
@@ -17,9 +18,8 @@ from sklearn.linear_model import LogisticRegression
 
 from ..randomness import numpy_rng
 from .cohort import Cohort
+from .intervals import interval, weights
 
-N_BOOT = 200        # bootstrap resamples of the test set
-CI = 0.95
 
 
 def tasks(space_labels: pd.Index, columns: tuple[str, ...]) -> list[str]:
@@ -44,13 +44,15 @@ def weighted_auc(y: np.ndarray, score: np.ndarray, W: np.ndarray) -> np.ndarray:
         return (Gp * (below + 0.5 * Gn)).sum(axis=1) / (Gp.sum(axis=1) * Gn.sum(axis=1))
 
 
-def _auc_ci(y: np.ndarray, score: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
-    auc = float(weighted_auc(y, score, np.ones((1, len(y))))[0])
-    W = rng.multinomial(len(y), np.full(len(y), 1.0 / len(y)), size=N_BOOT)   # bootstrap resample counts
-    boots = weighted_auc(y, score, W)
-    boots = boots[np.isfinite(boots)]
-    lo, hi = np.quantile(boots, [(1 - CI) / 2, 1 - (1 - CI) / 2]) if len(boots) else (np.nan, np.nan)
-    return auc, float(lo), float(hi)
+def roc_curve_points(y: np.ndarray, score: np.ndarray, max_points: int = 200) -> dict[str, list[float]]:
+    """(fpr, tpr, threshold) at up to ``max_points`` score thresholds, descending (KFP ``log_roc_curve``)."""
+    t = np.unique(score)[::-1]
+    if len(t) > max_points:
+        t = t[np.linspace(0, len(t) - 1, max_points).round().astype(int)]
+    pos, neg = max(int((y == 1).sum()), 1), max(int((y == 0).sum()), 1)
+    above = score[None, :] >= t[:, None]
+    return {"fpr": ((above & (y == 0)).sum(axis=1) / neg).tolist(),
+            "tpr": ((above & (y == 1)).sum(axis=1) / pos).tolist(), "threshold": t.astype(float).tolist()}
 
 
 def _fit_score(Xtr: sp.csr_matrix, ytr: np.ndarray, Xte: sp.csr_matrix) -> np.ndarray:
@@ -74,6 +76,9 @@ def utility(train: Cohort, test: Cohort, synth: Cohort, utility_sample: int, see
         return np.sort(rng.choice(c.n_patients, size=min(utility_sample, c.n_patients), replace=False))
 
     i_tr, i_sy, i_te = pick(train), pick(synth), pick(test)
+    W = weights(len(i_te), rng)                           # bootstrap resamples of the test records, shared
+    boots: dict[str, list[np.ndarray]] = {"tstr": [], "trtr": [], "gap": []}
+    curves: dict[str, dict] = {}
     feats = {"real": (train.counts[i_tr], train.L[i_tr]), "synth": (synth.counts[i_sy], synth.L[i_sy])}
     X_te, L_te = test.counts[i_te], test.L[i_te]
     labels = train.space.labels
@@ -84,15 +89,25 @@ def utility(train: Cohort, test: Cohort, synth: Cohort, utility_sample: int, see
         if y_te.min() == y_te.max():
             notes.append(f"utility.{task}: the real test sample has one class; skipped.")
             continue
+        task_boots = {}
         for src, (X, L) in feats.items():
             y = L[:, j].toarray().ravel()
             if y.min() == y.max():
                 notes.append(f"utility.{task}: the {src} training sample has one class; {src} model skipped.")
                 continue
-            auc, lo, hi = _auc_ci(y_te, _fit_score(X, y, X_te), rng)
+            score = _fit_score(X, y, X_te)
+            auc = float(weighted_auc(y_te, score, np.ones((1, len(y_te))))[0])
             key = "tstr" if src == "synth" else "trtr"
+            task_boots[key] = weighted_auc(y_te, score, W)
+            ci = interval(task_boots[key], len(i_te))
             m[f"utility.{task}.{key}_auroc"] = auc
-            row.update({f"{key}_auroc": auc, f"{key}_lo": lo, f"{key}_hi": hi})
+            row.update({f"{key}_auroc": auc, f"{key}_lo": ci["lo"], f"{key}_hi": ci["hi"]})
+            if key == "tstr":
+                curves[task] = roc_curve_points(y_te, score)
+        for key, b in task_boots.items():
+            boots[key].append(b)
+        if len(task_boots) == 2:
+            boots["gap"].append(task_boots["trtr"] - task_boots["tstr"])
         rows.append(row)
     tab = pd.DataFrame(rows)
     for key in ("tstr", "trtr"):
@@ -102,4 +117,9 @@ def utility(train: Cohort, test: Cohort, synth: Cohort, utility_sample: int, see
         both = tab.dropna(subset=["tstr_auroc", "trtr_auroc"])
         m["utility.mean_auroc_gap"] = float((both["trtr_auroc"] - both["tstr_auroc"]).mean())
     m["utility.n_train"], m["utility.n_test"] = float(len(i_sy)), float(len(i_te))
-    return {"metrics": m, "notes": notes, "table": tab}
+    iv = {}
+    for key, name in (("tstr", "utility.mean_tstr_auroc"), ("trtr", "utility.mean_trtr_auroc"),
+                      ("gap", "utility.mean_auroc_gap")):
+        if boots[key] and name in m:
+            iv[name] = interval(np.nanmean(np.vstack(boots[key]), axis=0), len(i_te), f"{len(i_te)} real test")
+    return {"metrics": m, "notes": notes, "table": tab, "intervals": iv, "roc": curves}

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import importlib
 import io
+import pickle
+import warnings
 
 import torch
 
 from .. import storage
 from ..data.vocab import Vocab
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .halo import HALO, HaloConfig, MaskedLinear
 
 # model_type -> "module:class"; each class is built as cls(HaloConfig) and loads model.pt strictly
@@ -46,6 +48,7 @@ def write_checkpoint(out_dir, model: torch.nn.Module, vocab: Vocab, model_type: 
 
 def load_model(model_dir, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Vocab, dict]:
     """Load a checkpoint directory: ``(model in eval mode, vocab, config.json as a dict)``."""
+    storage.require_complete(model_dir, "train")
     missing = [f for f in ("model.pt", "config.json", "vocab.json") if not storage.exists(storage.join(model_dir, f))]
     if missing:
         raise ConfigError(f"{model_dir}: not a model checkpoint directory, missing {missing}. "
@@ -58,7 +61,14 @@ def load_model(model_dir, device: str | torch.device | None = None) -> tuple[tor
                           f"{config.n_labels}) disagree with vocab.json ({vocab.n_visit_tokens}, {vocab.n_labels}). "
                           "The checkpoint was assembled from different runs; re-run the train stage.")
     model = model_class(info.get("model_type", "halo"))(config)
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(model_dir, "model.pt"))),
-                       map_location="cpu", weights_only=True)
+    weights = storage.join(model_dir, "model.pt")
+    try:
+        with warnings.catch_warnings():   # a foreign pickle's protocol warning would precede the one-line error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(io.BytesIO(storage.read_bytes(weights)), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:   # truncated zip, crafted pickle
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"{weights}: not a readable weights file ({first}); it is truncated or was not written by "
+                        "the train stage. Re-run train (or copy the checkpoint again).") from exc
     model.load_state_dict(state)
     return model.to(device or "cpu").eval(), vocab, info

@@ -222,10 +222,10 @@ class SampleConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if not _is_int(self.seed) or self.seed < 0:
-            out.append(f"seed must be an int >= 0; got {self.seed!r}.")
-        if not _is_int(self.n_patients) or self.n_patients < 0:
-            out.append(f"n_patients must be an int >= 0; got {self.n_patients!r}.")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            out.append(f"seed must be an int in [0, 2**63); got {self.seed!r:.40}.")
+        if not _is_int(self.n_patients) or self.n_patients < 1:
+            out.append(f"n_patients must be an int >= 1 (a shard of 0 patients is empty); got {self.n_patients!r}.")
         if not _is_int(self.batch_size) or self.batch_size < 1:
             out.append(f"batch_size must be an int >= 1; got {self.batch_size!r}.")
         if not (_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0):

@@ -1,39 +1,70 @@
-"""Small, dependency-free renderings of stage outputs for pipeline UIs (no matplotlib, no kfp)."""
+"""The train stage's loss curve for pipeline UIs: one HTML page with a matplotlib PNG (Agg canvas, no pyplot).
+
+Training loss per step as a line, validation loss as markers (a run validated once still shows its point), log
+scale on the loss axis when it spans more than a factor of 10, and a title built from the run's meta.json (model,
+preset, steps), never from a pod-local path.
+"""
 from __future__ import annotations
 
+import base64
 import html
+import io
 import os
+
+import numpy as np
 
 from .. import storage
 
+COLOURS = {"train": "#1f77b4", "val": "#d62728"}
 
-def loss_curve_html(model_dir: str | os.PathLike, width: int = 640, height: int = 320) -> str:
-    """An HTML page with an inline SVG of the train/val loss per step from a checkpoint's ``history.parquet``."""
-    hist = storage.read_parquet(storage.join(model_dir, "history.parquet")).to_pandas()
-    pad = 40
-    title = f"Training loss ({html.escape(str(model_dir))})"
-    if hist.empty:
-        return f"<html><body><h3>{title}</h3><p>No loss was recorded.</p></body></html>"
-    x0, x1 = float(hist["step"].min()), float(max(hist["step"].max(), hist["step"].min() + 1))
-    y0, y1 = float(hist["loss"].min()), float(hist["loss"].max())
-    y1 = y1 if y1 > y0 else y0 + 1e-9
 
-    def xy(step: float, loss: float) -> str:
-        x = pad + (step - x0) / (x1 - x0) * (width - 2 * pad)
-        y = height - pad - (loss - y0) / (y1 - y0) * (height - 2 * pad)
-        return f"{x:.1f},{y:.1f}"
+def loss_figure_png(hist, title: str) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    colours = {"train": "#1f77b4", "val": "#d62728"}
-    lines = []
+    fig = Figure(figsize=(7.5, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for split, g in hist.groupby("split", sort=True):
-        pts = " ".join(xy(s, v) for s, v in zip(g["step"], g["loss"]))
-        lines.append(f'<polyline fill="none" stroke="{colours.get(split, "#555")}" stroke-width="1.5" points="{pts}"/>'
-                     f'<text x="{width - pad}" y="{pad + 14 * len(lines)}" text-anchor="end" '
-                     f'fill="{colours.get(split, "#555")}">{html.escape(str(split))}</text>')
-    axes = (f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>'
-            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>'
-            f'<text x="{pad}" y="{height - 10}">step {x0:g}</text>'
-            f'<text x="{width - pad}" y="{height - 10}" text-anchor="end">step {x1:g}</text>'
-            f'<text x="4" y="{pad - 6}">{y1:.4g}</text><text x="4" y="{height - pad}">{y0:.4g}</text>')
-    svg = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">{axes}{"".join(lines)}</svg>'
-    return f"<html><body><h3>{title}</h3>{svg}</body></html>"
+        g = g.sort_values("step")
+        style = {"marker": "o", "ms": 5, "lw": 1.2} if split != "train" or len(g) < 3 else {"lw": 1.2}
+        ax.plot(g["step"], g["loss"], color=COLOURS.get(split, "#555"), label=f"{split} loss", **style)
+    loss = hist["loss"].to_numpy(float)
+    pos = loss[loss > 0]
+    if len(pos) and pos.max() / pos.min() > 10:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss (masked BCE per token)" + (", log scale" if ax.get_yscale() == "log" else ""))
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _title(model_dir) -> str:
+    meta_path = storage.join(model_dir, "meta.json")
+    meta = storage.read_json(meta_path) if storage.exists(meta_path) else {}
+    if not meta:
+        return "Training loss"
+    parts = [str(meta.get("model_type", "")).upper(), f"preset {meta.get('preset')}" if meta.get("preset") else "",
+             f"{meta.get('steps')} steps" if meta.get("steps") is not None else "",
+             f"ε = {meta['dp_epsilon']:.3g}" if meta.get("dp_epsilon") else ""]
+    return "Training loss: " + ", ".join(p for p in parts if p)
+
+
+def loss_curve_html(model_dir: str | os.PathLike) -> str:
+    """An HTML page with the train/val loss per step from a checkpoint's ``history.parquet``."""
+    hist = storage.read_parquet(storage.join(model_dir, "history.parquet")).to_pandas()
+    title = _title(model_dir)
+    if hist.empty:
+        return f"<html><body><h3>{html.escape(title)}</h3><p>No loss was recorded.</p></body></html>"
+    png = base64.b64encode(loss_figure_png(hist, title)).decode()
+    val = hist[hist["split"] == "val"]
+    best = f"best validation loss {val['loss'].min():.4g} at step {int(val.loc[val['loss'].idxmin(), 'step'])}" \
+        if len(val) and np.isfinite(val["loss"]).any() else "no validation loss recorded"
+    return (f"<html><head><meta charset='utf-8'></head><body style='font-family:sans-serif'>"
+            f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'><p>{html.escape(best)}</p>"
+            "</body></html>")

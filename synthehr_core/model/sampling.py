@@ -737,6 +737,7 @@ def sample_to_dir(model_dir, out_dir, config: SampleConfig | None = None, *, dev
         a JSON-able summary (also written to ``meta.json``).
     """
     config = _sample_config(config, options)
+    storage.check_output(out_dir, overwrite=overwrite)     # before the checkpoint is read
     model, vocab, info = load_model(model_dir, device)
     use_probs = _label_mix(model_dir, config.condition, vocab)
     rules = load_row_rules(model_dir, vocab)

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -59,9 +60,30 @@ CKPT_DIR = "checkpoints"
 
 # ---------------------------------------------------------------------------------------------- pieces
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    if device is not None:
+    """``device``, or for None / "auto" the GPU when torch sees one, else the CPU. A silent CPU fallback on a
+    machine that was given a GPU (a pod with ``nvidia.com/gpu``: NVIDIA_VISIBLE_DEVICES names devices, or
+    /dev/nvidia0 exists) is refused: it is a CPU-only torch build or a broken driver, and would run for days."""
+    if device is not None and device != "auto":
         return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    gpu = _assigned_gpu()
+    if gpu:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"device='auto': this machine was given a GPU ({gpu}) but torch {torch.__version__} "
+                          f"({build}) cannot use it, in image {os.environ.get('SYNTHEHR_IMAGE', '(unknown: SYNTHEHR_IMAGE unset)')}. "
+                          "Build the GPU stages with CUDA torch (`make images-push`, docs/deploy.md), check the "
+                          "node's NVIDIA driver, or pass device='cpu' to run on the CPU on purpose.")
+    return torch.device("cpu")
+
+
+def _assigned_gpu() -> str:
+    """What says this machine has a GPU for us ("" = nothing): the device plugin's NVIDIA_VISIBLE_DEVICES (GPU
+    ids; "all" alone is only a CUDA base image's default), or a device node."""
+    visible = os.environ.get("NVIDIA_VISIBLE_DEVICES", "").strip()
+    if visible and visible not in ("void", "none", "all"):
+        return f"NVIDIA_VISIBLE_DEVICES={visible}"
+    return "/dev/nvidia0" if os.path.exists("/dev/nvidia0") else ""
 
 
 def make_model(model_type: str, config: HaloConfig, seed: int, rules=None) -> torch.nn.Module:

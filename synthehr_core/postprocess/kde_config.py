@@ -368,12 +368,9 @@ def load_kde_config(config: KDEConfig | Mapping | str | os.PathLike, where: str 
             raise ConfigError(f"KDE config {show(text_path)}: no such file and no bundled config of that name; "
                               f"bundled: {known}. Pass a path, a bundled name or a dict.")
         text_path = str(bundled)
-    import yaml
+    from ..yamlio import load_yaml_file
 
-    try:
-        raw = yaml.safe_load(storage.read_text(text_path))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{text_path}: not valid YAML ({str(exc)[:300]}). Fix the syntax.") from exc
+    raw = load_yaml_file(text_path)
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{text_path}: a KDE config must be a mapping with 'variable_config'; got {type(raw).__name__}.")
     return validate_kde_config(raw, where or text_path)

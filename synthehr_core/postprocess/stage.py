@@ -56,6 +56,7 @@ def _write_calendar_tables(train: pd.DataFrame, tv: pd.DataFrame, min_count: int
 def generate_kde_grids_to_dir(tables_dir: str, kde_config: KDEConfig | Mapping | str, out_dir: str,
                               overwrite: bool = False) -> dict:
     """Stage entry point: fit grids on the *train* split of a canonical tables dir; write grids, config and meta."""
+    storage.check_output(out_dir, overwrite=overwrite)     # before any input is read
     cfg = load_kde_config(kde_config)
     patients, visits, codes = read_tables(tables_dir)
     visits = add_code_columns(visits, codes, cfg.code_columns)
@@ -110,6 +111,8 @@ def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, o
     Each variable draws from its own stream ``numpy_rng(seed, i)`` (i = config order), the visit times from stream
     ``n`` and the calendar dating from ``n + 1`` (randomness.py), so adding a variable does not change the others.
     """
+    storage.check_output(out_dir, overwrite=overwrite)     # before any input is read
+    storage.require_complete(grids_dir, "kde-grids")
     cfg = load_kde_config(storage.read_json(storage.join(grids_dir, CONFIG_FILE)),
                           where=storage.join(grids_dir, CONFIG_FILE))
     patients, visits, codes = read_tables(shard_dir)
@@ -139,7 +142,7 @@ def sample_kde_to_dir(shard_dir: str, grids_dir: str, out_dir: str, seed: int, o
         write_tables(tmp, patients, visits, codes)
         if vocab is not None:
             storage.write_json(storage.join(str(tmp), "vocab.json"), vocab)
-        meta = {"seed": seed, "shard_dir": str(shard_dir), "grids_dir": str(grids_dir), "config_hash": cfg.config_hash(),
+        meta = {"stage": "kde-sample", "seed": seed, "shard_dir": str(shard_dir), "grids_dir": str(grids_dir), "config_hash": cfg.config_hash(),
                 "n_patients": len(patients), "n_visits": len(visits), "variables": reports,
                 "backoff_counts": {k: r["n_backoff"] for k, r in reports.items()},
                 "disagreement_counts": {k: r["n_uniform_fallback"] for k, r in reports.items()},

@@ -18,13 +18,14 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from .. import errors
+
 SHOW_CHARS = 80          # longest value echoed in a message: a hostile 1 MB list must not become a 1 MB error
 VALUE, SECTION = "kde_value", "kde_section"   # error kinds: "key = value msg" and "key: msg"
 
 
 def show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= SHOW_CHARS else text[:SHOW_CHARS - 3] + "..."
+    return errors.show(value, SHOW_CHARS)
 
 
 def is_num(x: Any) -> bool:

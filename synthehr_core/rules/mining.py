@@ -588,6 +588,7 @@ def _close(specs: dict[str, list[tuple]]) -> None:
 def mine_rules_to_dir(tables_dir: str | Path, out_dir: str | Path, split: str = "train", **thresholds: Any) -> dict:
     """The rules stage: mine ``rules.json`` from a tables directory's training split into ``out_dir``."""
     th = Thresholds.make(**thresholds)
+    storage.check_output(out_dir, overwrite=True)          # the rules stage replaces its output; writable, unlocked
     vocab = Vocab.load(storage.join(tables_dir, "vocab.json"))
     patients, visits, codes = read_tables(tables_dir)
     rules = mine_rules(patients, visits, codes, vocab, th, split=split)

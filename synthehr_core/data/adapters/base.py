@@ -66,29 +66,85 @@ def resolve_file(raw: str, stem: str, suffixes: Iterable[str] = (".csv", ".csv.g
                             "Point the config's `raw` path at the directory that holds the extract.")
 
 
+HEADER_BYTES = 1 << 16     # the header line of a raw table must fit in the first 64 KiB
+
+
+def _gzip_error(path: str, exc: BaseException) -> DataError:
+    if isinstance(exc, EOFError):
+        return DataError(f"{path}: the gzip file ends early ({exc}): a truncated copy or download. Copy the "
+                         "file again (or pass the uncompressed .csv).")
+    return DataError(f"{path}: not a valid gzip file ({exc}). Re-download it or pass the .csv.")
+
+
+def _utf8_error(path: str, raw: bytes, exc: UnicodeDecodeError) -> DataError:
+    line = raw[: exc.start].count(b"\n") + 1
+    return DataError(f"{path}: byte {exc.start} (line {line}) is not valid UTF-8 "
+                     f"({raw[exc.start:exc.start + 8]!r}). Re-export the file as UTF-8 "
+                     "(e.g. `iconv -f latin1 -t utf-8`).")
+
+
+def _names(columns: Iterable[str], limit: int = 30) -> str:
+    cols = sorted(str(c)[:60] for c in columns)
+    return f"{cols[:limit]}{f' and {len(cols) - limit} more' if len(cols) > limit else ''}"
+
+
+def check_header(path: str, table: str, required: Iterable[str], *, sep: str = ",",
+                 normalise_case: bool = False) -> list[str] | None:
+    """Read only the first line of a local raw CSV (``.csv`` or ``.csv.gz``) and check its columns, so a wrong
+    or garbage file fails in milliseconds, not after being parsed whole. Returns the header (None for a
+    non-local path: an object-store file is checked after it is read)."""
+    import csv
+    import gzip
+
+    if storage.is_gcs(path) or "://" in str(path) or not Path(path).is_file():
+        return None
+    with open(path, "rb") as f:
+        try:
+            head = gzip.GzipFile(fileobj=f).read(HEADER_BYTES) if str(path).endswith(".gz") else f.read(HEADER_BYTES)
+        except (OSError, EOFError) as exc:
+            raise _gzip_error(path, exc) from exc
+    if not head.strip():
+        raise DataError(f"{path}: the {table} table is empty (0 bytes of data). Check the export.")
+    end = head.find(b"\n")
+    if end < 0 and len(head) == HEADER_BYTES:
+        raise DataError(f"{path}: the first {HEADER_BYTES // 1024} KiB hold no line break, so there is no header "
+                        f"line: this is not a CSV {table} table. Check the file.")
+    line = head if end < 0 else head[:end]
+    try:
+        text = line.decode("utf-8").removeprefix("\ufeff").rstrip("\r")
+    except UnicodeDecodeError as exc:
+        raise _utf8_error(path, head, exc) from exc
+    header = next(csv.reader([text], delimiter=sep), [])
+    names = [h.lower() for h in header] if normalise_case else header
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise SchemaError(f"{path}: {table} table lacks column(s) {missing}; found {_names(names)}."
+                          + (" Headers are matched case-insensitively." if normalise_case else ""))
+    return header
+
+
 def read_csv_checked(path: str, table: str, required: dict[str, str], *, sep: str = ",",
                      normalise_case: bool = False, nrows: int | None = None) -> pd.DataFrame:
     """Read a CSV with clear errors for the usual raw-data problems.
 
-    ``required`` maps column -> kind ('str', 'int', 'float', 'datetime'). Columns are read as strings first so
-    codes keep leading zeros; each required column is then converted, and a failed conversion names the column
-    and shows bad values. Non-UTF-8 bytes, empty files, missing columns and NaN in id columns are errors.
+    ``required`` maps column -> kind ('str', 'int', 'float', 'datetime'). The header line is checked first
+    (:func:`check_header`), before the file is read whole. Columns are read as strings first so codes keep
+    leading zeros; each required column is then converted, and a failed conversion names the column and shows
+    bad values. Non-UTF-8 bytes, empty or truncated files, missing columns and NaN in id columns are errors.
     """
+    check_header(path, table, required, sep=sep, normalise_case=normalise_case)
     raw = storage.read_bytes(path)
     if path.endswith(".gz"):
         import gzip
 
         try:
             raw = gzip.decompress(raw)
-        except OSError as exc:
-            raise DataError(f"{path}: not a valid gzip file ({exc}). Re-download it or pass the .csv.") from exc
+        except (OSError, EOFError) as exc:
+            raise _gzip_error(path, exc) from exc
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}: byte {exc.start} (line {line}) is not valid UTF-8 "
-                        f"({raw[exc.start:exc.start + 8]!r}). Re-export the file as UTF-8 "
-                        "(e.g. `iconv -f latin1 -t utf-8`).") from exc
+        raise _utf8_error(path, raw, exc) from exc
     if not text.strip():
         raise DataError(f"{path}: the {table} table is empty (0 bytes of data). Check the export.")
     try:
@@ -108,7 +164,7 @@ def convert_checked(df: pd.DataFrame, path: str, table: str, required: dict[str,
         df = df.rename(columns=lowered)
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise SchemaError(f"{path}: {table} table lacks column(s) {missing}; found {sorted(df.columns)}."
+        raise SchemaError(f"{path}: {table} table lacks column(s) {missing}; found {_names(df.columns)}."
                           + (" Headers are matched case-insensitively." if normalise_case else ""))
     if df.empty:
         raise DataError(f"{path}: the {table} table has a header but no rows. Check the export.")

@@ -30,7 +30,7 @@ import pyarrow.csv as pacsv
 from ... import storage
 from ...errors import ConfigError, DataError, SchemaError, bullet_list
 from ..schema import WEEKDAYS, calendar_parts
-from .base import DropReport, RawCohort, read_csv_checked, require_not_null, require_unique, resolve_file
+from .base import DropReport, RawCohort, check_header, read_csv_checked, require_not_null, require_unique, resolve_file
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def check_options(options: dict) -> dict:
 
 def read_encounters(path: str) -> pd.DataFrame:
     """Read and check ``encounters.csv`` with pyarrow (multi-threaded, typed); errors name column and values."""
+    check_header(path, "encounters", RAW_COLUMNS)
     with storage.local_copy(path) as local:
         try:
             table = pacsv.read_csv(str(local), convert_options=pacsv.ConvertOptions(

@@ -49,7 +49,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ... import storage
-from ...errors import ConfigError, DataError, bullet_list
+from ...errors import ConfigError, DataError, SchemaError, bullet_list, show
 from ..schema import WEEKDAYS, calendar_parts
 from .base import DropReport, RawCohort, convert_checked, read_csv_checked, require_not_null, require_unique
 
@@ -183,8 +183,9 @@ def check_options(options: dict) -> TablesOptions:
     try:
         opts = TablesOptions(**options)
     except ValidationError as exc:
-        lines = [f"adapter_options.{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                 f" (got {e['input']!r})" for e in exc.errors()]
+        lines = [f"adapter_options.{'.'.join(str(p)[:40] for p in e['loc'])}: "
+                 + ("unknown key; remove it or check its spelling." if e["type"] == "extra_forbidden" else
+                    f"{e['msg'].removeprefix('Value error, ')[:300]} (got {show(e['input'])})") for e in exc.errors()]
         raise ConfigError("the tables adapter's options are invalid:\n" + bullet_list(lines)) from None
     return _lower(opts) if opts.normalise_case else opts
 
@@ -244,6 +245,23 @@ def resolve_files(raw: str, pattern: str) -> list[str]:
     return hits
 
 
+def _read_parquet(local, path: str, table: str, required: dict[str, str], normalise_case: bool) -> pd.DataFrame:
+    """A raw parquet table, its schema (the footer) checked before the rows are read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(local).names
+        have = [n.lower() for n in names] if normalise_case else names
+        missing = [c for c in required if c not in have]
+        if missing:
+            raise SchemaError(f"{path}: {table} table lacks column(s) {missing}; found {sorted(names)[:30]}."
+                              + (" Headers are matched case-insensitively." if normalise_case else ""))
+        return pd.read_parquet(local)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable parquet file ({str(exc)[:200]}). Re-export it.") from exc
+
+
 def read_table(raw: str, pattern: str, table: str, required: dict[str, str], normalise_case: bool,
                max_rows: int | None = None) -> tuple[pd.DataFrame, str]:
     """Every file matching ``pattern``, read and checked, concatenated; returns (frame, description of the files)."""
@@ -252,7 +270,7 @@ def read_table(raw: str, pattern: str, table: str, required: dict[str, str], nor
     for path in paths:
         if path.endswith(".parquet"):
             with storage.local_copy(path) as local:
-                df = pd.read_parquet(local)
+                df = _read_parquet(local, path, table, required, normalise_case)
             df = df.head(max_rows) if max_rows else df
             df = df.astype("object").where(df.notna(), None).astype("string").astype(object)
             frames.append(convert_checked(df, path, table, required, normalise_case=normalise_case))
