@@ -7,8 +7,10 @@ PYTEST_ARGS ?= -q
 SYNTHEHR := $(VENV)/bin/synthehr
 BASE_IMAGE ?= python:3.11-slim-bookworm
 STAMP := $(VENV)/.installed
+PYH_VENV ?= .venv-pyhealth
+PYH_STAMP := $(PYH_VENV)/.installed
 
-.PHONY: install demo test test-fast test-images compile check-compiled wheelhouse images images-push images-plan images-lock lint-docker lint format bench clean help
+.PHONY: install demo test test-fast test-images compile check-compiled wheelhouse images images-push images-plan images-lock lint-docker lint format bench pyhealth-env bench-fidelity clean help
 
 ## help: list the targets
 help:
@@ -84,6 +86,27 @@ format: $(STAMP)
 ## bench: run every benchmark (prints tables; minutes)
 bench: $(STAMP)
 	for b in bench/preprocess.py bench/sample.py bench/train.py bench/kde.py bench/evaluate.py; do $(PY) $$b || exit 1; done
+
+## pyhealth-env: PyHealth 2.1.0 in its own venv (.venv-pyhealth) for bench/fidelity.py (its HALO import path only)
+$(PYH_STAMP): bench/pyhealth-requirements.txt
+	test -x $(PYH_VENV)/bin/python || $(PYTHON) -m venv $(PYH_VENV)
+	# torchvision (imported by pyhealth.processors) exists only as PyPI's CUDA build, whose _C.so links
+	# libtorch_cuda: the CPU torch of .venv does not load it, so this venv takes PyPI's torch 2.13.0 build
+	# (same version, run on the CPU here; no pip config and no find-links skip the local +cpu wheel)
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(PYH_VENV)/bin/python -m pip install -q torch==2.13.0 torchvision==0.28.0
+	# PyHealth declares Python >= 3.12: install it without its dependency list, then only what its HALO
+	# import path needs (bench/pyhealth-requirements.txt)
+	$(PYH_VENV)/bin/python -m pip install -q --ignore-requires-python --no-deps pyhealth==2.1.0
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(PYH_VENV)/bin/python -m pip install -q -r bench/pyhealth-requirements.txt
+	$(PYH_VENV)/bin/python -c "import pyhealth.models.generators.halo"
+	touch $(PYH_STAMP)
+
+pyhealth-env: $(PYH_STAMP)
+
+## bench-fidelity: synthehr HALO/ConSequence vs PyHealth's HALO at equal budget (simulated cohort + MIMIC-III demo)
+bench-fidelity: $(STAMP) $(PYH_STAMP)
+	$(PY) bench/fidelity.py --dataset sim
+	$(PY) bench/fidelity.py --dataset mimic3
 
 ## clean: remove run outputs and caches (keeps .venv)
 clean:

@@ -134,7 +134,9 @@ class TestLoss:
         cons.load_state_dict(halo.state_dict())
         logits, loss_c = cons(X, mask)
         _, loss_h = halo(X, mask)
-        fired, _ = cons.rules.fired(X)
+        fired, _ = cons.rules.fired(X, causal=True)
+        everything, _ = cons.rules.fired(X)
+        assert not (fired & ~everything).any() and (everything & ~fired).any()   # only the causal rules
         assert int((fired & mask[:, 1:].bool()).sum()) > 100
         weight = mask[:, 1:] * (~fired).float()
         manual = F.binary_cross_entropy_with_logits(logits, X[:, 1:], weight=weight)  # mean over all B*(T-1)*V
@@ -146,7 +148,7 @@ class TestLoss:
         inside = fired & mask[:, 1:].bool().expand_as(fired)
         probs = cons.rules.fix_probs(logits, X)  # train data obeys its rules: fixed probabilities are the targets
         assert torch.equal(probs[inside], X[:, 1:][inside])
-        assert torch.equal(probs[~fired], torch.sigmoid(logits)[~fired])
+        assert torch.equal(probs[~everything], torch.sigmoid(logits)[~everything])
 
 
 def test_categorical_heads_still_learn_where_rules_fix_members(broken):
@@ -208,3 +210,36 @@ def test_cuda_training_and_sampling_with_rules(tmp_path):
     rows = sample(model, vocab, 300, seed=3, batch_size=100, rules=compile_rules(rules, vocab), progress=False)
     p, v, c, _ = decode_rows(rows, vocab, seed=3)
     assert check_violations(rules, p, v, c, vocab)["total_violations"] == 0
+
+
+def test_new_families_hold_in_consequence_samples(tmp_path):
+    """Issue 17: mutual exclusion, ordinal stages and event type x weekday, mined on the simulator's train split
+    (kept if they hold on val), enforced in sampling: 0 violations, and the weekday (a required single-valued
+    variable a rule would erase) is drawn again instead of left empty."""
+    from synthehr_core.data.fixtures import longitudinal
+    from synthehr_core.data.preprocess import preprocess
+    from synthehr_core.data.vocab import Vocab
+    from synthehr_core.rules.ruleset import save_rules
+
+    raw = longitudinal.write_raw(tmp_path / "raw", 1200, seed=2)
+    preprocess(longitudinal.dataset_config(raw), tmp_path / "t")
+    vocab = Vocab.load(tmp_path / "t" / "vocab.json")
+    p, v, c = read_tables(tmp_path / "t")
+    rules = mine_rules(p, v, c, vocab, split="train", val_split="val")
+    fams = {r.family for r in rules}
+    assert {"mutual_exclusion", "ordinal", "value_exclusion"} <= fams
+    (tmp_path / "r").mkdir()
+    save_rules(tmp_path / "r" / "rules.json", rules)
+    train_to_dir(tmp_path / "t", tmp_path / "m", model_type="consequence", rules_dir=tmp_path / "r", epochs=1,
+                 batch_size=64, lr=3e-3, eval_every=None, progress=False)
+    sample_to_dir(tmp_path / "m", tmp_path / "s", seed=5, n_patients=300, batch_size=150)
+    sp, sv, sc = read_tables(tmp_path / "s")
+    m = check_violations(rules, sp, sv, sc, vocab)
+    assert m["total_violations"] == 0 and m["n_patients"] > 200, m["violations_by_family"]
+    assert sv["cal_weekday"].notna().all() and sv["event_type"].notna().all()
+    assert not ((sv["event_type"] == "ELECTIVE") & sv["cal_weekday"].isin(["Sat", "Sun"])).any()
+    # the same checkpoint without its rules breaks some of them (the untrained structure is not learnt)
+    model, vocab2, _ = load_model(tmp_path / "m")
+    rows = sample(model, vocab2, 300, seed=5, batch_size=150, progress=False)
+    hp, hv, hc, _ = decode_rows(rows, vocab2, seed=5)
+    assert check_violations(rules, hp, hv, hc, vocab)["total_violations"] > 0

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from synthehr_core.data.fixtures.longitudinal import STAGES
 from synthehr_core.data.toy import make_toy_tables, toy_vocab, write_toy_tables
 from synthehr_core.data.vocab import build_vocab
 from synthehr_core.errors import ConfigError, SchemaError
@@ -237,3 +238,75 @@ def test_rules_module_does_not_import_torch():
             "r.check_violations(r.mine_rules(p, v, c, t.toy_vocab(c, p)), p, v, c, t.toy_vocab(c, p));"
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------- issue 17 families
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    """The longitudinal simulator (CKD stages, electives on weekdays only), preprocessed: (patients, visits, codes,
+    vocab)."""
+    from synthehr_core.data.fixtures import longitudinal
+    from synthehr_core.data.preprocess import preprocess
+    from synthehr_core.data.schema import read_tables
+    from synthehr_core.data.vocab import Vocab
+
+    d = tmp_path_factory.mktemp("sim")
+    raw = longitudinal.write_raw(d / "raw", 1500, seed=1)
+    preprocess(longitudinal.dataset_config(raw), d / "t")
+    return (*read_tables(d / "t"), Vocab.load(d / "t" / "vocab.json"))
+
+
+def _by(rules, family):
+    return {(r.past_pos or r.cur_pos, r.output) for r in rules if r.family == family}
+
+
+class TestLongitudinalFamilies:
+    def test_planted_structure_is_mined(self, sim):
+        p, v, c, vocab = sim
+        rules = mine_rules(p, v, c, vocab, split="train", val_split="val")
+        stage = {f"dx:{s}": i for i, s in enumerate(STAGES)}
+        mutex = {(a[0], b) for a, b in _by(rules, "mutual_exclusion") if a[0] in stage and b in stage}
+        assert mutex and all((b, a) in mutex for a, b in mutex)            # both directions of each pair
+        ordinal = _by(rules, "ordinal")
+        assert ordinal and all(a[0] in stage and b in stage for a, b in ordinal)
+        assert all(stage[a[0]] > stage[b] for a, b in ordinal)             # a later stage seen => no earlier one
+        assert {(("evt:ELECTIVE",), "cal:weekday=Sat"), (("evt:ELECTIVE",), "cal:weekday=Sun")} \
+            <= _by(rules, "value_exclusion")
+        assert not any(r.output.startswith("cal:weekday=") and r.cur_pos == ("evt:EMERGENCY",) for r in rules)
+        ordinal = next(r for r in rules if r.family == "ordinal")
+        assert ordinal.past_visits == "all" and ordinal.value == 0 and ordinal.support > 0
+        m = check_violations(rules, p[p["split"] == "train"], v, c, vocab)
+        assert m["total_violations"] == 0                                   # exceptionless on train
+
+    def test_rules_that_fail_on_val_are_dropped(self, sim):
+        p, v, c, vocab = sim
+        val = set(p.loc[p["split"] == "val", "patient_id"])
+        everything = mine_rules(p, v, c, vocab, split="train")
+        (a,), b = sorted(x for x in _by(everything, "mutual_exclusion") if x[0][0].startswith("dx:585"))[0]
+        sa = c[(c["code"] == a) & c["patient_id"].isin(val)]
+        assert len(sa)
+        broken = pd.concat([c, sa.assign(code=b)], ignore_index=True)          # two stages in one val visit
+        kept = mine_rules(p, v, broken, vocab, split="train", val_split="val")
+        assert ((a,), b) in _by(mine_rules(p, v, broken, vocab, split="train"), "mutual_exclusion")
+        assert ((a,), b) not in _by(kept, "mutual_exclusion") and ((b,), a) not in _by(kept, "mutual_exclusion")
+        assert _by(kept, "value_exclusion") == _by(everything, "value_exclusion")   # the others stay
+
+    def test_checker_counts_the_new_families(self, sim):
+        p, v, c, vocab = sim
+        rules = [r for r in mine_rules(p, v, c, vocab, split="train") if r.family in
+                 ("mutual_exclusion", "ordinal", "value_exclusion")]
+        tp = p[p["split"] == "test"].head(60).copy()
+        vv = v[v["patient_id"].isin(tp["patient_id"])].copy()
+        cc = c[c["patient_id"].isin(tp["patient_id"])].copy()
+        (a,), b = sorted(x for x in _by(rules, "mutual_exclusion") if x[0][0].startswith("dx:585"))[0]
+        ckd = cc.loc[cc["code"] == a, ["patient_id", "visit_index"]]
+        extra = ckd.assign(code=b)                                        # two stages in one visit: 2 violations
+        vv.loc[vv["event_type"] == "ELECTIVE", "cal_weekday"] = "Sat"       # every elective on a Saturday
+        m = check_violations(rules, tp, vv, pd.concat([cc, extra], ignore_index=True), vocab)
+        n_el = int((vv["event_type"] == "ELECTIVE").sum())
+        assert m["violations_by_family"]["value_exclusion"] == 2 * n_el   # both directions of the pair fire
+        assert m["violations_by_family"]["mutual_exclusion"] >= 2 * len(ckd) > 0
+
+    def test_thresholds_are_validated(self):
+        with pytest.raises(ConfigError, match="exclusion_min_expected"):
+            Thresholds.make(exclusion_min_expected=0)

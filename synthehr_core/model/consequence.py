@@ -4,7 +4,9 @@ The network is HALO unchanged (same parameters, same ``model.pt``). Rules (``syn
 it, as hard overrides:
 
 * training: on the teacher-forced batch, every entry of the target rows ``X[:, 1:]`` where a rule fires is left
-  out of the loss (its probability is the rule's value, so its BCE is 0 and it has no gradient);
+  out of the loss (its probability is the rule's value, so its BCE is 0 and it has no gradient), for the rules
+  whose current antecedent precedes the output in the row (KI reads the whole ground-truth row; see
+  ``CompiledRules.loss_groups``);
 * sampling: after each row is drawn, the rule groups are applied to it in order and it is overwritten.
 
 KI compiles each rule group into dense ``2V x V`` antecedent matrices and an ``n_ctx x n_ctx`` aggregation
@@ -71,18 +73,34 @@ class CompiledRules:
         self._visit_cols[:vocab.n_visit_tokens] = True
         self._label_cols = torch.zeros(V, dtype=torch.bool)
         self._label_cols[vocab.label_slice] = True
-        self.groups: list[RuleGroup] = []
+        self.groups = self._compile(rules)
+        # training leaves out of the loss only what the sampler's prefix decides: rules whose current antecedent
+        # lies before their output in the row's (vocabulary) order. A rule read from later columns (a within-visit
+        # pair b <= a with a after b, a stage exclusion, an event type after a weekday) is applied after the row
+        # is drawn; fixing b from the ground-truth row in training (as KI does) would hide b's own probability
+        # from the loss in every row where a is there too, and the model would under-draw b (a syndrome's first
+        # code, and with it the whole syndrome).
+        self.loss_groups = self._compile([r for r in rules if _causal(r, vocab)])
+        self._device = torch.device("cpu")
+        self._plan_for(rules)
+
+    def _compile(self, rules: list[Rule]) -> list[RuleGroup]:
+        vocab = self.vocab
+        groups: list[RuleGroup] = []
         for chunk in _group(rules, vocab):
             ix = lambda toks: [vocab.index(t) for t in toks]
             outs = list(dict.fromkeys(vocab.index(r.output) for r in chunk))
             value = {vocab.index(r.output): float(r.value) for r in chunk}
-            self.groups.append(RuleGroup(
+            groups.append(RuleGroup(
                 chunk[0].past_visits,
                 _pad([ix(r.cur_pos) for r in chunk], self.ONE), _pad([ix(r.cur_neg) for r in chunk], self.ZERO),
                 _pad([ix(r.past_pos) for r in chunk], self.ONE), _pad([ix(r.past_neg) for r in chunk], self.ZERO),
                 torch.tensor([outs.index(vocab.index(r.output)) for r in chunk], dtype=torch.long),
                 torch.tensor(outs, dtype=torch.long), torch.tensor([value[o] for o in outs])))
-        self._device = torch.device("cpu")
+        return groups
+
+    def _plan_for(self, rules: list[Rule]) -> None:
+        vocab = self.vocab
         # Per row kind, the groups that can matter and whether one pass can be stale. On visit rows, groups whose
         # every rule needs a label in the current row are skipped (labels there are dropped by the decoder). A
         # second pass is needed only if some group writes a column that it or an earlier group reads.
@@ -105,6 +123,7 @@ class CompiledRules:
     def _on(self, device: torch.device) -> None:
         if device != self._device:
             self.groups = [g.to(device) for g in self.groups]
+            self.loss_groups = [g.to(device) for g in self.loss_groups]
             self._visit_cols, self._label_cols = self._visit_cols.to(device), self._label_cols.to(device)
             self._device = device
 
@@ -125,11 +144,12 @@ class CompiledRules:
 
     # ------------------------------------------------------------------------------------------ training
     @torch.no_grad()
-    def fired(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fired(self, X: torch.Tensor, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Where rules fire on the teacher-forced targets ``X[:, 1:]``: ``(fired (B, T-1, V) bool, values)``.
 
         ``values`` holds each fired entry's forced value (a later group overrides an earlier one, as in KI) and
-        0 elsewhere. The past of target row t is rows 0..t-1 of the ground truth.
+        0 elsewhere. The past of target row t is rows 0..t-1 of the ground truth. ``causal=True``: only the rules
+        whose current antecedent precedes their output (the loss mask of ``ConSequence.forward``).
         """
         self._on(X.device)
         B, T, V = X.shape  # batch, rows, vocab
@@ -138,7 +158,7 @@ class CompiledRules:
         fired = torch.zeros(B, T - 1, V, dtype=torch.bool, device=X.device)
         values = torch.zeros(B, T - 1, V, dtype=X.dtype, device=X.device)
         aggs: dict = {}  # past_visits -> (B, T-1, V+2) aggregated past of every target row
-        for g in self.groups:
+        for g in self.loss_groups if causal else self.groups:
             key = g.past_visits
             if key and key not in aggs:
                 if key == "all":
@@ -157,16 +177,8 @@ class CompiledRules:
             values[..., g.output] = torch.where(f, g.value, values[..., g.output])
         return fired, values
 
-    # ------------------------------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def apply_row(self, past: torch.Tensor, row: torch.Tensor, row_index: int) -> torch.Tensor:
-        """Overwrite a freshly sampled row ``(B, V)`` given the earlier rows ``past (B, t, V)``; t = row_index.
-
-        Groups run in order. When a group writes a column that it or an earlier group reads (a cycle such as
-        ``a => b``, ``b => a``), the pass repeats until nothing changes (at most ``max_passes``).
-        """
-        self._on(row.device)
-        t = row_index
+    def _row_aggs(self, past: torch.Tensor, row: torch.Tensor, t: int) -> dict:
+        """The aggregated past of row t per ``past_visits`` key, as ``(B, V + 2)`` with ONE/ZERO appended."""
         pv = self._view(past)  # (B, t, V)
         aggs: dict = {}
         for g in self.groups:
@@ -180,6 +192,34 @@ class CompiledRules:
                 rows = [r for r in rows if 0 <= r < t]
                 agg = pv[:, rows].amax(dim=1) if rows else torch.zeros_like(row)
             aggs[key] = self._aug(agg)
+        return aggs
+
+    @torch.no_grad()
+    def violated(self, past: torch.Tensor, row: torch.Tensor, row_index: int) -> torch.Tensor:
+        """``(B,)`` bool: does row ``row_index`` (after ``apply_row``) still break a rule? Only where rules clash
+        (a pair forcing back a code an exclusion removed); the sampler then draws that patient's row again."""
+        self._on(row.device)
+        aggs = self._row_aggs(past, row, row_index)
+        keep, _ = self._plan[self.vocab.label_row and row_index == 1]
+        aug = self._aug(row)
+        bad = torch.zeros(row.size(0), dtype=torch.bool, device=row.device)
+        for i in keep:
+            g = self.groups[i]
+            f = g.fires(aug, aggs.get(g.past_visits) if g.past_visits else None)  # (B, U)
+            bad |= (f & (aug[:, g.output] != g.value.to(aug.dtype))).any(-1)
+        return bad
+
+    # ------------------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def apply_row(self, past: torch.Tensor, row: torch.Tensor, row_index: int) -> torch.Tensor:
+        """Overwrite a freshly sampled row ``(B, V)`` given the earlier rows ``past (B, t, V)``; t = row_index.
+
+        Groups run in order. When a group writes a column that it or an earlier group reads (a cycle such as
+        ``a => b``, ``b => a``), the pass repeats until nothing changes (at most ``max_passes``).
+        """
+        self._on(row.device)
+        t = row_index
+        aggs = self._row_aggs(past, row, t)
         label_row = self.vocab.label_row and t == 1
         keep, feedback = self._plan[label_row]
         groups = [self.groups[i] for i in keep]
@@ -197,6 +237,12 @@ class CompiledRules:
         """Model probabilities with fired entries set to the rule value (for perplexity, as KI reports it)."""
         fired, values = self.fired(X)
         return torch.where(fired, values, torch.sigmoid(logits.float()))
+
+
+def _causal(rule: Rule, vocab: Vocab) -> bool:
+    """Does the rule's current antecedent lie wholly before its output in the row order?"""
+    out = vocab.index(rule.output)
+    return all(vocab.index(t) < out for t in (*rule.cur_pos, *rule.cur_neg))
 
 
 def _group(rules: list[Rule], vocab: Vocab) -> list[list[Rule]]:
@@ -241,7 +287,7 @@ class ConSequence(HALO):
                 n_ctx: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.rules is not None and (mask is not None or loss_weight is not None):
             # rules read the current and earlier rows only, so a trimmed batch fires where the padded one does
-            fired, _ = self.rules.fired(x)  # (B, T-1, V)
+            fired, _ = self.rules.fired(x, causal=True)  # (B, T-1, V)
             base = loss_weight if loss_weight is not None else mask[:, 1:]
             loss_weight = base * (~fired).to(x.dtype)  # fired entries: probability fixed, no loss, no gradient
         return super().forward(x, mask=mask, loss_weight=loss_weight, n_ctx=n_ctx)

@@ -470,8 +470,41 @@ def _row_drawer(model, V: int, temperature: float, g: torch.Generator, row_group
     return lambda h, kind: _sample_row_blocks(head, segments[kind], h, temperature, g)
 
 
+MAX_REDRAWS = 32   # arbitrary; a row a rule still breaks after that keeps the rule's overwrite (counted in tests)
+
+
+def _apply_rules(rules: RowRules, draw_row: RowDrawer, h: torch.Tensor, kind: str, past: torch.Tensor,
+                 row: torch.Tensor, t: int, protect: torch.Tensor | None) -> torch.Tensor:
+    """ConSequence's overwrite of a sampled row. A patient's row is drawn again (up to ``MAX_REDRAWS`` times)
+    where the overwrite would erase the value of a single-valued variable (``protect``: its columns; e.g.
+    ``evt:ELECTIVE => cal:weekday=Sat = 0``) or where clashing rules leave one broken (``rules.violated``), so such
+    rows come from the model restricted to the rows the rules allow (rejection), not from a half-erased draw.
+    Rows needing neither are the plain overwrite, as before."""
+    fixed = rules.apply_row(past, row, t)
+    check = getattr(rules, "violated", None)
+    if protect is None and check is None:
+        return fixed
+
+    def bad_rows(r: torch.Tensor, f: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        bad = ((r != f) & protect).any(-1) if protect is not None else torch.zeros(len(r), dtype=torch.bool,
+                                                                                   device=r.device)
+        return bad | check(p, f, t) if check is not None else bad
+
+    bad = bad_rows(row, fixed, past).nonzero().flatten()
+    for _ in range(MAX_REDRAWS):
+        if bad.numel() == 0:
+            break
+        new = draw_row(h[bad], kind)
+        new_fixed = rules.apply_row(past[bad], new, t)
+        fixed = fixed.clone()
+        fixed[bad] = new_fixed
+        bad = bad[bad_rows(new, new_fixed, past[bad])]
+    return fixed
+
+
 def _sample_batch(model, vocab: Vocab, B: int, labels: torch.Tensor | None, draw_row: RowDrawer,
-                  rules: RowRules | None, device, shared_start: bool = False) -> list[list[list[int]]]:
+                  rules: RowRules | None, device, shared_start: bool = False, protect: torch.Tensor | None = None
+                  ) -> list[list[list[int]]]:
     """One batch of ``B`` patients, row by row with a KV cache; finished patients leave the batch.
 
     ``shared_start``: row 0 is <start> for everyone, so its transformer states are computed once and broadcast
@@ -496,9 +529,10 @@ def _sample_batch(model, vocab: Vocab, B: int, labels: torch.Tensor | None, draw
     act = torch.arange(B, device=device)  # batch rows still being sampled
     last_row = torch.full((B,), T - 1, dtype=torch.long)
     for t in range(first, T):
-        row = draw_row(h, "label" if t < fvr else "visit")  # (n_act, V)
+        kind = "label" if t < fvr else "visit"
+        row = draw_row(h, kind)  # (n_act, V)
         if rules is not None:
-            row = rules.apply_row(X[act, :t], row, t)
+            row = _apply_rules(rules, draw_row, h, kind, X[act, :t], row, t, protect)
         X[act, t] = row
         if t == T - 1:
             break
@@ -573,12 +607,17 @@ def sample(model, vocab: Vocab, n_patients: int, seed: int, batch_size: int = 25
                                 device, model) for kind in ("label", "visit")}
     labels = _label_rows(labels, label_probs, vocab, n_patients, seed)
     draw_row = _row_drawer(model, vocab.size, temperature, g, row_groups, head_block)
+    protect = None
+    if rules is not None and groups:
+        protect = torch.zeros(vocab.size, dtype=torch.bool, device=device)
+        for grp in groups:
+            protect[grp.start:grp.stop] = True
     out: list[list[list[int]]] = []
     starts = range(0, n_patients, batch_size)
     for b0 in tqdm(starts, desc="sample", unit="batch", disable=not progress or len(starts) < 2):
         B = min(batch_size, n_patients - b0)
         out += _sample_batch(model, vocab, B, None if labels is None else labels[b0:b0 + B], draw_row, rules,
-                             device, shared_start=head_block is not None)
+                             device, shared_start=head_block is not None, protect=protect)
     return out
 
 

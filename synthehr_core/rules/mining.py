@@ -28,8 +28,8 @@ from .. import storage
 from ..data.schema import read_tables
 from ..data.vocab import Vocab, vocab_roles
 from ..errors import ConfigError, SchemaError, bullet_list
-from .ruleset import (ALL_FAMILIES, CATEGORY_FAMILY, FAMILIES, RULES_FILE, STATIC_FAMILIES, Rule, save_rules,
-                      validate_rules)
+from .ruleset import (ALL_FAMILIES, CATEGORY_FAMILY, FAMILIES, LONGITUDINAL_FAMILIES, RULES_FILE, STATIC_FAMILIES,
+                      Rule, save_rules, validate_rules)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,10 @@ class Thresholds:
     persistence_min_repeats: int = 5       # KI:utils/find_rules.py (repeats must be strictly greater)
     prerequisite_min_prevalence: int = 10  # KI:utils/find_rules.py
     min_confidence: float = 1.0            # KI mines exceptionless rules only
-    families: tuple[str, ...] = FAMILIES   # which families to mine
+    exclusion_min_expected: float = 5.0    # mutual / value exclusion: visits expected together if independent
+    exclusion_min_cross: float = 1.5       # mutual exclusion: patients with both at other visits / that expectation
+    ordinal_min_support: int = 5           # ordinal: visits with b after an earlier a (the forward direction)
+    families: tuple[str, ...] = FAMILIES + LONGITUDINAL_FAMILIES   # which families to mine
     close_under_pairs: bool = True         # KI's "bonus" label exclusions, generalised; keeps overrides consistent
 
     @classmethod
@@ -69,6 +72,9 @@ class Thresholds:
                 bad = [x for x in v if x not in ALL_FAMILIES]
                 if bad:
                     problems.append(f"families has unknown names {bad}; choose from {list(ALL_FAMILIES)}.")
+            elif f.name in ("exclusion_min_expected", "exclusion_min_cross"):
+                if not (isinstance(v, (int, float)) and v > 0):
+                    problems.append(f"{f.name} must be a number > 0; got {v!r}.")
             elif f.type == "int" and (not isinstance(v, int) or v < 0):
                 problems.append(f"{f.name} must be an int >= 0; got {v!r}.")
         if problems:
@@ -303,13 +309,17 @@ def _stat_rules(specs: list[tuple], rows: _Rows, vocab: Vocab, th: Thresholds) -
 
 
 def mine_rules(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame, vocab: Vocab,
-               thresholds: Thresholds | None = None, split: str | None = "train") -> list[Rule]:
+               thresholds: Thresholds | None = None, split: str | None = "train", val_split: str | None = None
+               ) -> list[Rule]:
     """Mine ConSequence rules from the ``split`` patients (the training split; None = everyone).
 
     Counts are visits (prevalence = visits holding the code), as in KI. Only clinical codes (kind ``code``
     without a variable: not ``evt:``/``cal:``) are mined as antecedents and outputs of code rules.
+    ``val_split``: keep only the rules that also hold on those patients (confidence >= ``min_confidence`` where
+    they fire there; a rule that never fires on val is kept).
     """
     th = thresholds or Thresholds()
+    everyone = patients
     if split is not None:
         if split not in set(patients["split"].dropna()):
             raise ConfigError(f"no patient has split={split!r}; found {sorted(patients['split'].dropna().unique())}. "
@@ -320,9 +330,9 @@ def mine_rules(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame
     Rv = rows.X[rows.is_visit][:, cand].astype(np.int64).tocsc()  # (n_visits, n_cand)
     prev = np.asarray(Rv.sum(axis=0)).ravel()
     slack = lambda n: (1.0 - th.min_confidence) * n + 1e-9
-    specs: dict[str, list[tuple]] = {f: [] for f in FAMILIES}
+    specs: dict[str, list[tuple]] = {f: [] for f in FAMILIES + LONGITUDINAL_FAMILIES}
     categories = _category_tokens(vocab)
-    if categories and (th.families == FAMILIES or CATEGORY_FAMILY in th.families):   # on by default when declared
+    if categories and (th.families == Thresholds().families or CATEGORY_FAMILY in th.families):   # on by default when declared
         specs[CATEGORY_FAMILY] = _category_exclusions(rows, vocab, categories, cand, Rv, slack)
 
     if "label_exclusion" in th.families and vocab.n_labels and vocab.label_row:
@@ -367,6 +377,32 @@ def mine_rules(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame
         for ci, pi in sorted(zip(c[ok], pc[ok])):
             specs["prerequisite"].append(("prerequisite", "all", (), (cand[pi],), (), (), cand[ci], 0, "mined"))
 
+    if {"mutual_exclusion", "ordinal"} & set(th.families):
+        excl = _exclusive_pairs(Rv, prev, rows.patient[rows.is_visit], th)  # (a, b) column pairs, a < b
+        if "ordinal" in th.families and len(excl):
+            A = (Rv.T @ _past_all(rows, cand)).tocsr()                    # A[c, pc]: visits with c after pc
+            fwd = np.asarray(A[excl[:, 1], excl[:, 0]]).ravel()           # b after a
+            bwd = np.asarray(A[excl[:, 0], excl[:, 1]]).ravel()           # a after b
+            order: set[tuple[int, int]] = set()
+            for (ai, bi), f, b in zip(excl, fwd, bwd):
+                lo, hi = (ai, bi) if f >= b else (bi, ai)                 # the direction seen: lo -> hi
+                if max(f, b) >= max(th.ordinal_min_support, 1) and min(f, b) <= slack(max(f, b)):
+                    order.add((int(lo), int(hi)))
+            chains = _transitive(order)                                   # stage 1 -> 3 from 1 -> 2 -> 3
+            excl = np.array(sorted({tuple(x) for x in excl.tolist()} | {(min(a, b), max(a, b)) for a, b in chains}),
+                            dtype=np.int64).reshape(-1, 2)
+            for lo, hi in sorted(chains):                                 # checked on train by _stat_rules
+                specs["ordinal"].append(("ordinal", "all", (cand[hi],), (), (), (), cand[lo], 0,
+                                         "mined" if (lo, hi) in order else "closure"))
+        if "mutual_exclusion" in th.families:
+            for ai, bi in excl:
+                for x, y in ((ai, bi), (bi, ai)):
+                    specs["mutual_exclusion"].append(("mutual_exclusion", (), (), (), (cand[x],), (), cand[y], 0,
+                                                      "mined"))
+
+    if "value_exclusion" in th.families:
+        specs["value_exclusion"] = _value_exclusions(rows, vocab, th.exclusion_min_expected, slack)
+
     if "label_exclusivity" in th.families and vocab.label_row:
         by_var: dict[str, list[int]] = {}
         for i in range(vocab.label_slice.start, vocab.label_slice.stop):
@@ -383,13 +419,30 @@ def mine_rules(patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame
     rules: list[Rule] = []
     for f in ALL_FAMILIES:
         rules += _stat_rules(specs[f], rows, vocab, th) if f in specs else []
+    if val_split is not None:
+        rules = hold_on(rules, everyone[everyone["split"] == val_split], visits, codes, vocab, th.min_confidence)
     log.info("mined %d rules from %d patients: %s", len(rules), len(rows.patient_ids), _by_family(rules))
     return rules
 
 
+def hold_on(rules: list[Rule], patients: pd.DataFrame, visits: pd.DataFrame, codes: pd.DataFrame, vocab: Vocab,
+            min_confidence: float = 1.0) -> list[Rule]:
+    """The rules whose confidence on this cohort (e.g. the validation split) is at least ``min_confidence``."""
+    if not rules or not len(patients):
+        return list(rules)
+    n_fired, n_viol, _ = _rule_outcomes(rules, build_rows(patients, visits, codes, vocab), vocab)
+    conf = 1.0 - n_viol / np.maximum(n_fired, 1)
+    kept = [r for r, c in zip(rules, conf) if c + 1e-12 >= min_confidence]
+    if len(kept) < len(rules):
+        log.info("%d of %d mined rules do not hold on the %d held-out patients and were dropped", len(rules) - len(kept),
+                 len(rules), len(patients))
+    return kept
+
+
 def _by_family(rules: list[Rule]) -> dict[str, int]:
     """Rules per family; the category family only where it was mined (outputs of datasets without it unchanged)."""
-    fams = [*FAMILIES, *([CATEGORY_FAMILY] if any(r.family == CATEGORY_FAMILY for r in rules) else [])]
+    fams = [*FAMILIES, *([CATEGORY_FAMILY] if any(r.family == CATEGORY_FAMILY for r in rules) else []),
+            *[f for f in LONGITUDINAL_FAMILIES if any(r.family == f for r in rules)]]
     return {f: sum(r.family == f for r in rules) for f in fams}
 
 
@@ -409,6 +462,59 @@ def _category_exclusions(rows: _Rows, vocab: Vocab, categories: list[int], cand:
     out = []
     for ki, ci in zip(*np.nonzero((both <= slack(n_k)[:, None]) & (n_k[:, None] > 0) & seen[None, :])):
         out.append((CATEGORY_FAMILY, (), (), (), (categories[ki],), (), cand[ci], 0, "mined"))
+    return out
+
+
+def _transitive(pairs: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The transitive closure of an order given as (earlier, later) pairs."""
+    out = set(pairs)
+    while True:
+        more = {(a, d) for a, b in out for c, d in out if b == c and a != d} - out
+        if not more:
+            return out
+        out |= more
+
+
+def _exclusive_pairs(Rv: sp.csc_matrix, prev: np.ndarray, patient: np.ndarray, th: Thresholds) -> np.ndarray:
+    """``(k, 2)`` candidate-column pairs (a < b) that share no visit although independence would put at least
+    ``exclusion_min_expected`` visits together, and that the same patients do hold at different visits at least
+    ``exclusion_min_cross`` times as often as independence predicts for one visit (the signature of stages of
+    one disease; codes that merely never meet by chance meet across visits less often than within one)."""
+    n_vis = max(Rv.shape[0], 1)
+    common = np.flatnonzero(prev * prev.max(initial=0) / n_vis >= th.exclusion_min_expected)
+    if len(common) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    sub = Rv[:, common]
+    co = (sub.T @ sub).toarray()                                          # (k, k) visits with both
+    expected = np.outer(prev[common], prev[common]) / n_vis
+    pv = sp.csr_matrix((np.ones(len(patient)), (patient, np.arange(len(patient)))),
+                       shape=(int(patient.max(initial=-1)) + 1, len(patient)))
+    Pm = (pv @ sub).tocsc()
+    Pm.data[:] = 1.0
+    cross = (Pm.T @ Pm).toarray()                                         # patients with both (here: other visits)
+    ok = (co == 0) & (expected >= th.exclusion_min_expected) & (cross >= th.exclusion_min_cross * expected)
+    a, b = np.nonzero(np.triu(ok, k=1))
+    return np.stack([common[a], common[b]], axis=1).astype(np.int64)
+
+
+def _value_exclusions(rows: _Rows, vocab: Vocab, min_expected: float, slack) -> list[tuple]:
+    """``cur +u => w = 0`` for values u, w of two different single-valued visit variables (event type, bins,
+    calendar kinds) that (almost) never share a visit although independence would put ``min_expected`` together."""
+    from ..data.vocab import token_groups
+
+    groups = [g for g in token_groups(vocab) if g.row == "visit"]
+    cols = np.array([i for g in groups for i in range(g.start, g.stop)], dtype=np.int64)
+    if len(groups) < 2:
+        return []
+    var = np.array([g.variable for g in groups for _ in range(g.start, g.stop)], dtype=object)
+    M = rows.X[rows.is_visit][:, cols].astype(np.int64).tocsc()
+    n_vis = max(M.shape[0], 1)
+    n = np.asarray(M.sum(axis=0)).ravel()
+    co = (M.T @ M).toarray()
+    expected = np.outer(n, n) / n_vis
+    out = []
+    for i, j in zip(*np.nonzero((co <= slack(n)[:, None]) & (expected >= min_expected) & (var[:, None] != var[None, :]))):
+        out.append(("value_exclusion", (), (), (), (int(cols[i]),), (), int(cols[j]), 0, "mined"))
     return out
 
 
@@ -461,7 +567,9 @@ def _close(specs: dict[str, list[tuple]]) -> None:
                 new = (CATEGORY_FAMILY, (), (), (), s[4], (), a, 0, "closure")
                 cats.append(new)
                 todo.append(new)
-    for fam in ("label_exclusion", "prerequisite"):
+    for fam in ("label_exclusion", "prerequisite", "ordinal"):
+        if fam not in specs:
+            continue
         seen = {(s[1], s[2], s[3], s[6]) for s in specs[fam]}
         todo = list(specs[fam])
         while todo:

@@ -32,8 +32,17 @@ FAMILIES = ("label_exclusion", "prerequisite", "persistence", "label_exclusivity
 # Mined only when the dataset declares visit categories (data config ``visit_categories``): ``cur +cat:<col>=v =>
 # code c = 0`` for every code no real visit of category v holds (e.g. ICD-10 codes in an ICD-9 visit).
 CATEGORY_FAMILY = "category_exclusion"
-ALL_FAMILIES = (*FAMILIES[:4], CATEGORY_FAMILY, FAMILIES[4])   # rule order: exclusions before within-visit pairs
-STATIC_FAMILIES = ("label_exclusivity", CATEGORY_FAMILY, "within_visit")  # no temporal part (KI's "static" rules)
+# Families KI lacks (issue 17), mined by default next to KI's:
+# ``mutual_exclusion``  ``[]: cur +a => code b = 0``       a and b never share a visit, though common enough to
+#                                                          (at most one of a set, e.g. the stages of one disease)
+# ``ordinal``           ``all: +b => code a = 0``          a mutually exclusive pair seen as a -> b, never b -> a:
+#                                                          a later stage is never followed by an earlier one
+# ``value_exclusion``   ``[]: cur +u => token w = 0``      values u, w of two single-valued visit variables never
+#                                                          together (e.g. evt:ELECTIVE and cal:weekday=Sat)
+LONGITUDINAL_FAMILIES = ("mutual_exclusion", "ordinal", "value_exclusion")
+ALL_FAMILIES = (*FAMILIES[:4], CATEGORY_FAMILY, *LONGITUDINAL_FAMILIES, FAMILIES[4])  # exclusions before pairs
+STATIC_FAMILIES = ("label_exclusivity", CATEGORY_FAMILY, "mutual_exclusion", "value_exclusion",
+                   "within_visit")  # no temporal part (KI's "static" rules)
 RULES_FILE = "rules.json"
 
 
