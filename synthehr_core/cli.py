@@ -622,7 +622,8 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
                                     "ckpt_minutes": ckpt_minutes or None, "dp_target_epsilon": dp_target_epsilon,
                                     "group_heads": group_heads})
     _echo_json(train_to_dir(tables, out, config, rules_dir=rules_dir, checkpoint_uri=checkpoint_uri,
-                            resume_from=resume_from, extend=extend, overwrite=overwrite, device=device))
+                            resume_from=resume_from, extend=extend, overwrite=overwrite, device=device,
+                            progress=sys.stderr.isatty()))  # a bar on a terminal; log lines elsewhere
 
 
 @app.command("kde-grids")

@@ -42,6 +42,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import storage, versions
 from ..data.schema import read_tables
@@ -375,10 +376,17 @@ class _Loop:
         self.step_model = self.dist.wrap(self.model) if self.private is None else self.model
 
     def run(self, progress: bool, on_step: Callable[[int], None] | None, report: _Progress) -> None:
-        s, args = self.state, self.args
+        s = self.state
         bar = tqdm(total=self.total, initial=min(s.step, self.total), desc="train", unit="step",
                    disable=not progress or not self.dist.is_main)
         report.start(s.step, self.total)
+        with logging_redirect_tqdm([logging.getLogger("synthehr_core")]) if not bar.disable else \
+                contextlib.nullcontext():  # log lines above the bar, not through it
+            self._epochs(bar, on_step, report)
+        bar.close()
+
+    def _epochs(self, bar, on_step: Callable[[int], None] | None, report: _Progress) -> None:
+        s, args = self.state, self.args
         while not s.done and s.epoch < args.epochs:
             order = epoch_order(len(self.train_ds), args.seed, s.epoch)
             if self.length_buckets:
@@ -399,7 +407,6 @@ class _Loop:
                     on_step(s.step)
                 if s.done or epoch_end:
                     break
-        bar.close()
 
     def rows(self) -> torch.Tensor:
         """Rows of each training patient up to its last visit (what a trimmed batch of it needs)."""
