@@ -12,7 +12,8 @@ def check_options(model_type: str, preset: str, epochs: int, train_batch_size: i
                   rules_min_confidence: float, n_shards: int, first_seed: int, n_patients_per_seed: int,
                   sample_batch_size: int, temperature: float, sample_device: str, condition: str, eval_seed: int,
                   gpu_node_selector: dict, gpu_tolerations: list, image_pull_secret: str,
-                  object_store_secret: str) -> list:
+                  object_store_secret: str, train_eval_every: int, train_patience: int,
+                  train_ckpt_minutes: float, train_gpus: int, train_checkpoint_root: str) -> list:
     """Check every free-text and numeric run option at once (no data is read) and return the shard seeds.
 
     Args:
@@ -39,6 +40,11 @@ def check_options(model_type: str, preset: str, epochs: int, train_batch_size: i
         gpu_tolerations: Tolerations of the GPU tasks (JSON list).
         image_pull_secret: Pull secret name of every pod.
         object_store_secret: Object-store credentials secret name.
+        train_eval_every: Validation cadence in steps (>= 0).
+        train_patience: Early-stopping patience in validations (>= 0).
+        train_ckpt_minutes: Time-based checkpoint interval in minutes (>= 0).
+        train_gpus: GPUs of the train pod (1..16).
+        train_checkpoint_root: "", gs://, s3://, minio:// or a path the pods see.
 
     Returns:
         The shard seeds, first_seed .. first_seed + n_shards - 1.

@@ -249,7 +249,10 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False, images
                 first_seed=first_seed, n_patients_per_seed=n_patients_per_seed, sample_batch_size=sample_batch_size,
                 temperature=temperature, sample_device=sample_device, condition=condition, eval_seed=eval_seed,
                 gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations,
-                image_pull_secret=image_pull_secret, object_store_secret=object_store_secret)
+                image_pull_secret=image_pull_secret, object_store_secret=object_store_secret,
+                train_eval_every=train_eval_every, train_patience=train_patience,
+                train_ckpt_minutes=train_ckpt_minutes, train_gpus=train_gpus,
+                train_checkpoint_root=train_checkpoint_root)
             options.set_caching_options(False)
             _on_cluster(options, "check-options", cluster, object_store=False)
 

@@ -39,7 +39,12 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "temperature": (0, None, "open"),
     "rules_min_confidence": (0, 1, "open"),
     "eval_seed": (None, None, "int"),
+    "train_eval_every": (0, None, "int"),
+    "train_patience": (0, None, "int"),
+    "train_ckpt_minutes": (0, None, "float"),
+    "train_gpus": (1, 16, "int"),          # one pod's GPUs (torchrun --nproc_per_node); more = Kubeflow Trainer
 }
+CHECKPOINT_SCHEMES = ("gs://", "s3://", "minio://")   # what storage writes (minio:// is read as s3://)
 
 # Kubernetes object names (RFC 1123 subdomain): what a secret name must look like.
 _K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -65,6 +70,15 @@ def _range_problem(name: str, value: Any) -> str | None:
         lo = "" if low is None else (f"> {low}" if kind == "open" else f">= {low}")
         hi = "" if high is None else (f"< {high}" if name == "dp_delta" else f"<= {high}")
         return f"{name} must be {' and '.join(x for x in (lo, hi) if x)}; got {_show(value)}."
+    return None
+
+
+def _checkpoint_root_problem(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"train_checkpoint_root must be a string; got {_show(value)}."
+    if "://" in value and not value.startswith(CHECKPOINT_SCHEMES):
+        return (f"train_checkpoint_root {_show(value)} has a scheme synthehr cannot write; use one of "
+                f"{list(CHECKPOINT_SCHEMES)}, a path the pods see, or \"\" for <pipeline root>/checkpoints.")
     return None
 
 
@@ -127,6 +141,8 @@ def check_run_options(options: dict[str, Any]) -> list[int]:
         elif name == "condition":
             problems.append(_condition_problem(value) if isinstance(value, str)
                             else f"condition must be a string; got {_show(value)}.")
+        elif name == "train_checkpoint_root":
+            problems.append(_checkpoint_root_problem(value))
         elif name in ("image_pull_secret", "object_store_secret"):
             problems.append(secret_name_problem(name, value))
         elif name not in ("gpu_node_selector", "gpu_tolerations"):

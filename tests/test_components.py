@@ -290,7 +290,9 @@ class TestCheckOptions:
                 n_shards=3, first_seed=7, n_patients_per_seed=1000, sample_batch_size=256, temperature=1.0,
                 sample_device="auto", condition="", eval_seed=0, gpu_node_selector={},
                 gpu_tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                image_pull_secret="synthehr-registry", object_store_secret="synthehr-object-store")
+                image_pull_secret="synthehr-registry", object_store_secret="synthehr-object-store",
+                train_eval_every=500, train_patience=5, train_ckpt_minutes=10.0, train_gpus=1,
+                train_checkpoint_root="")
 
     def test_good_options_give_the_shard_seeds(self):
         from components.check import check_options
@@ -302,7 +304,8 @@ class TestCheckOptions:
 
         bad = {**self.GOOD, "model_type": "hallo", "preset": "huge", "sample_device": "tpu", "precision": "fp61",
                "n_shards": 0, "lr": 0.0, "condition": "{gender: F}", "gpu_tolerations": [{"keys": "x"}],
-               "image_pull_secret": "Bad_Name", "dp_delta": 1.5}
+               "image_pull_secret": "Bad_Name", "dp_delta": 1.5, "train_gpus": 0, "train_patience": -1,
+               "train_checkpoint_root": "hdfs://nn/ckpt"}
         with pytest.raises(ConfigError) as err:
             check_options.python_func(**bad)
         msg = str(err.value)
@@ -310,7 +313,9 @@ class TestCheckOptions:
                       "sample_device must be one of ['auto', 'cpu', 'cuda']; got 'tpu'", "got 'fp61'",
                       "n_shards must be >= 1 and <= 1000; got 0", "lr must be > 0; got 0.0", "condition is not valid JSON",
                       "gpu_tolerations[0] has unknown keys ['keys']", "image_pull_secret must be a Kubernetes secret name",
-                      "dp_delta must be >= 0 and < 1; got 1.5", "dp_delta=1.5 is set but dp_target_epsilon is 0"):
+                      "dp_delta must be >= 0 and < 1; got 1.5", "dp_delta=1.5 is set but dp_target_epsilon is 0",
+                      "train_gpus must be >= 1 and <= 16; got 0", "train_patience must be >= 0; got -1",
+                      "train_checkpoint_root 'hdfs://nn/ckpt' has a scheme"):
             assert piece in msg, piece
 
     def test_the_allowed_strings_are_the_models_own(self):

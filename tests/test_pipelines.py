@@ -221,7 +221,8 @@ def test_every_first_task_checks_every_free_text_option_before_any_data_is_read(
     assert "check-options" in tasks["check"]["dependentTasks"]                   # raw files only after the options
     assert "check" in tasks["preprocess"]["dependentTasks"]
     passed = opts["inputs"]["parameters"]
-    for key in ("model_type", "preset", "sample_device", "precision", "condition", "gpu_tolerations"):
+    for key in ("model_type", "preset", "sample_device", "precision", "condition", "gpu_tolerations", "train_gpus",
+                "train_patience", "train_checkpoint_root"):
         assert key in passed, key
     if name.endswith("conditional"):
         assert passed["condition"] == {"componentInputParameter": "pipelinechannel--condition"}
