@@ -13,7 +13,8 @@ def check_options(model_type: str, preset: str, epochs: int, train_batch_size: i
                   sample_batch_size: int, temperature: float, sample_device: str, condition: str, eval_seed: int,
                   gpu_node_selector: dict, gpu_tolerations: list, image_pull_secret: str,
                   object_store_secret: str, train_eval_every: int, train_patience: int,
-                  train_ckpt_minutes: float, train_gpus: int, train_checkpoint_root: str) -> list:
+                  train_ckpt_minutes: float, train_gpus: int, train_checkpoint_root: str,
+                  small_cell_k: int) -> list:
     """Check every free-text and numeric run option at once (no data is read) and return the shard seeds.
 
     Args:
@@ -45,6 +46,7 @@ def check_options(model_type: str, preset: str, epochs: int, train_batch_size: i
         train_ckpt_minutes: Time-based checkpoint interval in minutes (>= 0).
         train_gpus: GPUs of the train pod (1..16).
         train_checkpoint_root: "", gs://, s3://, minio:// or a path the pods see.
+        small_cell_k: Small-cell threshold of merge (>= 0).
 
     Returns:
         The shard seeds, first_seed .. first_seed + n_shards - 1.

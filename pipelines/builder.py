@@ -78,6 +78,7 @@ LOCAL_OVERRIDES = {
     "rules_label_min_count": 5, "rules_pair_min_count": 3, "rules_persistence_min_count": 3,
     "rules_prerequisite_min_count": 3,
     "release_gate": False,   # the 100-patient demo is all small cells: report the decision, do not fail the run
+    "small_cell_k": 0,       # ... and suppressing them would leave almost nothing of a 100-patient cohort
 }
 
 _DOC = """Synthetic {dataset} cohort: preprocess → rules → train → KDE grids → sample per seed → KDE values → merge → evaluate.
@@ -113,7 +114,8 @@ Args:
     sample_batch_size: Patients sampled together in one shard.
     temperature: Sampling temperature; 1.0 samples the model's own distribution.
     sample_device: "auto" (the GPU when the pod has one; refuses a CPU fallback on a GPU pod), "cpu" (bit-reproducible on any machine) or "cuda".
-{condition_doc}    eval_seed: Seed of the evaluation's subsampling.
+{condition_doc}    small_cell_k: Merge drops synthetic codes held by fewer than k real training patients, and patients whose label combination is that rare (the release policy's small-cell check uses k = 10); 0 = keep all (the report then flags them).
+    eval_seed: Seed of the evaluation's subsampling.
     eval_policy: Release policy YAML (path/URI readable in the pods); "" = the bundled release_policy.yml.
     release_gate: True = the evaluate task fails when the decision is "do not release".
     gpu_node_selector: Node labels the train and sample pods require, e.g. {{"cloud.google.com/gke-accelerator": "nvidia-l4"}}; {{}} = any node with a GPU.
@@ -227,6 +229,7 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False, images
                  sample_batch_size: int = 256,             # sample_to_dir default
                  temperature: float = 1.0,                 # the model's own distribution
                  sample_device: str = "auto",
+                 small_cell_k: int = 10,                   # release_policy.yml's small_cell_k
                  eval_seed: int = 0,
                  eval_policy: str = "",                    # "" = the bundled release_policy.yml
                  release_gate: bool = True,                # evaluate fails on "do not release"
@@ -252,7 +255,7 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False, images
                 image_pull_secret=image_pull_secret, object_store_secret=object_store_secret,
                 train_eval_every=train_eval_every, train_patience=train_patience,
                 train_ckpt_minutes=train_ckpt_minutes, train_gpus=train_gpus,
-                train_checkpoint_root=train_checkpoint_root)
+                train_checkpoint_root=train_checkpoint_root, small_cell_k=small_cell_k)
             options.set_caching_options(False)
             _on_cluster(options, "check-options", cluster, object_store=False)
 
@@ -303,7 +306,8 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False, images
                 restored.set_caching_options(False)
                 _on_cluster(restored, "kde-sample", cluster)
 
-            merged = merge(shards=dsl.Collected(restored.outputs["restored"]))
+            merged = merge(shards=dsl.Collected(restored.outputs["restored"]), tables=tables,
+                           small_cell_k=small_cell_k)
             merged.set_caching_options(False)
             _on_cluster(merged, "merge", cluster)
             evaluation = evaluate(real=tables, cohort=merged.outputs["cohort"], ruleset=mined.outputs["ruleset"],

@@ -673,11 +673,19 @@ def kde_sample(shard: str = typer.Option(..., help="shard directory from sample"
 
 @app.command()
 def merge(shards: list[str] = typer.Argument(..., help="shard directories (any order; sorted by their seed)"),  # noqa: B008
-          out: str = typer.Option(..., help="output cohort directory"), overwrite: bool = False):
-    """Merge shards into one cohort, ordered by seed, with unique patient ids."""
+          out: str = typer.Option(..., help="output cohort directory"),
+          small_cell_k: int = typer.Option(0, min=0, help="drop synthetic codes and label combinations held by "
+                                           "fewer than K real training patients (needs --real); 0 = keep all"),
+          real: str | None = typer.Option(None, help="real tables directory from preprocess (for --small-cell-k)"),
+          overwrite: bool = False):
+    """Merge shards into one cohort, ordered by seed, with unique patient ids (optionally without small cells)."""
     from .data.merge import merge_shards
+    from .errors import UsageError
 
-    meta = merge_shards(shards, out, overwrite=overwrite)
+    if small_cell_k and not real:
+        raise UsageError(f"--small-cell-k {small_cell_k} needs --real TABLES (the preprocess output whose "
+                                "training patients define the small cells); pass --real, or --small-cell-k 0.")
+    meta = merge_shards(shards, out, overwrite=overwrite, small_cell_k=small_cell_k, real_dir=real)
     _echo_json({k: meta[k] for k in ("seeds", "n_patients", "n_visits", "n_codes")})
 
 

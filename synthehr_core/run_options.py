@@ -42,7 +42,8 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "train_eval_every": (0, None, "int"),
     "train_patience": (0, None, "int"),
     "train_ckpt_minutes": (0, None, "float"),
-    "train_gpus": (1, 16, "int"),          # one pod's GPUs (torchrun --nproc_per_node); more = Kubeflow Trainer
+    "train_gpus": (1, 16, "int"),
+    "small_cell_k": (0, None, "int"),          # one pod's GPUs (torchrun --nproc_per_node); more = Kubeflow Trainer
 }
 CHECKPOINT_SCHEMES = ("gs://", "s3://", "minio://")   # what storage writes (minio:// is read as s3://)
 

@@ -85,13 +85,21 @@ def shards(work, trained, grids):
 
 
 @pytest.fixture(scope="module")
-def cohort(work, shards):
+def cohort(work, shards, tables):
     out = art(dsl.Dataset, work, "cohort")
-    n = merge.python_func(shards=[s[2] for s in shards], cohort=out)
+    n = merge.python_func(shards=[s[2] for s in shards], tables=tables, small_cell_k=0, cohort=out)
     return n, out
 
 
 class TestStages:
+    def test_merge_task_drops_small_cells_when_asked(self, work, shards, tables, cohort):
+        out = art(dsl.Dataset, work, "cohort-k")
+        n = merge.python_func(shards=[s[2] for s in shards], tables=tables, small_cell_k=10_000, cohort=out)
+        assert n < cohort[0]     # k above the training split's size: every label combination is a small cell
+        _, _, codes = read_tables(out.path)
+        _, _, all_codes = read_tables(cohort[1].path)
+        assert len(codes) < len(all_codes)
+
     def test_preprocess_writes_canonical_tables_from_the_bundled_mimic_demo(self, tmp_path):
         raw = dsl.Dataset(name="raw", uri=str(bundled_data_dir("mimic3_demo")), metadata={})
         tables = art(dsl.Dataset, tmp_path, "tables")
@@ -292,7 +300,7 @@ class TestCheckOptions:
                 gpu_tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                 image_pull_secret="synthehr-registry", object_store_secret="synthehr-object-store",
                 train_eval_every=500, train_patience=5, train_ckpt_minutes=10.0, train_gpus=1,
-                train_checkpoint_root="")
+                train_checkpoint_root="", small_cell_k=10)
 
     def test_good_options_give_the_shard_seeds(self):
         from components.check import check_options

@@ -356,6 +356,8 @@ OPTION_CASES = [
     Case("sample-condition-not-object", _args("sample", "--model", "m", "--out", "{out}", "--seed", "1",
                                               "--condition", "[1, 2]"), 2, ("'--condition'", "JSON object")),
     Case("missing-required-option", _args("sample", "--out", "{out}", "--seed", "1"), 2, ("'--model'",)),
+    Case("merge-small-cell-k-without-real", _args("merge", "a", "--out", "{out}", "--small-cell-k", "10"), 2,
+         ("--small-cell-k", "--real")),
     Case("unknown-option", _args("merge", "a", "--out", "{out}", "--frobnicate"), 2, ("--frobnicate",)),
     Case("unknown-command", _args("frobnicate"), 2, ("frobnicate",)),
     Case("bad-log-level", _args("--log-level", "LOUD", "merge", "a", "--out", "{out}"), 2, ("'--log-level'", "LOUD")),
