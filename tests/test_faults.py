@@ -409,7 +409,9 @@ ARTIFACT_CASES = [
     Case("model-pt-truncated", _model(lambda m: (m / "model.pt").write_bytes((m / "model.pt").read_bytes()[:500])),
          1, ("model.pt", "not a readable weights file")),
     Case("model-pt-crafted-pickle-not-run", _model(_crafted_pickle), 1, ("model.pt",), left=_not_run),
-    Case("model-dir-incomplete", _model(lambda m: (m / "vocab.json").unlink()), 1, ("not a model checkpoint", "vocab")),
+    # train's model folder carries _SUCCESS now: a missing file is an incomplete output naming it
+    Case("model-dir-incomplete", _model(lambda m: (m / "vocab.json").unlink()), 1,
+         ("model", "incomplete output", "vocab.json", "rerun the train stage")),
     Case("rules-json-malformed", _model(lambda m: (m / "rules.json").write_text('{"version": 1, "rules": [')), 1,
          ("rules.json", "not valid JSON")),
     Case("merge-sample-shard-refused", _shard("sample"), 1, ("shard", "sample-stage shard", "kde-sample")),

@@ -166,12 +166,15 @@ CHAIN = [  # (stage, module, spec); each stage reads what the ones before it wro
     ("kde-sample", "kde_sample", {"inputs": {"shard": ["Dataset", f"{D}/shard3"], "grids": ["Artifact", f"{D}/grids"]},
                                   "params": {"seed": 3},
                                   "outputs": {"restored": ["Dataset", f"{D}/restored3"]}}),
-    ("merge", "merge", {"inputs": {"shards": ["Dataset", [f"{D}/restored3"]]},
+    ("merge", "merge", {"inputs": {"shards": ["Dataset", [f"{D}/restored3"]], "tables": ["Dataset", f"{D}/tables"]},
+                        "params": {"small_cell_k": 0},
                         "outputs": {"cohort": ["Dataset", f"{D}/cohort"]}}),
     ("evaluate", "evaluate", {"inputs": {"real": ["Dataset", f"{D}/tables"], "cohort": ["Dataset", f"{D}/cohort"],
-                                         "ruleset": ["Artifact", f"{D}/rules"]},
-                              "params": {"seed": 0},
+                                         "ruleset": ["Artifact", f"{D}/rules"], "model": ["Model", f"{D}/model"]},
+                              "params": {"seed": 0, "dataset_config": "mimic3", "policy": "", "release_gate": False,
+                                         "run_id": "image-chain"},
                               "outputs": {"metrics": ["Metrics", f"{D}/eval/metrics"],
+                                          "roc": ["ClassificationMetrics", f"{D}/eval/roc"],
                                           "report": ["HTML", f"{D}/eval/report.html"],
                                           "summary": ["Markdown", f"{D}/eval/summary.md"],
                                           "details": ["Artifact", f"{D}/eval/details"]}}),
@@ -232,6 +235,7 @@ def test_stage_component_runs_in_its_image(chain, stage, spec):
         assert result["return"] > 0 and result["metadata"]["cohort"]["seeds"] == [3]
     if stage == "evaluate":
         assert result["metadata"]["metrics"] and (chain_dir / "eval" / "summary.md").stat().st_size > 0
+        assert "Decision:" in (chain_dir / "eval" / "report.html").read_text()
 
 
 # --- the whole pipeline, every task in its own stage image ---------------------------------------------------------
