@@ -407,6 +407,11 @@ def _run_summary(run_dir: Path) -> str:
         got = [f"{label} {mm[k]:.3g}" for k, label in keys if isinstance(mm.get(k), (int, float))]
         if got:
             lines.append("evaluation: " + ", ".join(got))
+    verdicts = Path(report).parent / "details" / "verdicts.json" if report else None
+    if verdicts and verdicts.exists():
+        v = json.loads(verdicts.read_text())
+        first = (v.get("reasons") or [""])[0].split(". Measures:")[0]
+        lines.append(f"release decision: {str(v.get('decision', '?')).upper()}" + (f" ({first})" if first else ""))
     return "\n".join(lines)
 
 

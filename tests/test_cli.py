@@ -196,3 +196,16 @@ def test_rules_and_merge_commands_on_toy_tables(toy_tables, tmp_path):
     assert json.loads(result.stdout)["seeds"] == [1, 4]
     patients, _, _ = read_tables(tmp_path / "c")
     assert patients["patient_id"].str.startswith(("syn-1-", "syn-4-")).all()
+
+
+def test_run_summary_ends_with_the_release_decision_and_its_first_reason(tmp_path):
+    from synthehr_core.cli import _run_summary
+
+    details = tmp_path / "run" / "evaluate" / "details"
+    details.mkdir(parents=True)
+    (tmp_path / "run" / "evaluate" / "report").write_text("<html></html>")
+    (details / "verdicts.json").write_text(json.dumps({
+        "decision": "do not release",
+        "reasons": ["BLOCKING: exact copies (privacy, fail): 0.2 is above 0.01. Measures: share of copies.", "x"]}))
+    last = _run_summary(tmp_path / "run").splitlines()[-1]
+    assert last == "release decision: DO NOT RELEASE (BLOCKING: exact copies (privacy, fail): 0.2 is above 0.01)"
