@@ -351,11 +351,29 @@ def test_push_refuses_cpu_torch_train_images(client, local_registry):
         client.images.remove(step.ref, force=True)
 
 
-def test_a_bad_option_fails_the_first_task_in_its_container(client, tmp_path, capfd):
+def _run_container_keeping_its_status(client, image, command, volumes, **run_args) -> int:
+    """kfp 2.17.3's DockerRunner starts containers with auto_remove=True and reads a container that was removed
+    before ``wait()`` as exit status 0: a task that fails within a second (check-options here) is then recorded as
+    SUCCESS, depending on timing (seen in CI: the run went on to train and its 7 minutes of retry backoff). The
+    same run, with the container removed only after its status is read."""
+    container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
+                                      volumes=volumes, **run_args)
+    try:
+        for line in container.logs(stream=True):
+            print(line.decode(), end="")
+        return container.wait()["StatusCode"]
+    finally:
+        container.remove(force=True)
+
+
+def test_a_bad_option_fails_the_first_task_in_its_container(client, tmp_path, capfd, monkeypatch):
     """DockerRunner, offline: model_type=hallo stops the run in check-options (the preprocess image) within
     seconds; no stage image beyond preprocess and merge (notify) is needed."""
     from kfp import local
     from kfp.local import config as local_config
+    from kfp.local import docker_task_handler
+
+    monkeypatch.setattr(docker_task_handler, "run_docker_container", _run_container_keeping_its_status)
 
     from pipelines.builder import build_pipeline
 
