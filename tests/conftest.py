@@ -38,6 +38,25 @@ def toy_kde_config(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def gcs():
+    """``gs://BUCKET`` on a real GCS API emulator (tests/emulators.py), started once per module that asks for it;
+    the environment points the clients (and subprocesses started meanwhile) at it."""
+    from emulators import BUCKET, gcs_emulator, patched_env
+
+    with gcs_emulator() as env, patched_env(env):
+        yield f"gs://{BUCKET}"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """``s3://BUCKET`` on moto's S3 server, like ``gcs``."""
+    from emulators import BUCKET, patched_env, s3_emulator
+
+    with s3_emulator() as env, patched_env(env):
+        yield f"s3://{BUCKET}"
+
+
 @pytest.fixture
 def kfp_local_runner(tmp_path):
     """kfp.local with the SubprocessRunner in this venv (the components import synthehr_core from it).

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from emulators import BUCKET, gcs_emulator, patched_env, s3_emulator
 from synthehr_core import storage
 from synthehr_core.errors import (IncompleteOutputError, OutputExistsError, OutputLockedError, StorageError,
                                   SynthEHRError)
@@ -100,18 +99,6 @@ def publish_files(out, files: dict[str, bytes], overwrite=False) -> None:
 
 def ls(out) -> list[str]:
     return storage.listdir(out) if storage.exists(out) else []
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    with gcs_emulator() as env, patched_env(env):
-        yield f"gs://{BUCKET}"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_emulator() as env, patched_env(env):
-        yield f"s3://{BUCKET}"
 
 
 @pytest.fixture(params=["local", "gs", "s3"])

@@ -11,25 +11,12 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from emulators import BUCKET, gcs_emulator, patched_env, s3_emulator
 from synthehr_core import storage
 from synthehr_core.data.preprocess import preprocess
 from synthehr_core.data.schema import read_tables
 from synthehr_core.storage.backends import backend
 from synthehr_core.errors import (IncompleteOutputError, OutputExistsError, OutputLockedError, StorageError,
                                   SynthEHRError)
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    with gcs_emulator() as env, patched_env(env):
-        yield f"gs://{BUCKET}"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_emulator() as env, patched_env(env):
-        yield f"s3://{BUCKET}"
 
 
 @pytest.fixture(params=["local", "gs", "s3"])

@@ -32,13 +32,6 @@ def _equal(a: dict, b: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def gcs():
-    """The GCS API emulator (tests/emulators.py); the kfp.local task subprocesses inherit its environment."""
-    with emulators.gcs_emulator() as env, emulators.patched_env(env):
-        yield f"gs://{emulators.BUCKET}/ckpt"
-
-
-@pytest.fixture(scope="module")
 def full(toy_tables, tmp_path_factory):
     """The uninterrupted run of RUN, its model in ``<dir>/m``."""
     d = tmp_path_factory.mktemp("full")
@@ -215,7 +208,7 @@ def test_kfp_local_train_killed_mid_run_is_retried_and_resumes_bit_identical(toy
                                                                            monkeypatch, capfd):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the task's matmuls as this process's (one thread): same bits
     monkeypatch.setenv(FAULT_ENV, "5")          # the first attempt SIGKILLs itself after step 5
-    ckpt_root = f"{gcs}/runs/checkpoints"
+    ckpt_root = f"{gcs}/ckpt/runs/checkpoints"   # conftest.gcs: the kfp.local tasks inherit its env
     _train_pipeline(ckpt_root, gpus=1)(tables_uri=str(toy_tables))
     log = capfd.readouterr().out
     # the task's log showed progress while it ran: the killed attempt's lines came before its death

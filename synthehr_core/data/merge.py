@@ -27,11 +27,7 @@ def _shard_meta(shard_dir: str) -> dict:
         raise DataError(f"{shard_dir}: no meta.json, so the shard's seed is unknown. Point merge at the outputs of "
                         "the kde-sample stage.")
     storage.require_complete(shard_dir, "kde-sample")
-    try:
-        meta = storage.read_json(path)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}): a damaged or half-copied shard. "
-                        "Re-run the kde-sample stage for it.") from exc
+    meta = storage.read_json(path)   # a damaged file is a DataError naming it
     if not isinstance(meta, dict):
         raise DataError(f"{path}: not a stage's meta.json (a JSON object). Point merge at kde-sample outputs.")
     stage = meta.get("stage", "kde-sample" if "grids_dir" in meta else None)   # kde-sample wrote no stage before

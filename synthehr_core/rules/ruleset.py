@@ -19,7 +19,6 @@ compiling rules into masks for training and sampling lives on the torch side, in
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -130,11 +129,7 @@ def save_rules(path: str | Path, rules: list[Rule], **meta: Any) -> None:
 
 def load_rules(path: str | Path) -> list[Rule]:
     storage.require_complete(path, "rules")
-    try:
-        d = storage.read_json(path)
-    except json.JSONDecodeError as exc:
-        raise SchemaError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): a "
-                          "damaged or hand-edited rules file. Re-run the rules stage.") from exc
+    d = storage.read_json(path)   # a damaged file is a DataError naming it
     if not isinstance(d, dict) or "rules" not in d:
         raise SchemaError(f"{path}: not a rules file (no 'rules' list). Write it with mine_rules_to_dir.")
     return [Rule.from_json(r, where=str(path)) for r in d["rules"]]

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import StorageNotFoundError
+from ..errors import DataError, StorageNotFoundError
 from .backends import backend, scheme, split_uri
 
 GS = "gs://"
@@ -57,7 +57,12 @@ def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(read_text(path))
+    """Parse a JSON file; a damaged one is a DataError naming it (every stage's meta.json, rules.json, ...)."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): a damaged, "
+                        "half-copied or hand-edited file. Re-run the stage that wrote it.") from exc
 
 
 def read_parquet(path: str | os.PathLike) -> pa.Table:
