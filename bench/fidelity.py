@@ -28,6 +28,10 @@ Variants (``--variants``, comma-separated) are synthehr's ablations:
 ``consequence`` ``synthehr`` + the rules mined on train (kept if they hold on val), enforced in training and sampling
 ``norm-ctx16`` ``synthehr`` with n_ctx 16: the loss normaliser B*(n_ctx-1)*V 3.1x smaller (no simulated patient
                has 15 visits), i.e. gradients 3.1x larger against Adam's eps
+``recipe-*``   ``synthehr`` with a training recipe of ``RECIPES`` instead of ``--epochs``/``--lr`` (validation at each
+               epoch end): the old local defaults (``recipe-const-3ep``, ``recipe-const-10ep``: constant 3e-3) and
+               the sized cosine recipe at three peak lrs (``recipe-cosine-1e-3`` ...: auto epochs, auto validation
+               period, patience 5) and at 10 epochs (``recipe-cosine-3e-3-10ep``); docs/training.md "Training recipe"
 ============== ==================================================================================================
 
 Timings are CPU seconds of the process (train, sample) on a shared box; compare them only as ratios in one run.
@@ -51,6 +55,12 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+# --variants recipe-NAME: TrainArgs options replacing --epochs/--lr/eval at epoch end (docs/training.md)
+_OLD = dict(lr=3e-3, lr_schedule="constant", eval_every=None)          # LOCAL_OVERRIDES before the recipe
+_NEW = dict(epochs="auto", lr_schedule="cosine", lr_warmup=0.05, lr_final=0.1, eval_every="auto", patience=5)
+RECIPES = {"const-3ep": {**_OLD, "epochs": 3}, "const-10ep": {**_OLD, "epochs": 10},
+           **{f"cosine-{lr}": {**_NEW, "lr": float(lr)} for lr in ("1e-3", "2e-3", "3e-3")},
+           "cosine-3e-3-10ep": {**_NEW, "lr": 3e-3, "epochs": 10}}   # the recipe at the old 10 epochs' length
 PYH_PYTHON = ROOT / ".venv-pyhealth" / "bin" / "python"
 log = logging.getLogger("bench.fidelity")
 
@@ -184,6 +194,11 @@ def run_synthehr(tables: Path, variant: str, n_samples: int, a, work: Path) -> t
     opts = dict(model_type="halo", preset="tiny", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                 n_ctx=16 if variant == "norm-ctx16" else 48, eval_every=None, progress=False, group_heads=variant != "no-groups",
                 n_embd=a.embed_dim, n_layer=a.n_layers, n_head=a.n_heads)
+    if variant.startswith("recipe-"):
+        if variant[len("recipe-"):] not in RECIPES:
+            raise SystemExit(f"--variants {variant}: no such recipe; the recipes are "
+                             f"{[f'recipe-{k}' for k in RECIPES]}.")
+        opts.update(RECIPES[variant[len("recipe-"):]])
     rules_dir = None
     if variant == "consequence":
         rules, _ = mined_rules(tables)
@@ -200,7 +215,8 @@ def run_synthehr(tables: Path, variant: str, n_samples: int, a, work: Path) -> t
     from synthehr_core.data.schema import read_tables
 
     sec = {"train": c1 - c0, "sample": c2 - c1, "wall_train": t1 - t0, "wall_sample": t2 - t1,
-           "best_val": info.get("best_val_loss"), "steps": info.get("steps")}
+           "best_val": info.get("best_val_loss"), "steps": info.get("steps"),
+           "stopped_early": info.get("stopped_early")}
     return coded_only(*read_tables(out_dir)), sec
 
 
@@ -287,13 +303,16 @@ def main(argv: list[str] | None = None) -> None:
         times["PyHealth HALO"] = d["seconds"]
         print(f"PyHealth {d['versions']}: V={d['vocab_size']}, {d['n_params']} params, {d['seconds']}", flush=True)
     for variant in [x for x in a.variants.split(",") if x]:
-        tables = full if variant in ("synthehr", "no-groups", "consequence", "norm-ctx16") else \
+        tables = full if variant in ("synthehr", "no-groups", "consequence", "norm-ctx16") or \
+            variant.startswith("recipe-") else \
             tables_for(variant_config(base_cfg, variant), work / f"tables-{variant}")
         cohorts[f"synthehr {variant}"], times[f"synthehr {variant}"] = run_synthehr(tables, variant, n, a, work)
         print(f"synthehr {variant}: {times[f'synthehr {variant}']}", flush=True)
     table = score(real_train, cohorts)
     real_vpp = table.loc["real train", "visits/patient"]
     table["vpp err %"] = 100.0 * (table["visits/patient"] - real_vpp) / real_vpp
+    table["best val"] = pd.Series({k: v.get("best_val") for k, v in times.items()})
+    table["steps"] = pd.Series({k: v.get("steps") for k, v in times.items()})
     table["train CPU s"] = pd.Series({k: v.get("train") for k, v in times.items()})
     table["sample CPU s"] = pd.Series({k: v.get("sample") for k, v in times.items()})
     pd.set_option("display.width", 200)

@@ -7,7 +7,8 @@ from components._images import PREPROCESS_IMAGE
 
 
 @dsl.component(base_image=PREPROCESS_IMAGE, install_kfp_package=False)
-def check_options(model_type: str, preset: str, epochs: int, train_batch_size: int, lr: float, train_seed: int,
+def check_options(model_type: str, preset: str, epochs: int, train_batch_size: int, lr: float, lr_schedule: str,
+                  lr_warmup: float, lr_final: float, train_seed: int,
                   precision: str, dp_target_epsilon: float, dp_delta: float, min_code_count: int,
                   rules_min_confidence: float, n_shards: int, first_seed: int, n_patients_per_seed: int,
                   sample_batch_size: int, temperature: float, sample_device: str, condition: str, eval_seed: int,
@@ -20,9 +21,12 @@ def check_options(model_type: str, preset: str, epochs: int, train_batch_size: i
     Args:
         model_type: "halo" or "consequence".
         preset: "tiny", "small" or "paper".
-        epochs: Training passes (>= 1).
+        epochs: Training passes (>= 0; 0 = auto).
         train_batch_size: Patients per training step (>= 1).
-        lr: Adam learning rate (> 0).
+        lr: Adam learning rate, the schedule's peak (> 0).
+        lr_schedule: "constant" or "cosine".
+        lr_warmup: Warm-up share of the planned steps, in [0, 1).
+        lr_final: Last step's lr as a share of lr, in [0, 1].
         train_seed: Model init and data order seed.
         precision: "fp32", "bf16" or "fp16".
         dp_target_epsilon: DP-SGD epsilon (>= 0; 0 = off).
@@ -41,7 +45,7 @@ def check_options(model_type: str, preset: str, epochs: int, train_batch_size: i
         gpu_tolerations: Tolerations of the GPU tasks (JSON list).
         image_pull_secret: Pull secret name of every pod.
         object_store_secret: Object-store credentials secret name.
-        train_eval_every: Validation cadence in steps (>= 0).
+        train_eval_every: Validation cadence in steps (>= 0; 0 = auto).
         train_patience: Early-stopping patience in validations (>= 0).
         train_ckpt_minutes: Time-based checkpoint interval in minutes (>= 0).
         train_gpus: GPUs of the train pod (1..16).

@@ -68,12 +68,17 @@ GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "No
 IMAGE_PULL_SECRET = "synthehr-registry"
 OBJECT_STORE_SECRET = "synthehr-object-store"
 
-# What `synthehr run --local` passes unless `-p` says otherwise: a tiny model, a few epochs, two small shards
-# (`make demo` on the bundled 100-patient MIMIC-III demo). lr 3e-3, measured on the demo over 10 epochs: val
-# loss 0.0027 (1e-2: 0.0031, 1e-3: 0.0033). An undertrained model samples hundreds of codes per visit, and
-# sampling time grows with the codes drawn, so a too-small lr also makes the demo slower.
+# What `synthehr run --local` passes unless `-p` says otherwise: a tiny model, a run sized from the data, two
+# small shards (`make demo` on the bundled 100-patient MIMIC-III demo). epochs 0 = auto (schedule.plan_run: the
+# demo's 72 train patients keep 10 epochs = 50 steps, 3,000 simulated patients get 6 epochs = 810 steps), the
+# pipeline's cosine schedule, validation period and patience 5. Peak lr 3e-3: on the 3,000-patient simulator the
+# best val loss, pair R² and rule violations of the cosine peaks 1e-3/2e-3/3e-3 (docs/training.md "Training
+# recipe"); on the demo, constant 3e-3 over 10 epochs had val loss 0.0027 (1e-2: 0.0031, 1e-3: 0.0033). An
+# undertrained model samples hundreds of codes per visit, and sampling time grows with the codes drawn, so a
+# too-small lr also makes the demo slower.
 LOCAL_OVERRIDES = {
-    "preset": "tiny", "epochs": 10, "train_batch_size": 16, "lr": 3e-3, "n_shards": 2, "first_seed": 0,
+    "preset": "tiny", "epochs": 0, "train_batch_size": 16, "lr": 3e-3, "lr_schedule": "cosine", "n_shards": 2,
+    "first_seed": 0,
     "n_patients_per_seed": 50, "sample_batch_size": 64, "sample_device": "cpu",
     "rules_label_min_count": 5, "rules_pair_min_count": 3, "rules_persistence_min_count": 3,
     "rules_prerequisite_min_count": 3,
@@ -90,15 +95,18 @@ Args:
     kde_config: KDE config (bundled file name or YAML path) for continuous values and times; "" = the dataset config's kde:.
     model_type: "halo" or "consequence" (rule-enforcing); checked by the first task.
     preset: Model size: "tiny" (CPU, seconds), "small" or "paper" (HALO paper size).
-    epochs: Training passes over the train split; early stopping on val may end sooner.
+    epochs: Training passes over the train split; early stopping on val may end sooner. 0 = auto: sized from the training set (about 800 steps, 3 to 10 epochs).
     train_batch_size: Patients per training step.
-    lr: Adam learning rate.
+    lr: Adam learning rate; the peak of the cosine schedule.
+    lr_schedule: "cosine" (linear warm-up, then cosine decay to lr_final x lr at the last planned step) or "constant" (HI's fixed lr).
+    lr_warmup: Cosine warm-up, as a share of the planned steps.
+    lr_final: Cosine: the last planned step's lr, as a share of lr.
     train_seed: Model init and data order seed.
     precision: Training matmul precision: "fp32" (exact), "bf16" (Ampere or newer GPUs) or "fp16" (CUDA, loss scaling).
     dp_target_epsilon: DP-SGD privacy budget epsilon for training; 0 = no differential privacy.
     dp_delta: DP-SGD delta; 0 = automatic, min(1e-5, 1 / (10 x training patients)).
     min_code_count: Drop clinical codes held by fewer training patients (a release safeguard); 0 = keep all.
-    train_eval_every: Validate on the val split every N training steps (and checkpoint then); 0 = at each epoch end.
+    train_eval_every: Validate on the val split every N training steps (and checkpoint then); 0 = auto: about 20 validations per run, every 10 to 500 steps.
     train_patience: Early stopping: stop after N validations without a better val loss, keeping the best weights; 0 = train all epochs.
     train_ckpt_minutes: Also checkpoint every M minutes, so a preempted or retried train task loses at most that; 0 = off.
     train_gpus: GPUs for training (one torchrun DDP process each; the batch is split over them).
@@ -208,12 +216,15 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False, images
                  epochs: int = 50,                         # train_to_dir default
                  train_batch_size: int = 48,               # HI:train_model.py
                  lr: float = 1e-4,                         # HI:config.py lr
+                 lr_schedule: str = "cosine",              # docs/training.md "Training recipe"
+                 lr_warmup: float = 0.05,                  # docs/training.md "Training recipe"
+                 lr_final: float = 0.1,                    # docs/training.md "Training recipe"
                  train_seed: int = 0,
                  precision: str = "fp32",                  # exact; bf16 is the fast choice on Ampere+ GPUs
                  dp_target_epsilon: float = 0.0,           # 0 = no differential privacy
                  dp_delta: float = 0.0,                    # 0 = automatic (dp.py)
                  min_code_count: int = 0,                  # 0 = keep all codes (dp.py)
-                 train_eval_every: int = 500,              # HI:train_model.py
+                 train_eval_every: int = 0,                # auto; 500 (HI:train_model.py) on a large data set
                  train_patience: int = 5,                  # KI:train_consequence.py
                  train_ckpt_minutes: float = 10.0,         # arbitrary; tune
                  train_gpus: int = 1,                      # the original pipeline's largest dataset: 4
@@ -247,7 +258,8 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False, images
         with dsl.ExitHandler(exit_task, name="synthehr"):
             options = check_options(
                 model_type=model_type, preset=preset, epochs=epochs, train_batch_size=train_batch_size, lr=lr,
-                train_seed=train_seed, precision=precision, dp_target_epsilon=dp_target_epsilon, dp_delta=dp_delta,
+                lr_schedule=lr_schedule, lr_warmup=lr_warmup, lr_final=lr_final, train_seed=train_seed,
+                precision=precision, dp_target_epsilon=dp_target_epsilon, dp_delta=dp_delta,
                 min_code_count=min_code_count, rules_min_confidence=rules_min_confidence, n_shards=n_shards,
                 first_seed=first_seed, n_patients_per_seed=n_patients_per_seed, sample_batch_size=sample_batch_size,
                 temperature=temperature, sample_device=sample_device, condition=condition, eval_seed=eval_seed,
@@ -282,7 +294,8 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False, images
                         dp_target_epsilon=dp_target_epsilon, precision=precision, dp_delta=dp_delta,
                         min_code_count=min_code_count, eval_every=train_eval_every, patience=train_patience,
                         ckpt_minutes=train_ckpt_minutes, gpus=train_gpus, checkpoint_root=train_checkpoint_root,
-                        pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER)
+                        pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER, lr_schedule=lr_schedule, lr_warmup=lr_warmup,
+                        lr_final=lr_final)
             fit.set_caching_options(False).set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(train_gpus)
             fit.set_retry(TRAIN_RETRIES, backoff_duration="60s")
             fit.set_cpu_request("4").set_memory_request("8G").set_memory_limit(TRAIN_MEMORY_LIMIT)

@@ -335,7 +335,7 @@ def run_cmd(
 ):
     """Run a whole pipeline locally (kfp.local SubprocessRunner, this venv, CPU).
 
-    Local runs start from pipelines.builder.LOCAL_OVERRIDES (tiny model, few epochs, 2 small shards); -p wins over
+    Local runs start from pipelines.builder.LOCAL_OVERRIDES (tiny model, a run sized from the data, 2 small shards); -p wins over
     them. Example: synthehr run --local --dataset mimic3 -p epochs=20 -p model_type=consequence
     """
     if not local:
@@ -597,7 +597,15 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
           out: str = typer.Option(..., help="model directory to publish (empty or absent; written whole at the end)"),
           model_type: str = typer.Option("halo", help="halo or consequence"),
           preset: str = typer.Option("tiny", help="tiny, small or paper"),
-          epochs: int = 50, batch_size: int = 48, lr: float = 1e-4, seed: int = 0,
+          epochs: int = typer.Option(50, help="passes over the train split (HI: 50); 0 = auto, sized from the "
+                                     "training set (about 800 steps, 3 to 10 epochs)"),
+          batch_size: int = 48,
+          lr: float = typer.Option(1e-4, help="Adam learning rate (HI: 1e-4); the peak of --lr-schedule cosine"),
+          lr_schedule: str = typer.Option("constant", help="constant (HI) or cosine (linear warm-up, then cosine "
+                                          "decay; docs/training.md 'Training recipe')"),
+          lr_warmup: float = typer.Option(0.05, help="cosine: warm-up share of the planned steps"),
+          lr_final: float = typer.Option(0.1, help="cosine: the last planned step's lr as a share of --lr"),
+          seed: int = 0,
           rules_dir: str | None = typer.Option(None, "--rules", help="rules directory (consequence)"),
           checkpoint_uri: str | None = typer.Option(None, help="root of the step checkpoints (local or gs://); "
                                                     "default: OUT.checkpoints. Rerunning the same command resumes "
@@ -607,7 +615,8 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
           extend: bool = typer.Option(False, help="train a finished --resume-from run on to a larger --epochs "
                                       "(weights, optimiser, best weights and history kept; patience restarts)"),
           overwrite: bool = typer.Option(False, help="replace a non-empty --out when publishing"),
-          eval_every: int | None = typer.Option(500, help="validate every N steps (HI: 500); 0 = at each epoch end"),
+          eval_every: int | None = typer.Option(500, help="validate every N steps (HI: 500); 0 = auto, about 20 "
+                                                "validations per run (every 10 to 500 steps)"),
           patience: int | None = typer.Option(None, help="stop after N validations without improvement (KI: 5); "
                                               "default: no early stopping"),
           ckpt_every: int | None = typer.Option(None, help="a step checkpoint every N steps; default: at each "
@@ -621,9 +630,10 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
     from .model.config import TrainConfig
     from .model.train import train_to_dir
 
-    config = TrainConfig.from_dict({"model_type": model_type, "preset": preset, "epochs": epochs,
-                                    "batch_size": batch_size, "lr": lr, "seed": seed, "eval_every": eval_every or None,
-                                    "patience": patience, "ckpt_every": ckpt_every,
+    config = TrainConfig.from_dict({"model_type": model_type, "preset": preset, "epochs": epochs or "auto",
+                                    "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
+                                    "lr_warmup": lr_warmup, "lr_final": lr_final, "seed": seed,
+                                    "eval_every": eval_every or "auto", "patience": patience, "ckpt_every": ckpt_every,
                                     "ckpt_minutes": ckpt_minutes or None, "dp_target_epsilon": dp_target_epsilon,
                                     "group_heads": group_heads})
     _echo_json(train_to_dir(tables, out, config, rules_dir=rules_dir, checkpoint_uri=checkpoint_uri,

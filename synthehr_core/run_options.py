@@ -21,13 +21,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "preset": ("tiny", "small", "paper"),
     "precision": ("fp32", "bf16", "fp16"),
     "sample_device": ("auto", "cpu", "cuda"),
+    "lr_schedule": ("constant", "cosine"),
 }
 
-# name -> (lowest, highest, kind); None = unbounded. "open" floats exclude the lower bound.
+# name -> (lowest, highest, kind); None = unbounded. "open" floats exclude the lower bound, _OPEN_ABOVE the upper.
 RANGES: dict[str, tuple[float | None, float | None, str]] = {
-    "epochs": (1, None, "int"),
+    "epochs": (0, None, "int"),              # 0 = auto (sized from the training set)
     "train_batch_size": (1, None, "int"),
     "lr": (0, None, "open"),
+    "lr_warmup": (0, 1, "float"),            # [0, 1): a share of the planned steps
+    "lr_final": (0, 1, "float"),
     "train_seed": (None, None, "int"),
     "dp_target_epsilon": (0, None, "float"),
     "dp_delta": (0, 1, "float"),
@@ -45,6 +48,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "train_gpus": (1, 16, "int"),
     "small_cell_k": (0, None, "int"),          # one pod's GPUs (torchrun --nproc_per_node); more = Kubeflow Trainer
 }
+_OPEN_ABOVE = ("dp_delta", "lr_warmup")
 CHECKPOINT_SCHEMES = ("gs://", "s3://", "minio://")   # what storage writes (minio:// is read as s3://)
 
 # Kubernetes object names (RFC 1123 subdomain): what a secret name must look like.
@@ -66,10 +70,10 @@ def _range_problem(name: str, value: Any) -> str | None:
     if not is_num:
         return f"{name} must be a number; got {_show(value)}."
     too_low = low is not None and (value <= low if kind == "open" else value < low)
-    too_high = high is not None and (value >= high if name == "dp_delta" else value > high)
+    too_high = high is not None and (value >= high if name in _OPEN_ABOVE else value > high)
     if too_low or too_high:
         lo = "" if low is None else (f"> {low}" if kind == "open" else f">= {low}")
-        hi = "" if high is None else (f"< {high}" if name == "dp_delta" else f"<= {high}")
+        hi = "" if high is None else (f"< {high}" if name in _OPEN_ABOVE else f"<= {high}")
         return f"{name} must be {' and '.join(x for x in (lo, hi) if x)}; got {_show(value)}."
     return None
 

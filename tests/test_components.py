@@ -293,7 +293,8 @@ class TestImagesAndImports:
 
 class TestCheckOptions:
     """The first task: every run-form option checked at once, without torch, before anything is read."""
-    GOOD = dict(model_type="halo", preset="small", epochs=50, train_batch_size=48, lr=1e-4, train_seed=0,
+    GOOD = dict(model_type="halo", preset="small", epochs=50, train_batch_size=48, lr=1e-4, lr_schedule="cosine",
+                lr_warmup=0.05, lr_final=0.1, train_seed=0,
                 precision="fp32", dp_target_epsilon=0.0, dp_delta=0.0, min_code_count=0, rules_min_confidence=1.0,
                 n_shards=3, first_seed=7, n_patients_per_seed=1000, sample_batch_size=256, temperature=1.0,
                 sample_device="auto", condition="", eval_seed=0, gpu_node_selector={},

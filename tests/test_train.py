@@ -132,7 +132,7 @@ def _run(kw: dict, kill_after: int = 0) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(toy_dir, tmp_path):
     config = {"epochs": 3, "batch_size": 16, "lr": 3e-3, "eval_every": 4, "ckpt_every": 5, "keep_checkpoints": None,
-              "n_ctx": N_CTX, "seed": 5}
+              "n_ctx": N_CTX, "seed": 5, "lr_schedule": "cosine", "lr_warmup": 0.3}  # the kill is in the decay
     kw = {"tables_dir": str(toy_dir), "config": config, "progress": False, "device": "cpu"}  # bit-exact on CPU
     steps = 3 * -(-len(EHRParquetDataset(toy_dir, "train", N_CTX)) // 16)
     assert steps > 12  # the kill lands after the step-10 checkpoint and before the end
@@ -194,7 +194,7 @@ class TestTrainConfig:
             TrainConfig.from_dict({"epochs": 0, "lr": -1.0, "dp_accountant": "gdp", "precision": "fp8",
                                    "model_type": "gpt", "min_code_count": -1, "model_overrides": {"n_embdd": 3}})
         msg = str(err.value)
-        for want in ("epochs must be an int >= 1; got 0.", "lr must be > 0; got -1.0.",
+        for want in ("epochs must be an int >= 1 or 'auto' (sized from the training set); got 0.", "lr must be > 0; got -1.0.",
                      "dp_accountant must be one of ('rdp', 'prv'); got 'gdp'.", "precision must be one of",
                      "got 'fp8'. Use 'fp32'", "model_type must be one of ['consequence', 'halo']; got 'gpt'.",
                      "min_code_count must be an int >= 0 (0 = keep all codes); got -1.", "['n_embdd']"):

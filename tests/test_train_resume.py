@@ -20,7 +20,9 @@ from synthehr_core.errors import ConfigError, DataError, OutputExistsError
 from synthehr_core.model.checkpoint import StepCheckpoints
 from synthehr_core.model.train import FAULT_ENV, train_to_dir
 
-RUN = dict(preset="tiny", epochs=2, batch_size=16, lr=3e-3, seed=1, eval_every=3, ckpt_minutes=None)
+RUN = dict(preset="tiny", epochs=2, batch_size=16, lr=3e-3, lr_schedule="cosine", lr_warmup=0.25, seed=1,
+           eval_every=3, ckpt_minutes=None)   # a resumed step must also resume the lr: warm-up and decay cross it
+CONSTANT = {**RUN, "lr_schedule": "constant"}
 
 
 def _state(path) -> dict:
@@ -73,7 +75,7 @@ class TestCheckpoints:
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
         n = info["steps"]
         assert [ln.split()[1] for ln in lines] == [f"{s}/{n}" for s in sorted({1, n, *range(2, n + 1, 2)})]
-        assert all(" loss " in ln and " val " in ln and "steps/s ETA " in ln for ln in lines), lines
+        assert all(" lr " in ln and " loss " in ln and " val " in ln and "steps/s ETA " in ln for ln in lines), lines
 
     def test_a_rerun_resumes_a_finished_run_is_refused_and_extend_says_what_it_does(self, toy_tables, full,
                                                                                   tmp_path, caplog):
@@ -87,11 +89,14 @@ class TestCheckpoints:
             train_to_dir(toy_tables, tmp_path / "c", progress=False, resume_from=a, **RUN)
         with pytest.raises(ConfigError, match="leave nothing to add"):
             train_to_dir(toy_tables, tmp_path / "c", progress=False, resume_from=a, extend=True, **RUN)
-        more = train_to_dir(toy_tables, tmp_path / "c", progress=False, resume_from=a, extend=True,
-                            **{**RUN, "epochs": 3})
-        assert more["steps"] == full["steps"] * 3 // 2 and more["checkpoints"] != full["checkpoints"]
+        # a constant lr: 2 epochs extended by 1 are 3 epochs (cosine re-plans its decay over the new total)
+        two = train_to_dir(toy_tables, tmp_path / "two", progress=False, **CONSTANT)
+        more = train_to_dir(toy_tables, tmp_path / "c", progress=False, resume_from=tmp_path / "two", extend=True,
+                            **{**CONSTANT, "epochs": 3})
+        assert more["steps"] == full["steps"] * 3 // 2 and more["checkpoints"] != two["checkpoints"]
         assert "extending the finished run" in caplog.text and "patience counter restarts" in caplog.text
-        whole = train_to_dir(toy_tables, tmp_path / "d", progress=False, **{**RUN, "epochs": 3})
+        assert "the constant lr re-planned over" in caplog.text
+        whole = train_to_dir(toy_tables, tmp_path / "d", progress=False, **{**CONSTANT, "epochs": 3})
         last = [StepCheckpoints(r["checkpoints"]).load(more["steps"]) for r in (more, whole)]
         assert _equal(last[0]["model"], last[1]["model"])  # 2 epochs + 1 more = 3 epochs at once, bit for bit
         assert _equal(last[0]["optimizer"]["state"][0], last[1]["optimizer"]["state"][0])
@@ -193,7 +198,8 @@ def _train_pipeline(ckpt_root: str, gpus: int, batch_size: int = 16):
         fit = train(tables=tables.output, ruleset=tables.output, model_type="halo", preset="tiny", epochs=2,
                     batch_size=batch_size, lr=3e-3, seed=1, dp_target_epsilon=0.0, eval_every=3, patience=0,
                     ckpt_minutes=0.0, gpus=gpus, checkpoint_root=ckpt_root,
-                    pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER)
+                    pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER, lr_schedule=RUN["lr_schedule"],
+                    lr_warmup=RUN["lr_warmup"])
         fit.set_retry(1)
     return train_only
 
@@ -260,7 +266,7 @@ def test_ir_train_is_retried_requests_train_gpus_and_checkpoints_under_the_pipel
     res = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
     assert res["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--train_gpus']}}"
     params = spec["root"]["inputDefinitions"]["parameters"]
-    for name, default in (("train_gpus", 1), ("train_patience", 5), ("train_eval_every", 500),
+    for name, default in (("train_gpus", 1), ("train_patience", 5), ("train_eval_every", 0),
                           ("train_ckpt_minutes", 10.0), ("train_checkpoint_root", "")):
         assert params[name]["defaultValue"] == default, name
         assert params[name]["description"], name

@@ -51,11 +51,14 @@ def _bullets(exc: ConfigError) -> list[str]:
 @dataclass(frozen=True)
 class TrainArgs:
     """The loop: how long, how big a step, when to validate, stop and checkpoint."""
-    epochs: int = 50                  # HI:train_model.py
+    epochs: int | str = 50            # HI:train_model.py; "auto" = sized from the data (schedule.plan_run)
     batch_size: int = 48              # HI:train_model.py (KI: 32)
-    lr: float = 1e-4                  # HI and KI, constant
+    lr: float = 1e-4                  # HI and KI, constant; the peak of a "cosine" schedule
+    lr_schedule: str = "constant"     # HI and KI; "cosine" = linear warm-up, then cosine decay (schedule.py)
+    lr_warmup: float = 0.05           # cosine: warm-up share of the planned steps; docs/training.md "Training recipe"
+    lr_final: float = 0.1             # cosine: lr at the last planned step, as a share of lr; same source
     max_steps: int | None = None      # stop after this many optimiser steps (None = epochs decide)
-    eval_every: int | None = 500      # HI: full validation every 500 iterations; None = at each epoch end
+    eval_every: int | str | None = 500  # HI: every 500 iterations; None = at each epoch end; "auto" = by run size
     patience: int | None = None       # KI:train_consequence.py uses 5 (evaluations); None = no early stopping
     ckpt_every: int | None = None     # step checkpoint period; None = at every evaluation
     ckpt_minutes: float | None = 10.0  # also a checkpoint this often (wall clock); None = off; arbitrary; tune
@@ -63,14 +66,31 @@ class TrainArgs:
     seed: int = 0                     # model init and data order
 
     def problems(self) -> list[str]:
+        from .schedule import SCHEDULES
+
         out = []
-        for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                out.append(f"{name} must be an int >= 1; got {getattr(self, name)!r}.")
-        for name in ("max_steps", "eval_every", "patience", "ckpt_every", "keep_checkpoints"):
+        if self.epochs != "auto" and (not _is_int(self.epochs) or self.epochs < 1):
+            out.append(f"epochs must be an int >= 1 or 'auto' (sized from the training set); got {self.epochs!r}.")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            out.append(f"batch_size must be an int >= 1; got {self.batch_size!r}.")
+        e = self.eval_every
+        if e is not None and e != "auto" and (not _is_int(e) or e < 1):
+            out.append(f"eval_every must be an int >= 1, None (at each epoch end) or 'auto' (about 20 validations "
+                       f"per run); got {e!r}.")
+        for name in ("max_steps", "patience", "ckpt_every", "keep_checkpoints"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 out.append(f"{name} must be None or an int >= 1; got {v!r}.")
+        if self.lr_schedule not in SCHEDULES:
+            out.append(f"lr_schedule must be one of {list(SCHEDULES)}; got {self.lr_schedule!r}. Use 'cosine' for "
+                       "warm-up and decay, 'constant' for HI's fixed lr.")
+        w, f = self.lr_warmup, self.lr_final
+        if not (_is_number(w) and 0 <= w < 1):
+            out.append(f"lr_warmup must be a number in [0, 1) (a share of the planned steps); got {w!r}. "
+                       "Use 0.05 for 5 %.")
+        if not (_is_number(f) and 0 <= f <= 1):
+            out.append(f"lr_final must be a number in [0, 1] (the last step's lr as a share of lr); got {f!r}. "
+                       "Use 0.1 for a tenth of the peak.")
         m = self.ckpt_minutes
         if m is not None and not (_is_number(m) and math.isfinite(m) and m > 0):
             out.append(f"ckpt_minutes must be None (off) or a number > 0; got {m!r}.")

@@ -22,6 +22,7 @@ from .config import TrainConfig
 from .distributed import teardown
 from .dp import ACCOUNTANTS
 from .precision import PRECISIONS
+from .schedule import SCHEDULES
 from .train import train_to_dir
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 # where the run reads and writes, and how it reports; the rest is config
 RUN_FLAGS = ("tables", "out", "rules_dir", "checkpoint_uri", "resume_from", "extend", "overwrite", "log_every",
              "log_seconds", "config_json")
+
+
+def _int_or_auto(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,11 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config-json", default=None, help="all TrainConfig options as JSON (overrides the flags)")
     p.add_argument("--model-type", default=d["model_type"], choices=sorted(MODEL_TYPES))
     p.add_argument("--preset", default=d["preset"])
-    p.add_argument("--epochs", type=int, default=d["epochs"])
+    p.add_argument("--epochs", type=_int_or_auto, default=d["epochs"], help="an int or 'auto' (sized from the data)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch (split over the processes)")
     p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--lr-schedule", default=d["lr_schedule"], choices=list(SCHEDULES))
+    p.add_argument("--lr-warmup", type=float, default=d["lr_warmup"], help="cosine: warm-up share of the steps")
+    p.add_argument("--lr-final", type=float, default=d["lr_final"], help="cosine: last step's lr / lr")
     p.add_argument("--max-steps", type=int, default=d["max_steps"])
-    p.add_argument("--eval-every", type=int, default=d["eval_every"])
+    p.add_argument("--eval-every", type=_int_or_auto, default=d["eval_every"], help="an int or 'auto'")
     p.add_argument("--patience", type=int, default=d["patience"])
     p.add_argument("--ckpt-every", type=int, default=d["ckpt_every"])
     p.add_argument("--ckpt-minutes", type=float, default=d["ckpt_minutes"])

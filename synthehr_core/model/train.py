@@ -3,6 +3,10 @@
 Loop as HI:train_model.py and KI:train_consequence.py (Adam, constant lr 1e-4, validation every N steps, keep the
 best) plus early stopping with patience (KI), and what the references lack:
 
+* **a run sized from the data** (schedule.py): ``epochs="auto"`` and ``eval_every="auto"`` resolved from the number
+  of training patients, and a warm-up + cosine lr (``lr_schedule="cosine"``) set on the optimiser before each step
+  as a pure function of the step, so resume needs no scheduler state; the sizing is logged once;
+
 * **checkpoints outside the model** (``checkpoint_uri``: local, gs:// or s3://, keyed by ``checkpoint_key``): at a step
   period, every ``ckpt_minutes`` and at the end, each complete-or-absent (``checkpoint.StepCheckpoints``: the
   ``.pt``, then a marker with its digest; older ones pruned only after a newer one is complete). A rerun of the
@@ -56,6 +60,7 @@ from .distributed import setup as setup_distributed
 from .dp import DPConfig, PrivateTraining
 from .halo import HaloConfig
 from .precision import autocast, grad_scaler, validate_precision
+from .schedule import Plan, lr_at, plan_run
 from .tensors import EHRParquetDataset, HaloCollate, collate_halo
 
 __all__ = ["CKPT_DIR", "LoopState", "TrainArgs", "TrainConfig", "bucket_order", "checkpoint_key",
@@ -256,7 +261,7 @@ class _Progress:
         self.step0, self.total = step, total
         self.t0 = self.last = time.monotonic()
 
-    def step(self, s: LoopState, loss: float) -> None:
+    def step(self, s: LoopState, loss: float, lr: float) -> None:
         now = time.monotonic()
         if not (s.done or s.step == self.step0 + 1 or s.last_eval_step == s.step  # first step, a new val loss
                 or (self.every and s.step % self.every == 0)
@@ -267,8 +272,8 @@ class _Progress:
         left = max(self.total - s.step, 0) / rate if rate > 0 else float("nan")
         val = next((h["loss"] for h in reversed(s.history) if h["split"] == "val"), None)
         best = f"{s.best_val:.5g}@{s.best_step}" if s.best_step >= 0 else "-"
-        log.info("step %d/%d epoch %d loss %.5g val %s best %s %.3g steps/s ETA %s", s.step, self.total, s.epoch, loss,
-                 "-" if val is None else f"{val:.5g}", best, rate, _hms(left))
+        log.info("step %d/%d epoch %d lr %.3g loss %.5g val %s best %s %.3g steps/s ETA %s", s.step, self.total,
+                 s.epoch, lr, loss, "-" if val is None else f"{val:.5g}", best, rate, _hms(left))
 
 
 def _hms(seconds: float) -> str:
@@ -293,9 +298,9 @@ class _Loop:
         self.scaler = grad_scaler(precision, device)
         self.optimizer = make_optimizer(model, args.lr, fused=False if legacy_step else None)
         self.state = LoopState()
-        self.per_epoch = -(-len(train_ds) // args.batch_size)
-        planned = self.per_epoch * args.epochs
-        self.total = planned if args.max_steps is None else min(args.max_steps, planned)
+        self.plan: Plan = plan_run(args, len(train_ds))
+        self.per_epoch, self.total = self.plan.per_epoch, self.plan.total
+        self.lr = lr_at(0, self.plan, args)   # of the next step; train_batch sets it on the optimiser
         self.private: PrivateTraining | None = None
         self.step_model = model
         self.collate = HaloCollate(vocab, self.n_ctx, self.trim)
@@ -312,7 +317,7 @@ class _Loop:
         ck = load_step_file(path, marker)
         if self.run_hash and ck.get("run_hash") != self.run_hash:
             raise ConfigError(f"resume_from={path} was written by a different run (hash {ck.get('run_hash')} != "
-                              f"{self.run_hash}): model, data, lr, batch size, seed, precision or dp_* options "
+                              f"{self.run_hash}): model, data, lr, lr schedule, batch size, seed, precision or dp_* options "
                               "differ. Resume with the same arguments, or start fresh in an empty out_dir.")
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
@@ -335,7 +340,7 @@ class _Loop:
         finished (the run's own folder)."""
         s, a = self.state, self.args
         how = "stopped early" if s.stopped_early else "reached its budget"
-        room = s.epoch < a.epochs and (a.max_steps is None or s.step < a.max_steps)
+        room = s.epoch < self.plan.epochs and (a.max_steps is None or s.step < a.max_steps)
         if extend and room:
             if ck.get("privacy"):
                 raise ConfigError(f"extend: {path} is a DP-SGD run, whose noise was calibrated for its planned steps; "
@@ -344,11 +349,12 @@ class _Loop:
             s.done = s.stopped_early = False
             s.bad_evals = 0
             log.info("extending the finished run %s (step %d, epoch %d, %s) to epochs=%d max_steps=%s: weights, "
-                     "optimiser state, best weights and history kept, the patience counter restarts", path, s.step,
-                     s.epoch, how, a.epochs, a.max_steps)
+                     "optimiser state, best weights and history kept, the patience counter restarts, the %s lr "
+                     "re-planned over %d steps", path, s.step, s.epoch, how, self.plan.epochs, a.max_steps,
+                     a.lr_schedule, self.total)
         elif extend:
             raise ConfigError(f"extend: {path} finished at step {s.step} (epoch {s.epoch}, {how}) and epochs="
-                              f"{a.epochs}, max_steps={a.max_steps} leave nothing to add. Pass a larger epochs (or "
+                              f"{a.epochs} ({self.plan.epochs}), max_steps={a.max_steps} leave nothing to add. Pass a larger epochs (or "
                               "max_steps) to train it further.")
         elif explicit:
             raise ConfigError(f"resume_from={path} is a finished run (step {s.step}, epoch {s.epoch}, {how}): there "
@@ -380,6 +386,8 @@ class _Loop:
         bar = tqdm(total=self.total, initial=min(s.step, self.total), desc="train", unit="step",
                    disable=not progress or not self.dist.is_main)
         report.start(s.step, self.total)
+        if self.dist.is_main:
+            log.info("%s", self.plan.describe(self.args.lr_schedule))
         with logging_redirect_tqdm([logging.getLogger("synthehr_core")]) if not bar.disable else \
                 contextlib.nullcontext():  # log lines above the bar, not through it
             self._epochs(bar, on_step, report)
@@ -387,7 +395,7 @@ class _Loop:
 
     def _epochs(self, bar, on_step: Callable[[int], None] | None, report: _Progress) -> None:
         s, args = self.state, self.args
-        while not s.done and s.epoch < args.epochs:
+        while not s.done and s.epoch < self.plan.epochs:
             order = epoch_order(len(self.train_ds), args.seed, s.epoch)
             if self.length_buckets:
                 order = bucket_order(order, self.rows(), args.batch_size, args.seed, s.epoch, self.length_buckets)
@@ -402,7 +410,7 @@ class _Loop:
                                 **({"eps": f"{self.private.epsilon():.3g}"} if eps else {}))
                 epoch_end = self.after_step()
                 if self.dist.is_main:
-                    report.step(s, loss)
+                    report.step(s, loss, self.lr)
                 if on_step is not None:
                     on_step(s.step)
                 if s.done or epoch_end:
@@ -416,8 +424,11 @@ class _Loop:
         return self._rows
 
     def train_batch(self, order: torch.Tensor) -> float:
-        """One optimiser step; returns the loss of the whole (global) batch."""
+        """One optimiser step at the schedule's lr; returns the loss of the whole (global) batch."""
         s, bs, dist = self.state, self.args.batch_size, self.dist
+        self.lr = lr_at(s.step, self.plan, self.args)
+        for group in self.optimizer.param_groups:  # the wrapped Adam's groups under DP-SGD (Opacus steps it)
+            group["lr"] = self.lr
         if self.private is not None:  # a Poisson batch of expected size batch_size, this rank's share
             idx = self.private.batch_indices(s.step)
             total_loss, n_loss = dist.sum(*self.private.step(s.step, idx, self.train_ds, self.collate, self.amp,
@@ -437,7 +448,8 @@ class _Loop:
         """Validate, stop, advance the epoch and checkpoint as due; returns whether the epoch ended."""
         s, args = self.state, self.args
         epoch_end = s.batch_pos == self.per_epoch
-        due = (s.step % args.eval_every == 0) if args.eval_every else epoch_end
+        every = self.plan.eval_every
+        due = (s.step % every == 0) if every else epoch_end
         has_val = self.val_ds is not None and len(self.val_ds) > 0
         if has_val and due:
             self.validate()
@@ -449,7 +461,7 @@ class _Loop:
             s.done = True
         if epoch_end:
             s.epoch, s.batch_pos = s.epoch + 1, 0
-            s.done = s.done or s.epoch >= args.epochs
+            s.done = s.done or s.epoch >= self.plan.epochs
         if s.done and has_val and s.last_eval_step != s.step:
             self.validate()  # the final weights always get a validation score
         stepped = s.step % args.ckpt_every == 0 if args.ckpt_every else due
@@ -497,7 +509,7 @@ class _Loop:
             s.best_state, s.best_step = _cpu_state(self.model), s.step
         return {"best_state": s.best_state, "history": s.history, "step": s.step, "epoch": s.epoch,
                 "best_val": s.best_val, "best_step": s.best_step, "stopped_early": s.stopped_early,
-                "privacy": privacy}
+                "privacy": privacy, "plan": self.plan}
 
 
 FAULT_ENV = "SYNTHEHR_FAULT_KILL_AT_STEP"
@@ -591,6 +603,8 @@ def run_identity(config: TrainConfig, model_config: HaloConfig, n_train: int, ru
            "rules": [r.to_json() for r in rules] if rules else None}
     if length_buckets:  # the batches' make-up; off (0) stays out, so other runs keep their hash
         out["length_buckets"] = length_buckets
+    if loop.lr_schedule != "constant":  # the lr of every step; constant (HI's) stays out, so older runs keep theirs
+        out["lr_schedule"] = {"name": loop.lr_schedule, "warmup": loop.lr_warmup, "final": loop.lr_final}
     if config.dp.enabled:  # options at their defaults stay out, so older runs keep their hash
         out["dp"] = config.dp.to_dict()
     if config.precision != "fp32":
@@ -706,6 +720,8 @@ def _run_info(config: TrainConfig, data: _TrainData, res: dict, hist: pd.DataFra
             "first_train_loss": float(train_losses.iloc[0]) if len(train_losses) else None,
             "final_train_loss": float(train_losses.iloc[-1]) if len(train_losses) else None,
             "stopped_early": res["stopped_early"], "n_train": len(data.train_ds),
+            "planned_epochs": res["plan"].epochs, "planned_steps": res["plan"].total,
+            "eval_every": res["plan"].eval_every, "lr_schedule": config.loop.lr_schedule,
             "n_val": len(data.val_ds) if data.val_ds is not None else 0,
             "n_rules": len(data.rules) if data.rules else 0, "device": str(device), "seconds": round(seconds, 3),
             "resumed_from": res["resumed_from"], "precision": config.precision,
