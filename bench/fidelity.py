@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _OLD = dict(lr=3e-3, lr_schedule="constant", eval_every=None)          # LOCAL_OVERRIDES before the recipe
 _NEW = dict(epochs="auto", lr_schedule="cosine", lr_warmup=0.05, lr_final=0.1, eval_every="auto", patience=5)
 RECIPES = {"const-3ep": {**_OLD, "epochs": 3}, "const-10ep": {**_OLD, "epochs": 10},
-           **{f"cosine-{lr}": {**_NEW, "lr": float(lr)} for lr in ("1e-3", "2e-3", "3e-3")},
+           **{f"cosine-{lr}": {**_NEW, "lr": float(lr)} for lr in ("1e-3", "2e-3", "3e-3", "5e-3", "1e-2")},
            "cosine-3e-3-10ep": {**_NEW, "lr": 3e-3, "epochs": 10}}   # the recipe at the old 10 epochs' length
 PYH_PYTHON = ROOT / ".venv-pyhealth" / "bin" / "python"
 log = logging.getLogger("bench.fidelity")
