@@ -217,8 +217,8 @@ def build_pipeline(dataset: str | None = None, conditional: bool = False, images
                  train_batch_size: int = 48,               # HI:train_model.py
                  lr: float = 1e-4,                         # HI:config.py lr
                  lr_schedule: str = "cosine",              # docs/training.md "Training recipe"
-                 lr_warmup: float = 0.05,                  # docs/training.md "Training recipe"
-                 lr_final: float = 0.1,                    # docs/training.md "Training recipe"
+                 lr_warmup: float = 0.05,                  # docs/fidelity.md's proposal; not swept
+                 lr_final: float = 0.1,                    # docs/fidelity.md's proposal; not swept
                  train_seed: int = 0,
                  precision: str = "fp32",                  # exact; bf16 is the fast choice on Ampere+ GPUs
                  dp_target_epsilon: float = 0.0,           # 0 = no differential privacy

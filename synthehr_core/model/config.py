@@ -55,7 +55,7 @@ class TrainArgs:
     batch_size: int = 48              # HI:train_model.py (KI: 32)
     lr: float = 1e-4                  # HI and KI, constant; the peak of a "cosine" schedule
     lr_schedule: str = "constant"     # HI and KI; "cosine" = linear warm-up, then cosine decay (schedule.py)
-    lr_warmup: float = 0.05           # cosine: warm-up share of the planned steps; docs/training.md "Training recipe"
+    lr_warmup: float = 0.05           # cosine: warm-up share of the planned steps; docs/fidelity.md's proposal, not swept
     lr_final: float = 0.1             # cosine: lr at the last planned step, as a share of lr; same source
     max_steps: int | None = None      # stop after this many optimiser steps (None = epochs decide)
     eval_every: int | str | None = 500  # HI: every 500 iterations; None = at each epoch end; "auto" = by run size
