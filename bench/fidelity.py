@@ -26,6 +26,7 @@ Variants (``--variants``, comma-separated) are synthehr's ablations:
 ``no-calendar`` no calendar and no LOS/gap bin tokens (event type and labels kept)
 ``plain``      codes only (one constant event type, no bins, calendar or labels): PyHealth's vocabulary + 1 token
 ``consequence`` ``synthehr`` + the rules mined on train (kept if they hold on val), enforced in training and sampling
+``no-recurrence`` ``synthehr`` without the recurrence offsets (``halo.Recurrence``): history only through h
 ``norm-ctx16`` ``synthehr`` with n_ctx 16: the loss normaliser B*(n_ctx-1)*V 3.1x smaller (no simulated patient
                has 15 visits), i.e. gradients 3.1x larger against Adam's eps
 ============== ==================================================================================================
@@ -182,8 +183,11 @@ def run_synthehr(tables: Path, variant: str, n_samples: int, a, work: Path) -> t
 
     torch.set_num_threads(1)
     opts = dict(model_type="halo", preset="tiny", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                n_ctx=16 if variant == "norm-ctx16" else 48, eval_every=None, progress=False, group_heads=variant != "no-groups",
+                n_ctx=16 if variant == "norm-ctx16" else 48, eval_every=None, progress=False,
+                group_heads=variant != "no-groups", recurrence=variant != "no-recurrence",
                 n_embd=a.embed_dim, n_layer=a.n_layers, n_head=a.n_heads)
+    if a.recurrence_gain is not None and variant != "no-recurrence":
+        opts["model_overrides"] = {"recurrence": a.recurrence_gain}
     rules_dir = None
     if variant == "consequence":
         rules, _ = mined_rules(tables)
@@ -265,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recurrence-gain", type=float, default=None,
+                    help="HaloConfig.recurrence for the variants that have it (default: the train stage's)")
     ap.add_argument("--work", default=None, help="keep tables and models here (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the tables as JSON here")
     a = ap.parse_args(argv)
@@ -287,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         times["PyHealth HALO"] = d["seconds"]
         print(f"PyHealth {d['versions']}: V={d['vocab_size']}, {d['n_params']} params, {d['seconds']}", flush=True)
     for variant in [x for x in a.variants.split(",") if x]:
-        tables = full if variant in ("synthehr", "no-groups", "consequence", "norm-ctx16") else \
+        tables = full if variant in ("synthehr", "no-groups", "consequence", "norm-ctx16", "no-recurrence") else \
             tables_for(variant_config(base_cfg, variant), work / f"tables-{variant}")
         cohorts[f"synthehr {variant}"], times[f"synthehr {variant}"] = run_synthehr(tables, variant, n, a, work)
         print(f"synthehr {variant}: {times[f'synthehr {variant}']}", flush=True)
