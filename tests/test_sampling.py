@@ -714,3 +714,82 @@ class TestSampleConfig:
                 assert (tmp_path / d / f).read_bytes() == (tmp_path / "lib" / f).read_bytes(), (d, f)
             meta = json.loads((tmp_path / d / "meta.json").read_text())
             assert meta["condition"] == {"sex": "M"} and meta["seed"] == 5 and meta["temperature"] == 0.9
+
+
+class TestGroupDirect:
+    """HaloConfig.group_direct: each group head also reads the row's earlier columns directly."""
+
+    def _model(self, seed):
+        vocab, groups = _group_vocab()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            m = HALO(HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=3, group_direct=True,
+                                     groups=[(g.start, g.stop) for g in groups]))
+            with torch.no_grad():
+                for lin in m.group_direct.values():
+                    lin.weight.normal_(0.0, 3.0)  # strong: e.g. the weekday follows the event type
+        return m.eval(), vocab, groups
+
+    @staticmethod
+    def _log_prob(direct: bool):
+        def log_prob(model, h, pats, groups):
+            hidden, logits = model._fine(h, pats)
+            bern = -torch.nn.functional.binary_cross_entropy_with_logits(logits, pats, reduction="none")
+            in_group = torch.zeros(pats.size(1), dtype=torch.bool)
+            total = torch.zeros(len(pats))
+            for k, grp in enumerate(groups):
+                in_group[grp.start:grp.stop] = True
+                kk = grp.stop - grp.start
+                lg = model.group_logits(hidden, k, None, pats if direct else torch.zeros_like(pats))
+                lg = lg[:, :kk] if grp.required else lg
+                t = pats[:, grp.start:grp.stop]
+                cls = torch.where(t.sum(1) > 0, t.argmax(1), kk)
+                total += torch.log_softmax(lg, 1).gather(1, cls.clamp(max=lg.size(1) - 1)[:, None])[:, 0]
+            total += (bern * ~in_group).sum(1)
+            return torch.where(_allowed(pats, groups), total, torch.tensor(float("-inf")))
+        return log_prob
+
+    def test_fast_block_full_row_and_reference_samplers_follow_the_direct_term(self):
+        m, vocab, groups = self._model(11)
+        V = vocab.size
+        assert "0" not in m.group_direct and len(m.group_direct) == len(groups) - 1  # column 0 reads nothing
+        p_exact = _first_visit_law(m, vocab, groups, self._log_prob(True))
+        without = _first_visit_law(m, vocab, groups, self._log_prob(False))
+        for rows in (sample(m, vocab, 12000, seed=4, batch_size=3000, progress=False, groups=groups),
+                     sample(m, vocab, 12000, seed=4, batch_size=3000, progress=False, groups=groups, head_block=None),
+                     sample_reference(m, vocab, 6000, seed=5, batch_size=2000, groups=groups)):
+            counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(p_exact))
+            assert counts[p_exact == 0].sum() == 0
+            assert _chi2_p(counts[p_exact > 0], p_exact[p_exact > 0]) > 1e-3
+        keep = without > 0  # power: the heads without the direct term are a detectably different law
+        assert _chi2_p(counts[keep], without[keep]) < 1e-6
+
+    @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+    def test_starts_at_zero_and_its_per_sample_gradients_are_opacus_exact(self):
+        from opacus.grad_sample import GradSampleModule
+
+        from synthehr_core.model.dp import register_grad_samplers
+
+        vocab, groups = _group_vocab()
+        cfg = HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=4, n_embd=8, group_direct=True,
+                              recurrence=10.0, groups=[(g.start, g.stop) for g in groups])
+        torch.manual_seed(0)
+        m = HALO(cfg)
+        assert all(float(lin.weight.abs().sum()) == 0 for lin in m.group_direct.values())
+        X = (torch.rand(3, 4, vocab.size, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+        mask = torch.ones(3, 4, 1)
+        ref = {}
+        for b in range(3):
+            m.zero_grad()
+            m(X[b:b + 1], mask[b:b + 1])[1].backward()
+            for n, p in m.named_parameters():
+                ref.setdefault(n, []).append(p.grad.detach().clone())
+        register_grad_samplers()
+        gsm = GradSampleModule(m, batch_first=True, loss_reduction="mean", strict=True)
+        try:
+            gsm(X, mask)[1].backward()
+            for n, p in m.named_parameters():
+                torch.testing.assert_close(p.grad_sample, torch.stack(ref[n]), rtol=1e-4, atol=1e-7)
+        finally:
+            gsm._close()
+        assert any(float(torch.stack(ref[n]).abs().sum()) > 0 for n in ref if n.startswith("group_direct"))

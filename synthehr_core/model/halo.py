@@ -147,7 +147,7 @@ class Recurrence(nn.Module):
         return self.gain * (prev * self.last + seen * self.ever)
 
 
-RECURRENCE_GAIN = 10.0  # HaloConfig.recurrence the train stage sets; measured on the simulator (docs/fidelity.md)
+RECURRENCE_GAIN = 30.0  # HaloConfig.recurrence the train stage sets; 10 and 30 measured on the simulator (docs/fidelity.md)
 
 
 PRESETS = {  # name -> (n_embd, n_layer, n_head)
@@ -171,6 +171,9 @@ class HaloConfig:
     # column ranges [start, stop) of single-valued variables (vocab.token_groups), each given a categorical head
     # (ours, not HI's): p(value | history, codes < start) as one softmax over its tokens + "none"; None = pure HALO
     groups: tuple[tuple[int, int], ...] | None = None
+    # each group head also reads the row's earlier columns directly (a linear term, zero at init; ours): an event
+    # type -> weekday dependence is then one weight, not a product of two small ones through the fine head
+    group_direct: bool = False
     # gain of the per-token offsets for tokens of the previous row / of any earlier row (``Recurrence``; ours,
     # not HI's); 0 = none (pure HALO). The train stage sets RECURRENCE_GAIN.
     recurrence: float = 0.0
@@ -239,6 +242,11 @@ class HALO(nn.Module):
             self.fine_2 = MaskedLinear(E + V)
             # group k reads hidden units 0 .. E+start-1 of the fine head: they see h and row[:start] only
             self.group_heads = nn.ModuleList([nn.Linear(E + a, b - a + 1) for a, b in config.groups or ()])
+            if config.group_direct:  # keyed by group index; a group at column 0 has no earlier columns to read
+                self.group_direct = nn.ModuleDict({str(k): nn.Linear(a, b - a + 1, bias=False)
+                                                   for k, (a, b) in enumerate(config.groups or ()) if a > 0})
+                for lin in self.group_direct.values():
+                    nn.init.zeros_(lin.weight)
         elif config.groups:
             raise ConfigError("HaloConfig: groups need the fine head; HALO-Coarse (coarse=True) has none.")
         if config.recurrence:
@@ -301,12 +309,16 @@ class HALO(nn.Module):
         E = self.config.n_embd
         return a, self.fine_2(a)[..., E - 1:E - 1 + self.config.vocab_size]  # E-1+j sees h, row[:j]
 
-    def group_logits(self, hidden: torch.Tensor, k: int, prior: torch.Tensor | None = None) -> torch.Tensor:
+    def group_logits(self, hidden: torch.Tensor, k: int, prior: torch.Tensor | None = None,
+                     row: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(..., size + 1)`` of group k's categorical (its tokens in order, then "none") from the fine head's
-        hidden activations (``_fine``; the sampler passes relu of its incremental pre-activation), plus the members'
-        recurrence offsets from ``prior (..., V)`` ("none" gets none)."""
+        hidden activations (``_fine``; the sampler passes relu of its incremental pre-activation), with
+        ``group_direct`` a linear term of the row's columns before the group (``row (..., V)``, filled at least that
+        far), plus the members' recurrence offsets from ``prior (..., V)`` ("none" gets none)."""
         a, b = self.config.groups[k]
         lg = self.group_heads[k](hidden[..., :self.config.n_embd + a])
+        if self.config.group_direct and str(k) in self.group_direct:
+            lg = lg + self.group_direct[str(k)](row[..., :a])
         if prior is None:
             return lg
         return lg + F.pad(prior[..., a:b], (0, 1))
@@ -357,7 +369,7 @@ class HALO(nn.Module):
             in_group[a:b] = True
             t = targets[..., a:b]
             cls = torch.where(t.sum(-1) > 0, t.float().argmax(-1), b - a)  # first token on, else "none" (index k)
-            ce = F.cross_entropy(self.group_logits(hidden, k, prior).float().flatten(0, -2), cls.flatten(),
+            ce = F.cross_entropy(self.group_logits(hidden, k, prior, targets).float().flatten(0, -2), cls.flatten(),
                                  reduction="none")
             # the row's weight: its mask (ConSequence zeroes rule-fixed members, e.g. label exclusivity, which the
             # categorical satisfies by construction; the row stays in the loss while any member is unfixed)

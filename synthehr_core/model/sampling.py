@@ -287,7 +287,7 @@ def _decide_groups(head, pre, row, logits, live, decide, gnext, cursor, groups: 
         kk = grp.stop - grp.start
         pri = None if prior is None else prior[idx]
         if groups.heads[k] is not None:  # the model's own categorical over the group (+ "none")
-            lg = head.model.group_logits(torch.relu(pre[idx]), groups.heads[k], pri).float() / temperature
+            lg = head.model.group_logits(torch.relu(pre[idx]), groups.heads[k], pri, row[idx]).float() / temperature
             pick = _draw_categorical(lg[:, :kk] if grp.required else lg, g)
         else:  # a Bernoulli chain over the members, restricted to at most (exactly) one
             pick = _draw_categorical(_group_log_weights(logits[sel, grp.start:grp.stop],
@@ -344,7 +344,7 @@ class _Segment(NamedTuple):
     commit_in: torch.Tensor         # (K, K - 1): what committing each column adds to those units
     later: torch.Tensor             # (K, K) bool: later[j] = the columns after j (what a patient re-draws)
     group: TokenGroup | None = None
-    group_head: tuple[torch.Tensor, torch.Tensor] | None = None  # the model's categorical head (weight, bias)
+    group_head: tuple | None = None  # the model's categorical head: (weight, bias, direct weight or None)
 
 
 def _segments(head: _BlockHead, groups: _Groups, V: int, block: int) -> list[_Segment]:
@@ -357,8 +357,12 @@ def _segments(head: _BlockHead, groups: _Groups, V: int, block: int) -> list[_Se
     cuts, c = [], 0
     for k, grp in enumerate(groups.groups if groups else ()):
         cuts += [(a, b, None, None) for a, b in blocks(c, grp.start)]
-        gh = head.model.group_heads[groups.heads[k]] if groups.heads[k] is not None else None
-        cuts.append((grp.start, grp.stop, grp, None if gh is None else (gh.weight, gh.bias)))
+        gh = None
+        if groups.heads[k] is not None:
+            m, hk = head.model, groups.heads[k]
+            direct = m.group_direct[str(hk)].weight if str(hk) in getattr(m, "group_direct", {}) else None
+            gh = (m.group_heads[hk].weight, m.group_heads[hk].bias, direct)
+        cuts.append((grp.start, grp.stop, grp, gh))
         c = grp.stop
     cuts += [(a, b, None, None) for a, b in blocks(c, V)]
     return [_Segment(a, b, *head.block(a, b), grp, gh) for a, b, grp, gh in cuts]
@@ -418,7 +422,11 @@ def _draw_group(head: _BlockHead, seg: _Segment, pre: torch.Tensor, row: torch.T
         pre += seg.commit[0]
         return
     if seg.group_head is not None:  # the model's own categorical over the group (+ "none"): HALO.group_logits
-        lg = F.linear(torch.relu(pre[:, :head.E + grp.start]), *seg.group_head).float()
+        weight, bias, direct = seg.group_head
+        lg = F.linear(torch.relu(pre[:, :head.E + grp.start]), weight, bias)
+        if direct is not None:  # HALO.group_logits with group_direct: the row's columns before the group
+            lg = lg + F.linear(row[:, :grp.start], direct)
+        lg = lg.float()
         if prior is not None:  # HALO.group_logits: the members' offsets, none for "none"
             lg[:, :kk] += prior[:, grp.start:grp.stop]
         lg = lg[:, :kk] if grp.required else lg
@@ -688,7 +696,7 @@ def sample_reference(model, vocab: Vocab, n_patients: int, seed: int, batch_size
                     k = grp.stop - grp.start
                     hk = heads.get((grp.start, grp.stop))
                     if hk is not None:
-                        lg = model.group_logits(model._fine(h, row)[0], hk, prior).float() / temperature
+                        lg = model.group_logits(model._fine(h, row)[0], hk, prior, row).float() / temperature
                         pick = _draw_categorical(lg[:, :k] if grp.required else lg, g)
                     else:
                         lg_after = torch.empty(B, k, k, device=device)

@@ -620,6 +620,7 @@ def _model_config(config: TrainConfig, vocab: Vocab, n_ctx: int, groups: list[To
     overrides = dict(config.model_overrides)
     if config.group_heads and not overrides.get("coarse") and "groups" not in overrides:
         overrides["groups"] = [(g.start, g.stop) for g in groups]
+        overrides.setdefault("group_direct", True)
     if config.recurrence and "recurrence" not in overrides:
         overrides["recurrence"] = RECURRENCE_GAIN
     return HaloConfig.preset(config.preset, vocab.n_visit_tokens, vocab.n_labels, n_ctx=n_ctx, **overrides)
