@@ -27,6 +27,7 @@ Variants (``--variants``, comma-separated) are synthehr's ablations:
 ``plain``      codes only (one constant event type, no bins, calendar or labels): PyHealth's vocabulary + 1 token
 ``consequence`` ``synthehr`` + the rules mined on train (kept if they hold on val), enforced in training and sampling
 ``no-recurrence`` ``synthehr`` without the recurrence offsets (``halo.Recurrence``): history only through h
+``no-direct``  ``synthehr`` without the group heads' direct terms (``HaloConfig.group_direct``)
 ``norm-ctx16`` ``synthehr`` with n_ctx 16: the loss normaliser B*(n_ctx-1)*V 3.1x smaller (no simulated patient
                has 15 visits), i.e. gradients 3.1x larger against Adam's eps
 ============== ==================================================================================================
@@ -203,8 +204,13 @@ def run_synthehr(tables: Path, variant: str, n_samples: int, a, work: Path) -> t
                 n_ctx=16 if variant == "norm-ctx16" else 48, eval_every=None, progress=False,
                 group_heads=variant != "no-groups", recurrence=variant != "no-recurrence",
                 n_embd=a.embed_dim, n_layer=a.n_layers, n_head=a.n_heads)
+    overrides = {}
     if a.recurrence_gain is not None and variant != "no-recurrence":
-        opts["model_overrides"] = {"recurrence": a.recurrence_gain}
+        overrides["recurrence"] = a.recurrence_gain
+    if variant == "no-direct":
+        overrides["group_direct"] = False
+    if overrides:
+        opts["model_overrides"] = overrides
     rules_dir = None
     if variant == "consequence":
         rules, _ = mined_rules(tables)
@@ -336,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
         times["PyHealth HALO"] = d["seconds"]
         print(f"PyHealth {d['versions']}: V={d['vocab_size']}, {d['n_params']} params, {d['seconds']}", flush=True)
     for variant in [x for x in a.variants.split(",") if x]:
-        tables = full if variant in ("synthehr", "no-groups", "consequence", "norm-ctx16", "no-recurrence") else \
+        tables = full if variant in ("synthehr", "no-groups", "consequence", "norm-ctx16", "no-recurrence",
+                                     "no-direct") else \
             tables_for(variant_config(base_cfg, variant), work / f"tables-{variant}")
         big, times[f"synthehr {variant}"] = run_synthehr(tables, variant, n, a, work)
         large[f"synthehr {variant}"] = big
