@@ -26,6 +26,8 @@ Variants (``--variants``, comma-separated) are synthehr's ablations:
 ``no-calendar`` no calendar and no LOS/gap bin tokens (event type and labels kept)
 ``plain``      codes only (one constant event type, no bins, calendar or labels): PyHealth's vocabulary + 1 token
 ``consequence`` ``synthehr`` + the rules mined on train (kept if they hold on val), enforced in training and sampling
+``no-recurrence`` ``synthehr`` without the recurrence offsets (``halo.Recurrence``): history only through h
+``no-direct``  ``synthehr`` without the group heads' direct terms (``HaloConfig.group_direct``)
 ``norm-ctx16`` ``synthehr`` with n_ctx 16: the loss normaliser B*(n_ctx-1)*V 3.1x smaller (no simulated patient
                has 15 visits), i.e. gradients 3.1x larger against Adam's eps
 ``recipe-*``   ``synthehr`` with a training recipe of ``RECIPES`` instead of ``--epochs``/``--lr`` (validation at each
@@ -35,6 +37,8 @@ Variants (``--variants``, comma-separated) are synthehr's ablations:
 ============== ==================================================================================================
 
 Timings are CPU seconds of the process (train, sample) on a shared box; compare them only as ratios in one run.
+synthehr samples ``--longitudinal-factor`` (5) x n patients: the fidelity and violation tables read the first n, the
+longitudinal table also all of them (rows marked x5), and the sampling time is given per n patients.
 """
 from __future__ import annotations
 
@@ -159,8 +163,15 @@ def run_pyhealth(train, val, n_samples: int, a, work: Path, like_visits) -> tupl
     inp.write_text(json.dumps({"train": visit_lists(*train), "val": visit_lists(*val)}))
     cmd = [a.pyhealth_python, str(ROOT / "bench" / "pyhealth_halo.py"), str(inp), str(out),
            "--embed-dim", str(a.embed_dim), "--n-layers", str(a.n_layers), "--n-heads", str(a.n_heads),
-           "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
+           "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--lr", str(a.pyhealth_lr or a.lr),
            "--n-samples", str(n_samples), "--seed", str(a.seed), "--threads", "1"]
+    key = work / "pyhealth_key.json"  # --reuse-pyhealth: the same input and arguments as the kept output
+    ident = json.dumps({"cmd": cmd[3:], "input": hash_text(inp.read_text())})
+    if a.reuse_pyhealth and out.exists() and key.exists() and key.read_text() == ident:
+        log.warning("PyHealth: reusing %s (same input and arguments)", out)
+        d = json.loads(out.read_text())
+        d["seconds"]["reused"] = True
+        return tables_from_lists(d["patients"], like_visits), d
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HOME": str(work)}
     c0, t0 = child_cpu(), time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -169,7 +180,15 @@ def run_pyhealth(train, val, n_samples: int, a, work: Path, like_visits) -> tupl
     d = json.loads(out.read_text())
     d["seconds"]["cpu_total"] = child_cpu() - c0
     d["seconds"]["wall_total"] = time.perf_counter() - t0
+    out.write_text(json.dumps(d))
+    key.write_text(ident)
     return tables_from_lists(d["patients"], like_visits), d
+
+
+def hash_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def mined_rules(tables: Path):
@@ -192,8 +211,16 @@ def run_synthehr(tables: Path, variant: str, n_samples: int, a, work: Path) -> t
 
     torch.set_num_threads(1)
     opts = dict(model_type="halo", preset="tiny", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                n_ctx=16 if variant == "norm-ctx16" else 48, eval_every=None, progress=False, group_heads=variant != "no-groups",
+                n_ctx=16 if variant == "norm-ctx16" else 48, eval_every=None, progress=False,
+                group_heads=variant != "no-groups", recurrence=variant != "no-recurrence",
                 n_embd=a.embed_dim, n_layer=a.n_layers, n_head=a.n_heads)
+    overrides = {}
+    if a.recurrence_gain is not None and variant != "no-recurrence":
+        overrides["recurrence"] = a.recurrence_gain
+    if variant == "no-direct":
+        overrides["group_direct"] = False
+    if overrides:
+        opts["model_overrides"] = overrides
     if variant.startswith("recipe-"):
         if variant[len("recipe-"):] not in RECIPES:
             raise SystemExit(f"--variants {variant}: no such recipe; the recipes are "
@@ -210,14 +237,24 @@ def run_synthehr(tables: Path, variant: str, n_samples: int, a, work: Path) -> t
     c0, t0 = time.process_time(), time.perf_counter()
     info = train_to_dir(tables, model_dir, rules_dir=rules_dir, device="cpu", **opts)
     c1, t1 = time.process_time(), time.perf_counter()
-    sample_to_dir(model_dir, out_dir, seed=a.seed, n_patients=n_samples, device="cpu", overwrite=True)
+    sample_to_dir(model_dir, out_dir, seed=a.seed, n_patients=n_samples * a.longitudinal_factor, device="cpu",
+                  overwrite=True)
     c2, t2 = time.process_time(), time.perf_counter()
     from synthehr_core.data.schema import read_tables
 
-    sec = {"train": c1 - c0, "sample": c2 - c1, "wall_train": t1 - t0, "wall_sample": t2 - t1,
+    f = a.longitudinal_factor  # sampling time is linear in the patients: report it per n, as PyHealth's
+    sec = {"train": c1 - c0, "sample": (c2 - c1) / f, "wall_train": t1 - t0, "wall_sample": (t2 - t1) / f,
            "best_val": info.get("best_val_loss"), "steps": info.get("steps"),
            "stopped_early": info.get("stopped_early")}
     return coded_only(*read_tables(out_dir)), sec
+
+
+def first_patients(cohort: tuple, n: int) -> tuple:
+    """The first ``n`` patients of a cohort (in sampling order) and their visits and codes."""
+    p, v, c = cohort
+    keep = set(p["patient_id"].iloc[:n])
+    return (p[p["patient_id"].isin(keep)].reset_index(drop=True), v[v["patient_id"].isin(keep)].reset_index(drop=True),
+            c[c["patient_id"].isin(keep)].reset_index(drop=True))
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -245,11 +282,18 @@ def longitudinal(cohorts: dict[str, tuple]) -> pd.DataFrame:
 
     keep = ("persistence", "stage_regressions_per_1000", "stage_multi_per_1000", "elective_weekend",
             "weekday_share.ELECTIVE.Mon", "weekday_share.ELECTIVE.Sat", "weekday_share.EMERGENCY.Sat")
-    out = {}
+    out, shares = {}, {}
     for name, (_, v, c) in cohorts.items():
         m = longitudinal_metrics(v, c)
         out[name] = {k: m.get(k, float("nan")) for k in keep}
-    return pd.DataFrame(out).T
+        shares[name] = pd.Series({k: x for k, x in m.items() if k.startswith("weekday_share.")}, dtype=float)
+    df = pd.DataFrame(out).T
+    real = shares[next(iter(cohorts))]  # the first cohort is the real training split
+    # event type x weekday: the largest gap over every (type, day) cell, percentage points (nan: no event types)
+    df["weekday max |gap| pp"] = pd.Series({k: float((s.reindex(real.index) - real).abs().max()) if len(s) else
+                                            float("nan") for k, s in shares.items()})
+    df["persistence gap"] = df["persistence"] - df.loc[next(iter(cohorts)), "persistence"]
+    return df
 
 
 def violations(tables: Path, cohorts: dict[str, tuple]) -> pd.DataFrame:
@@ -274,6 +318,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default="synthehr,consequence")
     ap.add_argument("--no-pyhealth", action="store_true")
     ap.add_argument("--pyhealth-python", default=str(PYH_PYTHON), help="python of the PyHealth venv")
+    ap.add_argument("--pyhealth-lr", type=float, default=None, help="PyHealth's Adam lr (default: --lr)")
+    ap.add_argument("--reuse-pyhealth", action="store_true",
+                    help="with --work of an earlier run: reuse its PyHealth cohort when the input and arguments are "
+                         "the same (its times are then that run's, not comparable with this one's)")
     ap.add_argument("--embed-dim", type=int, default=32)
     ap.add_argument("--n-layers", type=int, default=2)
     ap.add_argument("--n-heads", type=int, default=2)
@@ -281,6 +329,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--longitudinal-factor", type=int, default=5,
+                    help="synthehr cohorts are sampled this many times the training patients; the longitudinal table "
+                         "reads them all (its shares then carry the model's error, not the sampling noise of one "
+                         "cohort), the fidelity and violation tables the first n")
+    ap.add_argument("--recurrence-gain", type=float, default=None,
+                    help="HaloConfig.recurrence for the variants that have it (default: the train stage's)")
     ap.add_argument("--work", default=None, help="keep tables and models here (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the tables as JSON here")
     a = ap.parse_args(argv)
@@ -296,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{a.batch_size}, lr {a.lr}; one thread; load {os.getloadavg()[0]:.1f}", flush=True)
     cohorts: dict[str, tuple] = {"real test (ceiling)": real_test}
     times: dict[str, dict] = {}
+    large: dict[str, tuple] = {}  # the synthehr cohorts at --longitudinal-factor x n patients
     if not a.no_pyhealth:
         if not Path(a.pyhealth_python).exists():
             raise SystemExit(f"{a.pyhealth_python} is missing: run `make pyhealth-env` first (or pass --no-pyhealth).")
@@ -303,10 +358,12 @@ def main(argv: list[str] | None = None) -> None:
         times["PyHealth HALO"] = d["seconds"]
         print(f"PyHealth {d['versions']}: V={d['vocab_size']}, {d['n_params']} params, {d['seconds']}", flush=True)
     for variant in [x for x in a.variants.split(",") if x]:
-        tables = full if variant in ("synthehr", "no-groups", "consequence", "norm-ctx16") or \
-            variant.startswith("recipe-") else \
+        tables = full if variant in ("synthehr", "no-groups", "consequence", "norm-ctx16", "no-recurrence",
+                                     "no-direct") or variant.startswith("recipe-") else \
             tables_for(variant_config(base_cfg, variant), work / f"tables-{variant}")
-        cohorts[f"synthehr {variant}"], times[f"synthehr {variant}"] = run_synthehr(tables, variant, n, a, work)
+        big, times[f"synthehr {variant}"] = run_synthehr(tables, variant, n, a, work)
+        large[f"synthehr {variant}"] = big
+        cohorts[f"synthehr {variant}"] = first_patients(big, n)
         print(f"synthehr {variant}: {times[f'synthehr {variant}']}", flush=True)
     table = score(real_train, cohorts)
     real_vpp = table.loc["real train", "visits/patient"]
@@ -320,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table.round(4).to_string())
     out = {"fidelity": table.round(6).to_dict(orient="index"), "times": times}
     if a.dataset == "sim":
-        lon = longitudinal({"real train": real_train, **cohorts})
+        lon = longitudinal({"real train": real_train, **cohorts, **{f"{k} (x{a.longitudinal_factor})": x
+                                                                    for k, x in large.items()}})
         print("\n## longitudinal structure (persistence share; per-1000 patients; weekend share / percent)\n")
         print(lon.round(4).to_string())
         out["longitudinal"] = lon.round(6).to_dict(orient="index")

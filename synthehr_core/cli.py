@@ -625,6 +625,9 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
           dp_target_epsilon: float = typer.Option(0.0, help="DP-SGD epsilon; 0 = no differential privacy"),
           group_heads: bool = typer.Option(True, help="one categorical head per single-valued variable (event "
                                            "type, bins, calendar, labels); --no-group-heads = HALO's head only"),
+          recurrence: bool = typer.Option(True, help="per-token offsets for what the patient already has (a chronic "
+                                          "code of the last visit); --no-recurrence = history only through the "
+                                          "transformer, as HALO"),
           device: str | None = typer.Option(None, help="cpu, cuda, ...; default: cuda if available")):
     """Train HALO or ConSequence and publish a model directory (checkpoints go beside it, see --checkpoint-uri)."""
     from .model.config import TrainConfig
@@ -635,7 +638,7 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
                                     "lr_warmup": lr_warmup, "lr_final": lr_final, "seed": seed,
                                     "eval_every": eval_every or "auto", "patience": patience, "ckpt_every": ckpt_every,
                                     "ckpt_minutes": ckpt_minutes or None, "dp_target_epsilon": dp_target_epsilon,
-                                    "group_heads": group_heads})
+                                    "group_heads": group_heads, "recurrence": recurrence})
     _echo_json(train_to_dir(tables, out, config, rules_dir=rules_dir, checkpoint_uri=checkpoint_uri,
                             resume_from=resume_from, extend=extend, overwrite=overwrite, device=device,
                             progress=sys.stderr.isatty()))  # a bar on a terminal; log lines elsewhere

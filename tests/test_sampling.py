@@ -23,11 +23,11 @@ def _vocab(n_codes=4, labels=False):
                        {"sex": ["F", "M"]} if labels else {}, {}, ["dx"])
 
 
-def _sharp_model(vocab, n_ctx, seed=0):
+def _sharp_model(vocab, n_ctx, seed=0, **config):
     """A tiny untrained model whose head depends strongly on the earlier codes of the row (so mistakes show)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        m = HALO(HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=n_ctx))
+        m = HALO(HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=n_ctx, **config))
         with torch.no_grad():
             m.fine_1.weight.mul_(4.0)
             m.fine_2.weight.mul_(4.0)
@@ -40,9 +40,10 @@ def _patterns(V):
     return torch.tensor(list(itertools.product([0.0, 1.0], repeat=V)))  # (2^V, V)
 
 
-def _log_prob(model, h, rows):
-    """log p(row | h) under the model's factorisation, for rows (N, V) and states h (N, E)."""
-    logits = model.head(h, rows)
+def _log_prob(model, h, rows, prior=None):
+    """log p(row | h) under the model's factorisation, for rows (N, V) and states h (N, E) (and the recurrence
+    offsets ``prior (N, V)``)."""
+    logits = model.head(h, rows, prior)
     return -torch.nn.functional.binary_cross_entropy_with_logits(logits, rows, reduction="none").sum(-1)
 
 
@@ -452,6 +453,118 @@ class TestGroupHeads:
         assert _chi2_p(counts[p_exact > 0], p_exact[p_exact > 0]) > 1e-3
 
 
+def _recurrent(m, scale=0.25, seed=0):
+    """Give ``m``'s recurrence offsets large random values (times the gain: several logits either way)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        m.recurrence.last.copy_(torch.randn(m.config.vocab_size, generator=g) * scale)
+        m.recurrence.ever.copy_(torch.randn(m.config.vocab_size, generator=g) * scale)
+    return m
+
+
+def _second_visit_law(m, vocab, log_prob):
+    """Probabilities of every second-visit row (``_patterns`` order) and of stopping after the first, under
+    ``log_prob(model, h, pats, prior)``, the history through the model's transformer and recurrence offsets."""
+    V = vocab.size
+    pats = _patterns(V)
+    P = len(pats)
+    start = torch.eye(V)[vocab.start_index].expand(P, V)
+    with torch.no_grad():
+        x = torch.stack([start, pats], dim=1)  # (P, 2, V): every possible first visit
+        h, _ = m.history(x)
+        prior = m.history_prior(x) if m.config.recurrence else torch.zeros_like(x)  # (P, 2, V)
+        p1 = log_prob(m, h[:, 0], pats, prior[:, 0]).exp()
+        p2 = log_prob(m, h[:, 1].repeat_interleave(P, 0), pats.repeat(P, 1),
+                      prior[:, 1].repeat_interleave(P, 0)).exp().view(P, P)
+    alive = pats[:, vocab.end_index] == 0
+    return np.append((p1[alive, None] * p2[alive]).sum(0).numpy(), p1[~alive].sum().item())
+
+
+def _second_visit_counts(rows, P, V):
+    counts = np.zeros(P + 1)
+    for r in rows:
+        counts[P if len(r) == 1 else _key(r[1], V)] += 1
+    return counts
+
+
+class TestRecurrence:
+    """HaloConfig.recurrence: offsets for the previous row's / any earlier row's tokens, sampled exactly."""
+
+    @pytest.mark.parametrize("block", [None, 3])
+    def test_second_visit_matches_enumeration(self, block):
+        vocab = _vocab(4)
+        V = vocab.size
+        m = _recurrent(_sharp_model(vocab, n_ctx=3, seed=1, recurrence=10.0), seed=1)
+        expected = _second_visit_law(m, vocab, _log_prob)
+        rows = sample(m, vocab, 12000, seed=5, batch_size=2500, progress=False, head_block=block)
+        counts = _second_visit_counts(rows, len(expected) - 1, V)
+        assert _chi2_p(counts, expected) > 1e-3
+        # power: the same weights without the offsets are a detectably different law
+        m0 = _sharp_model(vocab, n_ctx=3, seed=1)
+        off = _second_visit_law(m0, vocab, _log_prob)
+        assert _chi2_p(counts, off) < 1e-6
+
+    def test_reference_sampler_agrees(self):
+        vocab = _vocab(4)
+        V = vocab.size
+        m = _recurrent(_sharp_model(vocab, n_ctx=3, seed=2, recurrence=10.0), seed=2)
+        expected = _second_visit_law(m, vocab, _log_prob)
+        rows = sample_reference(m, vocab, 6000, seed=3, batch_size=2000)
+        assert _chi2_p(_second_visit_counts(rows, len(expected) - 1, V), expected) > 1e-3
+
+    def test_group_heads_take_the_offsets_too(self):
+        """The categorical heads add their members' offsets ("none" none): fast and reference samplers follow."""
+        vocab, groups = _group_vocab()
+        V = vocab.size
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            m = HALO(HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=3, recurrence=10.0,
+                                     groups=[(g.start, g.stop) for g in groups]))
+        _recurrent(m.eval(), scale=0.3, seed=7)
+
+        def log_prob(model, h, pats, prior):
+            hidden, logits = model._fine(h, pats)
+            logits = logits + prior
+            bern = -torch.nn.functional.binary_cross_entropy_with_logits(logits, pats, reduction="none")
+            in_group = torch.zeros(V, dtype=torch.bool)
+            total = torch.zeros(len(pats))
+            for k, grp in enumerate(groups):
+                in_group[grp.start:grp.stop] = True
+                kk = grp.stop - grp.start
+                lg = model.group_logits(hidden, k, prior)
+                lg = lg[:, :kk] if grp.required else lg
+                t = pats[:, grp.start:grp.stop]
+                cls = torch.where(t.sum(1) > 0, t.argmax(1), kk)
+                total += torch.log_softmax(lg, 1).gather(1, cls.clamp(max=lg.size(1) - 1)[:, None])[:, 0]
+            total += (bern * ~in_group).sum(1)
+            return torch.where(_allowed(pats, groups), total, torch.tensor(float("-inf")))
+
+        expected = _second_visit_law(m, vocab, log_prob)
+        assert abs(expected.sum() - 1) < 1e-4
+        for rows in (sample(m, vocab, 12000, seed=4, batch_size=3000, progress=False, groups=groups),
+                     sample(m, vocab, 12000, seed=4, batch_size=3000, progress=False, groups=groups, head_block=None),
+                     sample_reference(m, vocab, 6000, seed=5, batch_size=2000, groups=groups)):
+            counts = _second_visit_counts(rows, len(expected) - 1, V)
+            assert counts[expected == 0].sum() == 0
+            assert _chi2_p(counts[expected > 0], expected[expected > 0]) > 1e-3
+
+    def test_forward_adds_the_offsets_of_earlier_rows_only(self):
+        vocab = _vocab(4)
+        m = _recurrent(_sharp_model(vocab, n_ctx=4, seed=3, recurrence=10.0), seed=3)
+        x = (torch.rand(2, 4, vocab.size, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+        logits, _ = m(x)
+        plain = m.head(m.history(x[:, :-1])[0], x[:, 1:])
+        torch.testing.assert_close(logits - plain, m.history_prior(x[:, :-1]))
+        changed = x.clone()
+        changed[:, 3] = 1 - changed[:, 3]  # the last row is a target only: no offset may read it
+        torch.testing.assert_close(m(changed)[0][:, :2], logits[:, :2])
+
+    @pytest.mark.parametrize("bad", [-1.0, float("nan"), True, "10"])
+    def test_bad_gain_is_a_config_error(self, bad):
+        with pytest.raises(ConfigError, match="recurrence must be a gain >= 0"):
+            HaloConfig.tiny(4, 0, recurrence=bad)
+
+
 class TestBehaviour:
     def test_same_seed_and_batch_is_identical_other_seed_differs(self):
         vocab = _vocab(6, labels=True)
@@ -601,3 +714,82 @@ class TestSampleConfig:
                 assert (tmp_path / d / f).read_bytes() == (tmp_path / "lib" / f).read_bytes(), (d, f)
             meta = json.loads((tmp_path / d / "meta.json").read_text())
             assert meta["condition"] == {"sex": "M"} and meta["seed"] == 5 and meta["temperature"] == 0.9
+
+
+class TestGroupDirect:
+    """HaloConfig.group_direct: each group head also reads the row's earlier columns directly."""
+
+    def _model(self, seed):
+        vocab, groups = _group_vocab()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            m = HALO(HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=3, group_direct=True,
+                                     groups=[(g.start, g.stop) for g in groups]))
+            with torch.no_grad():
+                for lin in m.group_direct.values():
+                    lin.weight.normal_(0.0, 3.0)  # strong: e.g. the weekday follows the event type
+        return m.eval(), vocab, groups
+
+    @staticmethod
+    def _log_prob(direct: bool):
+        def log_prob(model, h, pats, groups):
+            hidden, logits = model._fine(h, pats)
+            bern = -torch.nn.functional.binary_cross_entropy_with_logits(logits, pats, reduction="none")
+            in_group = torch.zeros(pats.size(1), dtype=torch.bool)
+            total = torch.zeros(len(pats))
+            for k, grp in enumerate(groups):
+                in_group[grp.start:grp.stop] = True
+                kk = grp.stop - grp.start
+                lg = model.group_logits(hidden, k, None, pats if direct else torch.zeros_like(pats))
+                lg = lg[:, :kk] if grp.required else lg
+                t = pats[:, grp.start:grp.stop]
+                cls = torch.where(t.sum(1) > 0, t.argmax(1), kk)
+                total += torch.log_softmax(lg, 1).gather(1, cls.clamp(max=lg.size(1) - 1)[:, None])[:, 0]
+            total += (bern * ~in_group).sum(1)
+            return torch.where(_allowed(pats, groups), total, torch.tensor(float("-inf")))
+        return log_prob
+
+    def test_fast_block_full_row_and_reference_samplers_follow_the_direct_term(self):
+        m, vocab, groups = self._model(11)
+        V = vocab.size
+        assert "0" not in m.group_direct and len(m.group_direct) == len(groups) - 1  # column 0 reads nothing
+        p_exact = _first_visit_law(m, vocab, groups, self._log_prob(True))
+        without = _first_visit_law(m, vocab, groups, self._log_prob(False))
+        for rows in (sample(m, vocab, 12000, seed=4, batch_size=3000, progress=False, groups=groups),
+                     sample(m, vocab, 12000, seed=4, batch_size=3000, progress=False, groups=groups, head_block=None),
+                     sample_reference(m, vocab, 6000, seed=5, batch_size=2000, groups=groups)):
+            counts = np.bincount([_key(r[0], V) for r in rows], minlength=len(p_exact))
+            assert counts[p_exact == 0].sum() == 0
+            assert _chi2_p(counts[p_exact > 0], p_exact[p_exact > 0]) > 1e-3
+        keep = without > 0  # power: the heads without the direct term are a detectably different law
+        assert _chi2_p(counts[keep], without[keep]) < 1e-6
+
+    @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+    def test_starts_at_zero_and_its_per_sample_gradients_are_opacus_exact(self):
+        from opacus.grad_sample import GradSampleModule
+
+        from synthehr_core.model.dp import register_grad_samplers
+
+        vocab, groups = _group_vocab()
+        cfg = HaloConfig.tiny(vocab.n_visit_tokens, vocab.n_labels, n_ctx=4, n_embd=8, group_direct=True,
+                              recurrence=10.0, groups=[(g.start, g.stop) for g in groups])
+        torch.manual_seed(0)
+        m = HALO(cfg)
+        assert all(float(lin.weight.abs().sum()) == 0 for lin in m.group_direct.values())
+        X = (torch.rand(3, 4, vocab.size, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+        mask = torch.ones(3, 4, 1)
+        ref = {}
+        for b in range(3):
+            m.zero_grad()
+            m(X[b:b + 1], mask[b:b + 1])[1].backward()
+            for n, p in m.named_parameters():
+                ref.setdefault(n, []).append(p.grad.detach().clone())
+        register_grad_samplers()
+        gsm = GradSampleModule(m, batch_first=True, loss_reduction="mean", strict=True)
+        try:
+            gsm(X, mask)[1].backward()
+            for n, p in m.named_parameters():
+                torch.testing.assert_close(p.grad_sample, torch.stack(ref[n]), rtol=1e-4, atol=1e-7)
+        finally:
+            gsm._close()
+        assert any(float(torch.stack(ref[n]).abs().sum()) > 0 for n in ref if n.startswith("group_direct"))

@@ -6,7 +6,8 @@ What DP-SGD needs from the model, and where it is provided:
   ``nn.LayerNorm`` and ``nn.Embedding``; HALO's code-level head is ``MaskedLinear`` (``F.linear`` on the weight's
   lower triangle), for which :func:`masked_linear_grad_sample` is registered here. Opacus looks samplers up by the
   exact module type, and the stock ``nn.Linear`` rule would give the *unmasked* outer product: upper-triangle
-  entries that never reach the loss would inflate the per-sample norm and receive noise for nothing.
+  entries that never reach the loss would inflate the per-sample norm and receive noise for nothing. The
+  recurrence offsets (``halo.Recurrence``) get :func:`recurrence_grad_sample`.
 * **a per-sample loss normalised by a constant**: HALO's loss is the weighted BCE averaged over all
   ``B * (T-1) * V`` entries, i.e. the batch mean of per-patient losses each divided by the constant
   ``(T-1) * V`` (models/halo.py), which is Opacus' ``loss_reduction="mean"``. Nothing divides by a batch statistic.
@@ -38,7 +39,7 @@ from torch import nn
 from ..data.vocab import Token, Vocab
 from ..errors import ConfigError
 from ..randomness import torch_seed
-from .halo import MaskedLinear
+from .halo import MaskedLinear, Recurrence
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,27 @@ def masked_linear_grad_sample(layer: MaskedLinear, activations: list[torch.Tenso
     return ret
 
 
+def recurrence_grad_sample(layer: Recurrence, activations: list[torch.Tensor], backprops: torch.Tensor
+                           ) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of ``y = gain * (prev * last + seen * ever)``: ``{last: (n, V), ever: (n, V)}``, the
+    elementwise products summed over the non-batch dimensions (``activations`` = [prev, seen])."""
+    prev, seen = (a.to(backprops.dtype) for a in activations[:2])
+    ret = {}
+    if layer.last.requires_grad:
+        ret[layer.last] = layer.gain * torch.einsum("n...v,n...v->nv", backprops, prev)
+    if layer.ever.requires_grad:
+        ret[layer.ever] = layer.gain * torch.einsum("n...v,n...v->nv", backprops, seen)
+    return ret
+
+
 def register_grad_samplers() -> None:
-    """Register the ``MaskedLinear`` per-sample gradient rule with Opacus (idempotent)."""
+    """Register the ``MaskedLinear`` and ``Recurrence`` per-sample gradient rules with Opacus (idempotent)."""
     from opacus.grad_sample import GradSampleModule, register_grad_sampler
 
     if GradSampleModule.GRAD_SAMPLERS.get(MaskedLinear) is not masked_linear_grad_sample:
         register_grad_sampler(MaskedLinear)(masked_linear_grad_sample)
+    if GradSampleModule.GRAD_SAMPLERS.get(Recurrence) is not recurrence_grad_sample:
+        register_grad_sampler(Recurrence)(recurrence_grad_sample)
 
 
 # ---------------------------------------------------------------------------------------------- options

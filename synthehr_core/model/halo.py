@@ -17,6 +17,13 @@ single-valued variable (event type, a visit bin, a calendar kind, a label) gets 
 its tokens + "none" read from the fine head's hidden units that see only h and the columns before the group.
 HI scores those tokens as a chain of Bernoullis, which lets a visit hold no month or two, and hands the last token
 whatever probability the earlier conditionals under-estimate (docs/temporal.md §1).
+
+A second, opt-in through ``HaloConfig.recurrence`` (the train stage turns it on): per-token logit offsets for what the
+patient already has (``Recurrence``): p(token j in row t+1) moves by ``last[j]`` where row t holds j and by
+``ever[j]`` where any row up to t does. A chronic diagnosis recurs at the next admission ~90 % of the time; to say so
+through h the transformer must carry every chronic code of the last visit in n_embd dimensions, which the tiny and
+small presets did not learn in thousands of steps (docs/fidelity.md). The offsets are 2V numbers, start at 0 (the
+model starts as HALO) and keep the factorisation: they read earlier rows only.
 """
 from __future__ import annotations
 
@@ -120,6 +127,29 @@ class MaskedLinear(nn.Module):
         return F.linear(x, self.masked_weight(), self.bias)
 
 
+class Recurrence(nn.Module):
+    """Logit offsets ``gain * (prev * last + seen * ever)`` ``(..., V)`` for the next row, from ``prev`` (the
+    patient's latest row) and ``seen`` (the elementwise max of all rows so far).
+
+    ``gain`` is a fixed reparameterisation: each offset is one scalar that must travel several logits (from the base
+    rate of a chronic code to its recurrence rate), while Adam moves a parameter by about lr per step; the gain makes
+    that ``gain * lr``, which the hidden-unit sums of the fine head get from their width. Opacus' per-sample
+    gradient rule for it is ``dp.recurrence_grad_sample``.
+    """
+
+    def __init__(self, dim: int, gain: float):
+        super().__init__()
+        self.last = nn.Parameter(torch.zeros(dim))
+        self.ever = nn.Parameter(torch.zeros(dim))
+        self.gain = gain
+
+    def forward(self, prev: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        return self.gain * (prev * self.last + seen * self.ever)
+
+
+RECURRENCE_GAIN = 30.0  # HaloConfig.recurrence the train stage sets; 10 and 30 measured on the simulator (docs/fidelity.md)
+
+
 PRESETS = {  # name -> (n_embd, n_layer, n_head)
     "tiny": (32, 2, 2),      # arbitrary; CPU tests and laptop pipeline runs
     "small": (256, 4, 4),    # arbitrary; quick real-data runs
@@ -141,8 +171,18 @@ class HaloConfig:
     # column ranges [start, stop) of single-valued variables (vocab.token_groups), each given a categorical head
     # (ours, not HI's): p(value | history, codes < start) as one softmax over its tokens + "none"; None = pure HALO
     groups: tuple[tuple[int, int], ...] | None = None
+    # each group head also reads the row's earlier columns directly (a linear term, zero at init; ours): an event
+    # type -> weekday dependence is then one weight, not a product of two small ones through the fine head
+    group_direct: bool = False
+    # gain of the per-token offsets for tokens of the previous row / of any earlier row (``Recurrence``; ours,
+    # not HI's); 0 = none (pure HALO). The train stage sets RECURRENCE_GAIN.
+    recurrence: float = 0.0
 
     def __post_init__(self):
+        r = self.recurrence
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0:
+            raise ConfigError(f"HaloConfig.recurrence must be a gain >= 0 (0 = off; the train stage uses "
+                              f"{RECURRENCE_GAIN}); got {r!r}.")
         if self.groups is not None:  # JSON gives lists; keep a hashable, validated tuple of pairs
             g = tuple((int(a), int(b)) for a, b in self.groups)
             V = self.vocab_size
@@ -202,8 +242,15 @@ class HALO(nn.Module):
             self.fine_2 = MaskedLinear(E + V)
             # group k reads hidden units 0 .. E+start-1 of the fine head: they see h and row[:start] only
             self.group_heads = nn.ModuleList([nn.Linear(E + a, b - a + 1) for a, b in config.groups or ()])
+            if config.group_direct:  # keyed by group index; a group at column 0 has no earlier columns to read
+                self.group_direct = nn.ModuleDict({str(k): nn.Linear(a, b - a + 1, bias=False)
+                                                   for k, (a, b) in enumerate(config.groups or ()) if a > 0})
+                for lin in self.group_direct.values():
+                    nn.init.zeros_(lin.weight)
         elif config.groups:
             raise ConfigError("HaloConfig: groups need the fine head; HALO-Coarse (coarse=True) has none.")
+        if config.recurrence:
+            self.recurrence = Recurrence(V, float(config.recurrence))
         # HI inits its Conv1D projections N(0, 0.02) with zero bias; the visit embedding and the fine head keep
         # PyTorch's default Linear init and the position table nn.Embedding's default N(0, 1).
         for block in self.transformer.h:
@@ -234,12 +281,25 @@ class HALO(nn.Module):
             presents.append(kv)
         return self.transformer.ln_f(h), presents
 
-    def head(self, h: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        """Logits of the next row given history states ``h (..., E)`` and its (partial) multi-hot ``row (..., V)``.
+    def prior(self, prev: torch.Tensor, seen: torch.Tensor) -> torch.Tensor | None:
+        """The recurrence offsets ``(..., V)`` of the row after ``prev`` (that row) given ``seen`` (the max of all
+        rows up to it); None without ``HaloConfig.recurrence``."""
+        return self.recurrence(prev, seen) if self.config.recurrence else None
+
+    def history_prior(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``prior`` for every row of ``x (B, T, V)``: position t offsets row t+1, from rows 0..t."""
+        if not self.config.recurrence:
+            return None
+        return self.recurrence(x, torch.cummax(x, dim=1).values)
+
+    def head(self, h: torch.Tensor, row: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the next row given history states ``h (..., E)``, its (partial) multi-hot ``row (..., V)`` and the
+        recurrence offsets ``prior (..., V)`` (``history_prior``; None without recurrence).
 
         Logit j depends on h and on row[..., :j] only, so the sampler may pass a row filled up to any column.
         """
-        return self._fine(h, row)[1]
+        logits = self._fine(h, row)[1]
+        return logits if prior is None else logits + prior
 
     def _fine(self, h: torch.Tensor, row: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(hidden activations of the fine head ``(..., E + V)``, logits ``(..., V)``); hidden is None when coarse."""
@@ -249,11 +309,19 @@ class HALO(nn.Module):
         E = self.config.n_embd
         return a, self.fine_2(a)[..., E - 1:E - 1 + self.config.vocab_size]  # E-1+j sees h, row[:j]
 
-    def group_logits(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+    def group_logits(self, hidden: torch.Tensor, k: int, prior: torch.Tensor | None = None,
+                     row: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(..., size + 1)`` of group k's categorical (its tokens in order, then "none") from the fine head's
-        hidden activations (``_fine``; the sampler passes relu of its incremental pre-activation)."""
-        a, _ = self.config.groups[k]
-        return self.group_heads[k](hidden[..., :self.config.n_embd + a])
+        hidden activations (``_fine``; the sampler passes relu of its incremental pre-activation), with
+        ``group_direct`` a linear term of the row's columns before the group (``row (..., V)``, filled at least that
+        far), plus the members' recurrence offsets from ``prior (..., V)`` ("none" gets none)."""
+        a, b = self.config.groups[k]
+        lg = self.group_heads[k](hidden[..., :self.config.n_embd + a])
+        if self.config.group_direct and str(k) in self.group_direct:
+            lg = lg + self.group_direct[str(k)](row[..., :a])
+        if prior is None:
+            return lg
+        return lg + F.pad(prior[..., a:b], (0, 1))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None,
                 n_ctx: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -276,6 +344,9 @@ class HALO(nn.Module):
         h, _ = self.history(x[:, :-1])  # (B, T-1, E)
         targets = x[:, 1:]  # (B, T-1, V)
         hidden, logits = self._fine(h, targets)  # (B, T-1, V)
+        prior = self.history_prior(x[:, :-1])  # (B, T-1, V) or None
+        if prior is not None:
+            logits = logits + prior
         if mask is None and loss_weight is None:
             return logits, None
         weight = (loss_weight if loss_weight is not None else mask[:, 1:]).float().expand_as(targets)
@@ -298,7 +369,8 @@ class HALO(nn.Module):
             in_group[a:b] = True
             t = targets[..., a:b]
             cls = torch.where(t.sum(-1) > 0, t.float().argmax(-1), b - a)  # first token on, else "none" (index k)
-            ce = F.cross_entropy(self.group_logits(hidden, k).float().flatten(0, -2), cls.flatten(), reduction="none")
+            ce = F.cross_entropy(self.group_logits(hidden, k, prior, targets).float().flatten(0, -2), cls.flatten(),
+                                 reduction="none")
             # the row's weight: its mask (ConSequence zeroes rule-fixed members, e.g. label exclusivity, which the
             # categorical satisfies by construction; the row stays in the loss while any member is unfixed)
             total = total + (ce * weight[..., a:b].amax(-1).flatten()).sum()

@@ -139,8 +139,9 @@ class _IncrementalHead:
     def start(self, h: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.b1, h, self.w1_h.t())  # (B, D) pre-activation with an empty row
 
-    def logits(self, pre: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.b2, torch.relu(pre), self.w2.t())  # (B, V)
+    def logits(self, pre: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        lg = torch.addmm(self.b2, torch.relu(pre), self.w2.t())  # (B, V)
+        return lg if prior is None else lg + prior
 
     def commit(self, pre: torch.Tensor, idx: torch.Tensor, code: torch.Tensor) -> None:
         pre[idx] += self.w1_row[code]
@@ -198,8 +199,9 @@ def _draw_categorical(logw: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def _sample_row(model, h: torch.Tensor, V: int, temperature: float, g: torch.Generator,
-                groups: _Groups | None = None) -> torch.Tensor:
-    """Exact skip-zeros draw of one row for every patient, each with its own cursor. ``h (B, E)`` -> ``(B, V)``.
+                groups: _Groups | None = None, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact skip-zeros draw of one row for every patient, each with its own cursor. ``h (B, E)`` -> ``(B, V)``;
+    ``prior (B, V)``: the model's recurrence offsets for this row (``HALO.prior``), or None.
 
     With ``groups``, each single-valued group is drawn as one categorical when the patient's cursor reaches it:
     member j with probability p(x_G = e_j | row so far), renormalised over the allowed patterns (one member, or
@@ -209,7 +211,7 @@ def _sample_row(model, h: torch.Tensor, V: int, temperature: float, g: torch.Gen
     B = h.size(0)
     row = torch.zeros(B, V, device=h.device, dtype=h.dtype)
     if getattr(model.config, "coarse", False):  # codes independent given the history: one draw is exact
-        logits = model.head(h, row).float() / temperature
+        logits = model.head(h, row, prior).float() / temperature
         row = (torch.rand(logits.shape, generator=g, device=h.device) < torch.sigmoid(logits)).to(row.dtype)
         for grp in groups.groups if groups else ():
             lg = logits[:, grp.start:grp.stop]
@@ -233,11 +235,11 @@ def _sample_row(model, h: torch.Tensor, V: int, temperature: float, g: torch.Gen
                 at = (groups.start[nxt] == cursor[live]) & groups.has_head[nxt]
                 if not at.any():
                     break
-                _decide_groups(head, pre, row, None, live, at, gnext, cursor, groups, temperature, g)
+                _decide_groups(head, pre, row, None, live, at, gnext, cursor, groups, temperature, g, prior)
             live = live[cursor[live] < V]
             if not live.numel():
                 break
-        logits = head.logits(pre[live]).float() / temperature  # (n, V)
+        logits = head.logits(pre[live], None if prior is None else prior[live]).float() / temperature  # (n, V)
         draw = torch.rand(logits.shape, generator=g, device=h.device) < torch.sigmoid(logits)
         draw &= cols[None, :] >= cursor[live, None]  # committed columns stay as they are
         has = draw.any(dim=1)
@@ -252,15 +254,18 @@ def _sample_row(model, h: torch.Tensor, V: int, temperature: float, g: torch.Gen
         head.commit(pre, idx, code)
         cursor[idx] = code + 1
         if decide.any():
-            _decide_groups(head, pre, row, logits, live, decide, gnext, cursor, groups, temperature, g)
+            _decide_groups(head, pre, row, logits, live, decide, gnext, cursor, groups, temperature, g, prior)
         live = live[has | decide]
     return row
 
 
-def _after_logits(head, pre: torch.Tensor, grp: TokenGroup, temperature: float) -> torch.Tensor:
-    """``(n, k, k)``: ``[:, j, i]`` = logit of member i with member j committed (from the incremental head)."""
+def _after_logits(head, pre: torch.Tensor, grp: TokenGroup, temperature: float, prior: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """``(n, k, k)``: ``[:, j, i]`` = logit of member i with member j committed (from the incremental head);
+    ``prior (n, V)``: the patients' recurrence offsets, or None."""
     n, kk = pre.size(0), grp.stop - grp.start
     w2, b2 = head.w2[grp.start:grp.stop], head.b2[grp.start:grp.stop]
+    b2 = b2 if prior is None else b2 + prior[:, None, grp.start:grp.stop]  # (kk,) or (n, 1, kk)
     out = torch.empty(n, kk, kk, device=pre.device)
     chunk = max(1, (1 << 24) // max(1, n * pre.size(1)))  # bound the (n, chunk, D) activations
     for j0 in range(0, kk, chunk):
@@ -270,7 +275,8 @@ def _after_logits(head, pre: torch.Tensor, grp: TokenGroup, temperature: float) 
     return out
 
 
-def _decide_groups(head, pre, row, logits, live, decide, gnext, cursor, groups: _Groups, temperature, g) -> None:
+def _decide_groups(head, pre, row, logits, live, decide, gnext, cursor, groups: _Groups, temperature, g,
+                   prior=None) -> None:
     """Draw the next group of each patient in ``live[decide]`` as one categorical and commit it."""
     pos = decide.nonzero().flatten()  # positions in `live` / `logits`
     which = gnext[live[pos]]
@@ -279,12 +285,13 @@ def _decide_groups(head, pre, row, logits, live, decide, gnext, cursor, groups: 
         sel = pos[which == k]
         idx = live[sel]
         kk = grp.stop - grp.start
+        pri = None if prior is None else prior[idx]
         if groups.heads[k] is not None:  # the model's own categorical over the group (+ "none")
-            lg = head.model.group_logits(torch.relu(pre[idx]), groups.heads[k]).float() / temperature
+            lg = head.model.group_logits(torch.relu(pre[idx]), groups.heads[k], pri, row[idx]).float() / temperature
             pick = _draw_categorical(lg[:, :kk] if grp.required else lg, g)
         else:  # a Bernoulli chain over the members, restricted to at most (exactly) one
             pick = _draw_categorical(_group_log_weights(logits[sel, grp.start:grp.stop],
-                                                        _after_logits(head, pre[idx], grp, temperature),
+                                                        _after_logits(head, pre[idx], grp, temperature, pri),
                                                         grp.required), g)
         on = pick < kk
         code = grp.start + pick[on]
@@ -337,7 +344,7 @@ class _Segment(NamedTuple):
     commit_in: torch.Tensor         # (K, K - 1): what committing each column adds to those units
     later: torch.Tensor             # (K, K) bool: later[j] = the columns after j (what a patient re-draws)
     group: TokenGroup | None = None
-    group_head: tuple[torch.Tensor, torch.Tensor] | None = None  # the model's categorical head (weight, bias)
+    group_head: tuple | None = None  # the model's categorical head: (weight, bias, direct weight or None)
 
 
 def _segments(head: _BlockHead, groups: _Groups, V: int, block: int) -> list[_Segment]:
@@ -350,15 +357,19 @@ def _segments(head: _BlockHead, groups: _Groups, V: int, block: int) -> list[_Se
     cuts, c = [], 0
     for k, grp in enumerate(groups.groups if groups else ()):
         cuts += [(a, b, None, None) for a, b in blocks(c, grp.start)]
-        gh = head.model.group_heads[groups.heads[k]] if groups.heads[k] is not None else None
-        cuts.append((grp.start, grp.stop, grp, None if gh is None else (gh.weight, gh.bias)))
+        gh = None
+        if groups.heads[k] is not None:
+            m, hk = head.model, groups.heads[k]
+            direct = m.group_direct[str(hk)].weight if str(hk) in getattr(m, "group_direct", {}) else None
+            gh = (m.group_heads[hk].weight, m.group_heads[hk].bias, direct)
+        cuts.append((grp.start, grp.stop, grp, gh))
         c = grp.stop
     cuts += [(a, b, None, None) for a, b in blocks(c, V)]
     return [_Segment(a, b, *head.block(a, b), grp, gh) for a, b, grp, gh in cuts]
 
 
-def _fill_block(seg: _Segment, pre: torch.Tensor, row: torch.Tensor, temperature: float, g: torch.Generator
-                ) -> None:
+def _fill_block(seg: _Segment, pre: torch.Tensor, row: torch.Tensor, temperature: float, g: torch.Generator,
+                prior: torch.Tensor | None = None) -> None:
     """Draw columns ``seg.start:seg.stop`` of every patient's row, exactly (skip-zeros within the block).
 
     Each pass draws the rest of the block from the logits given the row so far; a patient with a drawn 1 commits
@@ -371,6 +382,8 @@ def _fill_block(seg: _Segment, pre: torch.Tensor, row: torch.Tensor, temperature
     """
     lo = seg.width - seg.inner.size(0)  # E + start: the block's first own unit
     fixed = torch.addmm(seg.bias, torch.relu(pre[:, :lo]), seg.weight[:lo])  # (B, K): what no code here moves
+    if prior is not None:  # the recurrence offsets: fixed for the whole row
+        fixed += prior[:, seg.start:seg.stop]
     own = pre[:, lo:seg.width]  # (B, K - 1): the block's own units (pre-activations)
     lg = torch.addmm(fixed, torch.relu(own), seg.inner)  # (B, K)
     act = open_ = None  # patients still in the block (None = everyone) and the columns they still draw
@@ -401,7 +414,7 @@ def _fill_block(seg: _Segment, pre: torch.Tensor, row: torch.Tensor, temperature
 
 
 def _draw_group(head: _BlockHead, seg: _Segment, pre: torch.Tensor, row: torch.Tensor, temperature: float,
-                g: torch.Generator) -> None:
+                g: torch.Generator, prior: torch.Tensor | None = None) -> None:
     """One token group for every patient, as one categorical given the row so far (see ``_decide_groups``)."""
     grp, kk = seg.group, seg.stop - seg.start
     if grp.required and kk == 1:  # one member, required: nothing to draw
@@ -409,12 +422,22 @@ def _draw_group(head: _BlockHead, seg: _Segment, pre: torch.Tensor, row: torch.T
         pre += seg.commit[0]
         return
     if seg.group_head is not None:  # the model's own categorical over the group (+ "none"): HALO.group_logits
-        lg = F.linear(torch.relu(pre[:, :head.E + grp.start]), *seg.group_head).float()
+        weight, bias, direct = seg.group_head
+        lg = F.linear(torch.relu(pre[:, :head.E + grp.start]), weight, bias)
+        if direct is not None:  # HALO.group_logits with group_direct: the row's columns before the group
+            lg = lg + F.linear(row[:, :grp.start], direct)
+        lg = lg.float()
+        if prior is not None:  # HALO.group_logits: the members' offsets, none for "none"
+            lg[:, :kk] += prior[:, grp.start:grp.stop]
         lg = lg[:, :kk] if grp.required else lg
         pick = _draw_categorical(lg / temperature if temperature != 1.0 else lg, g)
     else:  # a Bernoulli chain over the members, restricted to at most (exactly) one
-        lg0 = torch.addmm(seg.bias, torch.relu(pre[:, :seg.width]), seg.weight).float() / temperature
-        pick = _draw_categorical(_group_log_weights(lg0, _after_logits(head, pre, grp, temperature), grp.required), g)
+        lg0 = torch.addmm(seg.bias, torch.relu(pre[:, :seg.width]), seg.weight).float()
+        if prior is not None:
+            lg0 += prior[:, grp.start:grp.stop]
+        lg0 = lg0 / temperature
+        pick = _draw_categorical(_group_log_weights(lg0, _after_logits(head, pre, grp, temperature, prior),
+                                                    grp.required), g)
     if grp.required:  # every patient takes a member
         row[:, grp.start:grp.stop].scatter_(1, pick[:, None], 1.0)
         pre += seg.commit[pick]
@@ -426,16 +449,16 @@ def _draw_group(head: _BlockHead, seg: _Segment, pre: torch.Tensor, row: torch.T
 
 @torch.no_grad()
 def _sample_row_blocks(head: _BlockHead, segments: list[_Segment], h: torch.Tensor, temperature: float,
-                       g: torch.Generator) -> torch.Tensor:
+                       g: torch.Generator, prior: torch.Tensor | None = None) -> torch.Tensor:
     """Exact draw of one row for every patient, block by block in column order (the same law as ``_sample_row``,
-    other uniforms). ``h (B, E)`` -> ``(B, V)``."""
+    other uniforms). ``h (B, E)``, ``prior (B, V)`` or None -> ``(B, V)``."""
     row = torch.zeros(h.size(0), head.V, device=h.device, dtype=h.dtype)
     pre = head.start(h)  # (B, D)
     for seg in segments:
         if seg.group is None:
-            _fill_block(seg, pre, row, temperature, g)
+            _fill_block(seg, pre, row, temperature, g, prior)
         else:
-            _draw_group(head, seg, pre, row, temperature, g)
+            _draw_group(head, seg, pre, row, temperature, g, prior)
     return row
 
 
@@ -456,7 +479,8 @@ def _label_rows(labels, label_probs: pd.DataFrame | None, vocab: Vocab, n_patien
     return labels
 
 
-RowDrawer = Callable[[torch.Tensor, str], torch.Tensor]  # (h (n, E), "label" | "visit") -> one row (n, V)
+RowDrawer = Callable[[torch.Tensor, str, torch.Tensor | None], torch.Tensor]
+# (h (n, E), "label" | "visit", recurrence offsets (n, V) or None) -> one row (n, V)
 
 
 def _row_drawer(model, V: int, temperature: float, g: torch.Generator, row_groups: dict[str, _Groups],
@@ -464,17 +488,18 @@ def _row_drawer(model, V: int, temperature: float, g: torch.Generator, row_group
     """How each row is drawn: the block-lazy head (its weights transposed once, here), or with ``head_block=None``
     (and for HALO-Coarse) the full-row head of ``_sample_row``."""
     if head_block is None or getattr(model.config, "coarse", False):
-        return lambda h, kind: _sample_row(model, h, V, temperature, g, row_groups[kind])
+        return lambda h, kind, prior: _sample_row(model, h, V, temperature, g, row_groups[kind], prior)
     head = _BlockHead(model)
     segments = {kind: _segments(head, grp, V, head_block) for kind, grp in row_groups.items()}
-    return lambda h, kind: _sample_row_blocks(head, segments[kind], h, temperature, g)
+    return lambda h, kind, prior: _sample_row_blocks(head, segments[kind], h, temperature, g, prior)
 
 
 MAX_REDRAWS = 32   # arbitrary; a row a rule still breaks after that keeps the rule's overwrite (counted in tests)
 
 
 def _apply_rules(rules: RowRules, draw_row: RowDrawer, h: torch.Tensor, kind: str, past: torch.Tensor,
-                 row: torch.Tensor, t: int, protect: torch.Tensor | None) -> torch.Tensor:
+                 row: torch.Tensor, t: int, protect: torch.Tensor | None, prior: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """ConSequence's overwrite of a sampled row. A patient's row is drawn again (up to ``MAX_REDRAWS`` times)
     where the overwrite would erase the value of a single-valued variable (``protect``: its columns; e.g.
     ``evt:ELECTIVE => cal:weekday=Sat = 0``) or where clashing rules leave one broken (``rules.violated``), so such
@@ -494,7 +519,7 @@ def _apply_rules(rules: RowRules, draw_row: RowDrawer, h: torch.Tensor, kind: st
     for _ in range(MAX_REDRAWS):
         if bad.numel() == 0:
             break
-        new = draw_row(h[bad], kind)
+        new = draw_row(h[bad], kind, None if prior is None else prior[bad])
         new_fixed = rules.apply_row(past[bad], new, t)
         fixed = fixed.clone()
         fixed[bad] = new_fixed
@@ -528,11 +553,14 @@ def _sample_batch(model, vocab: Vocab, B: int, labels: torch.Tensor | None, draw
     h = h[:, -1]  # (B, E) state that predicts row `first`
     act = torch.arange(B, device=device)  # batch rows still being sampled
     last_row = torch.full((B,), T - 1, dtype=torch.long)
+    recur = bool(getattr(model.config, "recurrence", 0))
+    seen = X[:, :first].amax(dim=1) if recur else None  # (B, V): the max of the rows so far (HALO.history_prior)
     for t in range(first, T):
         kind = "label" if t < fvr else "visit"
-        row = draw_row(h, kind)  # (n_act, V)
+        prior = model.prior(X[act, t - 1], seen) if recur else None
+        row = draw_row(h, kind, prior)  # (n_act, V)
         if rules is not None:
-            row = _apply_rules(rules, draw_row, h, kind, X[act, :t], row, t, protect)
+            row = _apply_rules(rules, draw_row, h, kind, X[act, :t], row, t, protect, prior)
         X[act, t] = row
         if t == T - 1:
             break
@@ -544,8 +572,11 @@ def _sample_batch(model, vocab: Vocab, B: int, labels: torch.Tensor | None, draw
                 break
             act, row = act[keep], row[keep]
             kv = _select_cache(kv, keep)
+            seen = seen[keep] if recur else None
         h, kv = model.history(row[:, None, :], kv)  # only the new row goes through the transformer
         h = h[:, -1]
+        if recur:
+            seen = torch.maximum(seen, row)
     return _row_tokens(X, last_row)
 
 
@@ -647,13 +678,15 @@ def sample_reference(model, vocab: Vocab, n_patients: int, seed: int, batch_size
         for t in range(1, T):
             h, _ = model.history(X[:, :t])
             h = h[:, -1]
+            prior = model.history_prior(X[:, :t]) if getattr(cfg, "recurrence", 0) else None
+            prior = None if prior is None else prior[:, -1]
             row = torch.zeros(B, V, device=device)
             pending = sorted(_with_model_heads(model, [grp for grp in groups or ()
                                                        if grp.row == ("label" if t < fvr else "visit")]),
                              key=lambda grp: grp.start)
             i = 0
             while i < V:
-                logits = model.head(h, row).float() / temperature
+                logits = model.head(h, row, prior).float() / temperature
                 draw = (torch.rand(logits.shape, generator=g, device=device) < torch.sigmoid(logits)) \
                     & (cols[None, :] >= i)
                 anyc = draw.any(dim=0).nonzero()
@@ -663,14 +696,14 @@ def sample_reference(model, vocab: Vocab, n_patients: int, seed: int, batch_size
                     k = grp.stop - grp.start
                     hk = heads.get((grp.start, grp.stop))
                     if hk is not None:
-                        lg = model.group_logits(model._fine(h, row)[0], hk).float() / temperature
+                        lg = model.group_logits(model._fine(h, row)[0], hk, prior, row).float() / temperature
                         pick = _draw_categorical(lg[:, :k] if grp.required else lg, g)
                     else:
                         lg_after = torch.empty(B, k, k, device=device)
                         for j in range(k):
                             on = row.clone()
                             on[:, grp.start + j] = 1.0
-                            lg_after[:, j] = model.head(h, on).float()[:, grp.start:grp.stop] / temperature
+                            lg_after[:, j] = model.head(h, on, prior).float()[:, grp.start:grp.stop] / temperature
                         pick = _draw_categorical(_group_log_weights(logits[:, grp.start:grp.stop], lg_after,
                                                                     grp.required), g)
                     hit = (pick < k).nonzero().flatten()

@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-code-count", type=int, default=d["min_code_count"], help="0 = keep every code")
     p.add_argument("--n-ctx", type=int, default=d["n_ctx"], help="default: the tables' meta.json n_ctx")
     p.add_argument("--group-heads", action=argparse.BooleanOptionalAction, default=d["group_heads"])
+    p.add_argument("--recurrence", action=argparse.BooleanOptionalAction, default=d["recurrence"],
+                   help="offsets for the tokens the patient already has (halo.Recurrence)")
     p.add_argument("--model-override", dest="model_overrides", action="append", default=[], metavar="KEY=JSON",
                    help="HaloConfig field, e.g. n_embd=64 (repeatable)")
     return p

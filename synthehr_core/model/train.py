@@ -58,7 +58,7 @@ from .config import TrainArgs, TrainConfig, config_or_options
 from .distributed import SINGLE, DistContext, launch
 from .distributed import setup as setup_distributed
 from .dp import DPConfig, PrivateTraining
-from .halo import HaloConfig
+from .halo import RECURRENCE_GAIN, HaloConfig
 from .precision import autocast, grad_scaler, validate_precision
 from .schedule import Plan, lr_at, plan_run
 from .tensors import EHRParquetDataset, HaloCollate, collate_halo
@@ -634,6 +634,9 @@ def _model_config(config: TrainConfig, vocab: Vocab, n_ctx: int, groups: list[To
     overrides = dict(config.model_overrides)
     if config.group_heads and not overrides.get("coarse") and "groups" not in overrides:
         overrides["groups"] = [(g.start, g.stop) for g in groups]
+        overrides.setdefault("group_direct", True)
+    if config.recurrence and "recurrence" not in overrides:
+        overrides["recurrence"] = RECURRENCE_GAIN
     return HaloConfig.preset(config.preset, vocab.n_visit_tokens, vocab.n_labels, n_ctx=n_ctx, **overrides)
 
 
