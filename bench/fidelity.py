@@ -28,6 +28,7 @@ Variants (``--variants``, comma-separated) are synthehr's ablations:
 ``consequence`` ``synthehr`` + the rules mined on train (kept if they hold on val), enforced in training and sampling
 ``no-recurrence`` ``synthehr`` without the recurrence offsets (``halo.Recurrence``): history only through h
 ``no-direct``  ``synthehr`` without the group heads' direct terms (``HaloConfig.group_direct``)
+``end-h``      ``synthehr`` with the <end> logit read from the history only (``HaloConfig.end_from_history``)
 ``norm-ctx16`` ``synthehr`` with n_ctx 16: the loss normaliser B*(n_ctx-1)*V 3.1x smaller (no simulated patient
                has 15 visits), i.e. gradients 3.1x larger against Adam's eps
 ``recipe-*``   ``synthehr`` with a training recipe of ``RECIPES`` instead of ``--epochs``/``--lr`` (validation at each
@@ -219,6 +220,8 @@ def run_synthehr(tables: Path, variant: str, n_samples: int, a, work: Path) -> t
         overrides["recurrence"] = a.recurrence_gain
     if variant == "no-direct":
         overrides["group_direct"] = False
+    if variant in ("end-h", "consequence-end-h"):
+        overrides["end_from_history"] = True
     if overrides:
         opts["model_overrides"] = overrides
     if variant.startswith("recipe-"):
@@ -227,7 +230,7 @@ def run_synthehr(tables: Path, variant: str, n_samples: int, a, work: Path) -> t
                              f"{[f'recipe-{k}' for k in RECIPES]}.")
         opts.update(RECIPES[variant[len("recipe-"):]])
     rules_dir = None
-    if variant == "consequence":
+    if variant.startswith("consequence"):
         rules, _ = mined_rules(tables)
         rules_dir = work / f"rules-{variant}"
         rules_dir.mkdir(parents=True, exist_ok=True)
@@ -329,6 +332,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--synthetic-factor", type=int, default=1,
+                    help="every tool samples this many times the training patients for the fidelity table (1 = the "
+                         "issue's protocol; on the 72-patient demo one cohort's visits/patient has a ~5 %% standard "
+                         "error, so --synthetic-factor 20 measures the models rather than that noise)")
     ap.add_argument("--longitudinal-factor", type=int, default=5,
                     help="synthehr cohorts are sampled this many times the training patients; the longitudinal table "
                          "reads them all (its shares then carry the model's error, not the sampling noise of one "
@@ -345,25 +352,27 @@ def main(argv: list[str] | None = None) -> None:
     full = tables_for(base_cfg, work / "tables-full")
     real_train, real_val, real_test = (read(full, s) for s in ("train", "val", "test"))
     n = len(real_train[0])
+    n_synth = n * a.synthetic_factor
     print(f"# {a.dataset}: {n} train / {len(real_val[0])} val / {len(real_test[0])} test patients; "
           f"shape {a.embed_dim}-dim x {a.n_layers} layers x {a.n_heads} heads; {a.epochs} epochs, batch "
-          f"{a.batch_size}, lr {a.lr}; one thread; load {os.getloadavg()[0]:.1f}", flush=True)
+          f"{a.batch_size}, lr {a.lr}; one thread; {n_synth} synthetic patients per tool; load "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
     cohorts: dict[str, tuple] = {"real test (ceiling)": real_test}
     times: dict[str, dict] = {}
     large: dict[str, tuple] = {}  # the synthehr cohorts at --longitudinal-factor x n patients
     if not a.no_pyhealth:
         if not Path(a.pyhealth_python).exists():
             raise SystemExit(f"{a.pyhealth_python} is missing: run `make pyhealth-env` first (or pass --no-pyhealth).")
-        cohorts["PyHealth HALO"], d = run_pyhealth(real_train, real_val, n, a, work, real_train[1])
+        cohorts["PyHealth HALO"], d = run_pyhealth(real_train, real_val, n_synth, a, work, real_train[1])
         times["PyHealth HALO"] = d["seconds"]
         print(f"PyHealth {d['versions']}: V={d['vocab_size']}, {d['n_params']} params, {d['seconds']}", flush=True)
     for variant in [x for x in a.variants.split(",") if x]:
         tables = full if variant in ("synthehr", "no-groups", "consequence", "norm-ctx16", "no-recurrence",
-                                     "no-direct") or variant.startswith("recipe-") else \
+                                     "no-direct", "end-h", "consequence-end-h") or variant.startswith("recipe-") else \
             tables_for(variant_config(base_cfg, variant), work / f"tables-{variant}")
-        big, times[f"synthehr {variant}"] = run_synthehr(tables, variant, n, a, work)
+        big, times[f"synthehr {variant}"] = run_synthehr(tables, variant, n_synth, a, work)
         large[f"synthehr {variant}"] = big
-        cohorts[f"synthehr {variant}"] = first_patients(big, n)
+        cohorts[f"synthehr {variant}"] = first_patients(big, n_synth)
         print(f"synthehr {variant}: {times[f'synthehr {variant}']}", flush=True)
     table = score(real_train, cohorts)
     real_vpp = table.loc["real train", "visits/patient"]

@@ -66,7 +66,7 @@ def diagnose(model_dir, tables_dir, split: str = "train", codes: list[str] | Non
                                           "p": p[..., c][prev_vis].numpy(), "y": tgt[..., c][prev_vis].numpy()}))
             if wd and et:
                 if wd_head is not None:
-                    q = torch.softmax(model.group_logits(hidden, wd_head, prior), -1)[..., :len(wd)]
+                    q = torch.softmax(model.group_logits(hidden, wd_head, prior, tgt), -1)[..., :len(wd)]
                 else:
                     q = p[..., wd] / p[..., wd].sum(-1, keepdim=True)
                 evt = tgt[..., et].argmax(-1)

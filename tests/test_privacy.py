@@ -80,9 +80,9 @@ class TestPerSampleGradients:
         torch.testing.assert_close(got[layer.bias], torch.stack(per["bias"]))
         assert got[layer.weight].triu(1).abs().sum() == 0  # never-read entries carry no gradient (no norm inflation)
 
-    @pytest.mark.parametrize("n_labels,recurrence", [(3, 0.0), (0, 0.0), (3, 10.0)])
-    def test_whole_halo_opacus_per_sample_equals_one_at_a_time(self, n_labels, recurrence):
-        cfg = HaloConfig.tiny(9, n_labels, n_ctx=6, n_embd=8, n_head=2, recurrence=recurrence)
+    @pytest.mark.parametrize("n_labels,recurrence,end_h", [(3, 0.0, False), (0, 0.0, False), (3, 10.0, True)])
+    def test_whole_halo_opacus_per_sample_equals_one_at_a_time(self, n_labels, recurrence, end_h):
+        cfg = HaloConfig.tiny(9, n_labels, n_ctx=6, n_embd=8, n_head=2, recurrence=recurrence, end_from_history=end_h)
         torch.manual_seed(1)
         model = HALO(cfg)
         if recurrence:  # trained-looking offsets, so their gradients move the others' too

@@ -559,6 +559,20 @@ class TestRecurrence:
         changed[:, 3] = 1 - changed[:, 3]  # the last row is a target only: no offset may read it
         torch.testing.assert_close(m(changed)[0][:, :2], logits[:, :2])
 
+    def test_end_from_history_reads_h_only_and_is_sampled_exactly(self):
+        vocab = _vocab(4)
+        V, end = vocab.size, vocab.end_index
+        m = _recurrent(_sharp_model(vocab, n_ctx=3, seed=4, recurrence=10.0, end_from_history=True), seed=4)
+        h = torch.randn(6, m.config.n_embd, generator=torch.Generator().manual_seed(0))
+        rows = (torch.rand(6, V, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+        torch.testing.assert_close(m.head(h, rows)[:, end], m.head(h, torch.zeros_like(rows))[:, end])
+        plain = _sharp_model(vocab, n_ctx=3, seed=4)
+        assert not torch.allclose(plain.head(h, rows)[:, end], plain.head(h, torch.zeros_like(rows))[:, end])
+        expected = _second_visit_law(m, vocab, _log_prob)
+        for block in (None, 3):
+            got = sample(m, vocab, 12000, seed=6, batch_size=2500, progress=False, head_block=block)
+            assert _chi2_p(_second_visit_counts(got, len(expected) - 1, V), expected) > 1e-3
+
     @pytest.mark.parametrize("bad", [-1.0, float("nan"), True, "10"])
     def test_bad_gain_is_a_config_error(self, bad):
         with pytest.raises(ConfigError, match="recurrence must be a gain >= 0"):

@@ -67,7 +67,7 @@ def masked_linear_grad_sample(layer: MaskedLinear, activations: list[torch.Tenso
     ret = {}
     if layer.weight.requires_grad:
         gw = torch.einsum("n...o,n...i->noi", backprops, x)  # (n, D_out, D_in)
-        ret[layer.weight] = torch.tril(gw)  # tril acts on the last two dims, i.e. per sample
+        ret[layer.weight] = layer.mask(gw)  # tril (and narrow) act on the last two dims, i.e. per sample
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = torch.einsum("n...o->no", backprops)  # (n, D_out)
     return ret

@@ -97,13 +97,22 @@ class MaskedLinear(nn.Module):
 
     The mask is ``torch.tril`` of the weight in forward, never a buffer, so Opacus accepts the module; it owns
     exactly ``weight`` (out, in) and ``bias``. Its per-sample gradient is the stock linear one, masked.
+    ``narrow``: ``(o, c)`` pairs whose output unit o reads inputs 0..c-1 only (``HaloConfig.end_from_history``).
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, narrow: tuple[tuple[int, int], ...] = ()):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim, dim))
         self.bias = nn.Parameter(torch.empty(dim))
+        self.narrow = tuple(narrow)
         self.reset_parameters()
+
+    def mask(self, w: torch.Tensor) -> torch.Tensor:
+        """``w (..., out, in)`` with the entries this layer never reads set to 0 (the triangle, then ``narrow``)."""
+        w = torch.tril(w)
+        for o, c in self.narrow:
+            w[..., o, c:] = 0.0
+        return w
 
     def reset_parameters(self) -> None:
         # PyTorch's default nn.Linear init, which HI's head gets (its mask multiplies the weight later)
@@ -117,10 +126,10 @@ class MaskedLinear(nn.Module):
         it: the fused Adam updates weights in place without bumping their version."""
         if torch.is_grad_enabled():
             self.__dict__.pop("_tril_key", None)
-            return torch.tril(self.weight)
+            return self.mask(self.weight)
         key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
         if self.__dict__.get("_tril_key") != key:
-            self.__dict__["_tril"], self.__dict__["_tril_key"] = torch.tril(self.weight.detach()), key
+            self.__dict__["_tril"], self.__dict__["_tril_key"] = self.mask(self.weight.detach()), key
         return self.__dict__["_tril"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +183,9 @@ class HaloConfig:
     # each group head also reads the row's earlier columns directly (a linear term, zero at init; ours): an event
     # type -> weekday dependence is then one weight, not a product of two small ones through the fine head
     group_direct: bool = False
+    # the <end> logit reads the history only (h), not the codes drawn before it in the row (ours): a sampled row
+    # that differs from real ones cannot move the number of visits (exposure bias of the end token)
+    end_from_history: bool = False
     # gain of the per-token offsets for tokens of the previous row / of any earlier row (``Recurrence``; ours,
     # not HI's); 0 = none (pure HALO). The train stage sets RECURRENCE_GAIN.
     recurrence: float = 0.0
@@ -239,7 +251,8 @@ class HALO(nn.Module):
         ))
         if not config.coarse:
             self.fine_1 = MaskedLinear(E + V)
-            self.fine_2 = MaskedLinear(E + V)
+            end = config.n_visit_tokens + config.n_labels + 1  # vocab.end_index
+            self.fine_2 = MaskedLinear(E + V, narrow=((E - 1 + end, E),) if config.end_from_history else ())
             # group k reads hidden units 0 .. E+start-1 of the fine head: they see h and row[:start] only
             self.group_heads = nn.ModuleList([nn.Linear(E + a, b - a + 1) for a, b in config.groups or ()])
             if config.group_direct:  # keyed by group index; a group at column 0 has no earlier columns to read
