@@ -106,7 +106,7 @@ pyhealth-env: $(PYH_STAMP)
 ## bench-fidelity: synthehr HALO/ConSequence vs PyHealth's HALO at equal budget (simulated cohort + MIMIC-III demo)
 bench-fidelity: $(STAMP) $(PYH_STAMP)
 	$(PY) bench/fidelity.py --dataset sim
-	$(PY) bench/fidelity.py --dataset mimic3
+	$(PY) bench/fidelity.py --dataset mimic3 --epochs 30 --lr 2e-3 --synthetic-factor 20 --longitudinal-factor 1
 
 ## clean: remove run outputs and caches (keeps .venv)
 clean:

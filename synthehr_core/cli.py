@@ -619,6 +619,8 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
                                                 "validations per run (every 10 to 500 steps)"),
           patience: int | None = typer.Option(None, help="stop after N validations without improvement (KI: 5); "
                                               "default: no early stopping"),
+          keep: str = typer.Option("auto", help="weights published: best (best validation, HI), last, or auto "
+                                   "(best where the val split has >= 100 patients, else last)"),
           ckpt_every: int | None = typer.Option(None, help="a step checkpoint every N steps; default: at each "
                                                 "validation"),
           ckpt_minutes: float = typer.Option(10.0, help="also a checkpoint every M minutes; 0 = off"),
@@ -636,7 +638,8 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
     config = TrainConfig.from_dict({"model_type": model_type, "preset": preset, "epochs": epochs or "auto",
                                     "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
                                     "lr_warmup": lr_warmup, "lr_final": lr_final, "seed": seed,
-                                    "eval_every": eval_every or "auto", "patience": patience, "ckpt_every": ckpt_every,
+                                    "eval_every": eval_every or "auto", "patience": patience, "keep": keep,
+                                    "ckpt_every": ckpt_every,
                                     "ckpt_minutes": ckpt_minutes or None, "dp_target_epsilon": dp_target_epsilon,
                                     "group_heads": group_heads, "recurrence": recurrence})
     _echo_json(train_to_dir(tables, out, config, rules_dir=rules_dir, checkpoint_uri=checkpoint_uri,

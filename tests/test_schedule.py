@@ -70,6 +70,15 @@ class TestSchedule:
         assert msg.count("\n  - ") == 5
         assert TrainConfig.from_dict({"epochs": "auto", "eval_every": "auto", **COSINE}).loop.epochs == "auto"
 
+    def test_keep_auto_takes_the_best_weights_only_from_a_val_split_that_can_rank_them(self):
+        from synthehr_core.model.schedule import KEEP_BEST_MIN_VAL, keep_weights
+
+        assert keep_weights("auto", 8) == "last"                       # the MIMIC-III demo's val split
+        assert keep_weights("auto", KEEP_BEST_MIN_VAL) == keep_weights("auto", 240) == "best"
+        assert keep_weights("best", 8) == "best" and keep_weights("last", 10_000) == "last"
+        with pytest.raises(ConfigError, match="keep must be one of \\['auto', 'best', 'last'\\]; got 'first'"):
+            TrainConfig.from_dict({"keep": "first"})
+
 
 class TestInTheLoop:
     def test_the_run_identity_holds_the_schedule_and_constant_keeps_older_hashes(self):

@@ -70,9 +70,24 @@ def test_tiny_model_overfits_one_patient_and_greedy_sampling_reproduces_it(tmp_p
     assert len(sp) == 3 and len(sv) == 3 * int(nvis[keep])
 
 
+@pytest.mark.parametrize("keep", ["auto", "last"])
+def test_keep_last_publishes_the_final_weights(toy_dir, tmp_path, keep):
+    """keep="last", and "auto" on a val split under KEEP_BEST_MIN_VAL patients (the toy's): the final weights."""
+    from synthehr_core.model.schedule import KEEP_BEST_MIN_VAL
+
+    info = train_to_dir(toy_dir, tmp_path / "m", epochs=4, batch_size=16, lr=0.3, eval_every=1, keep=keep,
+                        n_ctx=N_CTX, progress=False)
+    assert 0 < info["n_val"] < KEEP_BEST_MIN_VAL
+    assert info["kept"] == "last" and info["kept_step"] == info["steps"] != info["best_step"]
+    model, _, _ = load_model(tmp_path / "m")
+    last = _state(Path(info["checkpoints"]) / f"step_{info['steps']:08d}.pt")["model"]
+    assert _equal_states(last, model.state_dict())
+
+
 def test_keep_best_and_early_stopping(toy_dir, tmp_path):
     info = train_to_dir(toy_dir, tmp_path / "m", epochs=30, batch_size=16, lr=0.3, eval_every=1, patience=2,
-                        n_ctx=N_CTX, progress=False)
+                        keep="best", n_ctx=N_CTX, progress=False)
+    assert info["kept"] == "best" and info["kept_step"] == info["best_step"]
     hist = pd.read_parquet(tmp_path / "m" / "history.parquet")
     val = hist[hist["split"] == "val"].reset_index(drop=True)
     assert info["stopped_early"] and info["steps"] < 30 * 6

@@ -60,13 +60,14 @@ class TrainArgs:
     max_steps: int | None = None      # stop after this many optimiser steps (None = epochs decide)
     eval_every: int | str | None = 500  # HI: every 500 iterations; None = at each epoch end; "auto" = by run size
     patience: int | None = None       # KI:train_consequence.py uses 5 (evaluations); None = no early stopping
+    keep: str = "auto"                # weights published: "best" val (HI, KI), "last", "auto" (schedule.keep_weights)
     ckpt_every: int | None = None     # step checkpoint period; None = at every evaluation
     ckpt_minutes: float | None = 10.0  # also a checkpoint this often (wall clock); None = off; arbitrary; tune
     keep_checkpoints: int | None = 2  # newest step checkpoints kept (None = all); arbitrary
     seed: int = 0                     # model init and data order
 
     def problems(self) -> list[str]:
-        from .schedule import SCHEDULES
+        from .schedule import KEEP, SCHEDULES
 
         out = []
         if self.epochs != "auto" and (not _is_int(self.epochs) or self.epochs < 1):
@@ -81,6 +82,9 @@ class TrainArgs:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 out.append(f"{name} must be None or an int >= 1; got {v!r}.")
+        if self.keep not in KEEP:
+            out.append(f"keep must be one of {list(KEEP)}; got {self.keep!r}. 'best' publishes the weights of the "
+                       "best validation, 'last' the final ones, 'auto' the best where the val split can rank them.")
         if self.lr_schedule not in SCHEDULES:
             out.append(f"lr_schedule must be one of {list(SCHEDULES)}; got {self.lr_schedule!r}. Use 'cosine' for "
                        "warm-up and decay, 'constant' for HI's fixed lr.")

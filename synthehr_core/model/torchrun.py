@@ -22,7 +22,7 @@ from .config import TrainConfig
 from .distributed import teardown
 from .dp import ACCOUNTANTS
 from .precision import PRECISIONS
-from .schedule import SCHEDULES
+from .schedule import KEEP, SCHEDULES
 from .train import train_to_dir
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=d["max_steps"])
     p.add_argument("--eval-every", type=_int_or_auto, default=d["eval_every"], help="an int or 'auto'")
     p.add_argument("--patience", type=int, default=d["patience"])
+    p.add_argument("--keep", default=d["keep"], choices=list(KEEP),
+                   help="weights published: best val, last, or auto (best where the val split has >= 100 patients)")
     p.add_argument("--ckpt-every", type=int, default=d["ckpt_every"])
     p.add_argument("--ckpt-minutes", type=float, default=d["ckpt_minutes"])
     p.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"])

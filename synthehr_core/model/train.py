@@ -60,7 +60,7 @@ from .distributed import setup as setup_distributed
 from .dp import DPConfig, PrivateTraining
 from .halo import RECURRENCE_GAIN, HaloConfig
 from .precision import autocast, grad_scaler, validate_precision
-from .schedule import Plan, lr_at, plan_run
+from .schedule import KEEP_BEST_MIN_VAL, Plan, keep_weights, lr_at, plan_run
 from .tensors import EHRParquetDataset, HaloCollate, collate_halo
 
 __all__ = ["CKPT_DIR", "LoopState", "TrainArgs", "TrainConfig", "bucket_order", "checkpoint_key",
@@ -505,11 +505,17 @@ class _Loop:
             privacy = self.private.metrics()
             log.info("DP-SGD: epsilon %.4g at delta %g after %d steps", privacy["dp_epsilon"], privacy["dp_delta"],
                      s.step)
-        if s.best_state is None:  # no validation set: the last weights are the result
-            s.best_state, s.best_step = _cpu_state(self.model), s.step
-        return {"best_state": s.best_state, "history": s.history, "step": s.step, "epoch": s.epoch,
+        n_val = len(self.val_ds) if self.val_ds is not None else 0
+        kept = keep_weights(self.args.keep, n_val)
+        state, kept_step = s.best_state, s.best_step
+        if state is None or kept == "last":  # no validation set, or asked: the last weights are the result
+            state, kept_step, kept = _cpu_state(self.model), s.step, "last"
+        if self.args.keep == "auto" and s.best_state is not None:
+            log.info("publishing the %s weights (step %d; best val %.5g at step %d; %d val patients, keep=auto: "
+                     "best from %d)", kept, kept_step, s.best_val, s.best_step, n_val, KEEP_BEST_MIN_VAL)
+        return {"best_state": state, "history": s.history, "step": s.step, "epoch": s.epoch,
                 "best_val": s.best_val, "best_step": s.best_step, "stopped_early": s.stopped_early,
-                "privacy": privacy, "plan": self.plan}
+                "privacy": privacy, "plan": self.plan, "kept": kept, "kept_step": kept_step}
 
 
 FAULT_ENV = "SYNTHEHR_FAULT_KILL_AT_STEP"
@@ -720,6 +726,7 @@ def _run_info(config: TrainConfig, data: _TrainData, res: dict, hist: pd.DataFra
             "config_hash": data.run_hash, "steps": res["step"], "epochs_run": res["epoch"],
             "best_step": res["best_step"],
             "best_val_loss": None if not np.isfinite(res["best_val"]) else res["best_val"],
+            "kept": res["kept"], "kept_step": res["kept_step"],
             "first_train_loss": float(train_losses.iloc[0]) if len(train_losses) else None,
             "final_train_loss": float(train_losses.iloc[-1]) if len(train_losses) else None,
             "stopped_early": res["stopped_early"], "n_train": len(data.train_ds),
