@@ -76,7 +76,7 @@ def test_keep_last_publishes_the_final_weights(toy_dir, tmp_path, keep):
     from synthehr_core.model.schedule import KEEP_BEST_MIN_VAL
 
     info = train_to_dir(toy_dir, tmp_path / "m", epochs=4, batch_size=16, lr=0.3, eval_every=1, keep=keep,
-                        n_ctx=N_CTX, progress=False)
+                        n_ctx=N_CTX, progress=False, end_calibration=False)
     assert 0 < info["n_val"] < KEEP_BEST_MIN_VAL
     assert info["kept"] == "last" and info["kept_step"] == info["steps"] != info["best_step"]
     model, _, _ = load_model(tmp_path / "m")
@@ -86,7 +86,7 @@ def test_keep_last_publishes_the_final_weights(toy_dir, tmp_path, keep):
 
 def test_keep_best_and_early_stopping(toy_dir, tmp_path):
     info = train_to_dir(toy_dir, tmp_path / "m", epochs=30, batch_size=16, lr=0.3, eval_every=1, patience=2,
-                        keep="best", n_ctx=N_CTX, progress=False)
+                        keep="best", n_ctx=N_CTX, progress=False, end_calibration=False)
     assert info["kept"] == "best" and info["kept_step"] == info["best_step"]
     hist = pd.read_parquet(tmp_path / "m" / "history.parquet")
     val = hist[hist["split"] == "val"].reset_index(drop=True)
@@ -397,3 +397,26 @@ class TestLengthBuckets:
             train_to_dir(toy_dir, tmp_path / "dp", length_buckets=3, dp_noise_multiplier=1.0, dp_delta=1e-3, **run)
         with pytest.raises(ConfigError, match="length_buckets must be an int >= 0"):
             train_to_dir(toy_dir, tmp_path / "bad", length_buckets=-1, **run)
+
+
+def test_end_calibration_matches_expected_and_observed_ends_and_is_skipped_with_dp(toy_dir, tmp_path):
+    """After training the <end> bias is fitted exactly: the expected <end>s over the training visits equal the
+    training patients (each has one); off, they do not; a DP run skips it and says so."""
+    from synthehr_core.model.calibrate import end_counts
+
+    info = train_to_dir(toy_dir, tmp_path / "on", epochs=2, batch_size=16, lr=3e-3, n_ctx=N_CTX, progress=False)
+    off = train_to_dir(toy_dir, tmp_path / "off", epochs=2, batch_size=16, lr=3e-3, n_ctx=N_CTX, progress=False,
+                       end_calibration=False)
+    cal = info["end_calibration"]
+    assert off["end_calibration"] is None and cal["iterations"] >= 1 and cal["shift"] != 0
+    ds = EHRParquetDataset(toy_dir, "train", N_CTX)
+    for name, close in (("on", True), ("off", False)):
+        model, vocab, _ = load_model(tmp_path / name)
+        sp, sy, _ = end_counts(model, ds, vocab, 64, "cpu")
+        assert sy == len(ds)
+        assert (abs(sp - sy) < 1e-2) == close, (name, sp, sy)
+    assert cal["expected_ends_before"] == pytest.approx(end_counts(load_model(tmp_path / "off")[0], ds, vocab, 64,
+                                                                   "cpu")[0], rel=1e-5)
+    dp = train_to_dir(toy_dir, tmp_path / "dp", epochs=1, batch_size=16, lr=3e-3, n_ctx=N_CTX, progress=False,
+                      dp_noise_multiplier=0.5)
+    assert dp["end_calibration"] == {"skipped": "dp"}

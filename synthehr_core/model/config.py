@@ -127,6 +127,7 @@ class TrainConfig:
     n_ctx: int | None = None            # rows per patient; None = the tables' meta.json n_ctx, else 48
     group_heads: bool = True            # a categorical head per single-valued variable (vocab.token_groups)
     recurrence: bool = True             # per-token offsets for what the patient already has (halo.Recurrence)
+    end_calibration: bool = True        # fit the <end> bias exactly after training (calibrate.py; not with DP)
     model_overrides: dict[str, Any] = field(default_factory=dict, hash=False)  # extra HaloConfig fields
 
     def __post_init__(self):
@@ -162,8 +163,9 @@ class TrainConfig:
             out.append(f"n_ctx must be None (from the tables' meta.json) or an int >= 2; got {self.n_ctx!r}.")
         if not isinstance(self.group_heads, bool):
             out.append(f"group_heads must be True or False; got {self.group_heads!r}.")
-        if not isinstance(self.recurrence, bool):
-            out.append(f"recurrence must be True or False; got {self.recurrence!r}.")
+        for name in ("recurrence", "end_calibration"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name} must be True or False; got {getattr(self, name)!r}.")
         out += self._override_problems()
         return out
 
@@ -187,7 +189,7 @@ class TrainConfig:
     def option_names(cls) -> tuple[str, ...]:
         """The flat option names of :meth:`to_dict` / :meth:`from_dict`, in that order."""
         return ("model_type", "preset", *LOOP_OPTIONS, "precision", *DP_OPTIONS, "min_code_count", "n_ctx",
-                "group_heads", "recurrence", "model_overrides")
+                "group_heads", "recurrence", "end_calibration", "model_overrides")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly flat options; ``TrainConfig.from_dict(c.to_dict()) == c``."""
@@ -195,6 +197,7 @@ class TrainConfig:
         return {"model_type": self.model_type, "preset": self.preset, **asdict(self.loop),
                 "precision": self.precision, **dp, "min_code_count": self.min_code_count, "n_ctx": self.n_ctx,
                 "group_heads": self.group_heads, "recurrence": self.recurrence,
+                "end_calibration": self.end_calibration,
                 "model_overrides": dict(self.model_overrides)}
 
     @classmethod

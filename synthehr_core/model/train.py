@@ -717,6 +717,18 @@ def _write_outputs(out_dir, model: torch.nn.Module, data: _TrainData, config: Tr
     return hist
 
 
+def _calibrate(model: torch.nn.Module, data: _TrainData, config: TrainConfig, device: torch.device) -> dict | None:
+    """``calibrate.calibrate_end`` on the published weights where the config asks for it and it is allowed."""
+    if not config.end_calibration or model.config.coarse:
+        return None
+    if config.dp.enabled:  # it reads the training data outside DP-SGD's accounting
+        log.info("<end> calibration skipped: a DP-SGD run may not read the training data outside its accounting")
+        return {"skipped": "dp"}
+    from .calibrate import calibrate_end
+
+    return calibrate_end(model, data.train_ds, data.vocab, config.loop.batch_size, device)
+
+
 def _run_info(config: TrainConfig, data: _TrainData, res: dict, hist: pd.DataFrame, device: torch.device,
               seconds: float, dist: DistContext) -> dict:
     """meta.json of the checkpoint directory."""
@@ -876,8 +888,10 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfi
             dist.barrier()
             return {"rank": dist.rank, "steps": res["step"], "seconds": round(seconds, 3)}
         model.load_state_dict(res["best_state"])
+        calibration = _calibrate(model, data, config, dev)
         hist = _write_outputs(str(tmp), model, data, config, res, tables_dir, rules_dir)
-        info = {**_run_info(config, data, res, hist, dev, seconds, dist), "checkpoints": ckpts.folder}
+        info = {**_run_info(config, data, res, hist, dev, seconds, dist), "checkpoints": ckpts.folder,
+                "end_calibration": calibration}
         storage.write_json(storage.join(str(tmp), "meta.json"), info)
     log.info("published %s (best val %s at step %s); checkpoints in %s", out_dir, info["best_val_loss"],
              info["best_step"], ckpts.folder)
