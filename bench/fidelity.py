@@ -171,7 +171,7 @@ def run_pyhealth(train, val, n_samples: int, a, work: Path, like_visits) -> tupl
            "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--lr", str(a.pyhealth_lr or a.lr),
            "--n-samples", str(n_samples), "--seed", str(a.seed), "--threads", "1"]
     key = work / "pyhealth_key.json"  # --reuse-pyhealth: the same input and arguments as the kept output
-    ident = json.dumps({"cmd": cmd[3:], "input": hash_text(inp.read_text())})
+    ident = json.dumps({"args": cmd[4:], "input": hash_text(inp.read_text())})  # not the paths: work dirs may move
     if a.reuse_pyhealth and out.exists() and key.exists() and key.read_text() == ident:
         log.warning("PyHealth: reusing %s (same input and arguments)", out)
         d = json.loads(out.read_text())
