@@ -21,9 +21,13 @@ whatever probability the earlier conditionals under-estimate (docs/temporal.md Â
 A second, opt-in through ``HaloConfig.recurrence`` (the train stage turns it on): per-token logit offsets for what the
 patient already has (``Recurrence``): p(token j in row t+1) moves by ``last[j]`` where row t holds j and by
 ``ever[j]`` where any row up to t does. A chronic diagnosis recurs at the next admission ~90 % of the time; to say so
-through h the transformer must carry every chronic code of the last visit in n_embd dimensions, which the tiny and
-small presets did not learn in thousands of steps (docs/fidelity.md). The offsets are 2V numbers, start at 0 (the
-model starts as HALO) and keep the factorisation: they read earlier rows only.
+through h the transformer must carry every chronic code of the last visit in n_embd dimensions, which the tiny
+preset did not learn in 680 steps (teacher-forced 0.15 vs 0.93 real; docs/fidelity.md). The offsets are 2V numbers,
+start at 0 (the model starts as HALO) and keep the factorisation: they read earlier rows only.
+
+Two more, also ours: ``HaloConfig.group_direct`` (each categorical head adds a zero-initialised linear term of the
+row's columns before its group, so "electives fall on weekdays" is one weight; on with the heads in the train stage)
+and ``HaloConfig.end_from_history`` (the <end> logit reads h only; an ablation, off).
 """
 from __future__ import annotations
 
