@@ -376,9 +376,8 @@ def main(argv: list[str] | None = None) -> None:
         times["PyHealth HALO"] = d["seconds"]
         print(f"PyHealth {d['versions']}: V={d['vocab_size']}, {d['n_params']} params, {d['seconds']}", flush=True)
     for variant in [x for x in a.variants.split(",") if x]:
-        tables = full if variant in ("synthehr", "no-groups", "consequence", "norm-ctx16", "no-recurrence",
-                                     "no-direct", "end-h", "consequence-end-h") or variant.startswith("recipe-") else \
-            tables_for(variant_config(base_cfg, variant), work / f"tables-{variant}")
+        tables = tables_for(variant_config(base_cfg, variant), work / f"tables-{variant}") \
+            if variant in ("no-calendar", "plain") else full  # only these two change the tokens
         big, times[f"synthehr {variant}"] = run_synthehr(tables, variant, n_synth, a, work)
         large[f"synthehr {variant}"] = big
         cohorts[f"synthehr {variant}"] = first_patients(big, n_synth)

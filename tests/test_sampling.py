@@ -398,17 +398,21 @@ def _head_model(vocab, groups, n_ctx=3, seed=0):
     return m.eval()
 
 
-def _head_log_prob(model, h, pats, groups):
+def _head_log_prob(model, h, pats, groups, prior=None, direct_row=None):
     """log p of each pattern when each group is one categorical (its heads), restricted to one value where
-    required; other columns by the Bernoulli logits."""
+    required; other columns by the Bernoulli logits. ``prior``: recurrence offsets; ``direct_row``: what the heads'
+    direct terms read (default the pattern itself; zeros = the heads without them)."""
     hidden, logits = model._fine(h, pats)
+    if prior is not None:
+        logits = logits + prior
+    row = pats if direct_row is None else direct_row
     bern = -torch.nn.functional.binary_cross_entropy_with_logits(logits, pats, reduction="none")
     in_group = torch.zeros(pats.size(1), dtype=torch.bool)
     total = torch.zeros(len(pats))
     for k, grp in enumerate(groups):
         in_group[grp.start:grp.stop] = True
         kk = grp.stop - grp.start
-        lg = model.group_logits(hidden, k)
+        lg = model.group_logits(hidden, k, prior, row)
         lg = lg[:, :kk] if grp.required else lg
         t = pats[:, grp.start:grp.stop]
         cls = torch.where(t.sum(1) > 0, t.argmax(1), kk)
@@ -523,21 +527,7 @@ class TestRecurrence:
         _recurrent(m.eval(), scale=0.3, seed=7)
 
         def log_prob(model, h, pats, prior):
-            hidden, logits = model._fine(h, pats)
-            logits = logits + prior
-            bern = -torch.nn.functional.binary_cross_entropy_with_logits(logits, pats, reduction="none")
-            in_group = torch.zeros(V, dtype=torch.bool)
-            total = torch.zeros(len(pats))
-            for k, grp in enumerate(groups):
-                in_group[grp.start:grp.stop] = True
-                kk = grp.stop - grp.start
-                lg = model.group_logits(hidden, k, prior)
-                lg = lg[:, :kk] if grp.required else lg
-                t = pats[:, grp.start:grp.stop]
-                cls = torch.where(t.sum(1) > 0, t.argmax(1), kk)
-                total += torch.log_softmax(lg, 1).gather(1, cls.clamp(max=lg.size(1) - 1)[:, None])[:, 0]
-            total += (bern * ~in_group).sum(1)
-            return torch.where(_allowed(pats, groups), total, torch.tensor(float("-inf")))
+            return _head_log_prob(model, h, pats, groups, prior)
 
         expected = _second_visit_law(m, vocab, log_prob)
         assert abs(expected.sum() - 1) < 1e-4
@@ -744,31 +734,13 @@ class TestGroupDirect:
                     lin.weight.normal_(0.0, 3.0)  # strong: e.g. the weekday follows the event type
         return m.eval(), vocab, groups
 
-    @staticmethod
-    def _log_prob(direct: bool):
-        def log_prob(model, h, pats, groups):
-            hidden, logits = model._fine(h, pats)
-            bern = -torch.nn.functional.binary_cross_entropy_with_logits(logits, pats, reduction="none")
-            in_group = torch.zeros(pats.size(1), dtype=torch.bool)
-            total = torch.zeros(len(pats))
-            for k, grp in enumerate(groups):
-                in_group[grp.start:grp.stop] = True
-                kk = grp.stop - grp.start
-                lg = model.group_logits(hidden, k, None, pats if direct else torch.zeros_like(pats))
-                lg = lg[:, :kk] if grp.required else lg
-                t = pats[:, grp.start:grp.stop]
-                cls = torch.where(t.sum(1) > 0, t.argmax(1), kk)
-                total += torch.log_softmax(lg, 1).gather(1, cls.clamp(max=lg.size(1) - 1)[:, None])[:, 0]
-            total += (bern * ~in_group).sum(1)
-            return torch.where(_allowed(pats, groups), total, torch.tensor(float("-inf")))
-        return log_prob
-
     def test_fast_block_full_row_and_reference_samplers_follow_the_direct_term(self):
         m, vocab, groups = self._model(11)
         V = vocab.size
         assert "0" not in m.group_direct and len(m.group_direct) == len(groups) - 1  # column 0 reads nothing
-        p_exact = _first_visit_law(m, vocab, groups, self._log_prob(True))
-        without = _first_visit_law(m, vocab, groups, self._log_prob(False))
+        p_exact = _first_visit_law(m, vocab, groups, _head_log_prob)
+        without = _first_visit_law(m, vocab, groups, lambda mm, h, pats, gg: _head_log_prob(
+            mm, h, pats, gg, direct_row=torch.zeros_like(pats)))
         for rows in (sample(m, vocab, 12000, seed=4, batch_size=3000, progress=False, groups=groups),
                      sample(m, vocab, 12000, seed=4, batch_size=3000, progress=False, groups=groups, head_block=None),
                      sample_reference(m, vocab, 6000, seed=5, batch_size=2000, groups=groups)):

@@ -3,9 +3,9 @@ equals the number of training patients.
 
 Visits per patient are set by one probability, p(<end> | history, row), and the loss gradient of its bias is the
 gap between the expected and the observed number of ends over the training rows. Adam normalises that gradient by
-its minibatch noise, so a systematic gap of a few percent moves the bias by ~0.04 logits in 680 steps and is still
-there when the lr has decayed: on the simulator the teacher-forced p(<end>) ended 0.026 above the data in one seed
-and 0.028 below in another (visits/patient −6.8 % and +4.8 %; docs/fidelity.md). With the other weights fixed the
+its minibatch noise, so a systematic gap of a few percent is still there when the lr has decayed: on simulator
+seed 1 the teacher-forced p(<end>) after visit 1 ended at 0.666 (HALO) and 0.612 (ConSequence), real 0.640
+(visits/patient −6.8 % and +4.8 %; docs/fidelity.md). With the other weights fixed the
 bias has a one-dimensional, convex likelihood; Newton's method on it (a few teacher-forced passes over the train
 split) gives its maximum-likelihood value, which is where a converged run would have put it.
 

@@ -305,9 +305,7 @@ class HALO(nn.Module):
 
     def history_prior(self, x: torch.Tensor) -> torch.Tensor | None:
         """``prior`` for every row of ``x (B, T, V)``: position t offsets row t+1, from rows 0..t."""
-        if not self.config.recurrence:
-            return None
-        return self.recurrence(x, torch.cummax(x, dim=1).values)
+        return self.prior(x, torch.cummax(x, dim=1).values) if self.config.recurrence else None
 
     def head(self, h: torch.Tensor, row: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the next row given history states ``h (..., E)``, its (partial) multi-hot ``row (..., V)`` and the
