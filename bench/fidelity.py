@@ -33,6 +33,8 @@ Variants (``--variants``, comma-separated) are synthehr's ablations:
 ``no-recurrence`` ``synthehr`` without the recurrence offsets (``halo.Recurrence``): history only through h
 ``no-direct``  ``synthehr`` without the group heads' direct terms (``HaloConfig.group_direct``)
 ``end-h``      ``synthehr`` with the <end> logit read from the history only (``HaloConfig.end_from_history``)
+``cal-end``    ``synthehr`` calibrating only the <end> bias after training (``TrainConfig.calibration="end"``);
+               ``cal-off`` not at all; ``consequence-cal-end`` / ``consequence-cal-off`` the same for ConSequence
 ``norm-ctx16`` ``synthehr`` with n_ctx 16: the loss normaliser B*(n_ctx-1)*V 3.1x smaller (no simulated patient
                has 15 visits), i.e. gradients 3.1x larger against Adam's eps
 ``recipe-*``   ``synthehr`` with a training recipe of ``RECIPES`` instead of ``--epochs``/``--lr`` (validation at each
@@ -219,6 +221,7 @@ def run_synthehr(tables: Path, variant: str, n_samples: int, a, work: Path) -> t
                 lr_schedule=a.lr_schedule, keep=a.keep,
                 n_ctx=16 if variant == "norm-ctx16" else 48, eval_every=None, progress=False,
                 group_heads=variant != "no-groups", recurrence=variant != "no-recurrence",
+                calibration=next((c for c in ("end", "off") if variant.endswith(f"cal-{c}")), "full"),
                 n_embd=a.embed_dim, n_layer=a.n_layers, n_head=a.n_heads)
     overrides = {}
     if a.recurrence_gain is not None and variant != "no-recurrence":

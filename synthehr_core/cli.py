@@ -630,8 +630,9 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
           recurrence: bool = typer.Option(True, help="per-token offsets for what the patient already has (a chronic "
                                           "code of the last visit); --no-recurrence = history only through the "
                                           "transformer, as HALO"),
-          end_calibration: bool = typer.Option(True, help="fit the <end> bias exactly after training, so the "
-                                               "expected visits match the training split (skipped with DP)"),
+          calibration: str = typer.Option("full", help="after training, fit every output bias and the group heads' "
+                                          "direct terms exactly on the train split (full), only the <end> bias "
+                                          "(end), or nothing (off); skipped with DP"),
           device: str | None = typer.Option(None, help="cpu, cuda, ...; default: cuda if available")):
     """Train HALO or ConSequence and publish a model directory (checkpoints go beside it, see --checkpoint-uri)."""
     from .model.config import TrainConfig
@@ -644,7 +645,7 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
                                     "ckpt_every": ckpt_every,
                                     "ckpt_minutes": ckpt_minutes or None, "dp_target_epsilon": dp_target_epsilon,
                                     "group_heads": group_heads, "recurrence": recurrence,
-                                    "end_calibration": end_calibration})
+                                    "calibration": calibration})
     _echo_json(train_to_dir(tables, out, config, rules_dir=rules_dir, checkpoint_uri=checkpoint_uri,
                             resume_from=resume_from, extend=extend, overwrite=overwrite, device=device,
                             progress=sys.stderr.isatty()))  # a bar on a terminal; log lines elsewhere

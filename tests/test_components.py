@@ -198,11 +198,14 @@ class TestStages:
         assert (Path(outs["details"].path) / "verdicts.json").exists()
         assert outs["roc"].metadata["confidenceMetrics"]          # KFP draws the ROC curve from these
         decision = outs["details"].metadata["decision"]
-        # the gate: fails exactly when the decision is "do not release" (forced here by gating on a fidelity check)
+        # the gate: fails exactly when the decision is "do not release" (forced here by gating on a fidelity check
+        # no R² can pass: thresholds above 1 and no held-out ceiling to pass at instead)
         strict = tmp_path / "strict.yml"
-        strict.write_text((Path(__file__).parents[1] / "synthehr_core/evaluation/release_policy.yml").read_text()
-                          .replace("fail_on: [exact_copies, membership_inference, small_cells]",
-                                   "fail_on: [code_prevalence]").replace("warn: 0.8\n    fail: 0.5", "warn: 2\n    fail: 1.5"))
+        policy = (Path(__file__).parents[1] / "synthehr_core/evaluation/release_policy.yml").read_text()
+        assert "    ceiling: fidelity.baseline.code_record.r2\n" in policy
+        strict.write_text(policy.replace("fail_on: [exact_copies, membership_inference, small_cells]",
+                                         "fail_on: [code_prevalence]").replace("warn: 0.8\n    fail: 0.5", "warn: 2\n    fail: 1.5")
+                          .replace("    ceiling: fidelity.baseline.code_record.r2\n", ""))
         outs2 = {k: art(type(a), tmp_path / "g", k) for k, a in outs.items()}
         with pytest.raises(RuntimeError, match="release gate: do not release"):
             evaluate.python_func(release_gate=True, **{**kw, **outs2, "policy": str(strict)})

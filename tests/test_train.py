@@ -76,7 +76,7 @@ def test_keep_last_publishes_the_final_weights(toy_dir, tmp_path, keep):
     from synthehr_core.model.schedule import KEEP_BEST_MIN_VAL
 
     info = train_to_dir(toy_dir, tmp_path / "m", epochs=4, batch_size=16, lr=0.3, eval_every=1, keep=keep,
-                        n_ctx=N_CTX, progress=False, end_calibration=False)
+                        n_ctx=N_CTX, progress=False, calibration="off")
     assert 0 < info["n_val"] < KEEP_BEST_MIN_VAL
     assert info["kept"] == "last" and info["kept_step"] == info["steps"] != info["best_step"]
     model, _, _ = load_model(tmp_path / "m")
@@ -86,7 +86,7 @@ def test_keep_last_publishes_the_final_weights(toy_dir, tmp_path, keep):
 
 def test_keep_best_and_early_stopping(toy_dir, tmp_path):
     info = train_to_dir(toy_dir, tmp_path / "m", epochs=30, batch_size=16, lr=0.3, eval_every=1, patience=2,
-                        keep="best", n_ctx=N_CTX, progress=False, end_calibration=False)
+                        keep="best", n_ctx=N_CTX, progress=False, calibration="off")
     assert info["kept"] == "best" and info["kept_step"] == info["best_step"]
     hist = pd.read_parquet(tmp_path / "m" / "history.parquet")
     val = hist[hist["split"] == "val"].reset_index(drop=True)
@@ -399,24 +399,64 @@ class TestLengthBuckets:
             train_to_dir(toy_dir, tmp_path / "bad", length_buckets=-1, **run)
 
 
-def test_end_calibration_matches_expected_and_observed_ends_and_is_skipped_with_dp(toy_dir, tmp_path):
-    """After training the <end> bias is fitted exactly: the expected <end>s over the training visits equal the
-    training patients (each has one); off, they do not; a DP run skips it and says so."""
-    from synthehr_core.model.calibrate import end_counts
+def test_calibration_reaches_the_maximum_of_its_convex_problems_and_is_skipped_with_dp(toy_dir, tmp_path):
+    """After training, calibration="full" moves every BCE bias and every group head's bias and direct terms (on the
+    earlier single-valued columns) to the maximum of their penalised teacher-forced likelihood: the gradient there,
+    recomputed from the published model, is zero. Without it ("off", the same weights before calibration) it is not;
+    "end" moves only the <end> bias; "full" then moves <end> on its own samples; a DP run skips it and says so."""
+    import torch.nn.functional as F
 
-    info = train_to_dir(toy_dir, tmp_path / "on", epochs=2, batch_size=16, lr=3e-3, n_ctx=N_CTX, progress=False)
-    off = train_to_dir(toy_dir, tmp_path / "off", epochs=2, batch_size=16, lr=3e-3, n_ctx=N_CTX, progress=False,
-                       end_calibration=False)
-    cal = info["end_calibration"]
-    assert off["end_calibration"] is None and cal["iterations"] >= 1 and cal["shift"] != 0
+    from synthehr_core.data.vocab import TOKEN_GROUPS_FILE, load_token_groups
+    from synthehr_core.model.calibrate import (END_SAMPLED_ROUNDS, RIDGE, _bce_columns, bce_moments,
+                                               end_counts, group_data, sampled_visits)
+    from synthehr_core.randomness import torch_seed
+
+    run = dict(epochs=2, batch_size=16, lr=3e-3, n_ctx=N_CTX, progress=False)
+    infos = {c: train_to_dir(toy_dir, tmp_path / c, calibration=c, **run) for c in ("full", "end", "off")}
+    assert infos["off"]["calibration"] is None and infos["full"]["calibration"]["what"] == "full"
+    models = {c: load_model(tmp_path / c)[0] for c in infos}
+    vocab = load_model(tmp_path / "off")[1]
     ds = EHRParquetDataset(toy_dir, "train", N_CTX)
-    for name, close in (("on", True), ("off", False)):
-        model, vocab, _ = load_model(tmp_path / name)
-        sp, sy, _ = end_counts(model, ds, vocab, 64, "cpu")
-        assert sy == len(ds)
-        assert (abs(sp - sy) < 1e-2) == close, (name, sp, sy)
-    assert cal["expected_ends_before"] == pytest.approx(end_counts(load_model(tmp_path / "off")[0], ds, vocab, 64,
-                                                                   "cpu")[0], rel=1e-5)
+    E, full, off = models["full"].config.n_embd, models["full"], models["off"]
+    cols = _bce_columns(full, vocab, "full")
+    assert vocab.end_index in cols.tolist() and len(cols) < vocab.size  # the group columns are the heads'
+    cols = cols[cols != vocab.end_index]  # full moves <end> once more, on its own samples (below)
+    for name, model in (("full", full), ("off", off)):
+        shift = (model.fine_2.bias - off.fine_2.bias).detach().double()[E - 1 + cols]
+        ep, ob, _ = bce_moments(model, ds, vocab, cols, 64, "cpu")
+        grad = (ep - ob + RIDGE * shift).abs().max()
+        assert (grad < 1e-3) == (name == "full"), (name, grad)
+    sp, sy = end_counts(models["end"], ds, vocab, 64, "cpu")
+    end_bias = {c: float(m.fine_2.bias[E - 1 + vocab.end_index].detach()) for c, m in models.items()}
+    end_shift = end_bias["end"] - end_bias["off"]
+    assert abs(sp - sy + RIDGE * end_shift) < 1e-3 and end_shift != 0
+    # full: the teacher-forced <end> fit (the same as "end"'s), then steps until its own samples have the training
+    # visits per patient within two standard errors (or the rounds run out); the last sample is reproducible
+    es = infos["full"]["calibration"]["end_sampled"]
+    assert es["target"] == pytest.approx(sum(ds.n_visits(i) for i in range(len(ds))) / len(ds), abs=1e-5)
+    assert end_bias["full"] - end_bias["end"] == pytest.approx(es["shift"], abs=1e-5)
+    assert len(es["sampled"]) == END_SAMPLED_ROUNDS + 1 or abs(es["sampled"][-1] / es["target"] - 1) < 2 * es["se"]
+    assert (len(es["sampled"]) > 1) == (es["shift"] != 0)
+    assert sampled_visits(full, vocab, es["n"], torch_seed(0, "calibrate"), load_token_groups(
+        tmp_path / "full" / TOKEN_GROUPS_FILE, vocab), "cpu") == pytest.approx(es["sampled"][-1], abs=1e-5)
+    moved = (models["end"].fine_2.bias != off.fine_2.bias).nonzero().flatten().tolist()
+    assert moved == [E - 1 + vocab.end_index]
+    assert _equal_states({k: v for k, v in models["end"].state_dict().items() if k != "fine_2.bias"},
+                         {k: v for k, v in off.state_dict().items() if k != "fine_2.bias"})
+    direct, before = 0, group_data(off, ds, vocab, 64, "cpu")
+    for k, (z, x, y, w, fcols) in enumerate(group_data(full, ds, vocab, 64, "cpu")):
+        d = (full.group_heads[k].bias - off.group_heads[k].bias).detach().double()
+        D = ((full.group_direct[str(k)].weight - off.group_direct[str(k)].weight).detach().double()[:, fcols]
+             if fcols else torch.zeros(len(d), 0, dtype=torch.float64))
+        direct += len(fcols)
+        r = w[:, None] * (torch.softmax(z, -1) - F.one_hot(y, z.size(1)).double())  # d NLL / d logits
+        assert float((r.sum(0) + RIDGE * d).abs().max()) < 1e-4, k
+        assert not fcols or float((r.T @ x + RIDGE * D).abs().max()) < 1e-4, k
+        r0 = w[:, None] * (torch.softmax(before[k][0], -1) - F.one_hot(y, z.size(1)).double())
+        assert float(r0.sum(0).abs().max()) > 1e-2, k  # the trained head was not at it already
+    assert direct > 0  # the toy's later groups read earlier ones
     dp = train_to_dir(toy_dir, tmp_path / "dp", epochs=1, batch_size=16, lr=3e-3, n_ctx=N_CTX, progress=False,
                       dp_noise_multiplier=0.5)
-    assert dp["end_calibration"] == {"skipped": "dp"}
+    assert dp["calibration"] == {"skipped": "dp"}
+    with pytest.raises(ConfigError, match="calibration must be one of .*got 'ends'"):
+        TrainConfig.from_dict({"calibration": "ends"})

@@ -28,6 +28,8 @@ from .precision import PRECISIONS
 
 __all__ = ["TrainArgs", "TrainConfig", "SampleConfig", "parse_condition"]
 
+CALIBRATIONS = ("full", "end", "off")  # after training: calibrate.py
+
 # HaloConfig fields a model override may not set: sizes come from the data (vocab.json), n_ctx is its own option
 _NOT_OVERRIDABLE = {"n_visit_tokens": "it comes from vocab.json", "n_labels": "it comes from vocab.json",
                     "n_ctx": "use the n_ctx option"}
@@ -127,7 +129,7 @@ class TrainConfig:
     n_ctx: int | None = None            # rows per patient; None = the tables' meta.json n_ctx, else 48
     group_heads: bool = True            # a categorical head per single-valued variable (vocab.token_groups)
     recurrence: bool = True             # per-token offsets for what the patient already has (halo.Recurrence)
-    end_calibration: bool = True        # fit the <end> bias exactly after training (calibrate.py; not with DP)
+    calibration: str = "full"           # fit output biases + group direct terms after training (calibrate.py; not DP)
     model_overrides: dict[str, Any] = field(default_factory=dict, hash=False)  # extra HaloConfig fields
 
     def __post_init__(self):
@@ -163,9 +165,11 @@ class TrainConfig:
             out.append(f"n_ctx must be None (from the tables' meta.json) or an int >= 2; got {self.n_ctx!r}.")
         if not isinstance(self.group_heads, bool):
             out.append(f"group_heads must be True or False; got {self.group_heads!r}.")
-        for name in ("recurrence", "end_calibration"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(f"{name} must be True or False; got {getattr(self, name)!r}.")
+        if not isinstance(self.recurrence, bool):
+            out.append(f"recurrence must be True or False; got {self.recurrence!r}.")
+        if self.calibration not in CALIBRATIONS:
+            out.append(f"calibration must be one of {list(CALIBRATIONS)}; got {self.calibration!r}. 'full' fits every "
+                       "output bias and the group heads' direct terms after training, 'end' only the <end> bias.")
         out += self._override_problems()
         return out
 
@@ -189,7 +193,7 @@ class TrainConfig:
     def option_names(cls) -> tuple[str, ...]:
         """The flat option names of :meth:`to_dict` / :meth:`from_dict`, in that order."""
         return ("model_type", "preset", *LOOP_OPTIONS, "precision", *DP_OPTIONS, "min_code_count", "n_ctx",
-                "group_heads", "recurrence", "end_calibration", "model_overrides")
+                "group_heads", "recurrence", "calibration", "model_overrides")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly flat options; ``TrainConfig.from_dict(c.to_dict()) == c``."""
@@ -197,7 +201,7 @@ class TrainConfig:
         return {"model_type": self.model_type, "preset": self.preset, **asdict(self.loop),
                 "precision": self.precision, **dp, "min_code_count": self.min_code_count, "n_ctx": self.n_ctx,
                 "group_heads": self.group_heads, "recurrence": self.recurrence,
-                "end_calibration": self.end_calibration,
+                "calibration": self.calibration,
                 "model_overrides": dict(self.model_overrides)}
 
     @classmethod

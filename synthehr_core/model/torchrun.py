@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 from .checkpoint import MODEL_TYPES
-from .config import TrainConfig
+from .config import CALIBRATIONS, TrainConfig
 from .distributed import teardown
 from .dp import ACCOUNTANTS
 from .precision import PRECISIONS
@@ -80,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--group-heads", action=argparse.BooleanOptionalAction, default=d["group_heads"])
     p.add_argument("--recurrence", action=argparse.BooleanOptionalAction, default=d["recurrence"],
                    help="offsets for the tokens the patient already has (halo.Recurrence)")
-    p.add_argument("--end-calibration", action=argparse.BooleanOptionalAction, default=d["end_calibration"],
-                   help="fit the <end> bias exactly after training (calibrate.py; skipped with DP)")
+    p.add_argument("--calibration", choices=CALIBRATIONS, default=d["calibration"],
+                   help="after training fit every output bias and the group direct terms (full), the <end> bias "
+                        "(end) or nothing (off); calibrate.py, skipped with DP")
     p.add_argument("--model-override", dest="model_overrides", action="append", default=[], metavar="KEY=JSON",
                    help="HaloConfig field, e.g. n_embd=64 (repeatable)")
     return p

@@ -718,15 +718,16 @@ def _write_outputs(out_dir, model: torch.nn.Module, data: _TrainData, config: Tr
 
 
 def _calibrate(model: torch.nn.Module, data: _TrainData, config: TrainConfig, device: torch.device) -> dict | None:
-    """``calibrate.calibrate_end`` on the published weights where the config asks for it and it is allowed."""
-    if not config.end_calibration or model.config.coarse:
+    """``calibrate.calibrate`` on the published weights where the config asks for it and it is allowed."""
+    if config.calibration == "off" or model.config.coarse:
         return None
     if config.dp.enabled:  # it reads the training data outside DP-SGD's accounting
-        log.info("<end> calibration skipped: a DP-SGD run may not read the training data outside its accounting")
+        log.info("calibration skipped: a DP-SGD run may not read the training data outside its accounting")
         return {"skipped": "dp"}
-    from .calibrate import calibrate_end
+    from .calibrate import calibrate
 
-    return calibrate_end(model, data.train_ds, data.vocab, config.loop.batch_size, device)
+    return calibrate(model, data.train_ds, data.vocab, config.calibration, config.loop.batch_size, device,
+                     groups=data.groups, seed=config.seed)
 
 
 def _run_info(config: TrainConfig, data: _TrainData, res: dict, hist: pd.DataFrame, device: torch.device,
@@ -891,7 +892,7 @@ def train_to_dir(tables_dir: str | Path, out_dir: str | Path, config: TrainConfi
         calibration = _calibrate(model, data, config, dev)
         hist = _write_outputs(str(tmp), model, data, config, res, tables_dir, rules_dir)
         info = {**_run_info(config, data, res, hist, dev, seconds, dist), "checkpoints": ckpts.folder,
-                "end_calibration": calibration}
+                "calibration": calibration}
         storage.write_json(storage.join(str(tmp), "meta.json"), info)
     log.info("published %s (best val %s at step %s); checkpoints in %s", out_dir, info["best_val_loss"],
              info["best_step"], ckpts.folder)
