@@ -631,8 +631,9 @@ def train(tables: str = typer.Option(..., help="tables directory from preprocess
                                           "code of the last visit); --no-recurrence = history only through the "
                                           "transformer, as HALO"),
           calibration: str = typer.Option("full", help="after training, fit every output bias and the group heads' "
-                                          "direct terms exactly on the train split (full), only the <end> bias "
-                                          "(end), or nothing (off); skipped with DP"),
+                                          "direct terms exactly on the train split, then visits/patient on the "
+                                          "model's own samples (full), only the <end> bias (end), or nothing (off); "
+                                          "skipped with DP"),
           device: str | None = typer.Option(None, help="cpu, cuda, ...; default: cuda if available")):
     """Train HALO or ConSequence and publish a model directory (checkpoints go beside it, see --checkpoint-uri)."""
     from .model.config import TrainConfig
