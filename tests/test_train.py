@@ -414,6 +414,7 @@ def test_calibration_reaches_the_maximum_of_its_convex_problems_and_is_skipped_w
     run = dict(epochs=2, batch_size=16, lr=3e-3, n_ctx=N_CTX, progress=False)
     infos = {c: train_to_dir(toy_dir, tmp_path / c, calibration=c, **run) for c in ("full", "end", "off")}
     assert infos["off"]["calibration"] is None and infos["full"]["calibration"]["what"] == "full"
+    assert infos["full"]["calibration"]["bce"]["converged"] and infos["end"]["calibration"]["bce"]["converged"]
     models = {c: load_model(tmp_path / c)[0] for c in infos}
     vocab = load_model(tmp_path / "off")[1]
     ds = EHRParquetDataset(toy_dir, "train", N_CTX)
