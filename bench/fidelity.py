@@ -65,6 +65,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import pandas as pd
 
+from synthehr_core.model.schedule import KEEP, SCHEDULES
+
 ROOT = Path(__file__).resolve().parents[1]
 # --variants recipe-NAME: TrainArgs options replacing --epochs/--lr/eval at epoch end (docs/training.md)
 _OLD = dict(lr=3e-3, lr_schedule="constant", eval_every=None)          # LOCAL_OVERRIDES before the recipe
@@ -340,13 +342,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
+    ap.add_argument("--lr-schedule", default="cosine", choices=SCHEDULES,
                     help="synthehr's schedule (TrainArgs.lr_schedule; --lr is its peak); PyHealth's trainer has none")
-    ap.add_argument("--keep", default="auto", choices=["auto", "best", "last"],
+    ap.add_argument("--keep", default="auto", choices=KEEP,
                     help="synthehr's published weights (TrainArgs.keep); PyHealth keeps its best-val weights")
     ap.add_argument("--synthetic-factor", type=int, default=1,
                     help="every tool samples this many times the training patients for the fidelity table (1 = the "
-                         "issue's protocol; on the 72-patient demo one cohort's visits/patient has a ~5 %% standard "
+                         "issue's protocol; on the 72-patient demo one cohort's visits/patient has a ~4 %% standard "
                          "error, so --synthetic-factor 20 measures the models rather than that noise)")
     ap.add_argument("--longitudinal-factor", type=int, default=5,
                     help="synthehr cohorts are sampled this many times the training patients; the longitudinal table "

@@ -46,12 +46,8 @@ def diagnose(model_dir, tables_dir, split: str = "train", codes: list[str] | Non
     with torch.no_grad():
         for b0 in range(0, len(ds), batch):
             X, mask = collate_halo([ds[i] for i in range(b0, min(b0 + batch, len(ds)))], vocab, T, trim=True)
-            h, _ = model.history(X[:, :-1])
             tgt = X[:, 1:]
-            hidden, logits = model._fine(h, tgt)
-            prior = model.history_prior(X[:, :-1])
-            if prior is not None:
-                logits = logits + prior
+            hidden, logits, prior = model.teacher_forced(X)
             p = torch.sigmoid(logits)
             live = mask[:, 1:, 0] > 0                                    # (B, T-1) real target rows
             vis = torch.arange(1, X.size(1))[None, :] >= fvr              # visit rows

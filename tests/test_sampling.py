@@ -538,6 +538,18 @@ class TestRecurrence:
             assert counts[expected == 0].sum() == 0
             assert _chi2_p(counts[expected > 0], expected[expected > 0]) > 1e-3
 
+        # power: the same law with the offsets left out of the group heads only is detectably different
+        in_group = torch.zeros(V, dtype=torch.bool)
+        for g in groups:
+            in_group[g.start:g.stop] = True
+
+        def without_group_offsets(model, h, pats, prior):
+            return _head_log_prob(model, h, pats, groups, prior.masked_fill(in_group, 0.0))
+
+        off = _second_visit_law(m, vocab, without_group_offsets)
+        keep = (expected > 0) & (off > 0)
+        assert _chi2_p(counts[keep], off[keep]) < 1e-6
+
     def test_forward_adds_the_offsets_of_earlier_rows_only(self):
         vocab = _vocab(4)
         m = _recurrent(_sharp_model(vocab, n_ctx=4, seed=3, recurrence=10.0), seed=3)

@@ -20,7 +20,7 @@ separate: the BCE biases by Newton's method on all of them at once (diagonal; a 
 split), each group by L-BFGS on its logits, cached in one more pass. All have the same Gaussian prior: sd 1 logit on every
 shift (``RIDGE``), which keeps a token never seen in training finite. ``"end"`` fits only the <end> bias.
 
-Rule-fixed entries of ConSequence are left out as in its loss. It reads the training data outside DP-SGD's
+Rule-fixed entries of ConSequence are left out, as in its loss (``loss_weights``). It reads the training data outside DP-SGD's
 accounting, so the train stage skips it for DP runs (and says so).
 """
 from __future__ import annotations
@@ -46,22 +46,13 @@ SAMPLE_BATCH = 256       # the sample stage's default (SampleConfig.batch_size)
 
 
 def _batches(model, ds: EHRParquetDataset, vocab: Vocab, batch_size: int, device):
-    """Per batch, teacher-forced: (targets (B, T-1, V), loss weights (B, T-1, V), hidden, logits, prior)."""
-    n_ctx = model.config.n_ctx
-    rules = getattr(model, "rules", None)
+    """Per batch, teacher-forced: (targets (B, T-1, V), the training loss's weights, hidden, logits, prior)."""
     for b0 in range(0, len(ds), batch_size):
-        X, mask = collate_halo([ds[i] for i in range(b0, min(b0 + batch_size, len(ds)))], vocab, n_ctx, trim=True)
+        X, mask = collate_halo([ds[i] for i in range(b0, min(b0 + batch_size, len(ds)))], vocab,
+                               model.config.n_ctx, trim=True)
         X, mask = X.to(device), mask.to(device)
-        h, _ = model.history(X[:, :-1])
-        tgt = X[:, 1:]
-        hidden, logits = model._fine(h, tgt)
-        prior = model.history_prior(X[:, :-1])
-        if prior is not None:
-            logits = logits + prior
-        w = mask[:, 1:].float().expand_as(tgt)
-        if rules is not None:  # ConSequence: rule-fixed entries carry no loss, as in training
-            w = w * (~rules.fired(X, causal=True)[0]).float()
-        yield tgt.float(), w, hidden, logits.float(), prior
+        hidden, logits, prior = model.teacher_forced(X)
+        yield X[:, 1:].float(), model.loss_weights(X, mask), hidden, logits.float(), prior
 
 
 def _bce_columns(model, vocab: Vocab, what: str) -> torch.Tensor:
@@ -108,9 +99,9 @@ def _fit_bce(model, ds, vocab, cols, batch_size, device) -> tuple[dict, torch.Te
         if last < TOL:
             break
         ep, ob, cu = bce_moments(model, ds, vocab, cols, batch_size, device, shift)
-    E = model.config.n_embd
-    with torch.no_grad():  # HALO._fine: logit j is unit E-1+j of fine_2
-        model.fine_2.bias[E - 1 + cols.to(model.fine_2.bias.device)] += shift.to(model.fine_2.bias)
+    with torch.no_grad():
+        bias = model.output_bias()
+        bias[cols.to(bias.device)] += shift.to(bias)
     if last >= TOL:
         log.warning("calibration: the token biases moved by up to %.2g in the last of %d Newton passes (not converged "
                     "to %g; far from their optimum after training, e.g. a short run): the fit is kept", last, it, TOL)
@@ -134,9 +125,8 @@ def group_data(model, ds: EHRParquetDataset, vocab: Vocab, batch_size: int, devi
     parts = [([], [], [], []) for _ in groups]
     for tgt, w, hidden, _, prior in _batches(model, ds, vocab, batch_size, device):
         for k, (a, b) in enumerate(groups):
-            t = tgt[..., a:b]
-            cls = torch.where(t.sum(-1) > 0, t.argmax(-1), b - a)  # first member on, else "none"
-            rw = w[..., a:b].amax(-1)
+            cls = model.group_target(tgt, k)
+            rw = w[..., a:b].amax(-1)  # the row's weight in the loss (HALO.forward)
             keep = rw > 0
             zs, xs, ys, ws = parts[k]
             zs.append(model.group_logits(hidden, k, prior, tgt)[keep].double().cpu())
@@ -227,7 +217,6 @@ def _fit_end_sampled(model, ds, vocab, groups, seed: int, device) -> dict:
     n = math.ceil(min((sd / (END_SAMPLED_SE * target)) ** 2, END_SAMPLED_PER_TRAIN * len(ds)))
     n = int(min(max(n, END_SAMPLED_MIN), END_SAMPLED_MAX))
     se = sd / (target * math.sqrt(n))  # relative s.e. of the sampled mean
-    j = model.config.n_embd - 1 + vocab.end_index
     sampled, shift = [], 0.0
     for r in range(END_SAMPLED_ROUNDS + 1):
         m = sampled_visits(model, vocab, n, seed, groups, device)
@@ -236,7 +225,7 @@ def _fit_end_sampled(model, ds, vocab, groups, seed: int, device) -> dict:
             break
         step = math.log((m - 1) / (target - 1))
         with torch.no_grad():
-            model.fine_2.bias[j] += step
+            model.output_bias()[vocab.end_index] += step
         shift += step
     log.info("calibration: <end> on %d sampled patients: visits/patient %.4f -> %.4f (train %.4f), bias %+.4f",
              n, sampled[0], sampled[-1], target, shift)

@@ -25,6 +25,7 @@ from .checkpoint import MODEL_TYPES
 from .dp import DPConfig
 from .halo import PRESETS, HaloConfig
 from .precision import PRECISIONS
+from .schedule import KEEP, SCHEDULES
 
 __all__ = ["TrainArgs", "TrainConfig", "SampleConfig", "parse_condition"]
 
@@ -69,8 +70,6 @@ class TrainArgs:
     seed: int = 0                     # model init and data order
 
     def problems(self) -> list[str]:
-        from .schedule import KEEP, SCHEDULES
-
         out = []
         if self.epochs != "auto" and (not _is_int(self.epochs) or self.epochs < 1):
             out.append(f"epochs must be an int >= 1 or 'auto' (sized from the training set); got {self.epochs!r}.")

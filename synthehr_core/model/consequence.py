@@ -149,7 +149,7 @@ class CompiledRules:
 
         ``values`` holds each fired entry's forced value (a later group overrides an earlier one, as in KI) and
         0 elsewhere. The past of target row t is rows 0..t-1 of the ground truth. ``causal=True``: only the rules
-        whose current antecedent precedes their output (the loss mask of ``ConSequence.forward``).
+        whose current antecedent precedes their output (the loss mask of ``ConSequence.loss_weights``).
         """
         self._on(X.device)
         B, T, V = X.shape  # batch, rows, vocab
@@ -283,14 +283,14 @@ class ConSequence(HALO):
         self.rules = rules
         return self
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None,
-                n_ctx: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.rules is not None and (mask is not None or loss_weight is not None):
-            # rules read the current and earlier rows only, so a trimmed batch fires where the padded one does
-            fired, _ = self.rules.fired(x, causal=True)  # (B, T-1, V)
-            base = loss_weight if loss_weight is not None else mask[:, 1:]
-            loss_weight = base * (~fired).to(x.dtype)  # fired entries: probability fixed, no loss, no gradient
-        return super().forward(x, mask=mask, loss_weight=loss_weight, n_ctx=n_ctx)
+    def loss_weights(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                     loss_weight: torch.Tensor | None = None) -> torch.Tensor:
+        w = super().loss_weights(x, mask, loss_weight)
+        if self.rules is None:
+            return w
+        # rules read the current and earlier rows only, so a trimmed batch fires where the padded one does
+        fired, _ = self.rules.fired(x, causal=True)  # (B, T-1, V)
+        return w * (~fired).to(w.dtype)  # fired entries: probability fixed, no loss, no gradient
 
 
 def load_row_rules(model_dir, vocab: Vocab) -> CompiledRules | None:

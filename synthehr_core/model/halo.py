@@ -214,6 +214,10 @@ class HaloConfig:
     def vocab_size(self) -> int:
         return self.n_visit_tokens + self.n_labels + 3  # + start, end, pad
 
+    @property
+    def end_index(self) -> int:
+        return self.n_visit_tokens + self.n_labels + 1  # Vocab.end_index
+
     @classmethod
     def preset(cls, name: str, n_visit_tokens: int, n_labels: int, **overrides) -> "HaloConfig":
         if name not in PRESETS:
@@ -255,8 +259,8 @@ class HALO(nn.Module):
         ))
         if not config.coarse:
             self.fine_1 = MaskedLinear(E + V)
-            end = config.n_visit_tokens + config.n_labels + 1  # vocab.end_index
-            self.fine_2 = MaskedLinear(E + V, narrow=((E - 1 + end, E),) if config.end_from_history else ())
+            self.fine_2 = MaskedLinear(E + V, narrow=((E - 1 + config.end_index, E),) if config.end_from_history
+                                       else ())
             # group k reads hidden units 0 .. E+start-1 of the fine head: they see h and row[:start] only
             self.group_heads = nn.ModuleList([nn.Linear(E + a, b - a + 1) for a, b in config.groups or ()])
             if config.group_direct:  # keyed by group index; a group at column 0 has no earlier columns to read
@@ -324,6 +328,11 @@ class HALO(nn.Module):
         E = self.config.n_embd
         return a, self.fine_2(a)[..., E - 1:E - 1 + self.config.vocab_size]  # E-1+j sees h, row[:j]
 
+    def output_bias(self) -> torch.Tensor:
+        """The logits' biases ``(V,)``: a view of ``fine_2.bias`` (``_fine``: logit j is its unit E-1+j)."""
+        E = self.config.n_embd
+        return self.fine_2.bias[E - 1:E - 1 + self.config.vocab_size]
+
     def group_logits(self, hidden: torch.Tensor, k: int, prior: torch.Tensor | None = None,
                      row: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(..., size + 1)`` of group k's categorical (its tokens in order, then "none") from the fine head's
@@ -338,6 +347,27 @@ class HALO(nn.Module):
             return lg
         return lg + F.pad(prior[..., a:b], (0, 1))
 
+    def group_target(self, targets: torch.Tensor, k: int) -> torch.Tensor:
+        """Group k's class in each row of ``targets (..., V)``: its first member on, else "none" (the group's size)."""
+        a, b = self.config.groups[k]
+        t = targets[..., a:b]
+        return torch.where(t.sum(-1) > 0, t.float().argmax(-1), b - a)
+
+    def teacher_forced(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """For the target rows ``x[:, 1:]`` of ``x (B, T, V)``: the fine head's hidden activations (None when
+        coarse), the logits ``(B, T-1, V)`` with the recurrence offsets, and those offsets (None without them)."""
+        h, _ = self.history(x[:, :-1])  # (B, T-1, E)
+        hidden, logits = self._fine(h, x[:, 1:])
+        prior = self.history_prior(x[:, :-1])  # (B, T-1, V) or None
+        return hidden, logits if prior is None else logits + prior, prior
+
+    def loss_weights(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                     loss_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-entry loss weights ``(B, T-1, V)`` of the target rows of ``x``: ``loss_weight``, else ``mask[:, 1:]``
+        (ConSequence also leaves its rule-fixed entries out)."""
+        w = loss_weight if loss_weight is not None else mask[:, 1:]
+        return w.float().expand(x.size(0), x.size(1) - 1, x.size(2))
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None,
                 n_ctx: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced logits for rows 1..T-1: ``(B, T-1, V)``; and the loss when mask or loss_weight is given.
@@ -346,7 +376,7 @@ class HALO(nn.Module):
             x: ``(B, T, V)`` multi-hot batch from ``collate_halo``.
             mask: ``(B, T, 1)`` row mask before the shift; the loss weight is ``mask[:, 1:]``.
             loss_weight: replaces ``mask[:, 1:]`` as the per-element BCE weight, broadcastable to ``(B, T-1, V)``
-                (ConSequence passes ``mask[:, 1:] * not_fired`` to leave rule-fixed entries out of the loss).
+                (``loss_weights``; ConSequence's also leaves rule-fixed entries out of the loss).
             n_ctx: the rows per patient the loss is averaged as; default T. A batch trimmed to its longest patient
                 (``collate_halo(..., trim=True)``) passes the nominal n_ctx: the cut rows are masked and, attention
                 being causal, change no earlier output, so loss, gradients and DP-SGD's per-sample losses are the
@@ -356,15 +386,11 @@ class HALO(nn.Module):
         B, T, V = x.shape  # batch, rows, vocab
         assert n_ctx is None or n_ctx >= T, f"n_ctx={n_ctx} < the batch's {T} rows"
         n_elem = B * ((n_ctx or T) - 1) * V  # the loss normaliser: fixed, never a count of unmasked entries
-        h, _ = self.history(x[:, :-1])  # (B, T-1, E)
         targets = x[:, 1:]  # (B, T-1, V)
-        hidden, logits = self._fine(h, targets)  # (B, T-1, V)
-        prior = self.history_prior(x[:, :-1])  # (B, T-1, V) or None
-        if prior is not None:
-            logits = logits + prior
+        hidden, logits, prior = self.teacher_forced(x)  # (B, T-1, V) logits
         if mask is None and loss_weight is None:
             return logits, None
-        weight = (loss_weight if loss_weight is not None else mask[:, 1:]).float().expand_as(targets)
+        weight = self.loss_weights(x, mask, loss_weight)
         pos_weight = None
         if self.config.pos_loss_weight is not None:
             pos_weight = torch.tensor(self.config.pos_loss_weight, device=x.device, dtype=logits.dtype)
@@ -382,8 +408,7 @@ class HALO(nn.Module):
         total = 0.0
         for k, (a, b) in enumerate(self.config.groups):
             in_group[a:b] = True
-            t = targets[..., a:b]
-            cls = torch.where(t.sum(-1) > 0, t.float().argmax(-1), b - a)  # first token on, else "none" (index k)
+            cls = self.group_target(targets, k)
             ce = F.cross_entropy(self.group_logits(hidden, k, prior, targets).float().flatten(0, -2), cls.flatten(),
                                  reduction="none")
             # the row's weight: its mask (ConSequence zeroes rule-fixed members, e.g. label exclusivity, which the

@@ -678,7 +678,7 @@ def sample_reference(model, vocab: Vocab, n_patients: int, seed: int, batch_size
         for t in range(1, T):
             h, _ = model.history(X[:, :t])
             h = h[:, -1]
-            prior = model.history_prior(X[:, :t]) if getattr(cfg, "recurrence", 0) else None
+            prior = model.history_prior(X[:, :t])
             prior = None if prior is None else prior[:, -1]
             row = torch.zeros(B, V, device=device)
             pending = sorted(_with_model_heads(model, [grp for grp in groups or ()
